@@ -1,0 +1,17 @@
+"""Registry of model families: `config.task` names one; a new paper adds a line here, never a trainer edit."""
+from __future__ import annotations
+
+import importlib
+
+TASKS = {
+    "mrm": "medjax.tasks.mrm:MRMTask",
+    "fundus_classification": "medjax.tasks.fundus_classification:FundusClassificationTask",
+}
+
+
+def build_task(config, **kwargs):
+    """Instantiate the task named by `config.task` with the config (and e.g. data_dir)."""
+    if config.task not in TASKS:
+        raise ValueError(f"config.task: unknown task {config.task!r}; registered: {sorted(TASKS)}")
+    module_name, class_name = TASKS[config.task].split(":")
+    return getattr(importlib.import_module(module_name), class_name)(config, **kwargs)

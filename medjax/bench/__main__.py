@@ -1,0 +1,33 @@
+"""python -m medjax.bench NAME [args]: benchmarks; `python -m medjax.bench NAME --help` for each.
+
+  step            one experiment's train step: compile time, steps/s, examples/s, memory
+  relation_mask   Pallas relation-masking attention vs its jnp reference
+  dynamic_conv3d  Pallas dynamic head vs its jnp reference
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "step": "medjax.bench.step",
+    "relation_mask": "medjax.bench.relation_mask",
+    "dynamic_conv3d": "medjax.bench.dynamic_conv3d",
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    name, rest = argv[0].replace("-", "_"), argv[1:]
+    if name not in BENCHES:
+        print(f"error: unknown benchmark {argv[0]!r}; choose from {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    importlib.import_module(BENCHES[name]).main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

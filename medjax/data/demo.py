@@ -1,0 +1,31 @@
+"""The embedded demo datasets: made once, locally, in the real file formats, in a cache dir."""
+from __future__ import annotations
+
+import importlib
+import os
+
+# kind -> "module:function(out_dir) -> path"; each writes a `.complete` marker when done.
+DEMO_MAKERS = {
+    "fundus_genome": "medjax.data.demo_fundus_genome:make_fundus_genome_demo",
+}
+
+
+def cache_dir() -> str:
+    """$MEDJAX_CACHE, else $XDG_CACHE_HOME/medjax, else ~/.cache/medjax."""
+    if os.environ.get("MEDJAX_CACHE"):
+        return os.environ["MEDJAX_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "medjax")
+
+
+def ensure_demo(kind: str, log=print) -> str:
+    """The demo dataset of `kind`, made on first use; prints where it lives."""
+    if kind not in DEMO_MAKERS:
+        raise ValueError(f"no demo dataset of kind {kind!r}; kinds: {sorted(DEMO_MAKERS)}")
+    out = os.path.join(cache_dir(), "demo", kind)
+    if not os.path.exists(os.path.join(out, ".complete")):
+        log(f"making the {kind} demo dataset in {out} (once; pass --data DIR to train on your own data)")
+    module, function = DEMO_MAKERS[kind].split(":")
+    getattr(importlib.import_module(module), function)(out)
+    log(f"demo data: {out}")
+    return out

@@ -1,0 +1,217 @@
+"""Paired colour-fundus + genotype dataset (MRM, Yang et al., ICCV 2023, Sec. 4.1; the ContIG
+UK Biobank pipeline), also used image-only for downstream sets such as APTOS 2019.
+
+Directory layout (bring real data in this form):
+
+    <root>/manifest.csv          header row, then one row per image
+    <root>/<image files>         any format PIL reads (PNG, JPEG, ...), paths relative to <root>
+    <root>/genotypes.bed/.bim/.fam   PLINK 1 binary genotypes (optional: image-only sets have none)
+
+manifest.csv columns:
+    participant_id  required; matches the IID (column 2) of genotypes.fam
+    eye             required; `left` or `right` (each eye is its own sample, as in ContIG)
+    image_path      required; relative to <root>
+    label           optional; an integer class (`3`), or a `;`-separated multi-hot vector
+                    (`0;1;0;0;1`) for multi-label sets such as RFMiD
+    split           optional; `train`, `val` or `test`
+
+Without a split column a requested split is drawn per participant, 60/20/20 train/val/test,
+from `np.random.RandomState(42).permutation` over participants in order of first appearance
+(the authors' APTOS protocol), so both eyes of a participant fall in the same split.
+
+Everything is validated in the constructor (`DataError`, naming file, line and field), so a bad
+file fails before training starts. `__getitem__` holds no open file handles (Grain workers pickle
+the dataset).
+"""
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+from PIL import Image
+
+from medjax.data import image_transforms
+from medjax.data.plink import PlinkFormatError, read_plink
+
+REQUIRED_COLUMNS = ("participant_id", "eye", "image_path")
+EYES = ("left", "right")
+SPLITS = ("train", "val", "test")
+SPLIT_SEED = 42
+SPLIT_FRACTIONS = (0.6, 0.2)  # train, val; the rest is test
+
+
+class DataError(ValueError):
+    """A dataset file is missing or malformed; the message names file, line and field."""
+
+
+def participant_split(participant_ids: list[str], split: str, *, seed: int = SPLIT_SEED) -> set[str]:
+    """The participants of `split` in a 60/20/20 train/val/test split by participant.
+
+    Participants are taken in order of first appearance and permuted by
+    `np.random.RandomState(seed)`; the first int(0.6 N) are train, the next up to int(0.8 N) val.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    unique = list(dict.fromkeys(participant_ids))
+    n = len(unique)
+    perm = np.random.RandomState(seed).permutation(n)
+    n_train, n_trainval = int(n * SPLIT_FRACTIONS[0]), int(n * sum(SPLIT_FRACTIONS))
+    chosen = {"train": perm[:n_train], "val": perm[n_train:n_trainval], "test": perm[n_trainval:]}[split]
+    return {unique[i] for i in chosen}
+
+
+def _parse_label(text: str, arity: int, where: str) -> np.ndarray:
+    parts = text.split(";") if arity > 1 else [text]
+    if len(parts) != arity:
+        raise DataError(f"{where}: field 'label' = {text!r} has {len(parts)} entries, expected {arity} "
+                        "(a ';'-separated multi-hot vector)")
+    try:
+        values = [int(p.strip()) for p in parts]
+    except ValueError:
+        raise DataError(f"{where}: field 'label' = {text!r} is not {'an integer' if arity == 1 else 'integers'}") from None
+    if arity == 1 and values[0] < 0:
+        raise DataError(f"{where}: field 'label' = {text!r} must be a class index >= 0")
+    if arity > 1 and any(v not in (0, 1) for v in values):
+        raise DataError(f"{where}: field 'label' = {text!r}: multi-hot entries must be 0 or 1")
+    return np.asarray(values[0], np.int32) if arity == 1 else np.asarray(values, np.float32)
+
+
+def _check_image(path: str, where: str) -> None:
+    if not os.path.isfile(path):
+        raise DataError(f"{where}: field 'image_path': image file {path} not found")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"{where}: field 'image_path': {path} is not a readable image ({type(e).__name__}: {e})") from e
+
+
+class FundusGenomeDataset:
+    """Random-access fundus (+ genotype, + label) samples from a directory in the layout above.
+
+    Items: {"image": uint8 (image_size, image_size, 3) after circle crop + resize,
+            "genome": float32 (num_snps,) [if genotypes], "label": int32 () or float32 (arity,)
+            [if label_arity], "index": int}.
+    genotypes: PLINK prefix relative to root (None = image only); snp_stride keeps every s-th SNP.
+    label_arity: None = labels unused, 1 = integer class, n > 1 = multi-hot of n entries.
+    """
+
+    def __init__(self, root: str, *, image_size: int, snp_stride: int = 1, genotypes: str | None = "genotypes",
+                 manifest: str = "manifest.csv", label_arity: int | None = None, split: str | None = None):
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if label_arity is not None and label_arity < 1:
+            raise ValueError(f"label_arity must be None or >= 1, got {label_arity}")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split must be None or one of {SPLITS}, got {split!r}")
+        self.root = root
+        self.image_size = image_size
+        self.label_arity = label_arity
+        self.split = split
+        manifest_path = os.path.join(root, manifest)
+        rows = self._read_manifest(manifest_path)
+        if split is not None:
+            if rows and "split" in rows[0][1]:
+                rows = [(line, row) for line, row in rows if row["split"] == split]
+            else:
+                keep = participant_split([row["participant_id"] for _, row in rows], split)
+                rows = [(line, row) for line, row in rows if row["participant_id"] in keep]
+        if not rows:
+            raise DataError(f"{manifest_path}: no rows" + (f" in split {split!r}" if split else ""))
+        self.participant_ids = [row["participant_id"] for _, row in rows]
+        self.eyes = [row["eye"] for _, row in rows]
+        self.image_paths = [os.path.join(root, row["image_path"]) for _, row in rows]
+        self._labels = None
+        if label_arity is not None:
+            self._labels = np.stack([_parse_label(row["label"], label_arity, f"{manifest_path}: line {line}")
+                                     for line, row in rows])
+        self._genomes = None
+        self._genome_row = None
+        self.snp_ids: list[str] = []
+        if genotypes is not None:
+            self._load_genotypes(os.path.join(root, genotypes), snp_stride, manifest_path)
+
+    def _read_manifest(self, path: str) -> list[tuple[int, dict[str, str]]]:
+        """(line number, row) for every row of the manifest, each field validated."""
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: manifest not found")
+        rows = []
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise DataError(f"{path}: line 1: header {header} lacks required column(s) {missing}")
+            if self.label_arity is not None and "label" not in header:
+                raise DataError(f"{path}: line 1: label_arity={self.label_arity} needs a 'label' column, header is {header}")
+            reader.fieldnames = header
+            for row in reader:
+                where = f"{path}: line {reader.line_num}"
+                if None in row or any(row[c] is None for c in header):
+                    raise DataError(f"{where}: expected {len(header)} fields ({','.join(header)})")
+                row = {k: v.strip() for k, v in row.items()}
+                if not row["participant_id"]:
+                    raise DataError(f"{where}: field 'participant_id' is empty")
+                if row["eye"] not in EYES:
+                    raise DataError(f"{where}: field 'eye' = {row['eye']!r}, expected one of {EYES}")
+                if "split" in row and row["split"] not in SPLITS:
+                    raise DataError(f"{where}: field 'split' = {row['split']!r}, expected one of {SPLITS}")
+                _check_image(os.path.join(self.root, row["image_path"]), where)
+                rows.append((reader.line_num, row))
+        return rows
+
+    def _load_genotypes(self, prefix: str, snp_stride: int, manifest_path: str) -> None:
+        try:
+            plink = read_plink(prefix, snp_stride=snp_stride)
+        except PlinkFormatError as e:
+            raise DataError(str(e)) from e
+        fam_path = prefix + ".fam"
+        row_of = {}
+        for i, iid in enumerate(plink.iids):
+            if iid in row_of:
+                raise DataError(f"{fam_path}: line {i + 1}: IID {iid!r} appears twice (first on line {row_of[iid] + 1})")
+            row_of[iid] = i
+        absent = sorted({p for p in self.participant_ids if p not in row_of})
+        if absent:
+            raise DataError(f"{manifest_path}: field 'participant_id': {len(absent)} participant(s) have no genotypes "
+                            f"in {fam_path} (IID column), e.g. {absent[:5]}")
+        # Keep only this dataset's participants in memory (already SNP-strided by the reader).
+        participants = list(dict.fromkeys(self.participant_ids))
+        compact = {p: k for k, p in enumerate(participants)}
+        self._genomes = plink.genotypes[[row_of[p] for p in participants]]
+        self._genome_row = np.array([compact[p] for p in self.participant_ids], dtype=np.int64)
+        self.snp_ids = plink.snp_ids
+
+    @property
+    def num_snps(self) -> int:
+        """SNPs per genome vector (0 for an image-only dataset)."""
+        return 0 if self._genomes is None else self._genomes.shape[1]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All labels in item order: int32 (N,) or float32 (N, label_arity)."""
+        if self._labels is None:
+            raise ValueError(f"{self.root}: labels were not loaded; construct the dataset with label_arity=...")
+        return self._labels
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def load_image(self, index: int) -> np.ndarray:
+        """The item's image as uint8 (image_size, image_size, 3): RGB, circle-cropped, resized."""
+        with Image.open(self.image_paths[index]) as im:
+            image = np.asarray(im.convert("RGB"))
+        return image_transforms.resize(image_transforms.circle_crop(image), self.image_size)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        index %= len(self)
+        item = {"image": self.load_image(index), "index": index}
+        if self._genomes is not None:
+            item["genome"] = self._genomes[self._genome_row[index]]
+        if self._labels is not None:
+            item["label"] = self._labels[index]
+        return item

@@ -1,0 +1,193 @@
+"""PLINK 1 binary genotype files (`.bed` + `.bim` + `.fam`): a small pure-numpy reader and writer.
+
+MRM (Yang et al., ICCV 2023) takes its genome modality from the ContIG pipeline (Taleb et al.,
+CVPR 2022): raw SNPs of UK Biobank chromosomes 1-22 read from PLINK files, every 100th SNP kept,
+dosages 0/1/2 as float32, missing calls imputed with the column mode.
+
+Format (https://www.cog-genomics.org/plink/1.9/formats#bed):
+- `.fam`: one line per sample, 6 whitespace-separated columns: FID IID father mother sex phenotype.
+- `.bim`: one line per SNP, 6 columns: chromosome, SNP id, cM position, bp position, allele 1
+  (A1), allele 2 (A2).
+- `.bed`: magic bytes 0x6c 0x1b, then the mode byte 0x01 (SNP-major; 0x00 would be the obsolete
+  individual-major layout, not supported). Then, for each SNP in `.bim` order, ceil(n_samples / 4)
+  bytes; each byte holds 4 samples, 2 bits each, the lowest two bits being the first sample.
+  The 2-bit codes (as integers) are 0b00 = homozygous A1, 0b01 = missing, 0b10 = heterozygous,
+  0b11 = homozygous A2; unused trailing bit pairs are 0.
+
+Dosage convention: the number of A1 alleles (bed-reader's / pysnptools' `count_A1=True`, which is
+what ContIG's `pysnptools.snpreader.Bed` read): 0b00 -> 2, 0b10 -> 1, 0b11 -> 0, 0b01 -> missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+BED_MAGIC = bytes((0x6C, 0x1B))
+SNP_MAJOR = 0x01
+MISSING = -1
+# 2-bit code -> A1 dosage (count_A1); -1 marks a missing call.
+_CODE_TO_DOSAGE = np.array([2, MISSING, 1, 0], dtype=np.int8)
+# A1 dosage + 1 (so that missing = -1 indexes 0) -> 2-bit code.
+_DOSAGE_TO_CODE = np.array([0b01, 0b11, 0b10, 0b00], dtype=np.uint8)
+# byte value -> the 4 dosages it holds, first sample first.
+_BYTE_TO_DOSAGES = _CODE_TO_DOSAGE[(np.arange(256, dtype=np.uint16)[:, None] >> (2 * np.arange(4))) & 0b11]
+_DECODE_CHUNK_SNPS = 1024
+
+
+class PlinkFormatError(ValueError):
+    """A PLINK file is missing or does not follow the format; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlinkGenotypes:
+    """Genotypes of `len(iids)` samples at the kept SNPs.
+
+    genotypes: float32 (n_samples, n_kept_snps) A1 dosages in {0, 1, 2}, missing calls imputed.
+    """
+
+    fids: list[str]
+    iids: list[str]
+    snp_ids: list[str]
+    genotypes: np.ndarray
+
+
+def bytes_per_snp(n_samples: int) -> int:
+    """ceil(n_samples / 4): the bytes one SNP occupies in a SNP-major `.bed` file."""
+    return (n_samples + 3) // 4
+
+
+def _read_table(path: str, what: str, columns: str) -> list[list[str]]:
+    if not os.path.isfile(path):
+        raise PlinkFormatError(f"{path}: {what} file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 6:
+                raise PlinkFormatError(
+                    f"{path}: line {line_number}: expected 6 whitespace-separated columns ({columns}), "
+                    f"got {len(fields)}: {line.strip()!r}")
+            rows.append(fields)
+    return rows
+
+
+def impute_column_mode(dosages: np.ndarray) -> np.ndarray:
+    """Replace missing calls (-1) per column with the most frequent observed dosage.
+
+    Ties go to the smallest dosage (as pandas' `Series.mode()[0]`, which ContIG used); a column
+    with no observed call is filled with 0. dosages: int (n_samples, n_snps) in {-1, 0, 1, 2}.
+    Returns float32 of the same shape.
+    """
+    counts = np.stack([(dosages == d).sum(axis=0) for d in (0, 1, 2)])  # (3, n_snps)
+    mode = np.argmax(counts, axis=0).astype(np.float32)  # argmax: first maximum = smallest dosage
+    out = dosages.astype(np.float32)
+    return np.where(dosages == MISSING, mode[None, :], out)
+
+
+def read_plink(prefix: str, *, snp_stride: int = 1) -> PlinkGenotypes:
+    """Read `prefix.bed/.bim/.fam`, keeping SNPs 0, s, 2s, ... (s = snp_stride).
+
+    The `.bed` file is memory-mapped: only the kept SNPs' bytes are read and decoded. Missing
+    calls are imputed with the column mode of the kept SNP (`impute_column_mode`).
+    """
+    if snp_stride < 1:
+        raise ValueError(f"snp_stride must be >= 1, got {snp_stride}")
+    bed_path, bim_path, fam_path = prefix + ".bed", prefix + ".bim", prefix + ".fam"
+    fam = _read_table(fam_path, ".fam", "FID IID father mother sex phenotype")
+    bim = _read_table(bim_path, ".bim", "chromosome SNP cM bp A1 A2")
+    if not os.path.isfile(bed_path):
+        raise PlinkFormatError(f"{bed_path}: .bed file not found")
+    n_samples, n_snps = len(fam), len(bim)
+    with open(bed_path, "rb") as f:
+        header = f.read(3)
+    if len(header) < 3 or header[:2] != BED_MAGIC:
+        raise PlinkFormatError(
+            f"{bed_path}: not a PLINK .bed file: expected magic bytes 0x6c 0x1b, got {header[:2].hex(' ') or 'nothing'}")
+    if header[2] != SNP_MAJOR:
+        kind = "individual-major (mode byte 0x00)" if header[2] == 0 else f"unknown mode byte 0x{header[2]:02x}"
+        raise PlinkFormatError(f"{bed_path}: {kind}; only SNP-major .bed files (mode byte 0x01) are supported, "
+                               "convert with `plink --bfile PREFIX --make-bed`")
+    row_bytes = bytes_per_snp(n_samples)
+    expected_size = 3 + n_snps * row_bytes
+    actual_size = os.path.getsize(bed_path)
+    if actual_size != expected_size:
+        raise PlinkFormatError(
+            f"{bed_path}: file size {actual_size} bytes, expected {expected_size} = 3 + {n_snps} SNPs ({bim_path}) "
+            f"x ceil({n_samples} samples ({fam_path}) / 4)")
+    kept = np.arange(0, n_snps, snp_stride)
+    dosages = np.empty((n_samples, len(kept)), dtype=np.int8)
+    if n_snps and n_samples:
+        bed = np.memmap(bed_path, dtype=np.uint8, mode="r", offset=3, shape=(n_snps, row_bytes))
+        for start in range(0, len(kept), _DECODE_CHUNK_SNPS):
+            rows = np.asarray(bed[kept[start:start + _DECODE_CHUNK_SNPS]])  # (chunk, row_bytes)
+            decoded = _BYTE_TO_DOSAGES[rows].reshape(len(rows), row_bytes * 4)[:, :n_samples]
+            dosages[:, start:start + len(rows)] = decoded.T
+        del bed
+    return PlinkGenotypes(
+        fids=[r[0] for r in fam],
+        iids=[r[1] for r in fam],
+        snp_ids=[bim[j][1] for j in kept],
+        genotypes=impute_column_mode(dosages),
+    )
+
+
+def _check_names(names: Sequence[str], what: str, count: int) -> list[str]:
+    names = [str(n) for n in names]
+    if len(names) != count:
+        raise ValueError(f"{what}: expected {count} entries, got {len(names)}")
+    for n in names:
+        if not n or any(c.isspace() for c in n):
+            raise ValueError(f"{what}: {n!r} is empty or contains whitespace, which PLINK text files cannot hold")
+    return names
+
+
+def write_plink(prefix: str, genotypes: np.ndarray, iids: Sequence[str], *, fids: Sequence[str] | None = None,
+                snp_ids: Sequence[str] | None = None, chromosomes: Sequence[str | int] | None = None,
+                positions: Sequence[int] | None = None,
+                alleles: Sequence[tuple[str, str]] | None = None) -> None:
+    """Write `prefix.bed/.bim/.fam` (SNP-major) from A1 dosages.
+
+    genotypes: int (n_samples, n_snps) with values 2/1/0 (copies of A1) and -1 for missing.
+    Defaults: fids = iids, snp_ids "snp{j}", chromosome 1, positions j + 1, alleles ("A", "G").
+    The .fam gets unknown parents/sex (0) and phenotype -9.
+    """
+    genotypes = np.asarray(genotypes)
+    if genotypes.ndim != 2:
+        raise ValueError(f"genotypes must be (n_samples, n_snps), got shape {genotypes.shape}")
+    if not np.issubdtype(genotypes.dtype, np.integer):
+        raise ValueError(f"genotypes must be integer dosages, got dtype {genotypes.dtype}")
+    bad = ~np.isin(genotypes, (MISSING, 0, 1, 2))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"genotypes[{i}, {j}] = {genotypes[i, j]}: dosages must be 0, 1, 2 or -1 (missing)")
+    n_samples, n_snps = genotypes.shape
+    iids = _check_names(iids, "iids", n_samples)
+    fids = iids if fids is None else _check_names(fids, "fids", n_samples)
+    snp_ids = [f"snp{j}" for j in range(n_snps)] if snp_ids is None else _check_names(snp_ids, "snp_ids", n_snps)
+    chromosomes = ["1"] * n_snps if chromosomes is None else _check_names(chromosomes, "chromosomes", n_snps)
+    positions = list(range(1, n_snps + 1)) if positions is None else [int(p) for p in positions]
+    if len(positions) != n_snps:
+        raise ValueError(f"positions: expected {n_snps} entries, got {len(positions)}")
+    alleles = [("A", "G")] * n_snps if alleles is None else [tuple(a) for a in alleles]
+    if len(alleles) != n_snps or any(len(a) != 2 for a in alleles):
+        raise ValueError(f"alleles: expected {n_snps} (A1, A2) pairs")
+    a1 = _check_names([a[0] for a in alleles], "alleles (A1)", n_snps)
+    a2 = _check_names([a[1] for a in alleles], "alleles (A2)", n_snps)
+
+    row_bytes = bytes_per_snp(n_samples)
+    codes = np.zeros((n_snps, row_bytes * 4), dtype=np.uint8)  # padding bit pairs stay 0b00
+    codes[:, :n_samples] = _DOSAGE_TO_CODE[genotypes.T.astype(np.int64) + 1]
+    codes = codes.reshape(n_snps, row_bytes, 4)
+    packed = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+    with open(prefix + ".bed", "wb") as f:
+        f.write(BED_MAGIC + bytes((SNP_MAJOR,)))
+        f.write(packed.astype(np.uint8).tobytes())
+    with open(prefix + ".bim", "w", encoding="utf-8") as f:
+        f.writelines(f"{chromosomes[j]}\t{snp_ids[j]}\t0\t{positions[j]}\t{a1[j]}\t{a2[j]}\n" for j in range(n_snps))
+    with open(prefix + ".fam", "w", encoding="utf-8") as f:
+        f.writelines(f"{fids[i]}\t{iids[i]}\t0\t0\t0\t-9\n" for i in range(n_samples))

@@ -1,0 +1,153 @@
+"""Fundus grading by fine-tuning a ViT encoder (MRM transfer, Yang et al., ICCV 2023, Tab. 1).
+
+APTOS 2019: 5 diabetic-retinopathy grades as cumulative ordinal multi-label (grade g -> g leading
+ones over 4 outputs), BCE; metrics AUC, quadratic-weighted kappa and accuracy on the test split.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medjax.data import image_transforms as T
+from medjax.data.fundus_genome import FundusGenomeDataset
+from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.metrics import classification as M
+from medjax.models.vit_classifier import ViTClassifier
+from medjax.tasks.mrm import data_root
+
+
+def label_subset(labels: np.ndarray, fraction: float, seed: int, num_classes: int) -> np.ndarray:
+    """Indices of a stratified `fraction` of the rows (at least one per present class), seeded."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        rows = np.flatnonzero(labels == c)
+        if len(rows):
+            chosen.append(rng.choice(rows, max(1, int(round(fraction * len(rows)))), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+class _Subset:
+    def __init__(self, base, indices):
+        self.base, self.indices = base, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[int(self.indices[i])]
+
+
+def ordinal_class_probs(logits: jax.Array) -> jax.Array:
+    """P(grade = g) from cumulative P(grade >= g), g = 1..K-1 (monotone by a running minimum)."""
+    cumulative = jax.lax.cummin(jax.nn.sigmoid(logits.astype(jnp.float32)), axis=logits.ndim - 1)
+    ones = jnp.ones(cumulative.shape[:-1] + (1,), cumulative.dtype)
+    upper = jnp.concatenate([ones, cumulative], -1)
+    lower = jnp.concatenate([cumulative, jnp.zeros_like(ones)], -1)
+    return upper - lower
+
+
+class FundusClassificationTask:
+    def __init__(self, config, log=print):
+        self.config = config
+        self.root = data_root(config, log)
+        self.num_classes = int(config.model.num_classes)
+        size = config.model.image_size
+        train = FundusGenomeDataset(self.root, image_size=size, genotypes=None, label_arity=1,
+                                    split=config.data.train_split)
+        keep = label_subset(np.asarray(train.labels), float(config.data.label_fraction),
+                            int(config.data.label_seed), self.num_classes)
+        self.train_set = _Subset(train, keep)
+        log(f"fine-tuning on {len(keep)} of {len(train)} labelled training images "
+            f"(data.label_fraction={config.data.label_fraction})")
+        m = config.model
+        self.model = ViTClassifier(
+            image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio, drop_path=m.drop_path, num_classes=self.num_classes - 1, pooling=m.pooling,
+            dtype=jnp.dtype(config.dtype))
+        self.global_batch = int(config.train.batch_size)
+
+    def init_batch(self):
+        size = self.config.model.image_size
+        return {"image": np.zeros((self.global_batch, size, size, 3), np.float32),
+                "label": np.zeros((self.global_batch,), np.int32)}
+
+    def init_params(self, rng):
+        return self.model.init({"params": rng}, self.init_batch()["image"][:2], train=False)["params"]
+
+    def loss_fn(self, params, batch, rng, train):
+        logits = self.model.apply({"params": params}, batch["image"], train=train, rngs={"dropout": rng})
+        targets = (jnp.arange(1, self.num_classes) <= batch["label"][:, None]).astype(jnp.float32)
+        loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets).mean()
+        grade = jnp.sum(jax.nn.sigmoid(logits) > 0.5, axis=-1)
+        return loss, {"bce": loss, "train_accuracy": jnp.mean(grade == batch["label"])}
+
+    def _train_transform(self, example, rng):
+        image = T.fundus_train_transform(example["image"], rng, rotation=self.config.data.rotation,
+                                         hflip=self.config.data.hflip)
+        return {"image": image, "label": np.int32(example["label"])}
+
+    def train_data(self):
+        return global_batch_dataset(
+            self.train_set, global_batch=self.global_batch, seed=int(self.config.seed),
+            transform=self._train_transform, process_index=jax.process_index(), process_count=jax.process_count())
+
+    @functools.cached_property
+    def _predict(self):
+        return jax.jit(lambda params, images: ordinal_class_probs(
+            self.model.apply({"params": params}, images, train=False)))
+
+    def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, class probabilities (N, num_classes)) over a split."""
+        dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size, genotypes=None,
+                                      label_arity=1, split=split)
+        transform = lambda ex: {"image": T.fundus_eval_transform(ex["image"]), "label": np.int32(ex["label"])}
+        labels, probs = [], []
+        for batch in eval_batches(dataset, int(self.config.train.eval_batch_size), transform):
+            valid = batch["valid"]
+            probs.append(np.asarray(self._predict(params, batch["image"]))[valid])
+            labels.append(batch["label"][valid])
+        return np.concatenate(labels), np.concatenate(probs)
+
+    def evaluate(self, params) -> dict[str, float]:
+        labels, probs = self.predict(params, self.config.data.eval_split)
+        grades = probs.argmax(-1)
+        onehot = np.eye(self.num_classes)[labels]
+        return {
+            "auc": M.macro_auc(onehot, probs),
+            "kappa": M.quadratic_weighted_kappa(labels, grades, self.num_classes),
+            "accuracy": M.accuracy(labels, grades),
+            "examples": float(len(labels)),
+        }
+
+    def load_pretrained(self, params, pretrained):
+        """The ViT encoder of an MRM pretraining run (`image_encoder`) or of a classifier (`encoder`)."""
+        source = pretrained.get("image_encoder", pretrained.get("encoder"))
+        if source is None:
+            raise ValueError(f"init: the checkpoint has no `image_encoder` or `encoder` params (top-level keys: {sorted(pretrained)})")
+        mismatched = []
+
+        def take(path, leaf):
+            node = source
+            for p in path:
+                node = node.get(p.key) if isinstance(node, dict) else None
+                if node is None:
+                    mismatched.append("/".join(str(q.key) for q in path) + " (missing)")
+                    return leaf
+            if np.shape(node) != leaf.shape:
+                mismatched.append("/".join(str(q.key) for q in path) + f" (shape {np.shape(node)} vs {leaf.shape})")
+                return leaf
+            return jnp.asarray(node, leaf.dtype)
+
+        encoder = jax.tree_util.tree_map_with_path(take, params["encoder"])
+        if mismatched:
+            raise ValueError("init: the pretrained encoder does not match the model config: " + ", ".join(mismatched[:8]))
+        return dict(params, encoder=encoder)

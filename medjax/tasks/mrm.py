@@ -1,0 +1,114 @@
+"""MRM pretraining task: fundus image + genotype pairs, L = L_recon + lambda (L_self + L_cross)
+(Yang et al., ICCV 2023, Sec. 3.2.4)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax.data import demo as demo_lib
+from medjax.data import image_transforms as T
+from medjax.data.fundus_genome import FundusGenomeDataset
+from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.models import mrm as mrm_lib
+
+
+def model_config(config):
+    """The `model` block plus the run-wide compute dtype and kernel implementation."""
+    cfg = config.model.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.dtype = config.dtype
+        cfg.kernel_impl = config.kernels.impl
+    return cfg
+
+
+def data_root(config, log=print) -> str:
+    if config.data.dir:
+        return config.data.dir
+    root = demo_lib.ensure_demo(config.data.kind, log=log)
+    sub = config.data.get("demo_subdir", "")
+    return f"{root}/{sub}" if sub else root
+
+
+class MRMTask:
+    def __init__(self, config, log=print):
+        self.config = config
+        self.root = data_root(config, log)
+        split = config.data.split or None
+        self.dataset = FundusGenomeDataset(self.root, image_size=config.model.image_size,
+                                           snp_stride=config.data.snp_stride, split=split)
+        self.model = mrm_lib.mrm_from_config(model_config(config), num_snps=self.dataset.num_snps)
+        self.global_batch = int(config.train.batch_size)
+
+    def init_batch(self) -> dict:
+        size = self.config.model.image_size
+        return {"image": np.zeros((self.global_batch, size, size, 3), np.float32),
+                "genome": np.zeros((self.global_batch, self.dataset.num_snps), np.float32)}
+
+    def init_params(self, rng):
+        batch = {k: v[:2] for k, v in self.init_batch().items()}  # params do not depend on batch size
+        params_rng, dropout_rng = jax.random.split(rng)
+        variables = self.model.init({"params": params_rng, "dropout": dropout_rng},
+                                    batch["image"], batch["genome"], train=False)
+        return variables["params"]
+
+    def loss_fn(self, params, batch, rng, train):
+        outputs = self.model.apply({"params": params}, batch["image"], batch["genome"], train=train,
+                                   rngs={"dropout": rng})
+        m = self.config.model
+        return mrm_lib.mrm_loss(outputs, batch["image"], batch["genome"], patch_size=m.patch_size,
+                                lam=m.lam, norm_pix_loss=m.norm_pix_loss)
+
+    def _train_transform(self, example, rng):
+        image = T.fundus_train_transform(example["image"], rng, rotation=self.config.data.rotation,
+                                         hflip=self.config.data.hflip)
+        return {"image": image, "genome": example["genome"]}
+
+    def train_data(self):
+        return global_batch_dataset(
+            self.dataset, global_batch=self.global_batch, seed=int(self.config.seed),
+            transform=self._train_transform, process_index=jax.process_index(),
+            process_count=jax.process_count())
+
+    @functools.cached_property
+    def _eval_loss(self):
+        return jax.jit(lambda params, batch: self.loss_fn(params, batch, jax.random.PRNGKey(0), False)[1])
+
+    def evaluate(self, params) -> dict[str, float]:
+        """Mean loss parts (no dropout, no augmentation) over the evaluation rows."""
+        split = self.config.data.eval_split or None
+        dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size,
+                                      snp_stride=self.config.data.snp_stride, split=split)
+        transform = lambda ex: {"image": T.fundus_eval_transform(ex["image"]), "genome": ex["genome"]}
+        totals, count = {}, 0
+        for batch in eval_batches(dataset, int(self.config.train.eval_batch_size), transform):
+            n = int(batch.pop("valid").sum())
+            if n < len(batch["image"]):  # relation matching is a batch statistic: skip a padded tail
+                continue
+            parts = jax.device_get(self._eval_loss(params, batch))
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * n
+            count += n
+        if count == 0:
+            raise ValueError(f"evaluation needs at least train.eval_batch_size={self.config.train.eval_batch_size} rows")
+        return {k: v / count for k, v in totals.items()}
+
+    def load_pretrained(self, params, pretrained):
+        """Another MRM run's params: every leaf with the same path and shape is taken."""
+        return merge_matching(params, pretrained)
+
+
+def merge_matching(params, pretrained):
+    """Leaves of `params` replaced by `pretrained` where the path exists with the same shape."""
+    def take(path, leaf):
+        node = pretrained
+        for p in path:
+            key = getattr(p, "key", None)
+            if not isinstance(node, dict) or key not in node:
+                return leaf
+            node = node[key]
+        return jnp.asarray(node, leaf.dtype) if np.shape(node) == leaf.shape else leaf
+
+    return jax.tree_util.tree_map_with_path(take, params)

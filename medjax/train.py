@@ -1,0 +1,74 @@
+"""python -m medjax.train --exp NAME [--variant V] [--data DIR] [--workdir DIR] [--set key=value ...]
+
+CLI -> config -> Task -> Trainer.run(). An existing workdir with a checkpoint resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medjax.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", required=True, help="experiment name: a file in experiments/ (e.g. mrm_retina)")
+    p.add_argument("--variant", default=None,
+                   help="config variant (e.g. full, demo, tiny); default: the paper's setup, or the "
+                        "experiment's demo variant when no --data is given")
+    p.add_argument("--data", default=None, help="dataset directory (sets data.dir); default: the embedded demo")
+    p.add_argument("--workdir", default=None, help="checkpoints, metrics.jsonl, TensorBoard; default runs/<exp>-<variant>")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, typed (repeatable), e.g. --set optim.lr=3e-4")
+    p.add_argument("--coordinator", default=None, help="multi-process: coordinator address host:port")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-process: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's id")
+    return p
+
+
+def resolve_variant(module, variant: str | None, data: str | None) -> str | None:
+    """No --variant and no --data: the experiment's demo variant (if it has one)."""
+    if variant is None and data is None:
+        return getattr(module, "DEMO_VARIANT", None)
+    return variant
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from medjax.parallel import multihost
+
+    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+
+    from medjax import config as config_lib
+    from medjax.tasks import build_task
+    from medjax.trainer import NonFiniteLossError, Trainer
+
+    try:
+        module = config_lib.load_experiment(args.exp)
+        variant = resolve_variant(module, args.variant, args.data)
+        if variant is not None and args.variant is None:
+            print(f"no --data given: training the `{variant}` variant of {args.exp} on demo data "
+                  f"(pass --data DIR for the paper's setup on your data)")
+        overrides = list(args.overrides) + ([f"data.dir={args.data}"] if args.data else [])
+        config = config_lib.get_config(args.exp, variant, overrides)
+    except config_lib.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or os.path.join("runs", f"{args.exp}-{config.variant}")
+    print(f"workdir: {os.path.abspath(workdir)}")
+    task = build_task(config)
+    trainer = Trainer(config, task, workdir)
+    start = time.time()
+    try:
+        result = trainer.run()
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    print(f"done: step {result['step']} in {time.time() - start:.0f}s" +
+          (" (stopped by SIGTERM; rerun with the same --workdir to resume)" if result.get("preempted") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The one generic training loop: sharded jit step, optax, metrics, Orbax checkpoints, exact resume.
+
+A model family plugs in as a `Task` (medjax/tasks/base.py); nothing here knows about papers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medjax import checkpoint as checkpoint_lib
+from medjax import optim as optim_lib
+from medjax import train_state as state_lib
+from medjax.metric_writer import MetricWriter
+from medjax.parallel import mesh as mesh_lib
+from medjax.parallel import rules as rules_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
+
+
+def global_batch(local_batch: dict, sharding, process_count: int) -> dict:
+    """Per-process numpy batch -> global jax.Arrays sharded along the batch dimension."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (v.shape[0] * process_count,) + v.shape[1:])
+        for k, v in local_batch.items()
+    }
+
+
+def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum: int):
+    """train_step(state, batch) -> (state, metrics); the step is folded into the RNG."""
+
+    def loss_and_grad(params, batch, rng):
+        return jax.value_and_grad(lambda p: task.loss_fn(p, batch, rng, True), has_aux=True)(params)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        params = state["params"]
+        if grad_accum == 1:
+            (loss, metrics), grads = loss_and_grad(params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+
+            def accumulate(carry, inputs):
+                index, microbatch = inputs
+                (loss_i, metrics_i), grads_i = loss_and_grad(params, microbatch, jax.random.fold_in(rng, index))
+                return jax.tree.map(jnp.add, carry, (loss_i, metrics_i, grads_i)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micro), rng))
+            zeros = (zeros[0][0], zeros[0][1], zeros[1])
+            (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+            loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(new_params), update_norm=optax.tree.norm(updates),
+                       lr=schedule(state["step"]))
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, metrics
+
+    return train_step
+
+
+class Trainer:
+    """Builds the mesh, the sharded state, the jitted step and the checkpointer for one task."""
+
+    def __init__(self, config, task, workdir: str):
+        self.config, self.task, self.workdir = config, task, os.path.abspath(workdir)
+        train = config.train
+        self.mesh = mesh_lib.make_mesh(config.mesh)
+        self.rules = rules_lib.logical_rules(config.mesh.rules)
+        self.process_count = jax.process_count()
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        dp = mesh_lib.data_parallel_size(self.mesh)
+        if train.batch_size % dp:
+            raise ValueError(f"train.batch_size={train.batch_size} does not divide over {dp} data-parallel devices")
+        if train.batch_size % int(train.grad_accum):
+            raise ValueError(f"train.batch_size={train.batch_size} does not divide into train.grad_accum={train.grad_accum} microbatches")
+        self.tx, self.schedule = optim_lib.make_optimizer(config.optim, int(train.steps))
+        rng = jax.random.PRNGKey(int(config.seed))
+        self.state, self.state_shardings = state_lib.create_sharded_state(
+            task.init_params, self.tx, rng, self.mesh, self.rules)
+        self.checkpointer = checkpoint_lib.Checkpointer(
+            self.workdir, interval=int(train.checkpoint_every), keep=int(train.keep_checkpoints))
+        step_fn = make_train_step(task, self.tx, self.schedule, int(train.grad_accum))
+        replicated = mesh_lib.replicated(self.mesh)
+        self.train_step = jax.jit(
+            step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated), donate_argnums=0,
+        )
+        self._stop_signal = False
+
+    # ----- state sources: workdir checkpoint > config.init > scratch -----
+    def restore_or_init(self, data_iterator) -> str:
+        if self.checkpointer.latest_step() is not None:
+            step = self.checkpointer.latest_step()
+            target = state_lib.abstract_state(self.state_shardings, self.state)
+            self.state = self.checkpointer.restore(target, data_iterator)
+            return f"resumed from {self.checkpointer.directory} at step {step}"
+        init = self.config.get("init", "")
+        if init:
+            pretrained = checkpoint_lib.restore_params(init)
+            params = self.task.load_pretrained(jax.device_get(self.state["params"]), pretrained)
+            self.state["params"] = state_lib.place_params(params, self.state_shardings["params"])
+            self.state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.state["params"])
+            return f"initialised from {init}"
+        return "initialised from scratch"
+
+    def compile(self, example_batch):
+        """Ahead-of-time compile; returns (compiled step, seconds, memory analysis or None)."""
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            compiled = self.train_step.lower(self.state, example_batch).compile()
+        seconds = time.perf_counter() - start
+        try:
+            memory = compiled.memory_analysis()
+        except Exception:  # some backends do not report it
+            memory = None
+        return compiled, seconds, memory
+
+    def _on_sigterm(self, signum, frame):
+        self._stop_signal = True
+
+    def run(self) -> dict[str, Any]:
+        config, train = self.config, self.config.train
+        total_steps = int(train.steps)
+        stop_at = int(train.stop_at) or total_steps
+        writer = MetricWriter(self.workdir, total_steps)
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        data_iterator = iter(self.task.train_data())
+        writer.log(self.restore_or_init(data_iterator))
+        step = int(jax.device_get(self.state["step"]))
+        if step >= min(stop_at, total_steps):
+            writer.log(f"nothing to do: checkpoint at step {step}, train.steps={total_steps}")
+            writer.close()
+            self.checkpointer.close()
+            return {"step": step, "losses": []}
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
+        losses, last_good_step, compiled = [], step, None
+        interval_start, interval_examples = time.perf_counter(), 0
+        try:
+            while step < min(stop_at, total_steps):
+                batch = global_batch(next(data_iterator), self.batch_sharding, self.process_count)
+                if compiled is None:
+                    compiled, seconds, memory = self.compile(batch)
+                    writer.log(f"compiled train step in {seconds:.1f}s; {describe_memory(memory)}")
+                    interval_start = time.perf_counter()
+                with jax.set_mesh(self.mesh):
+                    self.state, metrics = compiled(self.state, batch)
+                step += 1
+                interval_examples += int(train.batch_size)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss is {loss} at step {step}; stopping. The last good checkpoint (step "
+                        f"{self.checkpointer.latest_step()}) is kept in {self.checkpointer.directory}")
+                losses.append(loss)
+                if step % int(train.log_every) == 0 or step == stop_at:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - interval_start
+                    values["examples_per_sec"] = interval_examples / max(elapsed, 1e-9)
+                    writer.write(step, values)
+                    interval_start, interval_examples = time.perf_counter(), 0
+                if self.checkpointer.latest_step() != step:
+                    self.checkpointer.save(step, self.state, data_iterator, force=(step == stop_at))
+                last_good_step = step
+                if self._stop_signal:
+                    writer.log(f"SIGTERM: saving a checkpoint at step {step} and exiting")
+                    if self.checkpointer.latest_step() != step:
+                        self.checkpointer.save(step, self.state, data_iterator, force=True)
+                    break
+        finally:
+            self.checkpointer.close()
+            writer.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return {"step": last_good_step, "losses": losses, "preempted": self._stop_signal}
+
+
+def describe_memory(memory) -> str:
+    if memory is None:
+        return "compiled memory: not reported by this backend"
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
+    parts = [f"{f.replace('_size_in_bytes', '')}={getattr(memory, f, 0) / 2**20:.1f}MiB" for f in fields]
+    return "compiled memory: " + " ".join(parts)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def save_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

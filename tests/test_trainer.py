@@ -1,0 +1,95 @@
+"""The generic trainer on a toy task: exact resume, sharding, NaN stop, checkpoints, metrics."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from medjax.checkpoint import restore_params
+from medjax.trainer import NonFiniteLossError, Trainer
+from tests.toy_task import ToyTask, toy_config
+
+
+def read_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def run(workdir, **train):
+    config = toy_config(**train)
+    return Trainer(config, ToyTask(config), str(workdir)).run(), config
+
+
+def test_restart_is_bitwise_identical(tmp_path):
+    full, _ = run(tmp_path / "full", steps=6)
+    first, _ = run(tmp_path / "split", steps=6, stop_at=3)
+    assert first["step"] == 3
+    second, _ = run(tmp_path / "split", steps=6)
+    assert second["step"] == 6 and len(second["losses"]) == 3
+    assert full["losses"] == first["losses"] + second["losses"]  # bitwise: float equality
+    a, b = restore_params(str(tmp_path / "full")), restore_params(str(tmp_path / "split"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    logged = read_losses(tmp_path / "split")
+    assert sorted(logged) == list(range(1, 7))
+    assert [logged[s] for s in range(1, 7)] == full["losses"]
+
+
+def test_larger_steps_continues_from_checkpoint(tmp_path):
+    run(tmp_path, steps=4)
+    result, _ = run(tmp_path, steps=6)
+    assert result["step"] == 6 and len(result["losses"]) == 2
+
+
+def test_sharded_run_equals_single_device(tmp_path):
+    assert jax.device_count() == 8
+    single, _ = run(tmp_path / "one", steps=4, batch_size=8)
+    config = toy_config(steps=4)
+    config.mesh.update(dict(data=4, fsdp=2))
+    trainer = Trainer(config, ToyTask(config), str(tmp_path / "eight"))
+    kernel = trainer.state["params"]["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    sharded = trainer.run()
+    config1 = toy_config(steps=4)
+    config1.mesh.num_devices = 1
+    one = Trainer(config1, ToyTask(config1), str(tmp_path / "one1")).run()
+    np.testing.assert_allclose(sharded["losses"], one["losses"], rtol=1e-5)
+    np.testing.assert_allclose(single["losses"], one["losses"], rtol=1e-5)
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    config = toy_config(steps=3)
+    config.data.shuffle = False
+    config.mesh.num_devices = 1
+    full = Trainer(config, ToyTask(config), str(tmp_path / "a")).run()
+    config.train.grad_accum = 2
+    accum = Trainer(config, ToyTask(config), str(tmp_path / "b")).run()
+    # Dropout draws differ per microbatch, so compare loosely; the first step's loss is pre-update.
+    assert abs(full["losses"][0] - accum["losses"][0]) / full["losses"][0] < 0.05
+    assert accum["losses"][-1] < accum["losses"][0]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = toy_config(steps=6, checkpoint_every=2)
+    config.data.update(dict(poison=8 * 3 + 1, shuffle=False))  # an example of the 4th batch
+    trainer = Trainer(config, ToyTask(config), str(tmp_path))
+    with pytest.raises(NonFiniteLossError, match="at step 4.*step 2"):
+        trainer.run()
+    assert trainer.checkpointer.latest_step() == 2
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3]
+
+
+def test_batch_must_divide_over_devices(tmp_path):
+    config = toy_config(batch_size=6)
+    with pytest.raises(ValueError, match="batch_size=6 does not divide over 8"):
+        Trainer(config, ToyTask(config), str(tmp_path))
+
+
+def test_metrics_files(tmp_path):
+    run(tmp_path, steps=2)
+    with open(tmp_path / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    for key in ("step", "loss", "mse", "grad_norm", "lr", "examples_per_sec"):
+        assert key in first
+    assert os.listdir(tmp_path / "tensorboard")
