@@ -1,21 +1,25 @@
 """`python -m medjax.data make-demo --kind KIND --out DIR [--seed S]`: write demo data locally in
-the real file formats (nothing is downloaded). Kinds come from `DEMO_MAKERS`."""
+the real file formats (nothing is downloaded). Kinds come from `medjax.data.demo.DEMO_MAKERS`
+(kind -> "module:function"), imported only when that kind is made."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
-from medjax.data.demo_fundus_genome import make_fundus_genome_demo
+from medjax.data.demo import DEMO_MAKERS
 
-# kind -> maker(out_dir, *, seed) -> out_dir. A new demo kind registers its maker here.
-DEMO_MAKERS: dict[str, Callable[..., str]] = {
-    "fundus_genome": make_fundus_genome_demo,
-}
+
+def load_maker(kind: str) -> Callable[..., str]:
+    """The registered maker `f(out_dir, *, seed) -> out_dir` of a demo kind."""
+    module, function = DEMO_MAKERS[kind].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m medjax.data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m medjax.data",
+                                     description="medjax data tools: write demo data locally in the real file formats.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("make-demo", help="write a small synthetic data set in the real file formats")
     demo.add_argument("--kind", required=True, choices=sorted(DEMO_MAKERS), help="which demo data set")
@@ -27,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-demo":
-        out = DEMO_MAKERS[args.kind](args.out, seed=args.seed)
+        out = load_maker(args.kind)(args.out, seed=args.seed)
         print(f"{args.kind} demo data in {out}")
     return 0
 

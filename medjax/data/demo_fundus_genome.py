@@ -31,7 +31,8 @@ from medjax.data.plink import MISSING, write_plink
 NUM_GRADES = 5
 EXUDATES_PER_GRADE = (0, 2, 6, 12, 20)  # mean lesion counts (Poisson) per DR grade
 RED_DOTS_PER_GRADE = (0, 4, 10, 18, 28)
-APTOS_GRADE_FRACTIONS = (0.49, 0.10, 0.27, 0.05, 0.09)  # APTOS 2019 train set: 1805/370/999/193/295
+APTOS_GRADE_COUNTS = (1805, 370, 999, 193, 295)  # APTOS 2019 train.csv, grades 0..4
+APTOS_GRADE_FRACTIONS = tuple(c / sum(APTOS_GRADE_COUNTS) for c in APTOS_GRADE_COUNTS)
 CAUSAL_FRACTION = 0.05
 EFFECT_PER_GRADE = 0.12
 MISSING_RATE = 0.01
@@ -105,7 +106,10 @@ def render_fundus(rng: np.random.Generator, grade: int, eye: str, size: int) -> 
     vessels = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(vessels)
     base_width = max(1.0, 0.022 * size)
-    to_pixel = lambda p: (cx + mirror * p[0] * radius, cy + p[1] * radius)  # noqa: E731
+
+    def to_pixel(point):  # canonical frame -> pixel (x, y)
+        return cx + mirror * point[0] * radius, cy + point[1] * radius
+
     for start, end, rel_width in _vessel_segments(rng, grade):
         draw.line((to_pixel(start), to_pixel(end)), fill=255, width=max(1, round(base_width * rel_width)))
     vessel_mask = np.asarray(vessels.filter(ImageFilter.GaussianBlur(max(0.4, size / 256))), np.float32) / 255

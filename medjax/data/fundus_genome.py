@@ -111,26 +111,30 @@ class FundusGenomeDataset:
         self.split = split
         manifest_path = os.path.join(root, manifest)
         rows = self._read_manifest(manifest_path)
+        # Labels and genotype ids are checked on every row, so a bad test row fails before training.
+        labels = None
+        if label_arity is not None:
+            labels = [_parse_label(row["label"], label_arity, f"{manifest_path}: line {line}") for line, row in rows]
+        all_participants = [row["participant_id"] for _, row in rows]
+        keep = np.ones(len(rows), dtype=bool)
         if split is not None:
             if rows and "split" in rows[0][1]:
-                rows = [(line, row) for line, row in rows if row["split"] == split]
+                keep = np.array([row["split"] == split for _, row in rows], dtype=bool)
             else:
-                keep = participant_split([row["participant_id"] for _, row in rows], split)
-                rows = [(line, row) for line, row in rows if row["participant_id"] in keep]
-        if not rows:
+                chosen = participant_split(all_participants, split)
+                keep = np.array([p in chosen for p in all_participants], dtype=bool)
+        if not keep.any():
             raise DataError(f"{manifest_path}: no rows" + (f" in split {split!r}" if split else ""))
-        self.participant_ids = [row["participant_id"] for _, row in rows]
-        self.eyes = [row["eye"] for _, row in rows]
-        self.image_paths = [os.path.join(root, row["image_path"]) for _, row in rows]
-        self._labels = None
-        if label_arity is not None:
-            self._labels = np.stack([_parse_label(row["label"], label_arity, f"{manifest_path}: line {line}")
-                                     for line, row in rows])
+        kept_rows = [row for (_, row), k in zip(rows, keep) if k]
+        self.participant_ids = [row["participant_id"] for row in kept_rows]
+        self.eyes = [row["eye"] for row in kept_rows]
+        self.image_paths = [os.path.join(root, row["image_path"]) for row in kept_rows]
+        self._labels = None if labels is None else np.stack([y for y, k in zip(labels, keep) if k])
         self._genomes = None
         self._genome_row = None
         self.snp_ids: list[str] = []
         if genotypes is not None:
-            self._load_genotypes(os.path.join(root, genotypes), snp_stride, manifest_path)
+            self._load_genotypes(os.path.join(root, genotypes), snp_stride, manifest_path, all_participants)
 
     def _read_manifest(self, path: str) -> list[tuple[int, dict[str, str]]]:
         """(line number, row) for every row of the manifest, each field validated."""
@@ -161,7 +165,7 @@ class FundusGenomeDataset:
                 rows.append((reader.line_num, row))
         return rows
 
-    def _load_genotypes(self, prefix: str, snp_stride: int, manifest_path: str) -> None:
+    def _load_genotypes(self, prefix: str, snp_stride: int, manifest_path: str, all_participants: list[str]) -> None:
         try:
             plink = read_plink(prefix, snp_stride=snp_stride)
         except PlinkFormatError as e:
@@ -172,7 +176,7 @@ class FundusGenomeDataset:
             if iid in row_of:
                 raise DataError(f"{fam_path}: line {i + 1}: IID {iid!r} appears twice (first on line {row_of[iid] + 1})")
             row_of[iid] = i
-        absent = sorted({p for p in self.participant_ids if p not in row_of})
+        absent = sorted({p for p in all_participants if p not in row_of})
         if absent:
             raise DataError(f"{manifest_path}: field 'participant_id': {len(absent)} participant(s) have no genotypes "
                             f"in {fam_path} (IID column), e.g. {absent[:5]}")
@@ -192,7 +196,7 @@ class FundusGenomeDataset:
     def labels(self) -> np.ndarray:
         """All labels in item order: int32 (N,) or float32 (N, label_arity)."""
         if self._labels is None:
-            raise ValueError(f"{self.root}: labels were not loaded; construct the dataset with label_arity=...")
+            raise AttributeError(f"{self.root}: labels were not loaded; construct the dataset with label_arity=...")
         return self._labels
 
     def __len__(self) -> int:
@@ -211,7 +215,7 @@ class FundusGenomeDataset:
         index %= len(self)
         item = {"image": self.load_image(index), "index": index}
         if self._genomes is not None:
-            item["genome"] = self._genomes[self._genome_row[index]]
+            item["genome"] = self._genomes[self._genome_row[index]].copy()
         if self._labels is not None:
-            item["label"] = self._labels[index]
+            item["label"] = self._labels[index].copy()
         return item
