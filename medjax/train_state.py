@@ -63,8 +63,9 @@ def create_sharded_state(
         params = nn.meta.unbox(init_params(prng))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": state_rng}
 
-    with jax.set_mesh(mesh):
-        state = jax.jit(init_state, out_shardings=shardings)(param_rng)
+    # No mesh context here: flax would constrain DenseGeneral's flattened init kernel with its
+    # unflattened logical names. out_shardings alone places every leaf.
+    state = jax.jit(init_state, out_shardings=shardings)(param_rng)
     return state, shardings
 
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn.vit import ViTEncoder
+from medjax.nn.vit import ViTEncoder, layer_norm
 
 Dtype = Any
 
@@ -48,10 +48,7 @@ class ViTClassifier(nn.Module):
             feature = tokens[:, 0]
         else:
             patches = tokens[:, 1:] if self.class_token else tokens
-            feature = nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="fc_norm",
-                                   scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(
-                                       jnp.mean(patches, axis=1))
+            feature = layer_norm(self.dtype, self.param_dtype, "fc_norm")(jnp.mean(patches, axis=1))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
                           kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(2e-5),
                                                                    ("embed", "classes")),

@@ -5,6 +5,10 @@ Sec. 3.2.1): per row the top floor(ratio * kv_tokens) relations are zeroed (no r
 through `medjax.kernels.relation_mask.relation_mask_attention`, whose implementation is chosen by
 `kernel_impl`. Otherwise attention goes through `jax.nn.dot_product_attention` (the maintained
 fused path: cuDNN flash attention on GPU, XLA elsewhere).
+
+The projections are `HeadsDense` rather than `nn.DenseGeneral`: DenseGeneral initialises a
+multi-axis kernel through its flattened 2-D shape, and a logically partitioned initialiser then
+applies its 3-name sharding constraint to the 2-D value, which fails under a mesh.
 """
 from __future__ import annotations
 
@@ -17,6 +21,36 @@ import jax.numpy as jnp
 from medjax.kernels.relation_mask import relation_mask_attention
 
 Dtype = Any
+
+
+class HeadsDense(nn.Module):
+    """Dense contracting the last `in_dims` axes of x into `features` (e.g. width -> (heads,
+    head_dim) or (heads, head_dim) -> width); kernel shape in_shape + features with logical axes
+    `kernel_axes`, Glorot-uniform over (fan_in, fan_out) of the flattened kernel, zero bias."""
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    in_dims: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = self.in_dims, len(self.features)
+        if len(self.kernel_axes) != n_in + n_out:
+            raise ValueError(f"medjax/nn/attention.py HeadsDense.kernel_axes={self.kernel_axes} must name "
+                             f"{n_in + n_out} kernel axes")
+        init = nn.initializers.xavier_uniform(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                            tuple(x.shape[-n_in:]) + tuple(self.features), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[n_in:])
+            bias = self.param("bias", bias_init, tuple(self.features), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.tensordot(x, kernel, axes=n_in)
+        return y if bias is None else y + bias
 
 
 class MultiHeadAttention(nn.Module):
@@ -53,27 +87,14 @@ class MultiHeadAttention(nn.Module):
                     f"medjax/nn/attention.py MultiHeadAttention.num_heads={self.num_heads} must divide "
                     f"the query width {width} when head_dim is not given")
             head_dim = width // self.num_heads
-
-        def projection(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                features=(self.num_heads, head_dim), axis=-1, use_bias=self.use_bias,
-                dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
-                name=name)
-
-        q = projection("query")(x_q)  # (batch, q_tokens, heads, head_dim)
-        k = projection("key")(x_kv)
-        v = projection("value")(x_kv)
+        dense = lambda features, axes, in_dims, name: HeadsDense(  # noqa: E731
+            features, axes, in_dims, self.use_bias, self.dtype, self.param_dtype, name=name)
+        heads = (self.num_heads, head_dim)
+        q = dense(heads, ("embed", "heads", "kv"), 1, "query")(x_q)  # (batch, q_tokens, heads, head_dim)
+        k = dense(heads, ("embed", "heads", "kv"), 1, "key")(x_kv)
+        v = dense(heads, ("embed", "heads", "kv"), 1, "value")(x_kv)
         if self.relation_mask_ratio > 0.0:
             out = relation_mask_attention(q, k, v, ratio=self.relation_mask_ratio, impl=self.kernel_impl)
         else:
             out = jax.nn.dot_product_attention(q, k, v)
-        return nn.DenseGeneral(
-            features=self.out_features or width, axis=(-2, -1), use_bias=self.use_bias,
-            dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            name="out")(out)
+        return dense((self.out_features or width,), ("heads", "kv", "embed"), 2, "out")(out)

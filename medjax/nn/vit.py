@@ -41,6 +41,13 @@ def vit_variant(name: str) -> dict:
     return fields
 
 
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm, eps 1e-6 (big_vision/MAE), scale and bias on the logical axis "embed"."""
+    return nn.LayerNorm(1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
 def patchify(images: jax.Array, patch: int) -> jax.Array:
     """(batch, H, W, C) -> (batch, N, patch*patch*C), MAE's order: row-major patches, pixels (p, q, c)."""
     b, h, w, c = images.shape
@@ -145,10 +152,7 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, x_kv: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         x = nn.with_logical_constraint(x, TOKENS)
-        norm = lambda name: nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
-                                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                                         name=name)
+        norm = lambda name: layer_norm(self.dtype, self.param_dtype, name)  # noqa: E731
         y = norm("norm1")(x)
         kv = None if x_kv is None else norm("norm_kv")(nn.with_logical_constraint(x_kv, TOKENS))
         y = MultiHeadAttention(self.num_heads, relation_mask_ratio=self.relation_mask_ratio,
@@ -200,9 +204,7 @@ class ViTEncoder(nn.Module):
         rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
         self.blocks = [EncoderBlock(self.num_heads, self.mlp_ratio, float(rate), self.layerscale_init,
                                     dtype=self.dtype, param_dtype=self.param_dtype) for rate in rates]
-        self.norm = nn.LayerNorm(1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-                                 scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+        self.norm = layer_norm(self.dtype, self.param_dtype)
 
     def embed(self, images: jax.Array) -> jax.Array:
         """Images (batch, H, W, C) -> tokens z^0 (batch, [1 +] N, width) with position embeddings."""

@@ -1,0 +1,259 @@
+"""CLIP ViT image tower (Radford et al., ICML 2021, "Learning Transferable Visual Models From Natural
+Language Supervision", Sec. 2.4 and Fig. 3), matching OpenAI's `VisionTransformer` and Hugging Face's
+`CLIPVisionModel` (transformers 5.23) number for number.
+
+    x = [class_embedding; patches(images) @ W_patch] + position_embedding   (ViT Eq. 1, conv without bias)
+    x = ln_pre(x)                        # CLIP's extra pre-LayerNorm (Sec. 2.4)
+    x = pre-norm Transformer blocks(x)   # QuickGELU MLP: x * sigmoid(1.702 x)
+    last_hidden_state = x;  pooled = ln_post(x[:, 0]);  image_embeds = pooled @ W_proj
+
+At another image size the patch-grid position embeddings are resized bicubically (PyTorch's
+`interpolate(mode="bicubic", align_corners=False)`, as HF's `interpolate_pos_encoding` and METER /
+PTUnifier do); the class position is kept.
+
+The encoder layer, the HF activation table and the masked attention defined here are shared with
+`medjax.nn.clip_text` and `medjax.nn.bert`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax.nn.vit import patchify
+
+Dtype = Any
+TOKENS = ("batch", "length", "embed")
+
+# transformers.activations.ACT2FN entries used by the CLIP / BERT / RoBERTa families.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's QuickGELU
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf GELU (Hendrycks & Gimpel, 2016)
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation a Hugging Face config's `hidden_act` names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"medjax/nn/clip_vit.py activation: hidden_act {name!r} is not supported; "
+                         f"expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def attention_fn(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None, *,
+                 dropout_rng: jax.Array | None = None, dropout_rate: float = 0.0, deterministic: bool = True,
+                 dtype: Dtype | None = None, precision: Any = None) -> jax.Array:
+    """softmax(QK^T / sqrt(d) masked) V (Vaswani et al., 2017, Eq. 1) for `nn.MultiHeadDotProductAttention`.
+
+    Without attention dropout this is `jax.nn.dot_product_attention` (the fused path); with it, flax's
+    einsum attention, which can drop probabilities. `mask` is boolean, broadcastable to
+    (batch, heads, q_tokens, kv_tokens), True = attend.
+    """
+    if dropout_rate > 0.0 and not deterministic:
+        return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
+                                        dropout_rate=dropout_rate, deterministic=False, dtype=dtype,
+                                        precision=precision)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+
+
+def self_attention(num_heads: int, *, dropout_rate: float, dtype: Dtype, param_dtype: Dtype,
+                   name: str) -> nn.MultiHeadDotProductAttention:
+    """Multi-head self-attention with q/k/v kernels on ("embed", "heads", "kv"), output ("heads", "kv", "embed")."""
+    return nn.MultiHeadDotProductAttention(
+        num_heads, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout_rate, attention_fn=attention_fn,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
+        out_kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        out_bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name)
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with the config's epsilon; scale and bias on the logical axis "embed"."""
+    return nn.LayerNorm(eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,
+          name: str | None = None, use_bias: bool = True) -> nn.Dense:
+    """nn.Dense whose kernel has logical axes `axes` (bias: the output axis)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm block: x + attn(ln_1(x), mask), then x + fc2(act(fc1(ln_2(x)))) (CLIP `ResidualAttentionBlock`)."""
+
+    num_heads: int
+    mlp_dim: int
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        x = nn.with_logical_constraint(x, TOKENS)
+        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "ln_1")(x)
+        y = self_attention(self.num_heads, dropout_rate=self.attention_dropout, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="attn")(y, mask=mask, deterministic=not train)
+        x = x + y
+        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "ln_2")(x)
+        y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(y)
+        y = dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(activation(self.hidden_act)(y))
+        return nn.with_logical_constraint(x + y, TOKENS)
+
+
+def _torch_cubic_weights(t: float, a: float = -0.75) -> list[float]:
+    """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2 (PyTorch's A = -0.75)."""
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix of `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`.
+
+    Source coordinate (o + 0.5) * in/out - 0.5, four taps clamped to the border, no antialiasing.
+    """
+    scale = in_size / out_size
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for o in range(out_size):
+        source = (o + 0.5) * scale - 0.5
+        start = math.floor(source)
+        for tap, weight in enumerate(_torch_cubic_weights(source - start)):
+            matrix[o, min(max(start - 1 + tap, 0), in_size - 1)] += weight
+    return matrix
+
+
+def resize_position_embedding(position_embedding: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """(1 + n*n, D) class + square-grid position embeddings -> (1 + rows*cols, D), class position kept."""
+    tokens, width = position_embedding.shape
+    side = int(round(math.sqrt(tokens - 1)))
+    if side * side != tokens - 1:
+        raise ValueError(f"medjax/nn/clip_vit.py resize_position_embedding: {tokens - 1} patch positions do not "
+                         "form a square grid")
+    if (side, side) == tuple(grid):
+        return position_embedding
+    patches = position_embedding[1:].reshape(side, side, width).astype(jnp.float32)
+    rows = jnp.asarray(bicubic_resize_matrix(side, grid[0]), jnp.float32)
+    cols = jnp.asarray(bicubic_resize_matrix(side, grid[1]), jnp.float32)
+    resized = jnp.einsum("ri,ijd,cj->rcd", rows, patches, cols, precision=jax.lax.Precision.HIGHEST)
+    resized = resized.reshape(grid[0] * grid[1], width).astype(position_embedding.dtype)
+    return jnp.concatenate([position_embedding[:1], resized], axis=0)
+
+
+class CLIPVisionTransformer(nn.Module):
+    """CLIP's image encoder; `__call__(images)` returns HF's `last_hidden_state` (batch, 1 + N, width).
+
+    `pooled_output` gives ln_post of the class token (HF `pooler_output`); `image_embeds` its projection
+    (present when `projection_dim` is set). `embed` / `encode` split the forward pass so that a model
+    (e.g. PTUnifier's prompt path) can run the blocks on tokens it assembled; `class_token` is the
+    class embedding plus its position embedding.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    projection_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"medjax/nn/clip_vit.py CLIPVisionTransformer: image_size={self.image_size} is not a "
+                             f"multiple of patch_size={self.patch_size}")
+        if self.width % self.num_heads:
+            raise ValueError(f"medjax/nn/clip_vit.py CLIPVisionTransformer: num_heads={self.num_heads} must divide "
+                             f"width={self.width}")
+        grid = self.image_size // self.patch_size
+        # The patch conv (stride = kernel = patch, no bias) as a matmul on (p, q, c)-ordered patch pixels.
+        self.patch_embed = dense(self.width, ("patch", "embed"), self.dtype, self.param_dtype, use_bias=False)
+        self.class_embedding = self.param("class_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(self.width ** -0.5), ("embed",)), (self.width,), self.param_dtype)
+        self.position_embedding = self.param("position_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, "embed")), (grid * grid + 1, self.width), self.param_dtype)
+        self.ln_pre = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
+        self.layers = [CLIPEncoderLayer(self.num_heads, self.mlp_dim, self.hidden_act, self.layer_norm_eps,
+                                        self.attention_dropout, self.dtype, self.param_dtype)
+                       for _ in range(self.depth)]
+        self.ln_post = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
+        if self.projection_dim is not None:
+            self.projection = dense(self.projection_dim, ("embed", None), self.dtype, self.param_dtype,
+                                    use_bias=False)
+
+    def class_token(self) -> jax.Array:
+        """class_embedding + position_embedding[0], shape (width,)."""
+        return (self.class_embedding + self.position_embedding[0]).astype(self.dtype)
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """Images (batch, H, W, channels), H and W multiples of the patch -> tokens (batch, 1 + N, width)."""
+        if images.ndim != 4 or images.shape[-1] != self.num_channels:
+            raise ValueError(f"medjax/nn/clip_vit.py CLIPVisionTransformer.embed: expected images (batch, H, W, "
+                             f"{self.num_channels}), got {images.shape}")
+        height, width = images.shape[1:3]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"medjax/nn/clip_vit.py CLIPVisionTransformer.embed: image size {(height, width)} is "
+                             f"not a multiple of patch_size={self.patch_size}")
+        x = self.patch_embed(patchify(images.astype(self.dtype), self.patch_size))
+        cls = jnp.broadcast_to(self.class_embedding.astype(x.dtype), (x.shape[0], 1, self.width))
+        x = jnp.concatenate([cls, x], axis=1)
+        position = resize_position_embedding(
+            self.position_embedding, (height // self.patch_size, width // self.patch_size))
+        return nn.with_logical_constraint(x + position.astype(x.dtype), TOKENS)
+
+    def encode(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+        """ln_pre and the Transformer blocks on embedded tokens -> last_hidden_state."""
+        if tokens.ndim != 3 or tokens.shape[-1] != self.width:
+            raise ValueError(f"medjax/nn/clip_vit.py CLIPVisionTransformer.encode: expected tokens (batch, tokens, "
+                             f"{self.width}), got {tokens.shape}")
+        x = self.ln_pre(tokens)
+        for layer in self.layers:
+            x = layer(x, train=train)
+        return x
+
+    def pool(self, last_hidden_state: jax.Array) -> jax.Array:
+        """ln_post of the class token: HF's `pooler_output`."""
+        return self.ln_post(last_hidden_state[:, 0])
+
+    def project(self, pooled: jax.Array) -> jax.Array:
+        if self.projection_dim is None:
+            raise ValueError("medjax/nn/clip_vit.py CLIPVisionTransformer: this tower has no projection "
+                             "(projection_dim=None); use pooled_output")
+        return self.projection(pooled)
+
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        last_hidden_state = self.encode(self.embed(images), train=train)
+        if self.is_initializing():  # create ln_post / projection params, used by the other methods
+            pooled = self.pool(last_hidden_state)
+            if self.projection_dim is not None:
+                self.project(pooled)
+        return last_hidden_state
+
+    def pooled_output(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """(batch, width): HF `CLIPVisionModel(...).pooler_output`."""
+        return self.pool(self.encode(self.embed(images), train=train))
+
+    def image_embeds(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """(batch, projection_dim): HF `CLIPVisionModelWithProjection(...).image_embeds` (not normalised)."""
+        return self.project(self.pooled_output(images, train=train))
