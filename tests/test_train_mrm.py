@@ -43,7 +43,7 @@ def test_sigterm_saves_and_resumes(fundus_demo, tmp_path):
     cmd = [sys.executable, "-u", "-m", "medjax.train", "--exp", "mrm_retina", "--variant", "tiny",
            "--data", fundus_demo, "--workdir", workdir, "--set", "train.steps=100000",
            "--set", "train.checkpoint_every=100000", "--set", "train.log_every=1"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     for line in proc.stdout:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn.clip_vit import TOKENS, activation, dense, layer_norm, self_attention
+from medjax.nn.clip_vit import TOKENS, SelfAttention, activation, dense, layer_norm
 
 Dtype = Any
 
@@ -44,8 +44,8 @@ class BertLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         x = nn.with_logical_constraint(x, TOKENS)
-        y = self_attention(self.num_heads, dropout_rate=self.attention_dropout, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="attention")(x, mask=mask, deterministic=not train)
+        y = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, self.param_dtype, name="attention")(
+            x, mask, train=train)
         y = nn.Dropout(self.hidden_dropout)(y, deterministic=not train)
         x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "attention_norm")(x + y)
         y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
@@ -80,7 +80,8 @@ class BertEncoder(nn.Module):
 
     def setup(self):
         if self.width % self.num_heads:
-            raise ValueError(f"medjax/nn/bert.py BertEncoder: num_heads={self.num_heads} must divide width={self.width}")
+            raise ValueError(f"medjax/nn/bert.py BertEncoder: num_heads={self.num_heads} must divide "
+                             f"width={self.width}")
         embed = lambda count, axes: nn.Embed(  # noqa: E731
             count, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))

@@ -25,6 +25,20 @@ Dtype = Any
 LEGACY_EOS_TOKEN_ID = 2
 
 
+# CLIP paper Sec. 2.4 / Table 20 (text encoders): width, layers, heads; MLP 4x width.
+_TEXT_VARIANTS = {"B": (512, 12, 8), "L": (768, 12, 12)}
+
+
+def clip_text_variant(name: str) -> dict:
+    """CLIPTextTransformer fields for the text tower paired with ViT-"B/..." or ViT-"L/..."."""
+    size = name.split("/")[0]
+    if size not in _TEXT_VARIANTS:
+        raise ValueError(f"medjax/nn/clip_text.py clip_text_variant: unknown variant {name!r}; expected 'B' or 'L' "
+                         "(optionally followed by /<patch>)")
+    width, depth, heads = _TEXT_VARIANTS[size]
+    return {"width": width, "depth": depth, "num_heads": heads, "mlp_dim": 4 * width}
+
+
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     """(batch,) index of the token whose state is pooled (transformers 5.23 `CLIPTextModel.forward`)."""
     if eos_token_id == LEGACY_EOS_TOKEN_ID:
@@ -84,8 +98,8 @@ class CLIPTextTransformer(nn.Module):
             raise ValueError(f"medjax/nn/clip_text.py CLIPTextTransformer: input_ids must be integer (batch, length), "
                              f"got {input_ids.dtype}{input_ids.shape}")
         if input_ids.shape[1] > self.max_length:
-            raise ValueError(f"medjax/nn/clip_text.py CLIPTextTransformer: sequence length {input_ids.shape[1]} exceeds "
-                             f"max_length={self.max_length} (max_position_embeddings)")
+            raise ValueError(f"medjax/nn/clip_text.py CLIPTextTransformer: sequence length {input_ids.shape[1]} "
+                             f"exceeds max_length={self.max_length} (max_position_embeddings)")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"medjax/nn/clip_text.py CLIPTextTransformer: attention_mask shape {attention_mask.shape} "
                              f"differs from input_ids shape {input_ids.shape}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax.nn.attention import HeadsDense
 from medjax.nn.vit import patchify
 
 Dtype = Any
@@ -50,32 +52,39 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
-def attention_fn(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None, *,
-                 dropout_rng: jax.Array | None = None, dropout_rate: float = 0.0, deterministic: bool = True,
-                 dtype: Dtype | None = None, precision: Any = None) -> jax.Array:
-    """softmax(QK^T / sqrt(d) masked) V (Vaswani et al., 2017, Eq. 1) for `nn.MultiHeadDotProductAttention`.
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with an optional boolean mask (Vaswani et al., 2017, Eq. 1-2):
+    softmax(Q K^T / sqrt(head_dim), masked) V, then the output projection.
 
-    Without attention dropout this is `jax.nn.dot_product_attention` (the fused path); with it, flax's
-    einsum attention, which can drop probabilities. `mask` is boolean, broadcastable to
-    (batch, heads, q_tokens, kv_tokens), True = attend.
+    `mask` broadcasts to (batch, heads, q_tokens, kv_tokens), True = attend. The projections are
+    `medjax.nn.attention.HeadsDense` (q/k/v kernels ("embed", "heads", "kv"), output ("heads", "kv",
+    "embed")), so init also works under a mesh. Without attention dropout the product is
+    `jax.nn.dot_product_attention` (the fused path); with it, flax's einsum attention, which drops
+    probabilities.
     """
-    if dropout_rate > 0.0 and not deterministic:
-        return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
-                                        dropout_rate=dropout_rate, deterministic=False, dtype=dtype,
-                                        precision=precision)
-    return jax.nn.dot_product_attention(query, key, value, mask=mask)
 
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-def self_attention(num_heads: int, *, dropout_rate: float, dtype: Dtype, param_dtype: Dtype,
-                   name: str) -> nn.MultiHeadDotProductAttention:
-    """Multi-head self-attention with q/k/v kernels on ("embed", "heads", "kv"), output ("heads", "kv", "embed")."""
-    return nn.MultiHeadDotProductAttention(
-        num_heads, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout_rate, attention_fn=attention_fn,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv")),
-        out_kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-        out_bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-        name=name)
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"medjax/nn/clip_vit.py SelfAttention: num_heads={self.num_heads} must divide the "
+                             f"width {width}")
+        heads = (self.num_heads, width // self.num_heads)
+        project = lambda name: HeadsDense(heads, ("embed", "heads", "kv"), 1, dtype=self.dtype,  # noqa: E731
+                                          param_dtype=self.param_dtype, name=name)(x)
+        q, k, v = project("query"), project("key"), project("value")  # (batch, tokens, heads, head_dim)
+        if train and self.dropout_rate > 0.0:
+            out = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
+                                           dropout_rate=self.dropout_rate, deterministic=False, dtype=self.dtype)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return HeadsDense((width,), ("heads", "kv", "embed"), 2, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="out")(out)
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
@@ -93,6 +102,21 @@ def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, para
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
 
 
+# CLIP paper Table 20 (image encoders): width, layers, heads; MLP 4x width.
+_VISION_VARIANTS = {"B": (768, 12, 12), "L": (1024, 24, 16)}
+
+
+def clip_vision_variant(name: str) -> dict:
+    """CLIPVisionTransformer fields for "B/32", "B/16", "L/14" (OpenAI CLIP's ViTs)."""
+    match = re.fullmatch(r"([BL])/(\d+)", name)
+    if match is None:
+        raise ValueError(f"medjax/nn/clip_vit.py clip_vision_variant: unknown variant {name!r}; expected "
+                         "'B/32', 'B/16' or 'L/14' (size/patch)")
+    width, depth, heads = _VISION_VARIANTS[match.group(1)]
+    return {"width": width, "depth": depth, "num_heads": heads, "mlp_dim": 4 * width,
+            "patch_size": int(match.group(2))}
+
+
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm block: x + attn(ln_1(x), mask), then x + fc2(act(fc1(ln_2(x)))) (CLIP `ResidualAttentionBlock`)."""
 
@@ -108,8 +132,8 @@ class CLIPEncoderLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         x = nn.with_logical_constraint(x, TOKENS)
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "ln_1")(x)
-        y = self_attention(self.num_heads, dropout_rate=self.attention_dropout, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="attn")(y, mask=mask, deterministic=not train)
+        y = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, self.param_dtype, name="attn")(
+            y, mask, train=train)
         x = x + y
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "ln_2")(x)
         y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(y)
