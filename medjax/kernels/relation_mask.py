@@ -5,14 +5,34 @@ row with k = floor(ratio * kv_tokens); entries >= r_p are set to 0 (ties with r_
 too, k = 0 masks nothing), the row is NOT renormalised, and the output is R^M V.
 
 `relation_mask_attention_reference` is the definition, in plain jnp. It materialises the
-(q_tokens, kv_tokens) matrix per head; the Pallas kernel (same contract) avoids that.
+(q_tokens, kv_tokens) matrix per head; the Pallas kernel (same contract) avoids that:
+
+  grid (batch, heads, query blocks); per query block, over key blocks of the same head:
+  1. stats pass: row max m of the raw logits s = q.k and l = sum_j exp((s_j - m) / sqrt(d));
+  2. search passes (no sort): the k-th smallest gap y = m - s of each row is found exactly by
+     a (2**search_bits)-ary search over the bit patterns of non-negative float32 (ordered like
+     the values), counting gaps <= each candidate over all key blocks;
+  3. output pass: p = exp(-y / sqrt(d)) / l; an entry is kept iff y_j > y_k and p_j < p_k with
+     p_k the same formula at y_k. p is monotone in y, so this masks exactly the entries with
+     p_j >= p_k (the k-th largest probability, ties in p included) and never renormalises;
+     the kept p are accumulated times V.
+The backward pass (custom_vjp) recomputes p and the mask per tile from the saved per-row
+(m, l, y_k) instead of storing the matrix: dV = (M*P)^T dO, dS = P * (M * dO V^T - delta) with
+delta = rowsum(dO * O), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d). Memory is linear in tokens.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from medjax.kernels import _pallas_util as pu
 
 
 def masked_count(ratio: float, kv_tokens: int) -> int:
@@ -44,11 +64,367 @@ def relation_mask_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, 
     return out.astype(q.dtype)
 
 
-def relation_mask_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, ratio: float, impl: str = "auto") -> jax.Array:
-    """Relation-masking attention through the implementation chosen by `impl`.
+# --------------------------------------------------------------------------- Pallas kernel
 
-    impl: "reference" (plain jnp) or "auto". (The Pallas kernel lands in the kernels issue.)
+_WHERE = "medjax/kernels/relation_mask.py"
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # logit of a padded key column
+_INF_BITS = 0x7F800000  # bit pattern of +inf: non-negative float32 order like their bits
+_NT = (((1,), (1,)), ((), ()))  # dot_general numbers for a @ b.T
+_STATS = 4  # per-row statistics: m (row max of raw logits), l (softmax sum), y_k, delta
+
+
+@dataclasses.dataclass(frozen=True)
+class RelationMaskBlockSizes:
+    """Tiles of the relation-masking kernel (forward and backward use the same tiles, so the
+    backward recomputes bit-identical logits and mask decisions).
+
+    block_q / block_kv: query rows per program / key columns per inner step (powers of two
+    on GPU, multiples of 8 on TPU; shrunk for short sequences). search_bits: each counting pass
+    tests 2**search_bits - 1 thresholds, so the exact k-th value takes ceil(31 / search_bits)
+    passes over the keys. num_warps / num_stages: Triton launch parameters (GPU only).
     """
-    if impl not in ("auto", "reference"):
-        raise ValueError(f"kernels.impl must be 'auto' or 'reference' here, got {impl!r}")
+
+    block_q: int = 64
+    block_kv: int = 64
+    search_bits: int = 2
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "RelationMaskBlockSizes":
+        if backend == "tpu":  # lane-dense (128) key tiles, sublane-aligned query tiles
+            return cls(block_q=128, block_kv=128)
+        if backend == "cpu":  # interpret mode: fewer, larger grid steps
+            return cls(block_q=128, block_kv=128)
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one kernel launch (hashable: a custom_vjp nondiff argument)."""
+
+    top: int
+    scale: float
+    kv_tokens: int
+    block_q: int
+    block_kv: int
+    head_dim: int  # padded head_dim the kernels see
+    search_bits: int
+    backend: str
+    interpret: bool
+    num_warps: int
+    num_stages: int
+
+    @property
+    def search_passes(self) -> int:
+        return pu.ceil_log(_INF_BITS + 1, 1 << self.search_bits)
+
+    def compiler_params(self):
+        return pu.compiler_params(self.backend, 3, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _raw_logits(q: jax.Array, kb: jax.Array, start, plan: _Plan) -> tuple[jax.Array, jax.Array]:
+    """Unscaled logits q @ kb.T of one tile, padded key columns set to _MASK_VALUE."""
+    s = lax.dot_general(q, kb, _NT, preferred_element_type=jnp.float32)
+    cols = start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    valid = cols < plan.kv_tokens
+    return jnp.where(valid, s, _MASK_VALUE), valid
+
+
+def _probs(gap: jax.Array, l: jax.Array, plan: _Plan) -> jax.Array:
+    """softmax entries from the gaps y = m - s: exp(-y / sqrt(d)) / l (one formula everywhere)."""
+    return jnp.exp(gap * -plan.scale) / l
+
+
+def _kept(valid: jax.Array, gap: jax.Array, p: jax.Array, y_k: jax.Array, l: jax.Array, plan: _Plan):
+    """The entries R^M keeps: p < p_k, i.e. below the k-th largest probability (ties masked)."""
+    if plan.top == 0:
+        return valid
+    p_k = _probs(y_k, l, plan)
+    return valid & (gap > y_k) & (p < p_k)
+
+
+def _pack_stats(m, l, y_k, delta):
+    col = lax.broadcasted_iota(jnp.int32, (m.shape[0], _STATS), 1)
+    return jnp.where(col == 0, m, jnp.where(col == 1, l, jnp.where(col == 2, y_k, delta)))
+
+
+def _unpack_stats(stats: jax.Array):
+    """Columns of a (rows, 4) stats tile as (rows, 1) arrays (masked sums: no lane slicing)."""
+    col = lax.broadcasted_iota(jnp.int32, stats.shape, 1)
+    return tuple(jnp.sum(jnp.where(col == c, stats, 0.0), axis=1, keepdims=True) for c in range(_STATS))
+
+
+def _row_stats(q, k_ref, plan: _Plan, num_kv_blocks: int):
+    """Pass 1: running max m of the raw logits and l = sum_j exp((s_j - m) * scale)."""
+    rows = q.shape[0]
+
+    def body(j, carry):
+        m, l = carry
+        start = pl.multiple_of(j * plan.block_kv, plan.block_kv)
+        s, _ = _raw_logits(q, k_ref[pl.ds(start, plan.block_kv), :], start, plan)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        l = l * jnp.exp((m - m_new) * plan.scale) + jnp.sum(
+            jnp.exp((s - m_new) * plan.scale), axis=1, keepdims=True)
+        return m_new, l
+
+    init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32))
+    return lax.fori_loop(0, num_kv_blocks, body, init)
+
+
+def _kth_smallest_gap(q, k_ref, m, plan: _Plan, num_kv_blocks: int) -> jax.Array:
+    """Pass 2: y_k, the top-th smallest gap y = m - s of each row, exactly, without sorting.
+
+    Invariant on the int32 bit patterns (lo, hi]: count(y <= lo) < top <= count(y <= hi).
+    Each pass counts against 2**bits - 1 evenly spaced candidates and keeps the sub-interval
+    where the count crosses `top`; when hi = lo + 1, hi is the bit pattern of y_k.
+    """
+    rows = q.shape[0]
+    fan = 1 << plan.search_bits
+
+    def search_pass(_, bounds):
+        lo, hi = bounds
+        step = lax.shift_right_logical(hi - lo + (fan - 1), jnp.int32(plan.search_bits))
+        cands = [jnp.minimum(lo + i * step, hi) for i in range(1, fan)]
+        limits = [lax.bitcast_convert_type(c, jnp.float32) for c in cands]
+
+        def count_block(j, counts):
+            start = pl.multiple_of(j * plan.block_kv, plan.block_kv)
+            s, valid = _raw_logits(q, k_ref[pl.ds(start, plan.block_kv), :], start, plan)
+            gap = m - s
+            return tuple(n + jnp.sum(jnp.where(valid & (gap <= t), 1.0, 0.0), axis=1, keepdims=True)
+                         for n, t in zip(counts, limits))
+
+        counts = lax.fori_loop(0, num_kv_blocks, count_block,
+                               tuple(jnp.zeros((rows, 1), jnp.float32) for _ in cands))
+        for cand, n in zip(cands, counts):
+            below = n < plan.top
+            lo = jnp.where(below, jnp.maximum(lo, cand), lo)
+            hi = jnp.where(below, hi, jnp.minimum(hi, cand))
+        return lo, hi
+
+    init = (jnp.full((rows, 1), -1, jnp.int32), jnp.full((rows, 1), _INF_BITS, jnp.int32))
+    _, hi = lax.fori_loop(0, plan.search_passes, search_pass, init)
+    return lax.bitcast_convert_type(hi, jnp.float32)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, stats_ref, *, plan: _Plan):
+    q = q_ref[...]
+    num_kv_blocks = k_ref.shape[0] // plan.block_kv
+    m, l = _row_stats(q, k_ref, plan, num_kv_blocks)
+    if plan.top > 0:
+        y_k = _kth_smallest_gap(q, k_ref, m, plan, num_kv_blocks)
+    else:
+        y_k = jnp.zeros_like(m)
+
+    def body(j, acc):
+        start = pl.multiple_of(j * plan.block_kv, plan.block_kv)
+        s, valid = _raw_logits(q, k_ref[pl.ds(start, plan.block_kv), :], start, plan)
+        gap = m - s
+        p = _probs(gap, l, plan)
+        p = jnp.where(_kept(valid, gap, p, y_k, l, plan), p, 0.0)
+        vb = v_ref[pl.ds(start, plan.block_kv), :]
+        return acc + jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, num_kv_blocks, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+    stats_ref[...] = _pack_stats(m, l, y_k, jnp.zeros_like(m))
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, dq_ref, *, plan: _Plan):
+    q, do = q_ref[...], do_ref[...]
+    m, l, y_k, delta = _unpack_stats(stats_ref[...])
+
+    def body(j, dq):
+        start = pl.multiple_of(j * plan.block_kv, plan.block_kv)
+        kb = k_ref[pl.ds(start, plan.block_kv), :]
+        vb = v_ref[pl.ds(start, plan.block_kv), :]
+        s, valid = _raw_logits(q, kb, start, plan)
+        gap = m - s
+        p = _probs(gap, l, plan)
+        dp = lax.dot_general(do, vb, _NT, preferred_element_type=jnp.float32)
+        ds = p * (jnp.where(_kept(valid, gap, p, y_k, l, plan), dp, 0.0) - delta)
+        return dq + jnp.dot(ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+
+    dq = lax.fori_loop(0, k_ref.shape[0] // plan.block_kv, body, jnp.zeros(dq_ref.shape, jnp.float32))
+    dq_ref[...] = (dq * plan.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, do_ref, stats_ref, k_ref, v_ref, dk_ref, dv_ref, *, plan: _Plan):
+    kb, vb = k_ref[...], v_ref[...]
+    start_k = pl.program_id(2) * plan.block_kv
+
+    def body(i, carry):
+        dk, dv = carry
+        rows = pl.ds(pl.multiple_of(i * plan.block_q, plan.block_q), plan.block_q)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        m, l, y_k, delta = _unpack_stats(stats_ref[rows, :])
+        s, valid = _raw_logits(q, kb, start_k, plan)
+        gap = m - s
+        p = _probs(gap, l, plan)
+        kept = _kept(valid, gap, p, y_k, l, plan)
+        dv = dv + jnp.dot(jnp.where(kept, p, 0.0).T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, vb, _NT, preferred_element_type=jnp.float32)
+        ds = p * (jnp.where(kept, dp, 0.0) - delta)
+        dk = dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    zeros = jnp.zeros(dk_ref.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, q_ref.shape[0] // plan.block_q, body, (zeros, zeros))
+    dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _to_heads_major(x: jax.Array, tokens: int, head_dim: int) -> jax.Array:
+    """(batch, tokens, heads, d) -> zero-padded (batch, heads, tokens', d')."""
+    return pu.pad_axis(pu.pad_axis(jnp.transpose(x, (0, 2, 1, 3)), 2, tokens), 3, head_dim)
+
+
+def _from_heads_major(x: jax.Array, tokens: int, head_dim: int) -> jax.Array:
+    return jnp.transpose(x[:, :, :tokens, :head_dim], (0, 2, 1, 3))
+
+
+def _row_spec(plan: _Plan, width: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, None, plan.block_q, width), lambda b, h, i: (b, h, i, 0))
+
+
+def _whole_spec(length: int, width: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, None, length, width), lambda b, h, i: (b, h, 0, 0))
+
+
+def _forward(q, k, v, plan: _Plan):
+    """Padded heads-major launch; returns the output (q's layout) and the (b, h, q', 4) stats."""
+    batch, q_tokens, heads, head_dim = q.shape
+    qp = _to_heads_major(q, pu.round_up(q_tokens, plan.block_q), plan.head_dim)
+    kp = _to_heads_major(k, pu.round_up(plan.kv_tokens, plan.block_kv), plan.head_dim)
+    vp = _to_heads_major(v, kp.shape[2], plan.head_dim)
+    grid = (batch, heads, qp.shape[2] // plan.block_q)
+    out, stats = pl.pallas_call(
+        functools.partial(_forward_kernel, plan=plan),
+        grid=grid,
+        in_specs=[_row_spec(plan, plan.head_dim), _whole_spec(kp.shape[2], plan.head_dim),
+                  _whole_spec(kp.shape[2], plan.head_dim)],
+        out_specs=[_row_spec(plan, plan.head_dim), _row_spec(plan, _STATS)],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, qp.shape[2], _STATS), jnp.float32)],
+        compiler_params=plan.compiler_params(),
+        interpret=plan.interpret,
+        name="relation_mask_forward",
+    )(qp, kp, vp)
+    return _from_heads_major(out, q_tokens, head_dim), stats
+
+
+def _backward(q, k, v, out, stats, g, plan: _Plan):
+    batch, q_tokens, heads, head_dim = q.shape
+    delta = jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32), axis=-1)  # (b, q, h)
+    delta = pu.pad_axis(jnp.transpose(delta, (0, 2, 1)), 2, stats.shape[2])
+    stats = stats.at[..., 3].set(delta)
+    qp = _to_heads_major(q, stats.shape[2], plan.head_dim)
+    gp = _to_heads_major(g.astype(q.dtype), stats.shape[2], plan.head_dim)
+    kp = _to_heads_major(k, pu.round_up(plan.kv_tokens, plan.block_kv), plan.head_dim)
+    vp = _to_heads_major(v, kp.shape[2], plan.head_dim)
+    q_pad, kv_pad = qp.shape[2], kp.shape[2]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, plan=plan),
+        grid=(batch, heads, q_pad // plan.block_q),
+        in_specs=[_row_spec(plan, plan.head_dim), _whole_spec(kv_pad, plan.head_dim),
+                  _whole_spec(kv_pad, plan.head_dim), _row_spec(plan, plan.head_dim), _row_spec(plan, _STATS)],
+        out_specs=_row_spec(plan, plan.head_dim),
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        compiler_params=plan.compiler_params(),
+        interpret=plan.interpret,
+        name="relation_mask_backward_dq",
+    )(qp, kp, vp, gp, stats)
+    kv_spec = pl.BlockSpec((None, None, plan.block_kv, plan.head_dim), lambda b, h, j: (b, h, j, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, plan=plan),
+        grid=(batch, heads, kv_pad // plan.block_kv),
+        in_specs=[_whole_spec(q_pad, plan.head_dim), _whole_spec(q_pad, plan.head_dim),
+                  _whole_spec(q_pad, _STATS), kv_spec, kv_spec],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype), jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+        compiler_params=plan.compiler_params(),
+        interpret=plan.interpret,
+        name="relation_mask_backward_dkv",
+    )(qp, gp, stats, kp, vp)
+    return (_from_heads_major(dq, q_tokens, head_dim), _from_heads_major(dk, plan.kv_tokens, head_dim),
+            _from_heads_major(dv, plan.kv_tokens, head_dim))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _relation_mask_pallas(q, k, v, plan: _Plan):
+    return _forward(q, k, v, plan)[0]
+
+
+def _relation_mask_pallas_fwd(q, k, v, plan: _Plan):
+    out, stats = _forward(q, k, v, plan)
+    return out, (q, k, v, out, stats)
+
+
+def _relation_mask_pallas_bwd(plan: _Plan, residuals, g):
+    return _backward(*residuals, g, plan)
+
+
+_relation_mask_pallas.defvjp(_relation_mask_pallas_fwd, _relation_mask_pallas_bwd)
+
+
+def _check_inputs(q, k, v, where: str) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"{where}: q, k, v must be (batch, tokens, heads, head_dim); "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"{where}: incompatible q {q.shape}, k {k.shape}, v {v.shape} "
+                         "(expected k == v shapes and the same batch, heads and head_dim as q)")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"{where}: q and k need at least one token; got {q.shape}, {k.shape}")
+
+
+def relation_mask_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *, ratio: float,
+                                   block_sizes: RelationMaskBlockSizes | None = None,
+                                   interpret: bool | None = None, backend: str | None = None) -> jax.Array:
+    """MRM relation masking (Sec. 3.2.1) as a Pallas kernel; same contract as the reference.
+
+    backend: which lowering ("gpu": Triton, "tpu": Mosaic, "cpu"); None = the default backend.
+    interpret: None = interpret mode unless the backend is a GPU or TPU.
+    """
+    where = f"{_WHERE} relation_mask_attention_pallas"
+    _check_inputs(q, k, v, where)
+    backend = pu.resolve_backend(backend, where)
+    sizes = block_sizes or RelationMaskBlockSizes.for_backend(backend)
+    pu.check_block("block_q", sizes.block_q, backend, where)
+    pu.check_block("block_kv", sizes.block_kv, backend, where)
+    if not 1 <= sizes.search_bits <= 4:
+        raise ValueError(f"{where}: search_bits must be in 1..4, got {sizes.search_bits}")
+    # Triton dots need every dim >= 16; Mosaic wants (128, 128) tiles for the transposes.
+    minimum = {"gpu": (16, 16), "tpu": (128, 128)}.get(backend, (8, 8))
+    head_dim = q.shape[-1]
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    plan = _Plan(
+        top=masked_count(ratio, k.shape[1]),
+        scale=1.0 / math.sqrt(head_dim),
+        kv_tokens=k.shape[1],
+        block_q=pu.fit_block(sizes.block_q, q.shape[1], minimum[0]),
+        block_kv=pu.fit_block(sizes.block_kv, k.shape[1], minimum[1]),
+        head_dim=max(16, pl.next_power_of_2(head_dim)) if backend == "gpu" else head_dim,
+        search_bits=sizes.search_bits,
+        backend=backend,
+        interpret=pu.resolve_interpret(interpret, backend),
+        num_warps=sizes.num_warps,
+        num_stages=sizes.num_stages,
+    )
+    out = _relation_mask_pallas(q.astype(dtype), k.astype(dtype), v.astype(dtype), plan)
+    return out.astype(q.dtype)
+
+
+def relation_mask_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, ratio: float, impl: str = "auto",
+                            block_sizes: RelationMaskBlockSizes | None = None,
+                            interpret: bool | None = None) -> jax.Array:
+    """MRM relation-masking attention through the implementation chosen by `impl`.
+
+    impl (config `kernels.impl`): "auto" = the Pallas kernel on GPU/TPU and the reference on
+    CPU; "reference" = `relation_mask_attention_reference`; "pallas" = the kernel everywhere
+    (interpret mode on CPU). block_sizes / interpret only affect the kernel.
+    """
+    if pu.use_pallas(impl, f"{_WHERE} relation_mask_attention"):
+        return relation_mask_attention_pallas(q, k, v, ratio=ratio, block_sizes=block_sizes, interpret=interpret)
     return relation_mask_attention_reference(q, k, v, ratio=ratio)
