@@ -52,8 +52,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         c.model.update(dict(image_size=64, patch_size=8, width=96, depth=4, num_heads=4,
                             genome_token_size=64, genome_width=96, genome_heads=4,
                             decoder_width=64, decoder_depth=2, decoder_heads=4, genome_decoder_depth=1))
-        c.train.update(dict(steps=300, batch_size=32, log_every=10, checkpoint_every=100, eval_batch_size=32))
-        c.optim.update(dict(lr=1e-3, warmup_steps=20))
+        # Sized to finish in a few minutes on 2 CPU cores (compile included).
+        c.train.update(dict(steps=120, batch_size=32, log_every=5, checkpoint_every=40, eval_batch_size=32))
+        c.optim.update(dict(lr=1e-3, warmup_steps=10))
     elif variant == "tiny":
         c.data.snp_stride = 10
         c.model.update(dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2,

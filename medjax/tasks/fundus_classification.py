@@ -105,10 +105,14 @@ class FundusClassificationTask:
         return jax.jit(lambda params, images: ordinal_class_probs(
             self.model.apply({"params": params}, images, train=False)))
 
+    @functools.lru_cache(maxsize=4)
+    def split_dataset(self, split: str) -> FundusGenomeDataset:
+        return FundusGenomeDataset(self.root, image_size=self.config.model.image_size, genotypes=None,
+                                   label_arity=1, split=split)
+
     def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, class probabilities (N, num_classes)) over a split."""
-        dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size, genotypes=None,
-                                      label_arity=1, split=split)
+        dataset = self.split_dataset(split)
         transform = lambda ex: {"image": T.fundus_eval_transform(ex["image"]), "label": np.int32(ex["label"])}
         labels, probs = [], []
         for batch in eval_batches(dataset, int(self.config.train.eval_batch_size), transform):

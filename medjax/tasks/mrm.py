@@ -74,13 +74,23 @@ class MRMTask:
 
     @functools.cached_property
     def _eval_loss(self):
-        return jax.jit(lambda params, batch: self.loss_fn(params, batch, jax.random.PRNGKey(0), False)[1])
+        def eval_loss(params, batch):
+            loss, parts = self.loss_fn(params, batch, jax.random.PRNGKey(0), False)
+            return dict(parts, loss=loss)
+
+        return jax.jit(eval_loss)
+
+    @functools.cached_property
+    def eval_dataset(self) -> FundusGenomeDataset:
+        split = self.config.data.eval_split or None
+        if split == (self.config.data.split or None):
+            return self.dataset
+        return FundusGenomeDataset(self.root, image_size=self.config.model.image_size,
+                                   snp_stride=self.config.data.snp_stride, split=split)
 
     def evaluate(self, params) -> dict[str, float]:
-        """Mean loss parts (no dropout, no augmentation) over the evaluation rows."""
-        split = self.config.data.eval_split or None
-        dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size,
-                                      snp_stride=self.config.data.snp_stride, split=split)
+        """Mean loss and its parts (no dropout, no augmentation) over the evaluation rows."""
+        dataset = self.eval_dataset
         transform = lambda ex: {"image": T.fundus_eval_transform(ex["image"]), "genome": ex["genome"]}
         totals, count = {}, 0
         for batch in eval_batches(dataset, int(self.config.train.eval_batch_size), transform):
