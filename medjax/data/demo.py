@@ -7,6 +7,7 @@ import os
 # kind -> "module:function(out_dir) -> path"; each writes a `.complete` marker when done.
 DEMO_MAKERS = {
     "fundus_genome": "medjax.data.demo_fundus_genome:make_fundus_genome_demo",
+    "ct": "medjax.data.demo_ct:make_ct_demo",
 }
 
 
