@@ -1,5 +1,7 @@
 """`python -m medjax.data make-demo --kind KIND --out DIR [--seed S]`: write demo data locally in
-the real file formats (nothing is downloaded). Kinds come from `medjax.data.demo.DEMO_MAKERS`
+the real file formats (nothing is downloaded).
+`python -m medjax.data tile --slides DIR --out DIR [--patch-size 256 --magnification 20]`: tile
+whole-slide images into `<out>/<slide_id>.h5` coordinates (CLAM's layout). Kinds come from `medjax.data.demo.DEMO_MAKERS`
 (kind -> "module:function"), imported only when that kind is made."""
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 from medjax.data.demo import DEMO_MAKERS
+from medjax.data.tiling import add_tile_arguments, run_tile
 
 
 def load_maker(kind: str) -> Callable[..., str]:
@@ -25,11 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kind", required=True, choices=sorted(DEMO_MAKERS), help="which demo data set")
     demo.add_argument("--out", required=True, help="output directory (created if missing)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (the output is deterministic given it)")
+    add_tile_arguments(commands.add_parser(
+        "tile", help="tile whole-slide images into <out>/<slide_id>.h5 coordinates (CLAM's layout)"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "tile":
+        return run_tile(args)
     if args.command == "make-demo":
         out = load_maker(args.kind)(args.out, seed=args.seed)
         print(f"{args.kind} demo data in {out}")
