@@ -15,9 +15,12 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, interval: int, keep: int, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        # Only every `interval` steps (plus forced saves): Orbax's default policy would also save
+        # the first step of every run and resume.
+        policy = ocp.checkpoint_managers.FixedIntervalPolicy(max(int(interval), 1))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(int(interval), 1), max_to_keep=int(keep), create=True,
-            enable_async_checkpointing=async_save,
+            max_to_keep=int(keep), create=True, enable_async_checkpointing=async_save,
+            save_decision_policy=policy,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -49,20 +52,25 @@ class Checkpointer:
 
 def restore_params(path: str) -> Any:
     """Params (host numpy arrays) from a training workdir's latest checkpoint, or from a checkpoint
-    step directory; used for `init=` (pretrained weights) and evaluation."""
+    step directory; used for `init=` (pretrained weights) and evaluation. Works whatever devices or
+    processes wrote it: every array is restored onto this process's first device."""
     path = os.path.abspath(path)
     root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
-    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{root} holds no checkpoint")
-    metadata = manager.item_metadata(step)["state"]
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        metadata,
-    )
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    manager.close()
-    return jax.device_get(restored["state"]["params"])
+    if os.path.isdir(os.path.join(root, "state")):  # a step directory itself
+        item = os.path.join(root, "state")
+    else:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"no checkpoint directory at {path}")
+        steps = sorted(int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
+        if not steps:
+            raise FileNotFoundError(f"{root} holds no checkpoint")
+        item = os.path.join(root, str(steps[-1]), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(item)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    restored = checkpointer.restore(item, abstract)
+    checkpointer.close()
+    return jax.device_get(restored["params"])

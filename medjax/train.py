@@ -38,26 +38,37 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from medjax.parallel import multihost
 
-    multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as err:  # an incomplete or malformed process layout
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with multihost.exit_on_failure():
+        return _run(args)
+
+
+def _run(args) -> int:
+    import jax
 
     from medjax import config as config_lib
     from medjax.tasks import build_task
     from medjax.trainer import NonFiniteLossError, Trainer
 
+    say = print if jax.process_index() == 0 else (lambda *_, **__: None)  # only process 0 logs
     try:
         module = config_lib.load_experiment(args.exp)
         variant = resolve_variant(module, args.variant, args.data)
         if variant is not None and args.variant is None:
-            print(f"no --data given: training the `{variant}` variant of {args.exp} on demo data "
-                  f"(pass --data DIR for the paper's setup on your data)")
+            say(f"no --data given: training the `{variant}` variant of {args.exp} on demo data "
+                f"(pass --data DIR for the paper's setup on your data)")
         overrides = list(args.overrides) + ([f"data.dir={args.data}"] if args.data else [])
         config = config_lib.get_config(args.exp, variant, overrides)
     except config_lib.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     workdir = args.workdir or os.path.join("runs", f"{args.exp}-{config.variant}")
-    print(f"workdir: {os.path.abspath(workdir)}")
-    task = build_task(config)
+    say(f"workdir: {os.path.abspath(workdir)}")
+    task = build_task(config, log=say)
     trainer = Trainer(config, task, workdir)
     start = time.time()
     try:
@@ -65,8 +76,8 @@ def main(argv=None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    print(f"done: step {result['step']} in {time.time() - start:.0f}s" +
-          (" (stopped by SIGTERM; rerun with the same --workdir to resume)" if result.get("preempted") else ""))
+    say(f"done: step {result['step']} in {time.time() - start:.0f}s" +
+        (" (stopped by SIGTERM; rerun with the same --workdir to resume)" if result.get("preempted") else ""))
     return 0
 
 

@@ -131,6 +131,17 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         self._stop_signal = True
 
+    def _stop_requested(self) -> bool:
+        """SIGTERM seen here or, in a multi-process run, by any process: all stop at the same step
+        (a process stopping alone would leave the others waiting in the next step's collectives)."""
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            agreed = bool(np.any(multihost_utils.process_allgather(np.asarray(self._stop_signal))))
+            self._stop_signal = self._stop_signal or agreed  # a signal arriving meanwhile counts next step
+            return agreed
+        return self._stop_signal
+
     def run(self) -> dict[str, Any]:
         config, train = self.config, self.config.train
         total_steps = int(train.steps)
@@ -176,7 +187,7 @@ class Trainer:
                 if self.checkpointer.latest_step() != step:
                     self.checkpointer.save(step, self.state, data_iterator, force=(step == stop_at))
                 last_good_step = step
-                if self._stop_signal:
+                if self._stop_requested():
                     writer.log(f"SIGTERM: saving a checkpoint at step {step} and exiting")
                     if self.checkpointer.latest_step() != step:
                         self.checkpointer.save(step, self.state, data_iterator, force=True)

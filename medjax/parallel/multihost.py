@@ -1,33 +1,202 @@
 """Multi-process initialisation: `jax.distributed.initialize` from flags or the environment.
 
-Explicit flags (coordinator, number of processes, process id) or MEDJAX_COORDINATOR /
-MEDJAX_NUM_PROCESSES / MEDJAX_PROCESS_ID; otherwise SLURM and TPU pods are auto-detected by JAX
-when JAX_DISTRIBUTED=auto is set. On CPU, gloo collectives let several local processes work.
-A single process with nothing configured does nothing.
+Where the process layout comes from, first match wins:
+
+1. flags `--coordinator HOST:PORT --num-processes N --process-id I` (missing ones from MEDJAX_*);
+2. MEDJAX_COORDINATOR, MEDJAX_NUM_PROCESSES, MEDJAX_PROCESS_ID (set by launch/local.sh);
+3. a TPU pod: MEDJAX_DISTRIBUTED=auto (launch/tpu_pod.sh; JAX_DISTRIBUTED=auto also works) or the
+   GKE TPU webhook's TPU_WORKER_HOSTNAMES naming several hosts; JAX reads the rest from the TPU
+   VM metadata or the webhook's environment;
+4. SLURM under `srun`: SLURM_NTASKS processes, this one SLURM_PROCID; the coordinator is the first
+   host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) on MEDJAX_COORDINATOR_PORT (default: a port
+   derived from SLURM_JOB_ID, as JAX does). With several tasks on a node each GPU process uses
+   only GPU SLURM_LOCALID (unless CUDA_VISIBLE_DEVICES already names a single GPU);
+5. a GKE JobSet (launch/gke_jobset.yaml sets JOBSET_NAME, REPLICATED_JOB_NAME and JOB_INDEX from
+   the pod's labels): this pod is JOB_COMPLETION_INDEX (+ JOB_INDEX times MEDJAX_PROCESSES_PER_JOB),
+   MEDJAX_NUM_PROCESSES in all, and the coordinator is pod 0 of job 0 through the JobSet's headless
+   service, `<jobset>-<replicated job>-0-0.<subdomain>`, on MEDJAX_COORDINATOR_PORT (default 8476).
+
+Nothing matching (or one process) means a plain single-process run. On CPU, gloo collectives let
+several local processes run one program.
+
+Failure of one process: every process sends heartbeats to the coordination service; when one
+stops (it died, or the coordinator's host did), the others are terminated by the JAX runtime after
+MEDJAX_HEARTBEAT_TIMEOUT seconds (default 100, JAX's) at the latest. A survivor usually notices
+sooner, when a collective with the dead process fails: `exit_on_failure` then prints one clear
+error and exits at once instead of waiting for the shutdown barrier.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import re
+import sys
+import traceback
+from typing import Iterator, Mapping
 
-import jax
+GKE_DEFAULT_PORT = 8476
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
-    """Returns True when a multi-process runtime was started."""
-    coordinator = coordinator or os.environ.get("MEDJAX_COORDINATOR")
-    if num_processes is None and os.environ.get("MEDJAX_NUM_PROCESSES"):
-        num_processes = int(os.environ["MEDJAX_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("MEDJAX_PROCESS_ID"):
-        process_id = int(os.environ["MEDJAX_PROCESS_ID"])
-    auto = os.environ.get("JAX_DISTRIBUTED", "") == "auto"
-    if coordinator is None and not auto:
-        return False
+@dataclasses.dataclass(frozen=True)
+class ProcessLayout:
+    """How this process joins a multi-process run. `coordinator=None`: JAX detects the TPU pod."""
+
+    source: str
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def _int(env: Mapping[str, str], name: str, expected: str) -> int:
+    text = env[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r}: expected {expected}") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-007,010],cpu1' -> 'gpu003', 'a[1-2]-ib[5-6]' -> 'a1-ib5'."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end].strip()
+    host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], first)
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"SLURM node list {nodelist!r}: cannot read its first host name")
+    return host
+
+
+def _explicit(coordinator, num_processes, process_id, env, source) -> ProcessLayout:
+    if num_processes is None and env.get("MEDJAX_NUM_PROCESSES"):
+        num_processes = _int(env, "MEDJAX_NUM_PROCESSES", "the number of processes")
+    if process_id is None and env.get("MEDJAX_PROCESS_ID"):
+        process_id = _int(env, "MEDJAX_PROCESS_ID", "this process's id")
+    coordinator = coordinator or env.get("MEDJAX_COORDINATOR")
+    missing = [name for name, value in (("--coordinator/MEDJAX_COORDINATOR", coordinator),
+                                        ("--num-processes/MEDJAX_NUM_PROCESSES", num_processes),
+                                        ("--process-id/MEDJAX_PROCESS_ID", process_id)) if value is None]
+    if missing:
+        raise ValueError(f"multi-process run from {source}: also needs {', '.join(missing)}")
+    if ":" not in coordinator:
+        raise ValueError(f"coordinator {coordinator!r} from {source}: expected HOST:PORT")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process id {process_id} from {source}: expected 0 <= id < {num_processes} processes")
+    return ProcessLayout(source, coordinator, num_processes, process_id)
+
+
+def _slurm(env: Mapping[str, str]) -> ProcessLayout | None:
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:  # srun sets both; salloc/sbatch shells do not
+        return None
+    count = _int(env, "SLURM_NTASKS", "the number of tasks")
+    if count <= 1:
+        return None
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise ValueError("SLURM run with several tasks but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
+    if env.get("MEDJAX_COORDINATOR_PORT"):
+        port = _int(env, "MEDJAX_COORDINATOR_PORT", "a TCP port")
+    else:  # JAX's choice: a port in [61440, 65535] from the job id, the same on every node
+        port = _int(env, "SLURM_JOB_ID", "the job id") % 2**12 + 65536 - 2**12
+    local_ids = None
+    tasks_here = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if int(re.match(r"\d+", tasks_here).group()) > 1 and "SLURM_LOCALID" in env and len(visible) != 1:
+        local_ids = (_int(env, "SLURM_LOCALID", "the task's index on its node"),)
+    return ProcessLayout("SLURM", f"{first_host(nodelist)}:{port}", count,
+                         _int(env, "SLURM_PROCID", "the task's rank"), local_ids)
+
+
+def _jobset(env: Mapping[str, str]) -> ProcessLayout | None:
+    if "JOB_COMPLETION_INDEX" not in env or "JOBSET_NAME" not in env:
+        return None
+    if not env.get("MEDJAX_NUM_PROCESSES"):
+        raise ValueError("GKE JobSet run: set MEDJAX_NUM_PROCESSES (pods in all) in the pod's env")
+    count = _int(env, "MEDJAX_NUM_PROCESSES", "the number of processes")
+    index = _int(env, "JOB_COMPLETION_INDEX", "the pod's index in its Job")
+    job = _int(env, "JOB_INDEX", "the Job's index in the JobSet") if env.get("JOB_INDEX") else 0
+    if job:
+        if not env.get("MEDJAX_PROCESSES_PER_JOB"):
+            raise ValueError(f"GKE JobSet run with JOB_INDEX={job}: set MEDJAX_PROCESSES_PER_JOB (pods per Job)")
+        index += job * _int(env, "MEDJAX_PROCESSES_PER_JOB", "pods per Job")
+    name, replicated = env["JOBSET_NAME"], env.get("REPLICATED_JOB_NAME", "workers")
+    subdomain = env.get("MEDJAX_JOBSET_SUBDOMAIN") or name  # JobSet's default headless service
+    port = _int(env, "MEDJAX_COORDINATOR_PORT", "a TCP port") if env.get("MEDJAX_COORDINATOR_PORT") else GKE_DEFAULT_PORT
+    if count <= 1:
+        return None
+    return _explicit(f"{name}-{replicated}-0-0.{subdomain}:{port}", count, index, {}, "GKE JobSet")
+
+
+def resolve(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+            env: Mapping[str, str] | None = None) -> ProcessLayout | None:
+    """The layout this process joins (see the module docstring), or None for a single-process run."""
+    env = os.environ if env is None else env
+    if coordinator is not None or num_processes is not None or process_id is not None:
+        layout = _explicit(coordinator, num_processes, process_id, env, "flags")
+    elif env.get("MEDJAX_COORDINATOR"):
+        layout = _explicit(None, None, None, env, "MEDJAX_* environment")
+    elif "auto" in (env.get("MEDJAX_DISTRIBUTED"), env.get("JAX_DISTRIBUTED")) or "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return ProcessLayout("TPU pod (detected by JAX)", None, None, None)
+    else:
+        layout = _slurm(env) or _jobset(env)
+    return layout if layout is not None and layout.num_processes > 1 else None
+
+
+def _seconds(env: Mapping[str, str], name: str, default: int) -> int:
+    return _int(env, name, "a whole number of seconds") if env.get(name) else default
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               env: Mapping[str, str] | None = None) -> ProcessLayout | None:
+    """Start the multi-process runtime when a layout is found; returns it (None: single process).
+
+    Must run before anything touches a JAX backend. Timeouts (seconds) from the environment:
+    MEDJAX_HEARTBEAT_TIMEOUT (a dead peer is detected within it; default 100),
+    MEDJAX_INIT_TIMEOUT (waiting for every process to join; default 300),
+    MEDJAX_SHUTDOWN_TIMEOUT (waiting for every process at exit; default 300).
+    """
+    env = os.environ if env is None else env
+    layout = resolve(coordinator, num_processes, process_id, env)
+    if layout is None:
+        return None
+    import jax
+
     # CPU collectives across processes (affects only the CPU backend; must precede backend init).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator is None:
-        jax.distributed.initialize()
-    else:
-        if num_processes is None or process_id is None:
-            raise ValueError("--coordinator needs --num-processes and --process-id (or MEDJAX_NUM_PROCESSES/MEDJAX_PROCESS_ID)")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    return True
+    timeouts = dict(heartbeat_timeout_seconds=_seconds(env, "MEDJAX_HEARTBEAT_TIMEOUT", 100),
+                    initialization_timeout=_seconds(env, "MEDJAX_INIT_TIMEOUT", 300),
+                    shutdown_timeout_seconds=_seconds(env, "MEDJAX_SHUTDOWN_TIMEOUT", 300))
+    jax.distributed.initialize(
+        layout.coordinator, layout.num_processes, layout.process_id,
+        local_device_ids=list(layout.local_device_ids) if layout.local_device_ids else None, **timeouts)
+    return layout
+
+
+@contextlib.contextmanager
+def exit_on_failure() -> Iterator[None]:
+    """In a multi-process run, an exception ends this process at once (status 1) with a clear message.
+
+    A failed collective usually means another process died; waiting for the shutdown barrier would
+    only delay the exit by the heartbeat timeout and bury the cause. Single-process: re-raises.
+    """
+    try:
+        yield
+    except BaseException as err:  # noqa: BLE001 - every failure must end the process promptly
+        import jax
+
+        if isinstance(err, (SystemExit, KeyboardInterrupt)) or jax.process_count() == 1:
+            raise
+        traceback.print_exc()
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
+              f"{type(err).__name__}: {first_line}\n"
+              f"If this is a failed collective or barrier, another process has probably died: "
+              f"see its output. Exiting now instead of waiting for it.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)

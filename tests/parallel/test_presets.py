@@ -1,0 +1,196 @@
+"""Sharding presets on 8 fake CPU devices: every experiment's tiny model under `dp`, `fsdp` and
+`fsdp_tp` (mesh data=2, fsdp=2, tensor=2) gives the single-device training loss, and its
+parameter partition specs match the golden snapshot.
+
+Regenerate the snapshot after an intended change of a model's params or of the rules table:
+
+    python -m tests.parallel.test_presets --regenerate
+"""
+import functools
+import json
+import os
+import sys
+
+if __name__ == "__main__":  # before the first jax import, as tests/conftest.py does
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from medjax import config as config_lib
+from medjax.parallel import mesh as mesh_lib
+from medjax.parallel import rules as rules_lib
+from medjax.tasks import build_task
+from medjax.trainer import global_batch
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_partition_specs.json")
+MESH = dict(data=2, fsdp=2, tensor=2, rules="fsdp", num_devices=0)
+PRESETS = sorted(rules_lib.PRESETS)
+EXPERIMENTS = config_lib.available_experiments()
+
+
+def tiny_config(exp: str, data_root: str):
+    sub = "aptos" if exp == "mrm_aptos" else ""
+    return config_lib.get_config(exp, "tiny", [f"data.dir={os.path.join(data_root, sub)}", "kernels.impl=reference"])
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def _text(spec) -> str:
+    """A spec as a Python tuple literal: "('fsdp', ('data', 'tensor'), None)"."""
+    return repr(tuple(tuple(a) if isinstance(a, (tuple, list)) else a for a in spec))
+
+
+def mesh_specs(boxed, mesh, preset: str) -> dict[str, PartitionSpec]:
+    specs = rules_lib.logical_to_mesh_specs(boxed, mesh, rules_lib.logical_rules(preset))
+    leaves = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    return {_path(p): s for p, s in leaves}
+
+
+def partition_snapshot(task, mesh) -> dict:
+    """{"logical": {param: axis names}, PRESET: {param: mesh spec}} for one model, as text."""
+    boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    logical = jax.tree_util.tree_flatten_with_path(
+        nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    snapshot = {"logical": {_path(p): _text(s) for p, s in logical}}
+    for preset in PRESETS:
+        snapshot[preset] = {path: _text(spec) for path, spec in mesh_specs(boxed, mesh, preset).items()}
+    return snapshot
+
+
+def all_snapshots(data_root: str) -> dict:
+    mesh = mesh_lib.make_mesh(MESH)
+    return {exp: partition_snapshot(build_task(tiny_config(exp, data_root), log=lambda *_: None), mesh)
+            for exp in EXPERIMENTS}
+
+
+# Compile-time savers for CPU tests; the compared values do not depend on them.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+class _Model:
+    """One experiment's task, random params and first global batch, shared by its preset cases."""
+
+    def __init__(self, exp: str, data_root: str):
+        self.config = tiny_config(exp, data_root)
+        self.task = build_task(self.config, log=lambda *_: None)
+        self.boxed = jax.eval_shape(self.task.init_params, jax.random.PRNGKey(0))
+        # Any params give a sharding-equivalence test; seeded normals spare compiling the initialisers.
+        rng = np.random.default_rng(0)
+        self.params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
+                                   nn.meta.unbox(self.boxed))
+        self.batch = next(iter(self.task.train_data()))
+        self.rng = jax.random.PRNGKey(1)
+
+    def loss(self, mesh, rules) -> float:
+        """The task's training loss (dropout on), params and batch sharded as the trainer shards them."""
+        param_shardings = rules_lib.specs_to_shardings(rules_lib.logical_to_mesh_specs(self.boxed, mesh, rules), mesh)
+        params = jax.device_put(self.params, param_shardings)
+        batch = global_batch(self.batch, mesh_lib.batch_sharding(mesh), 1)
+        loss_fn = jax.jit(lambda p, b: self.task.loss_fn(p, b, self.rng, True)[0],
+                          in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh)))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            compiled = loss_fn.lower(params, batch).compile(FAST_COMPILE)
+            return float(compiled(params, batch))
+
+
+@functools.cache
+def _model(exp: str, data_root: str) -> _Model:
+    return _Model(exp, data_root)
+
+
+@functools.cache
+def _single_device_loss(exp: str, data_root: str) -> float:
+    mesh = mesh_lib.make_mesh(dict(MESH, data=1, fsdp=1, tensor=1, num_devices=1))
+    return _model(exp, data_root).loss(mesh, rules_lib.logical_rules("dp"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_preset_matches_single_device(exp, preset, fundus_demo):
+    assert jax.device_count() == 8
+    want = _single_device_loss(exp, fundus_demo)
+    got = _model(exp, fundus_demo).loss(mesh_lib.make_mesh(MESH), rules_lib.logical_rules(preset))
+    assert np.isfinite(want) and want > 0
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def test_presets_shard_the_params(fundus_demo):
+    """dp replicates every param; fsdp splits them over `fsdp`; fsdp_tp adds `tensor` (heads, MLP)."""
+    mesh = mesh_lib.make_mesh(MESH)
+    for exp in EXPERIMENTS:
+        boxed = _model(exp, fundus_demo).boxed
+        used = {}
+        for preset in PRESETS:
+            specs = mesh_specs(boxed, mesh, preset).values()
+            used[preset] = {name for spec in specs for entry in spec
+                            for name in ((entry,) if isinstance(entry, str) else entry or ())}
+        assert used == {"dp": set(), "fsdp": {"fsdp"}, "fsdp_tp": {"fsdp", "tensor"}}, exp
+
+
+def test_partition_specs_match_golden(fundus_demo):
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    current = all_snapshots(fundus_demo)
+    differences = []
+    for exp in sorted(set(golden) | set(current)):
+        for table in sorted(set(golden.get(exp, {})) | set(current.get(exp, {}))):
+            want, got = golden.get(exp, {}).get(table, {}), current.get(exp, {}).get(table, {})
+            for param in sorted(set(want) | set(got)):
+                if want.get(param, "absent") != got.get(param, "absent"):
+                    differences.append(f"{exp} {table} {param}: golden {want.get(param, 'absent')}, "
+                                       f"now {got.get(param, 'absent')}")
+    assert not differences, (
+        f"{len(differences)} parameter partition specs changed:\n  " + "\n  ".join(differences[:20]) +
+        "\nIf intended: python -m tests.parallel.test_presets --regenerate")
+
+
+def test_mfu_uses_the_per_device_flops_of_the_sharded_program():
+    """XLA's cost analysis of a partitioned program counts one device's share; MFU divides by one
+    device's peak (medjax/parallel/peaks.py)."""
+    from medjax.bench.step import flops_per_step, settings_to_compare
+    from medjax.parallel import peaks
+
+    mesh = mesh_lib.make_mesh(MESH)
+    a, b = np.ones((64, 32), np.float32), np.ones((32, 16), np.float32)
+    one = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
+    split = jax.jit(lambda x, y: x @ y, in_shardings=(mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)))
+    assert flops_per_step(one) == 2 * 64 * 32 * 16
+    assert flops_per_step(split.lower(a, b).compile()) == 2 * 64 * 32 * 16 / 4  # data x fsdp = 4 shards
+    h100 = peaks.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16")
+    assert h100 == 989.4e12 and peaks.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 494.7e12
+    assert peaks.mfu(989.4e12 * 0.5, 1.0, h100) == pytest.approx(0.5)
+    assert peaks.device_peak("TPU v5 lite").bf16 == 197e12 and peaks.device_peak("TPU v5").bf16 == 459e12
+    assert peaks.device_peak("NVIDIA A10G") is None and peaks.device_peak("cpu") is None
+    assert peaks.mfu(1e9, 1.0, None) is None
+    assert settings_to_compare(["dtype=float32,bfloat16", "mesh.rules=dp,fsdp"]) == [
+        ["dtype=float32", "mesh.rules=dp"], ["dtype=float32", "mesh.rules=fsdp"],
+        ["dtype=bfloat16", "mesh.rules=dp"], ["dtype=bfloat16", "mesh.rules=fsdp"]]
+
+
+def regenerate() -> None:
+    """Rewrite the golden file from the demo data that tests/conftest.py's `fundus_demo` makes."""
+    import tempfile
+
+    from medjax.data.demo_fundus_genome import make_fundus_genome_demo
+
+    with tempfile.TemporaryDirectory() as root:
+        make_fundus_genome_demo(root, participants=24, image_size=48, num_snps=200, seed=0)  # as tests/conftest.py
+        snapshot = all_snapshots(root)
+    with open(GOLDEN, "w") as f:
+        json.dump(snapshot, f, indent=1, sort_keys=True)
+        f.write("\n")
+    counts = ", ".join(f"{exp} ({len(tables['logical'])} params)" for exp, tables in snapshot.items())
+    print(f"wrote {GOLDEN}: {counts}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit(__doc__)
+    regenerate()
