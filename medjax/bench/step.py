@@ -66,7 +66,16 @@ def measure(config, steps: int) -> dict:
         seconds = (time.perf_counter() - start) / steps
         trainer.checkpointer.close()
     return {"compile_s": compile_s, "step_s": seconds, "memory": memory, "flops": flops_per_step(compiled),
-            "params": sum(x.size for x in jax.tree.leaves(state["params"]))}
+            "params": sum(x.size for x in jax.tree.leaves(state["params"])), "unit": work_unit(task)}
+
+
+def work_unit(task) -> tuple[str, int] | None:
+    """What one example is worth, from the task: ("tokens", n) or ("voxels", n); None if not declared."""
+    for unit in ("tokens", "voxels"):
+        count = getattr(task, f"{unit}_per_example", None)
+        if count:
+            return unit, int(count)
+    return None
 
 
 def main(argv=None) -> None:
@@ -101,8 +110,8 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)  # only process 0 reports
     say("| exp | variant | settings | devices | params | batch | compile s | step s | steps/s | examples/s "
-          "| GFLOP/step/device | MFU | arg+temp MiB | peak RSS MiB |")
-    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| tokens or voxels/s | GFLOP/step/device | MFU | arg+temp MiB | peak RSS MiB |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     memories = []
     for setting in settings_to_compare(args.compare):
         config = config_lib.get_config(args.exp, args.variant, overrides + setting)
@@ -114,9 +123,11 @@ def main(argv=None) -> None:
                         if memory is not None else float("nan"))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         batch = int(config.train.batch_size)
+        unit = result["unit"]
+        work = f"{unit[1] * batch / seconds:.4g} {unit[0]}/s" if unit else "n/a"
         say(f"| {args.exp} | {config.variant} | {' '.join(setting) or '-'} | {jax.device_count()} x "
               f"{device.device_kind} | {result['params'] / 1e6:.2f}M | {batch} | {result['compile_s']:.1f} | "
-              f"{seconds:.3f} | {1 / seconds:.2f} | {batch / seconds:.1f} | "
+              f"{seconds:.3f} | {1 / seconds:.2f} | {batch / seconds:.1f} | {work} | "
               f"{flops / 1e9 if flops else float('nan'):.4g} | "
               f"{f'{100 * utilisation:.1f}%' if utilisation is not None else 'n/a (peak unknown)'} | "
               f"{compiled_mib:.1f} | {rss:.0f} |", flush=True)

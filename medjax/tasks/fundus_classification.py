@@ -75,6 +75,11 @@ class FundusClassificationTask:
             dtype=jnp.dtype(config.dtype))
         self.global_batch = int(config.train.batch_size)
 
+    @property
+    def tokens_per_example(self) -> int:
+        """Image patches + class token (for throughput)."""
+        return (self.config.model.image_size // self.config.model.patch_size) ** 2 + 1
+
     def init_batch(self):
         size = self.config.model.image_size
         return {"image": np.zeros((self.global_batch, size, size, 3), np.float32),

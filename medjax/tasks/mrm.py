@@ -42,6 +42,12 @@ class MRMTask:
         self.model = mrm_lib.mrm_from_config(model_config(config), num_snps=self.dataset.num_snps)
         self.global_batch = int(config.train.batch_size)
 
+    @property
+    def tokens_per_example(self) -> int:
+        """Input tokens of one pair: image patches + class token + genome tokens (for throughput)."""
+        m = self.config.model
+        return (m.image_size // m.patch_size) ** 2 + 1 + -(-self.dataset.num_snps // m.genome_token_size)
+
     def init_batch(self) -> dict:
         size = self.config.model.image_size
         return {"image": np.zeros((self.global_batch, size, size, 3), np.float32),
