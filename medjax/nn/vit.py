@@ -165,6 +165,16 @@ class EncoderBlock(nn.Module):
         return nn.with_logical_constraint(x, TOKENS)
 
 
+class _RematEncoderBlock(EncoderBlock):
+    """EncoderBlock with `train` positional, so `nn.remat` can hold it static (argnum 3, self = 0)."""
+
+    def __call__(self, x, x_kv, train):  # type: ignore[override]
+        return super().__call__(x, x_kv, train=train)
+
+
+RematEncoderBlock = nn.remat(_RematEncoderBlock, static_argnums=(3,))
+
+
 class ViTEncoder(nn.Module):
     """Patch embedding + learned position embedding (+ class token), pre-norm blocks, final LN.
 
@@ -181,6 +191,7 @@ class ViTEncoder(nn.Module):
     class_token: bool = True
     drop_path: float = 0.0
     layerscale_init: float | None = None
+    remat: bool = False  # recompute each block's activations in the backward pass (memory for FLOPs)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -202,8 +213,9 @@ class ViTEncoder(nn.Module):
             nn.initializers.normal(0.02), (None, None, "embed")),
             (1, self.num_patches + int(self.class_token), self.width), self.param_dtype)
         rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
-        self.blocks = [EncoderBlock(self.num_heads, self.mlp_ratio, float(rate), self.layerscale_init,
-                                    dtype=self.dtype, param_dtype=self.param_dtype) for rate in rates]
+        block = RematEncoderBlock if self.remat else EncoderBlock
+        self.blocks = [block(self.num_heads, self.mlp_ratio, float(rate), self.layerscale_init,
+                             dtype=self.dtype, param_dtype=self.param_dtype) for rate in rates]
         self.norm = layer_norm(self.dtype, self.param_dtype)
 
     def embed(self, images: jax.Array) -> jax.Array:
@@ -223,7 +235,7 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"medjax/nn/vit.py ViTEncoder.encode: expected tokens (batch, tokens, {self.width}), "
                              f"got {tokens.shape}")
         for block in self.blocks:
-            tokens = block(tokens, train=train)
+            tokens = block(tokens, None, train) if self.remat else block(tokens, train=train)
         return self.norm(tokens)
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
