@@ -46,9 +46,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.train.update(dict(steps=30000, batch_size=256, log_every=50, checkpoint_every=1000, eval_batch_size=64))
     c.optim.update(dict(lr=1.5e-4, warmup_steps=1500, weight_decay=0.05, b2=0.95))
 
-    if variant == "full":
-        pass
-    elif variant == "demo":
+    if variant == "demo":
         c.data.snp_stride = 1
         c.model.update(dict(image_size=64, patch_size=8, width=96, depth=4, num_heads=4,
                             genome_token_size=64, genome_width=96, genome_heads=4,
@@ -63,6 +61,6 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
                             decoder_width=32, decoder_depth=1, decoder_heads=2, genome_decoder_depth=1))
         c.train.update(dict(steps=4, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8))
         c.optim.update(dict(lr=1e-3, warmup_steps=1))
-    else:
+    elif variant != "full":  # "full" is the paper's setup above
         raise ValueError(f"mrm_retina: unknown variant {variant!r}; choose full, demo or tiny")
     return c
