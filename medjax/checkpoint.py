@@ -7,6 +7,8 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -74,3 +76,24 @@ def restore_params(path: str) -> Any:
     restored = checkpointer.restore(item, abstract)
     checkpointer.close()
     return jax.device_get(restored["params"])
+
+
+def merge_params(params: Any, source: Any) -> tuple[Any, list[str]]:
+    """`params` with each leaf replaced by `source`'s leaf at the same path when the shapes agree;
+    also the paths that could not be taken (missing, or of another shape), described."""
+    skipped = []
+
+    def take(path, leaf):
+        node, name = source, "/".join(str(getattr(p, "key", p)) for p in path)
+        for p in path:
+            key = getattr(p, "key", None)
+            if not isinstance(node, dict) or key not in node:
+                skipped.append(f"{name} (missing)")
+                return leaf
+            node = node[key]
+        if np.shape(node) != leaf.shape:
+            skipped.append(f"{name} (shape {np.shape(node)} vs {leaf.shape})")
+            return leaf
+        return jnp.asarray(node, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(take, params), skipped

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from medjax.parallel import rules as rules_lib
 
@@ -79,7 +79,3 @@ def abstract_state(state_shardings: TrainState, state: TrainState) -> TrainState
 def place_params(params: Any, param_shardings: Any) -> Any:
     """Host arrays -> global arrays with the given shardings."""
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, param_shardings)
-
-
-def replicated_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())

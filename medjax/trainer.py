@@ -4,7 +4,6 @@ A model family plugs in as a `Task` (medjax/tasks/base.py); nothing here knows a
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -212,8 +211,3 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def save_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)

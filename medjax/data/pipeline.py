@@ -48,12 +48,11 @@ class _LoadAndTransform:
         return self.transform(example, np.random.default_rng([self.seed, position]))
 
 
-def check_batch_divides(global_batch: int, process_count: int, devices: int) -> int:
-    """The per-process batch; a clear error when the global batch does not divide."""
+def process_batch_size(global_batch: int, process_count: int) -> int:
+    """The per-process batch; a clear error when the global batch does not divide over the processes
+    (the Trainer checks the data-parallel devices)."""
     if global_batch % process_count:
         raise ValueError(f"train.batch_size={global_batch} does not divide over {process_count} processes")
-    if global_batch % devices:
-        raise ValueError(f"train.batch_size={global_batch} does not divide over {devices} data-parallel devices")
     return global_batch // process_count
 
 
@@ -65,7 +64,7 @@ def global_batch_dataset(
     """Per-process batches (dicts of stacked numpy arrays) of `global_batch // process_count` examples."""
     if len(source) < global_batch:
         raise ValueError(f"the dataset has {len(source)} examples, fewer than one global batch of {global_batch}")
-    local_batch = check_batch_divides(global_batch, process_count, 1)
+    local_batch = process_batch_size(global_batch, process_count)
     order = grain.MapDataset.range(len(source))
     if shuffle:
         order = order.shuffle(seed=seed)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medjax.checkpoint import merge_params
 from medjax.data import image_transforms as T
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
@@ -143,21 +144,7 @@ class FundusClassificationTask:
         source = pretrained.get("image_encoder", pretrained.get("encoder"))
         if source is None:
             raise ValueError(f"init: the checkpoint has no `image_encoder` or `encoder` params (top-level keys: {sorted(pretrained)})")
-        mismatched = []
-
-        def take(path, leaf):
-            node = source
-            for p in path:
-                node = node.get(p.key) if isinstance(node, dict) else None
-                if node is None:
-                    mismatched.append("/".join(str(q.key) for q in path) + " (missing)")
-                    return leaf
-            if np.shape(node) != leaf.shape:
-                mismatched.append("/".join(str(q.key) for q in path) + f" (shape {np.shape(node)} vs {leaf.shape})")
-                return leaf
-            return jnp.asarray(node, leaf.dtype)
-
-        encoder = jax.tree_util.tree_map_with_path(take, params["encoder"])
+        encoder, mismatched = merge_params(params["encoder"], source)
         if mismatched:
             raise ValueError("init: the pretrained encoder does not match the model config: " + ", ".join(mismatched[:8]))
         return dict(params, encoder=encoder)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from medjax.checkpoint import merge_params
 from medjax.data import demo as demo_lib
 from medjax.data import image_transforms as T
 from medjax.data.fundus_genome import FundusGenomeDataset
@@ -113,18 +113,5 @@ class MRMTask:
 
     def load_pretrained(self, params, pretrained):
         """Another MRM run's params: every leaf with the same path and shape is taken."""
-        return merge_matching(params, pretrained)
+        return merge_params(params, pretrained)[0]
 
-
-def merge_matching(params, pretrained):
-    """Leaves of `params` replaced by `pretrained` where the path exists with the same shape."""
-    def take(path, leaf):
-        node = pretrained
-        for p in path:
-            key = getattr(p, "key", None)
-            if not isinstance(node, dict) or key not in node:
-                return leaf
-            node = node[key]
-        return jnp.asarray(node, leaf.dtype) if np.shape(node) == leaf.shape else leaf
-
-    return jax.tree_util.tree_map_with_path(take, params)
