@@ -52,6 +52,22 @@ class Checkpointer:
         self.manager.close()
 
 
+def save_params(path: str, params: Any) -> str:
+    """Write a params tree (e.g. converted PyTorch weights) as `<path>/state` holding {"params": ...}, the
+    layout of one training checkpoint step, so `restore_params(path)`, `init=path`, `--params path` and
+    `python -m medjax.evaluate --checkpoint path` all read it. Refuses to overwrite an existing one."""
+    path = os.path.abspath(path)
+    item = os.path.join(path, "state")
+    if os.path.exists(item):
+        raise FileExistsError(f"{item} already exists; choose another --out directory or remove it")
+    os.makedirs(path, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(item, {"params": jax.tree.map(np.asarray, params)})
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    return path
+
+
 def restore_params(path: str) -> Any:
     """Params (host numpy arrays) from a training workdir's latest checkpoint, or from a checkpoint
     step directory; used for `init=` (pretrained weights) and evaluation. Works whatever devices or

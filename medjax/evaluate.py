@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         params = checkpoint_lib.restore_params(path)
         results = task.evaluate(params)
         columns.append((column_label(saved, path), results))
-    table = markdown_table(args.exp, columns)
+    table = task.results_table(args.exp, columns) if hasattr(task, "results_table") else markdown_table(args.exp, columns)
     print(table)
     out = args.out or args.checkpoint[0]
     os.makedirs(out, exist_ok=True)

@@ -61,6 +61,9 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
             loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        post_update = getattr(task, "post_update", None)
+        if post_update is not None:  # e.g. an EMA teacher or running centers (DINOv2)
+            new_params, metrics = post_update(new_params, metrics, state["step"])
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(new_params), update_norm=optax.tree.norm(updates),
                        lr=schedule(state["step"]))
@@ -85,7 +88,10 @@ class Trainer:
             raise ValueError(f"train.batch_size={train.batch_size} does not divide over {dp} data-parallel devices")
         if train.batch_size % int(train.grad_accum):
             raise ValueError(f"train.batch_size={train.batch_size} does not divide into train.grad_accum={train.grad_accum} microbatches")
-        self.tx, self.schedule = optim_lib.make_optimizer(config.optim, int(train.steps))
+        if hasattr(task, "make_optimizer"):  # e.g. layer-wise lr decay, frozen subtrees
+            self.tx, self.schedule = task.make_optimizer(int(train.steps))
+        else:
+            self.tx, self.schedule = optim_lib.make_optimizer(config.optim, int(train.steps))
         rng = jax.random.PRNGKey(int(config.seed))
         self.state, self.state_shardings = state_lib.create_sharded_state(
             task.init_params, self.tx, rng, self.mesh, self.rules)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from medjax.checkpoint import merge_params
 
@@ -12,3 +13,17 @@ def test_merge_params_takes_matching_leaves_and_names_the_rest():
     np.testing.assert_array_equal(merged["a"]["b"], np.zeros(3))
     np.testing.assert_array_equal(merged["c"], np.zeros(4))
     assert sorted(skipped) == ["a/b (shape (5,) vs (3,))", "c (missing)"]
+
+
+def test_save_params_round_trip(tmp_path):
+    """Converted weights written by save_params come back through restore_params (what init=, --params and
+    evaluate read), and a second save to the same place is refused rather than mixing two trees."""
+    from medjax import checkpoint as checkpoint_lib
+
+    params = {"encoder": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "bias": np.ones(3, np.float32)}
+    checkpoint_lib.save_params(str(tmp_path / "converted"), params)
+    restored = checkpoint_lib.restore_params(str(tmp_path / "converted"))
+    np.testing.assert_array_equal(restored["encoder"]["kernel"], params["encoder"]["kernel"])
+    np.testing.assert_array_equal(restored["bias"], params["bias"])
+    with pytest.raises(FileExistsError, match="already exists"):
+        checkpoint_lib.save_params(str(tmp_path / "converted"), params)

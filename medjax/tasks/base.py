@@ -30,3 +30,19 @@ class Task(Protocol):
 
     def load_pretrained(self, params: Any, pretrained: Any) -> Any:
         """Params with the parts found in `pretrained` (e.g. a pretraining run's params) put in."""
+
+
+class OptionalTaskHooks(Protocol):
+    """Methods a task may define; the trainer and `python -m medjax.evaluate` use them when present."""
+
+    def make_optimizer(self, total_steps: int) -> tuple[Any, Any]:
+        """(optax transformation, lr schedule) instead of medjax.optim's AdamW, e.g. layer-wise lr decay
+        or a frozen teacher (optax.multi_transform with set_to_zero)."""
+
+    def post_update(self, params: Any, metrics: dict, step: jax.Array) -> tuple[Any, dict]:
+        """Inside the jitted step, after the optimizer update: e.g. an EMA teacher or running centers.
+        `metrics` is what loss_fn returned (averaged over microbatches); non-scalar entries it consumes
+        must be removed, so the returned metrics are scalars."""
+
+    def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+        """A markdown table in the paper's layout, one column group per evaluated checkpoint."""
