@@ -63,6 +63,51 @@ def compiler_params(backend: str, parallel_dims: int, *, num_warps: int = 4, num
     return None
 
 
+BATCH_MESH_AXES = ("data", "fsdp")  # medjax/parallel/rules.py: the batch is split over these
+HEAD_MESH_AXIS = "tensor"  # attention heads (tensor parallelism)
+
+
+def shard_map_over_batch(fn, args: tuple, *, head_dims: tuple, out_head_dim: int | None):
+    """`fn(*args)`, run per device shard when traced under a mesh (`jax.set_mesh`, as in the trainer).
+
+    A Pallas call is an opaque custom call to XLA's SPMD partitioner, which would gather sharded inputs
+    onto every device and run the whole batch everywhere. Under a mesh we therefore `shard_map` it: dim 0
+    (batch) of every argument and of the output is split over the mesh's data-parallel axes
+    (`BATCH_MESH_AXES`, those whose sizes divide the batch), and the dims named in `head_dims` (one per
+    argument, None = none) and `out_head_dim` of the output (which has the first argument's rank) over
+    `HEAD_MESH_AXIS` when its size divides them. Every op here is independent per sample and per head,
+    so no collectives are needed. Without a mesh (or on
+    one device, or inside an enclosing shard_map) `fn(*args)` is called as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return fn(*args)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch, batch_axes, split = args[0].shape[0], [], 1
+    for name in BATCH_MESH_AXES:
+        if sizes.get(name, 1) > 1 and batch % (split * sizes[name]) == 0:
+            batch_axes.append(name)
+            split *= sizes[name]
+    heads = sizes.get(HEAD_MESH_AXIS, 1)
+    head_dim_sizes = [a.shape[d] for a, d in zip(args, head_dims) if d is not None]
+    shard_heads = heads > 1 and bool(head_dim_sizes) and all(n % heads == 0 for n in head_dim_sizes)
+    if not batch_axes and not shard_heads:
+        return fn(*args)
+
+    def spec(ndim: int, head_dim: int | None):
+        parts = [None] * ndim
+        parts[0] = tuple(batch_axes) if batch_axes else None
+        if shard_heads and head_dim is not None:
+            parts[head_dim] = HEAD_MESH_AXIS
+        return jax.sharding.PartitionSpec(*parts)
+
+    out_ndim = args[0].ndim  # the kernels' outputs have the rank of their first argument
+    in_specs = tuple(spec(a.ndim, d) for a, d in zip(args, head_dims))
+    if mesh.explicit_axes:  # sharding-in-types meshes: put the arguments in the layout shard_map expects
+        args = tuple(jax.reshard(a, s) for a, s in zip(args, in_specs))
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=spec(out_ndim, out_head_dim), check_vma=False)(*args)
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -109,5 +154,5 @@ def ceil_log(width: int, base: int) -> int:
 
 
 __all__ = ["IMPLS", "BACKENDS", "current_backend", "resolve_backend", "use_pallas", "resolve_interpret",
-           "compiler_params", "round_up", "is_power_of_2", "fit_block", "pad_axis", "check_block",
+           "compiler_params", "shard_map_over_batch", "round_up", "is_power_of_2", "fit_block", "pad_axis", "check_block",
            "ceil_log"]

@@ -343,7 +343,8 @@ def dynamic_head_pallas(features: jax.Array, params: jax.Array, *,
                  backward_voxels=backward_voxels, backend=backend,
                  interpret=pu.resolve_interpret(interpret, backend),
                  num_warps=sizes.num_warps, num_stages=sizes.num_stages)
-    return _dynamic_head_pallas(features, params, plan)
+    return pu.shard_map_over_batch(lambda f, p: _dynamic_head_pallas(f, p, plan), (features, params),
+                                   head_dims=(None, None), out_head_dim=None)
 
 
 def dynamic_head(features: jax.Array, params: jax.Array, *, impl: str = "auto",
