@@ -44,5 +44,10 @@ class OptionalTaskHooks(Protocol):
         `metrics` is what loss_fn returned (averaged over microbatches); non-scalar entries it consumes
         must be removed, so the returned metrics are scalars."""
 
+    def initial_params(self, params: Any) -> Any:
+        """Params for a run starting from scratch (no checkpoint, no `init=`), e.g. with towers loaded from
+        converted Hugging Face weights the config names; host numpy trees in and out (the same object back =
+        nothing to load)."""
+
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """A markdown table in the paper's layout, one column group per evaluated checkpoint."""
