@@ -5,9 +5,16 @@ One `ViTEncoder` serves every paper: `__call__` embeds images and runs the block
 the same parameters, on tokens it computed itself. `EncoderBlock` also takes an optional
 cross-attention input and an MRM relation-masking ratio, so one block class serves plain,
 self-relation-masked and cross-relation-masked Transformer blocks.
+
+For DINOv2 (Oquab et al., TMLR 2024; `dinov2/models/vision_transformer.py`) the encoder also has
+register tokens (Darcet et al., ICLR 2024), a learned iBOT mask token that replaces masked patch
+embeddings, uniform stochastic depth, and `dynamic_image_size`: images of another size get the
+position embeddings resized bicubically with DINOv2's `interpolate_pos_encoding` semantics
+(`position_resize_matrix`). `features` returns DINOv2's `x_norm_clstoken` / `x_norm_patchtokens`.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -71,6 +78,70 @@ def unpatchify(patches: jax.Array, patch: int, grid: tuple[int, int] | None = No
     x = patches.reshape(b, grid[0], grid[1], patch, patch, c)
     x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
     return x.reshape(b, grid[0] * patch, grid[1] * patch, c)
+
+
+def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel (PyTorch: a = -0.75 for bicubic, -0.5 for antialiased bicubic)."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def position_resize_matrix(in_size: int, out_size: int, *, offset: float = 0.0,
+                           antialias: bool = False) -> np.ndarray:
+    """(out_size, in_size) matrix of PyTorch's `F.interpolate(mode="bicubic", align_corners=False)`
+    along one axis, as DINOv2's `interpolate_pos_encoding` calls it.
+
+    offset > 0: DINOv2 passes `scale_factor=(out + offset) / in` (a kludge from DINO issue #8), so the
+    output has floor(in * scale) = out positions but samples source coordinates (o + 0.5) / scale - 0.5
+    -- slightly off the plain resize, which `offset=0` gives (`size=out`, scale in/out).
+    antialias=False: four taps at A = -0.75, indices clamped to the border. antialias=True (timm's
+    `resample_abs_pos_embed`, PIL-style): when shrinking, the a = -0.5 kernel is stretched by the scale
+    and each row renormalised; taps outside the input are dropped.
+    """
+    if offset:
+        scale = 1.0 / ((out_size + offset) / in_size)
+        if math.floor(in_size / scale) != out_size:
+            raise ValueError(f"medjax/nn/vit.py position_resize_matrix: offset {offset} gives "
+                             f"{math.floor(in_size / scale)} positions, not {out_size}")
+    else:
+        scale = in_size / out_size
+    matrix = np.zeros((out_size, in_size), np.float64)
+    if not antialias:
+        for o in range(out_size):
+            source = (o + 0.5) * scale - 0.5
+            start = math.floor(source)
+            taps = start - 1 + np.arange(4)
+            np.add.at(matrix[o], np.clip(taps, 0, in_size - 1), _keys_cubic(taps - source, -0.75))
+        return matrix
+    support = 2.0 * max(scale, 1.0)
+    inv_scale = 1.0 / max(scale, 1.0)
+    for o in range(out_size):
+        center = scale * (o + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = np.arange(lo, hi)
+        weights = _keys_cubic((taps - center + 0.5) * inv_scale, -0.5)
+        matrix[o, lo:hi] = weights / weights.sum()
+    return matrix
+
+
+def resize_patch_positions(positions: jax.Array, grid: tuple[int, int], *, offset: float = 0.0,
+                           antialias: bool = False) -> jax.Array:
+    """(N, D) position embeddings of a square patch grid -> (rows * cols, D) for `grid` = (rows, cols),
+    bicubic in float32 (`position_resize_matrix` along each axis)."""
+    n, width = positions.shape
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"medjax/nn/vit.py resize_patch_positions: {n} patch positions do not form a square grid")
+    if (side, side) == tuple(grid):
+        return positions
+    rows = jnp.asarray(position_resize_matrix(side, grid[0], offset=offset, antialias=antialias), jnp.float32)
+    cols = jnp.asarray(position_resize_matrix(side, grid[1], offset=offset, antialias=antialias), jnp.float32)
+    resized = jnp.einsum("ri,ijd,cj->rcd", rows, positions.reshape(side, side, width).astype(jnp.float32), cols,
+                         precision=jax.lax.Precision.HIGHEST)
+    return resized.reshape(grid[0] * grid[1], width).astype(positions.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -176,10 +247,15 @@ RematEncoderBlock = nn.remat(_RematEncoderBlock, static_argnums=(3,))
 
 
 class ViTEncoder(nn.Module):
-    """Patch embedding + learned position embedding (+ class token), pre-norm blocks, final LN.
+    """Patch embedding + learned position embedding (+ class token, + register tokens), pre-norm blocks,
+    final LN.
 
-    Returns all tokens (batch, [1 +] N, width). Stochastic depth grows linearly over the blocks
-    up to `drop_path` (DeiT/MAE schedule).
+    Returns all tokens (batch, [1 +] [registers +] N, width). Stochastic depth grows linearly over the
+    blocks up to `drop_path` (DeiT/MAE schedule), or is `drop_path` in every block with
+    `drop_path_uniform` (DINOv2 ViT-L/g). With `dynamic_image_size` any image whose sides are multiples
+    of the patch is accepted and the position embeddings are resized (module doc); otherwise the image
+    must be `image_size` square. DINOv2's token order: [cls, registers, patches]; registers get no
+    position embedding.
     """
 
     image_size: int = 224
@@ -192,6 +268,12 @@ class ViTEncoder(nn.Module):
     drop_path: float = 0.0
     layerscale_init: float | None = None
     remat: bool = False  # recompute each block's activations in the backward pass (memory for FLOPs)
+    num_register_tokens: int = 0  # Darcet et al. 2024 "registers" (DINOv2 `num_register_tokens`)
+    use_mask_token: bool = False  # a learned iBOT mask token (DINOv2 `mask_token`, zeros at init)
+    drop_path_uniform: bool = False  # DINOv2 `drop_path_uniform`: the same rate in every block
+    dynamic_image_size: bool = False  # accept other image sizes, resizing the position embeddings
+    interpolate_offset: float = 0.1  # DINOv2 `interpolate_offset` (0: plain resize to the grid)
+    interpolate_antialias: bool = False  # DINOv2 `interpolate_antialias` (timm uses True)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -199,35 +281,86 @@ class ViTEncoder(nn.Module):
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token and the registers."""
+        return int(self.class_token) + self.num_register_tokens
+
     def setup(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"medjax/nn/vit.py ViTEncoder: image_size={self.image_size} is not a multiple of "
                              f"patch_size={self.patch_size}")
         if self.width % self.num_heads:
             raise ValueError(f"medjax/nn/vit.py ViTEncoder: num_heads={self.num_heads} must divide width={self.width}")
+        if self.num_register_tokens < 0:
+            raise ValueError(f"medjax/nn/vit.py ViTEncoder: num_register_tokens={self.num_register_tokens} must be >= 0")
         self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype, self.param_dtype)
+        token_init = lambda std: nn.with_logical_partitioning(nn.initializers.normal(std), (None, None, "embed"))  # noqa: E731
         if self.class_token:
-            self.cls_token = self.param("cls_token", nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.width), self.param_dtype)
-        self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), (None, None, "embed")),
-            (1, self.num_patches + int(self.class_token), self.width), self.param_dtype)
-        rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
+            self.cls_token = self.param("cls_token", token_init(0.02), (1, 1, self.width), self.param_dtype)
+        if self.num_register_tokens:  # DINOv2 init: normal(1e-6)
+            self.register_tokens = self.param("register_tokens", token_init(1e-6),
+                                              (1, self.num_register_tokens, self.width), self.param_dtype)
+        if self.use_mask_token:
+            self.mask_token = self.param("mask_token", nn.with_logical_partitioning(
+                nn.initializers.zeros_init(), (None, "embed")), (1, self.width), self.param_dtype)
+        self.pos_embed = self.param("pos_embed", token_init(0.02),
+                                    (1, self.num_patches + int(self.class_token), self.width), self.param_dtype)
+        if self.drop_path_uniform:
+            rates = [self.drop_path] * self.depth
+        else:
+            rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
         block = RematEncoderBlock if self.remat else EncoderBlock
         self.blocks = [block(self.num_heads, self.mlp_ratio, float(rate), self.layerscale_init,
                              dtype=self.dtype, param_dtype=self.param_dtype) for rate in rates]
         self.norm = layer_norm(self.dtype, self.param_dtype)
 
-    def embed(self, images: jax.Array) -> jax.Array:
-        """Images (batch, H, W, C) -> tokens z^0 (batch, [1 +] N, width) with position embeddings."""
-        if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
+    def _grid(self, images: jax.Array) -> tuple[int, int]:
+        p = self.patch_size
+        if images.ndim != 4:
+            raise ValueError(f"medjax/nn/vit.py ViTEncoder.embed: expected images (batch, H, W, channels), "
+                             f"got {images.shape}")
+        if not self.dynamic_image_size and images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"medjax/nn/vit.py ViTEncoder.embed: expected images (batch, {self.image_size}, "
-                             f"{self.image_size}, channels), got {images.shape}")
+                             f"{self.image_size}, channels), got {images.shape} (set dynamic_image_size=True "
+                             f"for other sizes)")
+        if images.shape[1] % p or images.shape[2] % p:
+            raise ValueError(f"medjax/nn/vit.py ViTEncoder.embed: image size {images.shape[1:3]} is not a multiple "
+                             f"of patch_size={p}")
+        return images.shape[1] // p, images.shape[2] // p
+
+    def position_embedding(self, grid: tuple[int, int]) -> jax.Array:
+        """(1, [1 +] rows * cols, width): the learned embeddings, the patch part resized to `grid`."""
+        pos = self.pos_embed
+        prefix, patches = pos[:, :int(self.class_token)], pos[0, int(self.class_token):]
+        patches = resize_patch_positions(patches, grid, offset=self.interpolate_offset,
+                                         antialias=self.interpolate_antialias)
+        return jnp.concatenate([prefix, patches[None]], axis=1)
+
+    def embed(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
+        """Images (batch, H, W, C) -> tokens z^0 (batch, [1 +] [R +] N, width) with position embeddings.
+
+        `masks` (batch, N) bool: those patch embeddings are replaced by the mask token before the
+        position embeddings are added (iBOT; DINOv2 `prepare_tokens_with_masks`)."""
+        grid = self._grid(images)
         x = self.patch_embed(images.astype(self.dtype))
+        if masks is not None:
+            if not self.use_mask_token:
+                raise ValueError("medjax/nn/vit.py ViTEncoder.embed: masks given but use_mask_token=False")
+            if masks.shape != x.shape[:2]:
+                raise ValueError(f"medjax/nn/vit.py ViTEncoder.embed: masks must be (batch, patches) = "
+                                 f"{x.shape[:2]}, got {masks.shape}")
+            x = jnp.where(masks[..., None], self.mask_token.astype(x.dtype)[None], x)
         if self.class_token:
             cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.width))
             x = jnp.concatenate([cls, x], axis=1)
-        return nn.with_logical_constraint(x + self.pos_embed.astype(x.dtype), TOKENS)
+        x = x + self.position_embedding(grid).astype(x.dtype)
+        if self.num_register_tokens:
+            registers = jnp.broadcast_to(self.register_tokens.astype(x.dtype),
+                                         (x.shape[0], self.num_register_tokens, self.width))
+            c = int(self.class_token)
+            x = jnp.concatenate([x[:, :c], registers, x[:, c:]], axis=1)
+        return nn.with_logical_constraint(x, TOKENS)
 
     def encode(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
         """The Transformer blocks and the final LayerNorm on already-embedded tokens."""
@@ -238,5 +371,17 @@ class ViTEncoder(nn.Module):
             tokens = block(tokens, None, train) if self.remat else block(tokens, train=train)
         return self.norm(tokens)
 
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        return self.encode(self.embed(images), train=train)
+    def features(self, images: jax.Array, masks: jax.Array | None = None, *,
+                 train: bool = False) -> dict[str, jax.Array]:
+        """DINOv2 `forward_features` after the final norm: {"cls_token": (batch, width) (with a class
+        token), "register_tokens": (batch, R, width), "patch_tokens": (batch, N, width)}."""
+        tokens = self.encode(self.embed(images, masks), train=train)
+        c = int(self.class_token)
+        out = {"register_tokens": tokens[:, c:self.num_prefix_tokens],
+               "patch_tokens": tokens[:, self.num_prefix_tokens:]}
+        if self.class_token:
+            out["cls_token"] = tokens[:, 0]
+        return out
+
+    def __call__(self, images: jax.Array, masks: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        return self.encode(self.embed(images, masks), train=train)

@@ -1,0 +1,170 @@
+"""Gated attention-based multiple-instance learning (ABMIL; Ilse, Tomczak & Welling, ICML 2018), the slide
+classifier UNI trains on bags of frozen tile features (Chen et al., Nat. Med. 2024, "Slide-level tasks";
+the layer layout of CLAM's `Attn_Net_Gated`, Lu et al., Nat. Biomed. Eng. 2021).
+
+    h_i = Dropout(ReLU(W_1 x_i + b_1))                                    instance embedding, 512-d (UNI)
+    a_i = w^T (tanh(V h_i) * sigmoid(U h_i))                             Ilse et al. Eq. 9 (gated attention)
+    alpha = softmax_i(a_i) over the bag's real instances (padding masked out)
+    z = sum_i alpha_i h_i,   logits = W_c z + b_c                        Eq. 5 / 6 (attention MIL pooling)
+
+UNI's setting: FC 512 + ReLU + dropout 0.25, gated attention with a 384-wide hidden layer (dropout 0.25 on
+both branches, as CLAM), a linear classifier; AdamW, lr 1e-4 with cosine decay, weight decay 1e-5, 20
+epochs, one slide per step (these optimiser numbers are from UNI's Methods as we recall them; the
+reference file does not list them). Bags of different sizes are padded to one length with a mask, so the
+train step compiles once.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Dtype = Any
+UNI_HIDDEN = 512
+UNI_ATTENTION = 384
+UNI_DROPOUT = 0.25
+
+
+def _dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype, name: str,
+           use_bias: bool = True) -> nn.Dense:
+    # CLAM's initialize_weights: xavier-normal weights, zero biases.
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_normal(), axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+
+
+class GatedABMIL(nn.Module):
+    """Bags (batch, instances, D) with a mask (batch, instances) of real instances -> (logits (batch, C) float32,
+    attention (batch, instances) float32, zero on padding; module doc)."""
+
+    num_classes: int
+    hidden_dim: int = UNI_HIDDEN
+    attention_dim: int = UNI_ATTENTION
+    dropout: float = UNI_DROPOUT
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: jax.Array, mask: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        if features.ndim != 3 or mask.shape != features.shape[:2]:
+            raise ValueError(f"GatedABMIL: features (batch, instances, D) and mask (batch, instances), got "
+                             f"{features.shape} and {mask.shape}")
+        mask = mask.astype(bool)
+        h = _dense(self.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc")(features.astype(self.dtype))
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(h))
+        # Eq. 9: tanh(V h) * sigmoid(U h), each branch with dropout (CLAM's Attn_Net_Gated).
+        gate_a = nn.Dropout(self.dropout, deterministic=not train)(
+            jnp.tanh(_dense(self.attention_dim, ("mlp", "heads"), self.dtype, self.param_dtype, "attention_v")(h)))
+        gate_b = nn.Dropout(self.dropout, deterministic=not train)(
+            nn.sigmoid(_dense(self.attention_dim, ("mlp", "heads"), self.dtype, self.param_dtype, "attention_u")(h)))
+        scores = _dense(1, ("heads", None), self.dtype, self.param_dtype, "attention_w")(gate_a * gate_b)[..., 0]
+        scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
+        # A bag with no real instance gets all-zero attention (and the classifier's bias as logits).
+        has_any = mask.any(axis=1, keepdims=True)
+        attention = jax.nn.softmax(jnp.where(has_any, scores, 0.0), axis=1) * mask
+        pooled = jnp.einsum("bn,bnd->bd", attention.astype(self.dtype), h)  # Eq. 5
+        logits = _dense(self.num_classes, ("mlp", "classes"), self.dtype, self.param_dtype, "classifier")(pooled)
+        return logits.astype(jnp.float32), attention
+
+
+def pad_bags(features_by_slide: Sequence[np.ndarray], length: int | None = None,
+             multiple: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(features (S, L, D) float32 zero-padded, mask (S, L) bool); L = `length` or the largest bag rounded up
+    to `multiple`. A bag longer than `length` is an error."""
+    bags = [np.asarray(b, np.float32) for b in features_by_slide]
+    if not bags:
+        raise ValueError("pad_bags: no bags")
+    dims = {b.shape[1] if b.ndim == 2 else None for b in bags}
+    if len(dims) != 1 or None in dims:
+        raise ValueError(f"pad_bags: every bag must be (instances, D) with one D, got shapes {[b.shape for b in bags][:5]}")
+    longest = max(len(b) for b in bags)
+    length = -(-max(longest, 1) // multiple) * multiple if length is None else int(length)
+    if longest > length:
+        raise ValueError(f"pad_bags: a bag has {longest} instances, more than the padded length {length}")
+    features = np.zeros((len(bags), length, dims.pop()), np.float32)
+    mask = np.zeros((len(bags), length), bool)
+    for i, bag in enumerate(bags):
+        features[i, :len(bag)] = bag
+        mask[i, :len(bag)] = True
+    return features, mask
+
+
+def _check_labels(labels: Sequence[int], count: int, num_classes: int) -> np.ndarray:
+    labels = np.asarray(labels).ravel()
+    if len(labels) != count or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 \
+            or labels.max() >= num_classes:
+        raise ValueError(f"ABMIL: need {count} integer slide labels in [0, {num_classes}), got {labels[:10]}")
+    return labels.astype(np.int32)
+
+
+# AdamW whose lr and weight decay live in the optimizer state (set per step from the host), so one jitted
+# step serves every training run of a model configuration.
+_ADAMW = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _init(model: GatedABMIL, key, bag, bag_mask):
+    params = nn.unbox(model.init({"params": key}, bag, bag_mask)["params"])
+    return params, _ADAMW.init(params)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _train_step(model: GatedABMIL, params, opt_state, bag, bag_mask, label, key, step, lr, weight_decay):
+    opt_state.hyperparams.update(learning_rate=lr, weight_decay=weight_decay)  # traced: no recompiles
+    rng = jax.random.fold_in(key, step)
+
+    def loss_fn(params):
+        logits, _ = model.apply({"params": params}, bag, bag_mask, train=True, rngs={"dropout": rng})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = _ADAMW.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _predict_step(model: GatedABMIL, params, bag, bag_mask):
+    logits, attention = model.apply({"params": params}, bag, bag_mask, train=False)
+    return jax.nn.softmax(logits, axis=-1), attention
+
+
+def train_abmil(model: GatedABMIL, features_by_slide: Sequence[np.ndarray], labels: Sequence[int], *,
+                epochs: int = 20, lr: float = 1e-4, weight_decay: float = 1e-5, seed: int = 0,
+                length: int | None = None) -> Any:
+    """Train `model` on the bags (one (instances, D) array per slide) and slide labels: cross-entropy, AdamW
+    with lr cosine-decayed to 0 over all steps, one slide per step in a seeded shuffled order per epoch
+    (UNI's setting, module doc); returns the params (unboxed). Bags are padded to `length` (default: the
+    largest, rounded up), so the step compiles once per (model, length, D)."""
+    features, mask = pad_bags(features_by_slide, length)
+    labels = _check_labels(labels, len(features), model.num_classes)
+    key = jax.random.key(seed)
+    params, opt_state = _init(model, key, features[:1], mask[:1])
+    total = max(epochs * len(features), 1)
+    order_rng = np.random.default_rng(seed)
+    dropout_key = jax.random.fold_in(key, 1)
+    step = 0
+    for _ in range(epochs):
+        for i in order_rng.permutation(len(features)):
+            step_lr = np.float32(0.5 * lr * (1 + np.cos(np.pi * step / total)))  # cosine decay to 0
+            params, opt_state, _ = _train_step(model, params, opt_state, features[i:i + 1], mask[i:i + 1],
+                                               labels[i:i + 1], dropout_key, np.int32(step), step_lr,
+                                               np.float32(weight_decay))
+            step += 1
+    return params
+
+
+def predict_abmil(model: GatedABMIL, params: Any, features_by_slide: Sequence[np.ndarray], *,
+                  length: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(class probabilities (S, C), per-slide attention weights (instances,)) in eval mode (no dropout)."""
+    features, mask = pad_bags(features_by_slide, length)
+    probs, attention = [], []
+    for i in range(len(features)):
+        slide_probs, weights = _predict_step(model, params, features[i:i + 1], mask[i:i + 1])
+        probs.append(np.asarray(slide_probs)[0])
+        attention.append(np.asarray(weights)[0, :int(mask[i].sum())])
+    return np.stack(probs), attention

@@ -1,0 +1,352 @@
+"""DINOv2 pretraining on whole-slide-image tiles: UNI (Chen et al., Nat. Med. 2024) = DINOv2 (Oquab et al.,
+TMLR 2024) "ViT-L/16 short" on Mass-100K.
+
+Params: {"student": net, "teacher": net, "teacher_temp": (), ["center": (1, K), "ibot_center": (1, K)]}.
+Only the student is trained (`make_optimizer`: optax.multi_transform, the rest `set_to_zero`, so no Adam
+moments); after each update `post_update` moves the teacher by EMA with momentum cosine 0.992 -> 1,
+the centers by EMA (momentum 0.9) of this batch's teacher outputs, and sets the teacher temperature
+of the next step (linear warmup 0.04 -> 0.07 over 30 epochs, then constant) -- kept in params because
+`loss_fn` has no step. Schedules are DINOv2's `CosineScheduler` (`dinov2/train/train.py`), indexed by
+the step, an "epoch" being `schedule.epoch_length` (1250) iterations.
+
+Loss (`dinov2/train/ssl_meta_arch.py` `forward_backward`): DINO over the 18 crop pairs + iBOT on
+masked patches + 0.1 * KoLeo per global crop; teacher targets by centering (recipe) or Sinkhorn-Knopp.
+
+Optimizer (`dinov2/train/train.py`, `dinov2/utils/param_groups.py`): AdamW (0.9, 0.999) with peak lr
+`optim.lr * sqrt(batch / 1024)`, linear warmup over 10 epochs then cosine to 1e-6; weight decay cosine
+0.04 -> 0.4, 0 for biases, norms and LayerScale; layer-wise lr decay 0.9 (embeddings 0.9^(depth+1),
+patch_embed also x 0.2); the heads' last layer at lr 0 for the first epoch; gradients clipped to norm
+3 per student submodule (backbone, head), as DINOv2 clips each FSDP module.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medjax.checkpoint import merge_params
+from medjax.data import demo as demo_lib
+from medjax.data.masking import MaskingGenerator, max_masked_patches, sample_masks
+from medjax.data.pipeline import global_batch_dataset
+from medjax.data.tiling import tile_slides
+from medjax.data.wsi import list_slides
+from medjax.data.wsi_source import DinoMultiCrop, WSITileSource
+from medjax.losses import dino as dino_losses
+from medjax.models import dinov2 as dinov2_lib
+
+
+# ---- schedules -----------------------------------------------------------------------------------------
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0,
+                    freeze_steps: int = 0) -> optax.Schedule:
+    """DINOv2 `CosineScheduler`: 0 for `freeze_steps`, then linspace(warmup_start, base, warmup_steps), then
+    final + (base - final) / 2 * (1 + cos(pi * i / n)) over the remaining n steps; `final` from `total_steps` on."""
+    n = total_steps - warmup_steps - freeze_steps
+    if n < 0:
+        raise ValueError(f"cosine_schedule: total_steps={total_steps} < warmup {warmup_steps} + freeze {freeze_steps}")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        i = step - freeze_steps
+        warm = warmup_start + (base - warmup_start) * i / max(warmup_steps - 1, 1)
+        j = i - warmup_steps
+        cosine = final + 0.5 * (base - final) * (1.0 + jnp.cos(jnp.pi * j / max(n, 1)))
+        value = jnp.where(i < warmup_steps, warm, cosine)
+        value = jnp.where(step < freeze_steps, 0.0, value)
+        return jnp.where(step >= total_steps, final, value)
+
+    return schedule
+
+
+# ---- optimizer pieces ----------------------------------------------------------------------------------
+
+def _group_key(path, depth: int = 2) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", p)) for p in path[:depth])
+
+
+def clip_by_submodule_norm(max_norm: float, depth: int = 2) -> optax.GradientTransformation:
+    """torch `clip_grad_norm_(max_norm)` per submodule -- the leaves sharing their first `depth` path keys
+    (DINOv2 clips the student's backbone and head separately): g *= min(1, max_norm / (||g|| + 1e-6))."""
+
+    def update(updates, state, params=None):
+        del params
+        sums: dict[tuple, jax.Array] = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(updates):
+            key = _group_key(path, depth)
+            sums[key] = sums.get(key, 0.0) + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+        scale = {k: jnp.minimum(1.0, max_norm / (jnp.sqrt(v) + 1e-6)) for k, v in sums.items()}
+        updates = jax.tree_util.tree_map_with_path(lambda p, u: (u * scale[_group_key(p, depth)]).astype(u.dtype),
+                                                   updates)
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class ParamGroupsState(NamedTuple):
+    count: jax.Array
+
+
+def scale_by_param_groups(lr_fn, last_layer_lr_fn, wd_fn, lr_multiplier, wd_multiplier,
+                          is_last_layer) -> optax.GradientTransformation:
+    """torch AdamW's step with DINOv2's per-group lr and weight decay, on the Adam direction u:
+    update = -lr_g (u + wd_g p), lr_g = (last_layer_lr if last layer else lr)(t) * lr_multiplier(path),
+    wd_g = wd(t) * wd_multiplier(path)."""
+
+    def init(params):
+        del params
+        return ParamGroupsState(jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params):
+        t = state.count
+        lr, last_lr, wd = lr_fn(t), last_layer_lr_fn(t), wd_fn(t)
+
+        def one(path, u, p):
+            rate = (last_lr if is_last_layer(path) else lr) * lr_multiplier(path)
+            decay = wd * wd_multiplier(path)
+            return (-rate * (u + decay * p)).astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(one, updates, params), ParamGroupsState(t + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+class DinoTransform:
+    """Picklable (example, rng) -> {"global_crops" (2, G, G, 3), "local_crops" (L, l, l, 3), "masks" (2, N) bool}:
+    DINOv2 multi-crop, then iBOT block masks for the two global crops (medjax.data.masking)."""
+
+    def __init__(self, multicrop: DinoMultiCrop, generator: MaskingGenerator, ratio_range, probability: float):
+        self.multicrop, self.generator = multicrop, generator
+        self.ratio_range, self.probability = tuple(ratio_range), float(probability)
+
+    def __call__(self, example: dict, rng: np.random.Generator) -> dict:
+        crops = self.multicrop(example, rng)
+        masks = sample_masks(rng, self.generator, 2, ratio_range=self.ratio_range, probability=self.probability)
+        return {"global_crops": crops["global_crops"], "local_crops": crops["local_crops"], "masks": masks}
+
+
+def tile_dirs(config, log=print) -> tuple[str, str]:
+    """(slides dir, coords dir): `data.dir` holding `slides/` and `coords/` (`python -m medjax.data tile`),
+    or the WSI demo, tiled once into its `coords/`."""
+    d = config.data
+    if d.dir:
+        slides, coords = os.path.join(d.dir, d.slides_subdir), os.path.join(d.dir, d.coords_subdir)
+        for path, what in ((slides, "slides"), (coords, "CLAM coordinate files <slide_id>.h5")):
+            if not os.path.isdir(path):
+                raise ValueError(f"data.dir={d.dir!r}: no {path} ({what}); tile the slides first: python -m "
+                                 f"medjax.data tile --slides {slides} --out {coords}")
+        return slides, coords
+    root = demo_lib.ensure_demo("wsi", log=log)
+    slides, coords = os.path.join(root, "slides"), os.path.join(root, "coords")
+    if not os.path.isdir(coords):
+        staging = f"{coords}.partial-{os.getpid()}"
+        log(f"tiling the demo slides into {coords} (once)")
+        tile_slides(list_slides(slides), staging, patch_size=int(d.patch_size), magnification=float(d.magnification))
+        try:
+            os.rename(staging, coords)
+        except OSError:  # another process got there first
+            if not os.path.isdir(coords):
+                raise
+    return slides, coords
+
+
+# ---- the task ------------------------------------------------------------------------------------------
+
+def network_from_config(config) -> dinov2_lib.DINOv2Network:
+    m, h = config.model, config.head
+    dtype = jnp.dtype(config.dtype)
+    return dinov2_lib.DINOv2Network(
+        image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio, layerscale_init=m.layerscale_init, drop_path=m.drop_path,
+        drop_path_uniform=m.drop_path_uniform, num_register_tokens=m.num_register_tokens,
+        interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias, remat=m.remat,
+        head_out_dim=h.out_dim, head_hidden_dim=h.hidden_dim, head_bottleneck_dim=h.bottleneck_dim,
+        head_layers=h.num_layers, head_learn_gain=h.learn_gain, ibot_separate_head=config.ibot.separate_head,
+        ibot_out_dim=config.ibot.out_dim, dtype=dtype)
+
+
+class DINOv2Task:
+    def __init__(self, config, log=print):
+        self.config, self.log = config, log
+        self.model = network_from_config(config)
+        self.global_batch = int(config.train.batch_size)
+        c = config.crops
+        self.grid = c.global_size // config.model.patch_size
+        self.num_patches = self.grid ** 2
+        ib = config.ibot
+        self.mask_slots_per_sample = max_masked_patches(self.num_patches, 2, ratio_range=tuple(ib.mask_ratio),
+                                                        probability=ib.mask_probability)
+        self.centering = config.dino.centering
+        if self.centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
+        total, epoch = int(config.train.steps), int(config.schedule.epoch_length)
+        t = config.teacher
+        self.momentum_fn = cosine_schedule(t.momentum, t.final_momentum, total)
+        warm = int(t.warmup_temp_epochs * epoch)
+        self.teacher_temp_fn = cosine_schedule(t.temp, t.temp, warm, warmup_steps=warm, warmup_start=t.warmup_temp)
+
+    @property
+    def tokens_per_example(self) -> int:
+        """Backbone tokens of one sample (for throughput): 2 global crops through the student and the
+        teacher, the local crops through the student."""
+        c, p = self.config.crops, self.config.model.patch_size
+        prefix = 1 + self.config.model.num_register_tokens
+        return 4 * (self.num_patches + prefix) + c.num_local * ((c.local_size // p) ** 2 + prefix)
+
+    def init_batch(self) -> dict:
+        c, b = self.config.crops, self.global_batch
+        return {"global_crops": np.zeros((b, 2, c.global_size, c.global_size, 3), np.float32),
+                "local_crops": np.zeros((b, c.num_local, c.local_size, c.local_size, 3), np.float32),
+                "masks": np.zeros((b, 2, self.num_patches), bool)}
+
+    def init_params(self, rng):
+        batch = {k: v[:1].reshape((-1,) + v.shape[2:]) for k, v in self.init_batch().items()}  # one sample's crops
+        params_rng, dropout_rng = jax.random.split(rng)
+        student = self.model.init({"params": params_rng, "dropout": dropout_rng}, batch["global_crops"],
+                                  batch["local_crops"], batch["masks"], train=False)["params"]
+        params = {"student": student, "teacher": jax.tree.map(lambda x: x, student),  # DINOv2: teacher = student
+                  "teacher_temp": jnp.asarray(self.teacher_temp_fn(0), jnp.float32)}
+        if self.centering == "centering":
+            params["center"] = nn.Partitioned(jnp.zeros((1, self.config.head.out_dim)), (None, "vocab"))
+            ibot_dim = self.config.ibot.out_dim if self.config.ibot.separate_head else self.config.head.out_dim
+            params["ibot_center"] = nn.Partitioned(jnp.zeros((1, ibot_dim)), (None, "vocab"))
+        return params
+
+    # -- loss -------------------------------------------------------------------------------------------
+    def loss_fn(self, params, batch, rng, train):
+        cfg = self.config
+        b = batch["global_crops"].shape[0]
+        flat = dinov2_lib.flatten_crops
+        global_crops, local_crops, masks = flat(batch["global_crops"]), flat(batch["local_crops"]), flat(batch["masks"])
+        slots = dinov2_lib.masked_token_index(masks, b * self.mask_slots_per_sample)
+        temp = jax.lax.stop_gradient(params["teacher_temp"])
+        teacher = jax.lax.stop_gradient(dinov2_lib.teacher_forward(
+            self.model, jax.lax.stop_gradient(params["teacher"]), global_crops, slots["index"]))
+        metrics = {}
+        if self.centering == "centering":
+            dino_targets = dino_losses.centered_teacher_probs(teacher["cls_logits"], params["center"], temp)
+            ibot_targets = dino_losses.centered_teacher_probs(teacher["patch_logits"], params["ibot_center"], temp)
+            valid = slots["valid"][:, None].astype(jnp.float32)
+            metrics["center_batch_mean"] = jnp.mean(teacher["cls_logits"].astype(jnp.float32), axis=0)
+            metrics["ibot_center_batch_mean"] = jnp.sum(teacher["patch_logits"] * valid, axis=0) / jnp.maximum(
+                slots["num_masked"], 1)
+        else:
+            dino_targets = dino_losses.sinkhorn_knopp(teacher["cls_logits"], temp, cfg.dino.sinkhorn_iterations)
+            ibot_targets = dino_losses.sinkhorn_knopp(teacher["patch_logits"], temp, cfg.dino.sinkhorn_iterations,
+                                                      valid=slots["valid"])
+        student = dinov2_lib.student_forward(self.model, params["student"], global_crops, local_crops, masks,
+                                             slots["index"], rng, train=train)
+        per_crop = dinov2_lib.per_crop
+        student_crops = jnp.concatenate([per_crop(student["global_logits"], 2),
+                                         per_crop(student["local_logits"], cfg.crops.num_local)])
+        dino = dino_losses.dino_loss(student_crops, per_crop(dino_targets, 2), cfg.dino.student_temp)
+        features = per_crop(student["global_cls"], 2)
+        koleo = sum(dino_losses.grouped_koleo_loss(features[i], int(cfg.dino.koleo_group_size)) for i in range(2))
+        ibot = dino_losses.ibot_loss(student["patch_logits"], ibot_targets, slots["weight"], 2 * b, cfg.ibot.student_temp)
+        loss = cfg.dino.loss_weight * dino + cfg.dino.koleo_weight * koleo + cfg.ibot.loss_weight * ibot
+        metrics.update(dino_loss=dino, koleo_loss=koleo, ibot_loss=ibot, teacher_temp=temp,
+                       masked_patches=slots["num_masked"].astype(jnp.float32))
+        return loss, metrics
+
+    # -- optimizer and post-update ------------------------------------------------------------------------
+    def make_optimizer(self, total_steps: int):
+        """DINOv2's AdamW (module doc); returns (transformation, the lr schedule)."""
+        o, epoch = self.config.optim, int(self.config.schedule.epoch_length)
+        lr = o.lr * math.sqrt(self.global_batch / 1024.0)  # DINOv2 scaling_rule "sqrt_wrt_1024"
+        warmup = int(o.warmup_epochs * epoch)
+        lr_fn = cosine_schedule(lr, o.min_lr, total_steps, warmup_steps=warmup)
+        frozen = int(o.freeze_last_layer_epochs * epoch)
+        last_layer_lr_fn = lambda t: jnp.where(jnp.asarray(t) < frozen, 0.0, lr_fn(t))  # noqa: E731
+        wd_fn = cosine_schedule(o.weight_decay, o.weight_decay_end, total_steps)
+        depth = int(self.config.model.depth)
+        student = optax.chain(
+            clip_by_submodule_norm(o.clip_grad) if o.clip_grad > 0 else optax.identity(),
+            optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+            scale_by_param_groups(
+                lr_fn, last_layer_lr_fn, wd_fn,
+                lambda p: dinov2_lib.lr_multiplier(p, depth, o.layer_decay, o.patch_embed_lr_mult),
+                dinov2_lib.weight_decay_multiplier, dinov2_lib.is_last_layer))
+        labels = lambda params: {k: jax.tree.map(lambda _: "student" if k == "student" else "frozen", v)  # noqa: E731
+                                 for k, v in params.items()}
+        return optax.multi_transform({"student": student, "frozen": optax.set_to_zero()}, labels), lr_fn
+
+    def post_update(self, params, metrics, step):
+        """EMA teacher, centers and the next step's teacher temperature (module doc)."""
+        metrics = dict(metrics)
+        momentum = self.momentum_fn(step)
+        new = dict(params, teacher=dinov2_lib.ema_update(params["teacher"], params["student"], momentum),
+                   teacher_temp=jnp.asarray(self.teacher_temp_fn(step + 1), params["teacher_temp"].dtype))
+        center_mean, ibot_mean = metrics.pop("center_batch_mean", None), metrics.pop("ibot_center_batch_mean", None)
+        if self.centering == "centering":
+            m = self.config.dino.center_momentum
+            new["center"] = dino_losses.update_center(params["center"], center_mean[None], m)
+            new["ibot_center"] = dino_losses.update_center(params["ibot_center"], ibot_mean[None], m)
+        metrics["teacher_momentum"] = momentum
+        return new, metrics
+
+    # -- data ---------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def tile_source(self) -> WSITileSource:
+        slides, coords = tile_dirs(self.config, self.log)
+        return WSITileSource.from_coords_dir(slides, coords, tile_size=int(self.config.data.tile_size))
+
+    def transform(self) -> DinoTransform:
+        c, ib = self.config.crops, self.config.ibot
+        multicrop = DinoMultiCrop(global_size=c.global_size, local_size=c.local_size, global_scale=tuple(c.global_scale),
+                                  local_scale=tuple(c.local_scale), num_local=c.num_local, blur_probs=tuple(c.blur_probs))
+        generator = MaskingGenerator(self.grid, max_num_patches=0.5 * self.num_patches)  # DINOv2 train.py
+        return DinoTransform(multicrop, generator, ib.mask_ratio, ib.mask_probability)
+
+    def train_data(self):
+        return global_batch_dataset(
+            self.tile_source, global_batch=self.global_batch, seed=int(self.config.seed), transform=self.transform(),
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            prefetch_threads=int(self.config.data.prefetch_threads))
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def feature_fn(self, params):
+        """images (b, H, W, 3), ImageNet-normalised -> the teacher backbone's CLS after the norm (b, D)
+        (DINOv2 evaluates the teacher)."""
+        teacher = jax.device_put(nn.unbox(params["teacher"]))
+        model = self.model
+        apply = jax.jit(lambda p, x: model.apply({"params": p}, x, method=dinov2_lib.DINOv2Network.features)
+                        ["cls_token"].astype(jnp.float32))
+        return lambda images: apply(teacher, jnp.asarray(images))
+
+    def evaluate(self, params) -> dict[str, float]:
+        """UNI's tile kNN / linear probe and slide ABMIL metrics (medjax.tasks.uni_eval) of the teacher encoder,
+        or of converted UNI weights (`python -m medjax.convert uni --torch pytorch_model.bin --out DIR`, whose
+        params are {"encoder": ...}) when `--checkpoint DIR` names those."""
+        from medjax.tasks.uni_eval import evaluate_uni, uni_feature_fn
+
+        params = params.get("params", params) if isinstance(params, dict) else params
+        if isinstance(params, dict) and "encoder" in params and "teacher" not in params:
+            return evaluate_uni(uni_feature_fn(params), self.config)
+        return evaluate_uni(self.feature_fn(params), self.config)
+
+    def results_table(self, exp: str, columns) -> str:
+        from medjax.tasks.uni_eval import uni_results_table
+
+        return uni_results_table(exp, columns)
+
+    def load_pretrained(self, params, pretrained):
+        """Another DINOv2 run's params (every leaf of the same path and shape), or converted UNI weights
+        ({"encoder": ...}: put into both student and teacher backbones)."""
+        pretrained = pretrained.get("params", pretrained) if isinstance(pretrained, dict) else pretrained
+        if isinstance(pretrained, dict) and "encoder" in pretrained and "student" not in pretrained:
+            merged = dict(params)
+            for side in ("student", "teacher"):
+                net = dict(params[side])
+                net["backbone"], _ = merge_params(params[side]["backbone"], pretrained["encoder"])
+                merged[side] = net
+            return merged
+        return merge_params(params, pretrained)[0]
+

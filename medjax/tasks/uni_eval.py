@@ -1,0 +1,368 @@
+"""UNI's evaluation of a frozen tile encoder (Chen et al., "Towards a general-purpose foundation model for
+computational pathology", Nat. Med. 2024): tile-level kNN (k = 20) and linear-probe balanced accuracy on
+labelled tiles ("ROI-level tasks"), and an ABMIL slide classifier on bags of tile features ("slide-level
+tasks"), laid out like the paper's supplementary tables.
+
+    results = evaluate_uni(feature_fn, config)       # feature_fn(images (b, H, W, 3) float32, ImageNet-normalised) -> (b, D)
+    print(uni_results_table("uni_vitl16", [("step 125k", results)]))
+
+Data (`uni_eval.dir`, else `data.dir`, else the WSI demo of `python -m medjax.data make-demo --kind wsi`):
+- `tile_labels.csv`: `slide_id,x,y,label[,split]`, level-0 corners of `patch_size` tiles at `magnification`;
+  with a `split` column (train / val / test; val joins train, as UNI's `combine_trainval`) that split is
+  used, else a stratified random split holding out `test_fraction` of each class (seeded; our choice, the
+  demo has no official split);
+- slides in `slides/` (or the directory itself), found by slide id;
+- `slides.csv` (optional): `slide_id,label[,file][,split]`, slide labels for ABMIL. Bags are every tissue
+  tile of a slide (CLAM's recipe: `<dir>/coords/<slide_id>.h5` when `python -m medjax.data tile` wrote
+  them, else tiled now); with a `split` column train / test, else stratified k-fold cross-validation over
+  slides with predictions pooled over folds (our choice for small sets such as the demo's 4 slides).
+Tiles are read at 20x, resized to `image_size` (UNI's eval transform: Resize 224 + CenterCrop 224 of a
+256-px tile) and ImageNet-normalised.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from medjax.data.image_transforms import normalize_imagenet, resize
+from medjax.data.tiling import read_coords, tile_slide
+from medjax.data.wsi import SLIDE_EXTENSIONS
+from medjax.data.wsi_source import WSITileSource
+from medjax.metrics.knn import knn_evaluate
+from medjax.metrics.linear_probe import linear_probe_evaluate
+from medjax.metrics.multiclass import classification_metrics, multiclass_auc
+from medjax.models.abmil import GatedABMIL, predict_abmil, train_abmil
+
+FeatureFn = Callable[[np.ndarray], Any]
+# UNI ViT-L/16 in the paper (balanced accuracy), for the table's footnote.
+PAPER_TARGETS = "CRC-100K (ROI, kNN k=20) 0.925; OncoTree-108 (slides, ABMIL) 0.538; EBRAINS-C (ABMIL) 0.883"
+
+
+def uni_eval_config() -> ml_collections.ConfigDict:
+    """The `uni_eval` config block (an experiment adds it as `c.uni_eval = uni_eval_config()`)."""
+    return ml_collections.ConfigDict(dict(
+        dir="",  # labelled WSI data (module doc); "" = data.dir, else the WSI demo
+        image_size=224, batch_size=64,  # UNI eval transform: 224 px, ImageNet mean/std
+        patch_size=256, magnification=20.0,  # UNI: 256 px tiles at 20x
+        test_fraction=0.3, split_seed=0,  # when tile_labels.csv has no split column (our choice)
+        read_threads=4,
+        knn=dict(k=20, voting="majority", temperature=0.07, center=True),  # UNI: k = 20, centred + L2-normalised
+        linear=dict(max_iter=1000, penalty="uni"),  # UNI: L-BFGS, 1000 iterations, C = D * classes / 100
+        abmil=dict(enabled=True, hidden_dim=512, attention_dim=384, dropout=0.25, epochs=20, lr=1e-4,
+                   weight_decay=1e-5, folds=5, seed=0, max_tiles=0),  # max_tiles > 0: seeded subset per bag
+    ))
+
+
+def _settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Defaults updated with `config.uni_eval` (unknown keys are an error); `dir` resolved."""
+    settings = uni_eval_config()
+    settings.lock()
+    block = config.get("uni_eval") if hasattr(config, "get") else None
+    if block is not None:
+        try:
+            settings.update(block.to_dict() if hasattr(block, "to_dict") else dict(block))
+        except (KeyError, AttributeError) as error:
+            raise ValueError(f"config.uni_eval: {error}; known keys are those of uni_eval_config()") from error
+    if not settings.dir:
+        data_dir = config.get("data", {}).get("dir", "") if hasattr(config, "get") else ""
+        if data_dir:
+            settings.dir = data_dir
+        else:
+            from medjax.data.demo import ensure_demo
+            settings.dir = ensure_demo("wsi")
+    return settings
+
+
+def tile_transform(image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 tile (H, W, 3) -> float32 (image_size, image_size, 3): bilinear resize + ImageNet normalisation."""
+    return lambda tile: normalize_imagenet(resize(tile, image_size))
+
+
+def extract_features(feature_fn: FeatureFn, tiles: Iterable[np.ndarray], batch_size: int) -> np.ndarray:
+    """Features (N, D) float32 of the images from `tiles` (each (H, W, 3) float32, ImageNet-normalised), in
+    order. Every call of `feature_fn` gets a full batch of `batch_size` (the last one padded), so a jitted
+    feature_fn compiles once; results are fetched a few batches late, so the accelerator keeps working while
+    the host reads the next tiles."""
+    if batch_size < 1:
+        raise ValueError(f"extract_features: batch_size must be >= 1, got {batch_size}")
+    out, batch, pending = [], [], []
+
+    def fetch(keep: int):
+        while len(pending) > keep:
+            features, rows = pending.pop(0)
+            features = np.asarray(features, np.float32)
+            if features.ndim != 2 or features.shape[0] != batch_size:
+                raise ValueError(f"feature_fn must map (b, H, W, 3) to (b, D); got {features.shape} for b = {batch_size}")
+            out.append(features[:rows])
+
+    def flush():
+        rows = len(batch)
+        images = np.stack(batch + [batch[-1]] * (batch_size - rows)).astype(np.float32)
+        pending.append((feature_fn(images), rows))  # dispatched asynchronously by a jitted feature_fn
+        batch.clear()
+        fetch(keep=2)
+
+    for image in tiles:
+        batch.append(np.asarray(image))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    fetch(keep=0)
+    if not out:
+        raise ValueError("extract_features: no tiles")
+    return np.concatenate(out)
+
+
+def source_images(source: Sequence[dict], image_size: int, threads: int = 4) -> Iterable[np.ndarray]:
+    """The transformed images of a tile source in order, read by `threads` threads (a window at a time)."""
+    transform = tile_transform(image_size)
+    load = lambda i: transform(source[i]["image"])  # noqa: E731
+    window = max(threads, 1) * 16
+    with ThreadPoolExecutor(max(threads, 1)) as pool:
+        for start in range(0, len(source), window):
+            yield from pool.map(load, range(start, min(start + window, len(source))))
+
+
+def source_features(feature_fn: FeatureFn, source: Sequence[dict], settings) -> np.ndarray:
+    return extract_features(feature_fn, source_images(source, settings.image_size, settings.read_threads),
+                            settings.batch_size)
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+def _read_csv(path: str, required: tuple[str, ...]) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(required) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected {','.join(required)}")
+        return list(reader)
+
+
+def _split_flags(rows: list[dict], path: str) -> np.ndarray | None:
+    """True for test rows from a `split` column (train / val / test), None without one."""
+    if not rows or "split" not in rows[0]:
+        return None
+    values = [row["split"].strip().lower() for row in rows]
+    bad = sorted(set(values) - {"train", "val", "test"})
+    if bad:
+        raise ValueError(f"{path}: column 'split' must hold train, val or test, got {bad}")
+    return np.array([v == "test" for v in values])
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for held-out rows: per class, a seeded shuffle and the first floor(fraction * count) rows."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        test[rows[:int(fraction * len(rows))]] = True
+    return test
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index per row: per class, a seeded shuffle dealt round-robin over `folds` folds."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(labels), np.int32)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        fold[rows] = np.arange(len(rows)) % folds
+    return fold
+
+
+def _slides_dir(root: str) -> str:
+    return os.path.join(root, "slides") if os.path.isdir(os.path.join(root, "slides")) else root
+
+
+def _slide_path(root: str, row: dict, path: str) -> str:
+    if row.get("file"):
+        candidate = os.path.join(root, row["file"])
+        if os.path.isfile(candidate):
+            return candidate
+        raise ValueError(f"{path}: slide file {row['file']!r} of {row['slide_id']} not found under {root}")
+    for ext in SLIDE_EXTENSIONS:
+        candidate = os.path.join(_slides_dir(root), row["slide_id"] + ext)
+        if os.path.isfile(candidate):
+            return candidate
+    raise ValueError(f"{path}: no slide {row['slide_id']!r} in {_slides_dir(root)} (extensions {SLIDE_EXTENSIONS})")
+
+
+def _bag_source(root: str, slide_rows: list[dict], slides_csv: str, settings, work_dir: str) -> WSITileSource:
+    """Every tissue tile of each slide (coords from `<root>/coords`, else tiled into `work_dir`)."""
+    paths, index, coords, levels, sizes = [], [], [], [], []
+    rng = np.random.default_rng(settings.abmil.seed)
+    for s, row in enumerate(slide_rows):
+        path = _slide_path(root, row, slides_csv)
+        h5 = os.path.join(root, "coords", f"{row['slide_id']}.h5")
+        if not os.path.isfile(h5):
+            result = tile_slide(path, work_dir, patch_size=settings.patch_size, magnification=settings.magnification)
+            if result.status != "ok":
+                raise ValueError(f"{path}: no tissue tiles for the ABMIL bag ({result.message})")
+            h5 = result.h5_path
+        xy, attrs = read_coords(h5)
+        if settings.abmil.max_tiles and len(xy) > settings.abmil.max_tiles:
+            xy = xy[np.sort(rng.choice(len(xy), settings.abmil.max_tiles, replace=False))]
+        paths.append(path)
+        index.append(np.full(len(xy), s, np.int32))
+        coords.append(xy)
+        levels.append(int(attrs["patch_level"]))
+        sizes.append(int(attrs["patch_size"]))
+    return WSITileSource(paths, np.concatenate(index), np.concatenate(coords), levels, sizes,
+                         tile_size=settings.patch_size)
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+
+def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, settings) -> dict[str, float]:
+    """kNN and linear-probe metrics (`knn/...`, `linear/...`) on the train / test rows of tile features."""
+    train = ~test
+    if not test.any() or not train.any():
+        raise ValueError(f"UNI eval: need train and test tiles, got {train.sum()} train and {test.sum()} test")
+    num_classes = int(labels.max()) + 1
+    knn = settings.knn
+    k = min(int(knn.k), int(train.sum()))  # fewer train tiles than k (tiny sets): all of them
+    results = {f"knn/{name}": v for name, v in knn_evaluate(
+        features[train], labels[train], features[test], labels[test], k=k, num_classes=num_classes,
+        center=knn.center, voting=knn.voting, temperature=knn.temperature).items()}
+    results["knn/k"] = float(k)
+    results |= {f"linear/{name}": v for name, v in linear_probe_evaluate(
+        features[train], labels[train], features[test], labels[test], num_classes=num_classes,
+        max_iter=settings.linear.max_iter, penalty=settings.linear.penalty).items()}
+    return results | {"tiles/train": float(train.sum()), "tiles/test": float(test.sum())}
+
+
+def slide_level_eval(bags: list[np.ndarray], labels: np.ndarray, test: np.ndarray | None, settings,
+                     where: str = "slides.csv") -> dict[str, float]:
+    """ABMIL (`abmil/...`): trained on train slides and scored on test slides, or, without a split, k-fold
+    cross-validated with the held-out predictions of all folds pooled."""
+    cfg = settings.abmil
+    num_classes = int(labels.max()) + 1
+    if test is not None:
+        folds = [(~test, test)]
+    else:
+        smallest = min(np.bincount(labels, minlength=num_classes))
+        k = min(int(cfg.folds), int(smallest))
+        if k < 2:
+            raise ValueError(f"{where}: ABMIL cross-validation needs >= 2 slides of every class, got counts "
+                             f"{np.bincount(labels, minlength=num_classes).tolist()}; add slides or a split column")
+        fold = stratified_folds(labels, k, cfg.seed)
+        folds = [(fold != f, fold == f) for f in range(k)]
+    model = GatedABMIL(num_classes, cfg.hidden_dim, cfg.attention_dim, cfg.dropout)
+    length = -(-max(len(b) for b in bags) // 64) * 64
+    probs = np.zeros((len(bags), num_classes), np.float32)
+    scored = np.zeros(len(bags), bool)
+    for train, held_out in folds:
+        params = train_abmil(model, [bags[i] for i in np.flatnonzero(train)], labels[train], epochs=cfg.epochs,
+                             lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, length=length)
+        probs[held_out], _ = predict_abmil(model, params, [bags[i] for i in np.flatnonzero(held_out)], length=length)
+        scored |= held_out
+    results = {f"abmil/{k}": v for k, v in classification_metrics(labels[scored], probs[scored].argmax(1)).items()}
+    if len(np.unique(labels[scored])) == num_classes:
+        results["abmil/auc"] = multiclass_auc(labels[scored], probs[scored])
+    return results | {"abmil/slides": float(scored.sum())}
+
+
+def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> dict[str, float]:
+    """UNI's tile-level (kNN, linear probe) and slide-level (ABMIL) metrics of `feature_fn` (module doc);
+    `config` is an experiment config whose optional `uni_eval` block overrides `uni_eval_config()`."""
+    settings = _settings(config)
+    root = settings.dir
+    labels_csv = os.path.join(root, "tile_labels.csv")
+    if not os.path.isfile(labels_csv):
+        raise ValueError(f"uni_eval.dir {root!r}: no tile_labels.csv (slide_id,x,y,label[,split]); point "
+                         "uni_eval.dir at labelled WSI data or leave it empty for the demo")
+    source = WSITileSource.from_labels_csv(labels_csv, _slides_dir(root), patch_size=settings.patch_size,
+                                           magnification=settings.magnification)
+    labels = source.labels.astype(np.int64)
+    test = _split_flags(_read_csv(labels_csv, ("slide_id", "x", "y", "label")), labels_csv)
+    if test is None:
+        test = stratified_holdout(labels, settings.test_fraction, settings.split_seed)
+    results = tile_level_eval(source_features(feature_fn, source, settings), labels, test, settings)
+
+    slides_csv = os.path.join(root, "slides.csv")
+    if settings.abmil.enabled and os.path.isfile(slides_csv):
+        rows = _read_csv(slides_csv, ("slide_id", "label"))
+        try:
+            slide_labels = np.array([int(row["label"]) for row in rows], np.int64)
+        except ValueError as error:
+            raise ValueError(f"{slides_csv}: column 'label' must hold integers ({error})") from error
+        with tempfile.TemporaryDirectory(prefix="medjax-uni-bags-") as work_dir:
+            bag_source = _bag_source(root, rows, slides_csv, settings, work_dir)
+            features = source_features(feature_fn, bag_source, settings)
+        bags = [features[bag_source.slide_index == s] for s in range(len(rows))]
+        results |= slide_level_eval(bags, slide_labels, _split_flags(rows, slides_csv), settings, slides_csv)
+    return results
+
+
+# ---- the converted UNI model ------------------------------------------------------------------------------
+
+def uni_fields_from_params(params: Any) -> dict:
+    """UNIEncoder fields read off a converted params tree {"encoder": ...} (ViT shapes; LayerScale if present)."""
+    enc = params["encoder"]
+    width = enc["pos_embed"].shape[-1]
+    patch = enc["patch_embed"]["proj"]["kernel"].shape[0]
+    grid = int(round((enc["pos_embed"].shape[1] - 1) ** 0.5))
+    depth = sum(1 for name in enc if name.startswith("blocks_"))
+    block = enc["blocks_0"]
+    return dict(image_size=grid * patch, patch_size=patch, width=width, depth=depth,
+                num_heads=block["attn"]["query"]["kernel"].shape[1],
+                mlp_ratio=block["mlp"]["fc1"]["kernel"].shape[1] / width,
+                layerscale_init=1e-5 if "ls1" in block else None)
+
+
+def uni_feature_fn(params: Any, *, dtype: Any = jnp.float32, **overrides) -> FeatureFn:
+    """feature_fn of UNI's encoder (`medjax.convert.uni`) for converted params ({"encoder": ...}, optionally
+    under "params", as `medjax.checkpoint.restore_params` returns them): images -> the 1024-d CLS feature.
+    The architecture is read off the params' shapes; `overrides` replace fields."""
+    from medjax.convert.uni import uni_model
+
+    params = nn.unbox(params.get("params", params))
+    if "encoder" not in params:
+        raise ValueError(f"uni_feature_fn: expected converted UNI params with an 'encoder' subtree, got keys "
+                         f"{sorted(params)}")
+    model = uni_model(dtype=dtype, **{**uni_fields_from_params(params), **overrides})
+    apply = jax.jit(lambda p, images: model.apply({"params": p}, images).astype(jnp.float32))
+    params = jax.device_put(params)
+    return lambda images: apply(params, jnp.asarray(images))
+
+
+# ---- the paper's table ------------------------------------------------------------------------------------
+
+def _cell(results: dict, key: str) -> str:
+    return f"{results[key]:.3f}" if key in results else "–"
+
+
+def uni_results_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+    """Markdown in the layout of UNI's supplementary tables: rows = task x metric, per evaluated checkpoint
+    the columns kNN (k = 20) / linear probe / ABMIL."""
+    rows = [("ROI: tile classes (tile_labels.csv)", "Balanced acc.", "balanced_acc"),
+            ("ROI: tile classes (tile_labels.csv)", "Weighted F1", "weighted_f1"),
+            ("Slide: slide label (slides.csv)", "Balanced acc.", "balanced_acc"),
+            ("Slide: slide label (slides.csv)", "AUC", "auc")]
+    header = "| Task | Metric | " + " | ".join(f"{label} kNN | {label} Linear | {label} ABMIL"
+                                             for label, _ in columns) + " |"
+    lines = [f"UNI evaluation of {exp} (Chen et al., Nat. Med. 2024, supplementary-table layout)", "",
+             header, "|---|---|" + "---|" * (3 * len(columns))]
+    for task, metric, key in rows:
+        slide = task.startswith("Slide")
+        cells = []
+        for _, results in columns:
+            cells += ["–", "–", _cell(results, f"abmil/{key}")] if slide else \
+                [_cell(results, f"knn/{key}"), _cell(results, f"linear/{key}"), "–"]
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    counts = columns[0][1] if columns else {}
+    lines += ["", f"kNN: k = {int(counts.get('knn/k', 20))}; linear: L-BFGS logistic regression; ABMIL: gated "
+              f"attention MIL. Tiles: "
+              f"{int(counts.get('tiles/train', 0))} train / {int(counts.get('tiles/test', 0))} test; slides: "
+              f"{int(counts.get('abmil/slides', 0))}. UNI ViT-L/16 in the paper: {PAPER_TARGETS}."]
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""UNI evaluation (kNN, linear probe, ABMIL) on a small WSI demo, feature extraction, the converted-UNI
+feature function and the paper-layout table."""
+import csv
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from medjax.data.demo_wsi import make_wsi_demo
+from medjax.tasks.uni_eval import (_split_flags, evaluate_uni, extract_features, stratified_folds, stratified_holdout,
+                                   uni_eval_config, uni_feature_fn, uni_fields_from_params, uni_results_table)
+
+
+@pytest.fixture(scope="module")
+def wsi_demo(tmp_path_factory):
+    """4 slides (2 with tumour), 2048 px wide at 20x: ~40 labelled tiles and ~100 tissue tiles; ~2 s."""
+    return make_wsi_demo(str(tmp_path_factory.mktemp("uni_eval_demo")), num_slides=4, size=2048, seed=0)
+
+
+@jax.jit
+def colour_features(images):
+    """A stand-in encoder: channel means / stds and the fraction of dark (nuclear) pixels, 16-d."""
+    grid = images[:, ::4, ::4].mean(-1)  # (b, h, w)
+    thresholds = jnp.array([-1.0, -0.5, 0.0, 0.5])
+    dark = (grid[..., None] < thresholds).mean((1, 2))  # (b, 4)
+    stats = [images.mean((1, 2)), images.std((1, 2)), dark, grid.std((1, 2))[:, None] * jnp.ones((1, 5))]
+    return jnp.concatenate(stats, axis=-1)
+
+
+def small_config(data_dir, **eval_overrides):
+    block = dict(image_size=32, batch_size=16, knn=dict(k=5),
+                 abmil=dict(epochs=4, hidden_dim=32, attention_dim=16, lr=1e-3))
+    block.update(eval_overrides)
+    return ml_collections.ConfigDict(dict(data=dict(dir=data_dir), uni_eval=block))
+
+
+def test_evaluate_uni_on_the_wsi_demo(wsi_demo):
+    results = evaluate_uni(colour_features, small_config(wsi_demo))
+    with open(os.path.join(wsi_demo, "tile_labels.csv")) as handle:
+        labels = np.array([int(row["label"]) for row in csv.DictReader(handle)])
+    expected_test = stratified_holdout(labels, 0.3, 0).sum()
+    assert results["tiles/test"] == expected_test and results["tiles/train"] == len(labels) - expected_test
+    assert results["knn/k"] == 5 and results["abmil/slides"] == 4
+    for key in ("knn/balanced_acc", "knn/weighted_f1", "linear/balanced_acc", "linear/weighted_f1",
+                "abmil/balanced_acc", "abmil/auc"):
+        assert 0.0 <= results[key] <= 1.0, key
+    # Stroma, tumour and lymphocyte tiles differ in colour and nuclear density: kNN separates them.
+    assert results["knn/balanced_acc"] >= 0.8
+    table = uni_results_table("uni_vitl16", [("demo", results)])
+    assert f"| ROI: tile classes (tile_labels.csv) | Balanced acc. | {results['knn/balanced_acc']:.3f} | " \
+           f"{results['linear/balanced_acc']:.3f} | – |" in table
+    assert f"| Slide: slide label (slides.csv) | AUC | – | – | {results['abmil/auc']:.3f} |" in table
+
+
+def test_extract_features_pads_to_one_batch_shape():
+    calls = []
+
+    def feature_fn(images):
+        calls.append(images.shape)
+        return images.reshape(len(images), -1)[:, :3] * 2.0
+
+    images = [np.full((4, 4, 3), i, np.float32) for i in range(7)]
+    features = extract_features(feature_fn, iter(images), batch_size=3)
+    assert calls == [(3, 4, 4, 3)] * 3
+    np.testing.assert_array_equal(features, 2.0 * np.repeat(np.arange(7.0)[:, None], 3, axis=1))
+    with pytest.raises(ValueError, match="no tiles"):
+        extract_features(feature_fn, [], 4)
+
+
+def test_uni_feature_fn_on_converted_params():
+    from medjax.convert.uni import uni_model
+
+    fields = dict(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, mlp_ratio=2.0, layerscale_init=1e-5)
+    model = uni_model(**fields)
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), images))
+    params = jax.tree.map(np.asarray, variables["params"])  # host arrays, as restore_params returns them
+    assert uni_fields_from_params(params) == fields
+    features = uni_feature_fn({"params": params})(images)
+    assert features.shape == (2, 16)
+    # the same computation jitted separately (a persistent-cache hit): the wrapper adds nothing
+    np.testing.assert_allclose(features, jax.jit(model.apply)(variables, images), atol=1e-5)
+    with pytest.raises(ValueError, match="encoder"):
+        uni_feature_fn({"student": {}})
+
+
+def test_splits():
+    labels = np.array([0] * 10 + [1] * 4 + [2] * 1)
+    test = stratified_holdout(labels, 0.3, seed=0)
+    assert [int(test[labels == c].sum()) for c in range(3)] == [3, 1, 0]
+    np.testing.assert_array_equal(test, stratified_holdout(labels, 0.3, seed=0))
+    folds = stratified_folds(labels, 2, seed=0)
+    assert [int((folds[labels == 0] == f).sum()) for f in range(2)] == [5, 5]
+    flags = _split_flags([{"split": "train"}, {"split": "val"}, {"split": "Test"}], "x.csv")
+    assert flags.tolist() == [False, False, True]
+    assert _split_flags([{"label": "1"}], "x.csv") is None
+    with pytest.raises(ValueError, match="x.csv: column 'split'"):
+        _split_flags([{"split": "holdout"}], "x.csv")
+
+
+def test_bad_configs(tmp_path):
+    with pytest.raises(ValueError, match="no tile_labels.csv"):
+        evaluate_uni(colour_features, small_config(str(tmp_path)))
+    with pytest.raises(ValueError, match="config.uni_eval"):
+        evaluate_uni(colour_features, small_config(str(tmp_path), knn_neighbours=3))
+    assert uni_eval_config().knn.k == 20 and uni_eval_config().linear.max_iter == 1000
