@@ -9,6 +9,7 @@ DEMO_MAKERS = {
     "fundus_genome": "medjax.data.demo_fundus_genome:make_fundus_genome_demo",
     "ct": "medjax.data.demo_ct:make_ct_demo",
     "wsi": "medjax.data.demo_wsi:make_wsi_demo",
+    "image_report": "medjax.data.demo_image_report:make_image_report_demo",
 }
 
 

@@ -1,0 +1,60 @@
+"""Config shared by the PTUnifier fine-tuning experiments (Chen et al., ICCV 2023, Sec. 4; the released
+`task_finetune_*` configs): lr 5e-6, AdamW (0.9, 0.98) wd 0.01, linear warmup over 10% then linear decay,
+images 384 (position embeddings resized bicubically from the pretraining grid), the backbone exactly
+the pretraining run's `model` block (`experiments/ptunifier.py`), so `init=` a pretraining workdir loads.
+
+Steps: the originals train for epochs; steps = epochs x training examples / batch (the counts used are
+stated in each experiment). The released configs set image_size=576 for VQA and CheXpert; the paper
+reports 384 for all fine-tuning, which we follow.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import ptunifier
+from experiments._common import base_config
+
+
+def finetune_config(variant: str, kind: str, *, file: str, demo_file: str, max_text_len: int, batch_size: int,
+                    steps: int, head_multiplier: float, multi_modal_multiplier: float,
+                    **finetune) -> ml_collections.ConfigDict:
+    """The config for `kind` at `variant` ("full" or a named paper dataset variant: the given settings;
+    "demo" / "tiny": the demo dataset and the demo / tiny backbone)."""
+    size = variant if variant in ("demo", "tiny") else "full"
+    pretrain = ptunifier.get_config(size)
+    c = base_config()
+    c.task = "ptunifier_finetune"
+    c.variant = variant
+    c.finetune = ml_collections.ConfigDict(dict(
+        kind=kind,
+        num_answers=0,  # VQA from the original's Arrow files: its answer-vocabulary size (JSONL: from the data)
+        num_negatives=15,  # retrieval: texts per image besides the true one (the original's draw_false_text)
+        retrieval_score="itm",  # retrieval evaluation: "itm" (the paper), "itc" or "both"
+    ))
+    c.finetune.update(finetune)
+    c.data = ml_collections.ConfigDict(dict(
+        dir="",  # the folder holding `file` (and tokenizer/); "" = the image-report demo dataset in the cache
+        kind="image_report",
+        file=file,  # JSONL manifest or the original's Arrow file; "{split}" is replaced by the split
+        train_split="train", eval_split="test",
+        tokenizer="",  # a local Hugging Face tokenizer directory (BioMed-RoBERTa's); "" = <dir>/tokenizer
+        image_size=384,  # fine-tuning resolution (paper)
+        max_text_len=max_text_len,
+    ))
+    c.model = pretrain.model.copy_and_resolve_references()
+    c.train.update(dict(steps=steps, batch_size=batch_size, log_every=50, checkpoint_every=1000, eval_batch_size=64))
+    c.optim.update(dict(lr=5e-6, weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, clip_norm=0.0))
+    c.optim.warmup_fraction = 0.1
+    c.optim.head_multiplier = float(head_multiplier)  # the original's lr_multiplier_head
+    c.optim.multi_modal_multiplier = float(multi_modal_multiplier)  # lr_multiplier_multi_modal
+    if variant == "demo":
+        c.data.update(dict(file=demo_file, image_size=pretrain.model.image_size, max_text_len=pretrain.data.max_length))
+        c.finetune.num_negatives = 7
+        c.train.update(dict(steps=80, batch_size=16, log_every=10, checkpoint_every=40, eval_batch_size=32))
+        c.optim.lr = 1e-4
+    elif variant == "tiny":
+        c.data.update(dict(file=demo_file, image_size=pretrain.model.image_size, max_text_len=pretrain.data.max_length))
+        c.finetune.num_negatives = 3
+        c.train.update(dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8))
+        c.optim.lr = 1e-3
+    return c

@@ -1,0 +1,178 @@
+"""PTUnifier fine-tuning sets (Chen et al., ICCV 2023, Sec. 4; the original's VQA / MLC / NLI / IRTR
+datasets), from JSONL manifests or the original's Arrow files.
+
+* VQA (VQA-RAD, SLAKE, MedVQA-2019): JSONL, one question per line
+      {"image": path, "question": str, "answer": str, "answer_type": "closed"|"open", "split": ...}
+  answers are normalised (lower case, punctuation and articles dropped) and numbered in order of first
+  appearance over ALL splits (the original's `make_arrow_vqa` vocabulary); or the original's Arrow
+  (one row per image: questions, answer_labels, answer_scores, answer_type (0 closed, 1 open) lists).
+* multi-label classification (CheXpert, RSNA pneumonia): JSONL {"image", "labels": [0/1, ...]} or Arrow
+  with the label list in `label_column` (the original's `chexpert` / `pnsa_pneumonia`).
+* NLI (RadNLI + MedNLI): JSONL {"text_a", "text_b", "label": name or index} or Arrow (text_a / text_b
+  one-string lists, integer `label`); labels entailment 0, neutral 1, contradiction 2 by name.
+* retrieval (ROCO): the image-report data itself (`medjax.data.image_report`).
+
+A file name may hold `{split}` (the originals keep one Arrow file per split).
+"""
+from __future__ import annotations
+
+import os
+import re
+import string
+
+import numpy as np
+
+from medjax.data.fundus_genome import DataError
+from medjax.data.image_report import ImageReportDataset, read_jsonl
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+CLOSED, OPEN = 0, 1
+_ARTICLES = {"a", "an", "the"}
+
+
+def resolve(root: str, name: str, split: str) -> str:
+    """`root/name` with `{split}` filled in."""
+    return os.path.join(root, name.format(split=split))
+
+
+def normalize_answer(answer) -> str:
+    """Lower case, punctuation removed (except inside numbers), articles dropped, spaces collapsed."""
+    text = str(answer).lower().strip()
+    text = re.sub(r"(?<!\d)[.,](?!\d)", " ", text)
+    text = text.translate(str.maketrans({c: " " for c in string.punctuation if c not in ".,"}))
+    return " ".join(w for w in text.split() if w not in _ARTICLES)
+
+
+def answer_vocabulary(path: str) -> list[str]:
+    """Normalised answers of a JSONL VQA manifest over all its rows, in order of first appearance."""
+    vocab = {}
+    for line, row in read_jsonl(path, ("answer",)):
+        vocab.setdefault(normalize_answer(row["answer"]), len(vocab))
+    return list(vocab)
+
+
+def _answer_type(value, where: str) -> int:
+    if isinstance(value, str) and value.strip().lower() in ("closed", "open"):
+        return CLOSED if value.strip().lower() == "closed" else OPEN
+    if value in (CLOSED, OPEN):
+        return int(value)
+    raise DataError(f"{where}: field 'answer_type' = {value!r}, expected 'closed' or 'open' (or 0 / 1)")
+
+
+class VQADataset:
+    """Questions with their image, soft answer target over the vocabulary, and answer type.
+
+    Items: {"image": PIL, "question": str, "target": float32 (num_answers,), "answer_type": int}.
+    JSONL: `answers` = answer_vocabulary(manifest) unless given; Arrow: `num_answers` must be given
+    (the Arrow labels index the original's vocabulary)."""
+
+    def __init__(self, path: str, split: str, *, answers: list[str] | None = None, num_answers: int | None = None):
+        self.images = ImageReportDataset(path, split=split, caption_field=None, per_caption=False)
+        self.questions: list[tuple[int, str, np.ndarray, int]] = []
+        if path.endswith(".arrow"):
+            if not num_answers:
+                raise ValueError(f"{path}: Arrow VQA sets need num_answers (the original vocabulary size, e.g. 498)")
+            self.num_answers = int(num_answers)
+            for i in range(self.images.num_images):
+                row, where = self.images.row(i), self.images.where(i)
+                for key in ("questions", "answer_labels", "answer_scores", "answer_type"):
+                    if key not in row:
+                        raise DataError(f"{where}: missing column {key!r}")
+                for q, labels, scores, t in zip(row["questions"], row["answer_labels"], row["answer_scores"],
+                                                row["answer_type"]):
+                    target = np.zeros(self.num_answers, np.float32)
+                    for label, score in zip(labels, scores):
+                        if not 0 <= label < self.num_answers:
+                            raise DataError(f"{where}: answer label {label} outside [0, {self.num_answers})")
+                        target[label] = score
+                    self.questions.append((i, q, target, _answer_type(t, where)))
+        else:
+            self.answers = answers if answers is not None else answer_vocabulary(path)
+            self.num_answers = len(self.answers)
+            index = {a: k for k, a in enumerate(self.answers)}
+            for i in range(self.images.num_images):
+                row, where = self.images.row(i), self.images.where(i)
+                for key in ("question", "answer", "answer_type"):
+                    if key not in row:
+                        raise DataError(f"{where}: missing field {key!r}")
+                answer = normalize_answer(row["answer"])
+                if answer not in index:
+                    raise DataError(f"{where}: answer {row['answer']!r} is not in the answer vocabulary")
+                target = np.zeros(self.num_answers, np.float32)
+                target[index[answer]] = 1.0
+                self.questions.append((i, str(row["question"]), target, _answer_type(row["answer_type"], where)))
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, k: int) -> dict:
+        i, question, target, answer_type = self.questions[k]
+        return {"image": self.images.load_image(i), "question": question, "target": target,
+                "answer_type": np.int32(answer_type)}
+
+
+class MultiLabelDataset:
+    """Images with multi-hot labels. Items: {"image": PIL, "labels": float32 (num_labels,)}."""
+
+    def __init__(self, path: str, split: str, *, label_column: str = "labels"):
+        column = "labels" if not path.endswith(".arrow") else label_column
+        self.images = ImageReportDataset(path, split=split, caption_field=None, per_caption=False)
+        labels = []
+        for i in range(self.images.num_images):
+            row, where = self.images.row(i), self.images.where(i)
+            value = row.get(column)
+            if not isinstance(value, list) or not value or not all(v in (0, 1) for v in value):
+                raise DataError(f"{where}: field {column!r} must be a non-empty list of 0/1, got {value!r:.80}")
+            labels.append(value)
+        if len({len(v) for v in labels}) != 1:
+            raise DataError(f"{path}: rows have label lists of different lengths {sorted({len(v) for v in labels})}")
+        self.labels = np.asarray(labels, np.float32)
+        self.num_labels = self.labels.shape[1]
+
+    def __len__(self) -> int:
+        return self.images.num_images
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images.load_image(i), "labels": self.labels[i]}
+
+
+class NLIDataset:
+    """Premise/hypothesis pairs with a 3-way label. Items: {"text_a", "text_b", "label": int32}."""
+
+    def __init__(self, path: str, split: str):
+        self.pairs: list[tuple[str, str, int]] = []
+        if path.endswith(".arrow"):
+            from medjax.data.arrow_ipc import read_arrow
+            table = read_arrow(path)
+            for need in ("text_a", "text_b", "label"):
+                if need not in table.column_names:
+                    raise DataError(f"{path}: no column {need!r} (columns: {table.column_names})")
+            splits = table["split"] if "split" in table.column_names else None
+            for i in range(table.num_rows):
+                if splits is not None and splits[i] != split:
+                    continue
+                a, b = table["text_a"][i], table["text_b"][i]
+                a, b = (a[0] if isinstance(a, list) else a), (b[0] if isinstance(b, list) else b)
+                self.pairs.append((a, b, self._label(table["label"][i], f"{path}: row {i}")))
+        else:
+            for line, row in read_jsonl(path, ("text_a", "text_b", "label")):
+                if row.get("split", split) != split:
+                    continue
+                self.pairs.append((str(row["text_a"]), str(row["text_b"]), self._label(row["label"], f"{path}: line {line}")))
+        if not self.pairs:
+            raise DataError(f"{path}: no NLI pairs in split {split!r}")
+
+    @staticmethod
+    def _label(value, where: str) -> int:
+        if isinstance(value, str) and value.strip().lower() in NLI_LABELS:
+            return NLI_LABELS.index(value.strip().lower())
+        if isinstance(value, int) and 0 <= value < len(NLI_LABELS):
+            return value
+        raise DataError(f"{where}: field 'label' = {value!r}, expected one of {NLI_LABELS} or 0..2")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        a, b, label = self.pairs[i]
+        return {"text_a": a, "text_b": b, "label": np.int32(label)}

@@ -1,0 +1,122 @@
+"""Co-attention fusion layer of METER (Dou et al., CVPR 2022, Sec. 3.2 and Fig. 3, "co-attention model")
+as PTUnifier uses it (Chen et al., ICCV 2023, Sec. 3.1: the backbone's fusion module), matching the
+original `BertCrossLayer` (METER's `bert_model.py`, kept unchanged in zhjohnchan/PTUnifier) number for
+number. Each stream is one layer; the two streams of a block run in parallel on the same inputs:
+
+    a = LN(x + Dropout(W_o SelfAttn(x, x_mask)))                   # BertAttention (self)
+    c = LN(a + Dropout(W_o CrossAttn(q=a, kv=y, y_mask)))           # BertAttention (cross), keys from the other stream
+    out = LN(c + Dropout(W_2 GELU(W_1 c)))                          # BertIntermediate + BertOutput
+
+Post-LN as BERT (Devlin et al., 2019, Fig. 2); attention probabilities are dropped out (attention
+dropout) and each sub-layer output before its residual sum (hidden dropout), both 0.1 in the paper's
+configuration. Masks are (batch, tokens) 1/0 padding masks of the keys.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medjax.nn.attention import HeadsDense
+from medjax.nn.clip_vit import TOKENS, activation, dense, layer_norm
+
+Dtype = Any
+
+
+def key_padding_mask(mask: jax.Array | None) -> jax.Array | None:
+    """(batch, kv_tokens) 1 = token, 0 = padding -> boolean (batch, 1, 1, kv_tokens), True = attend."""
+    return None if mask is None else (mask[:, None, None, :] > 0)
+
+
+class MaskedAttention(nn.Module):
+    """Multi-head attention from `x` to `context` (self-attention when `context is x`), with a key padding
+    mask and attention dropout (Vaswani et al., 2017, Eq. 1-2): softmax(Q K^T / sqrt(d) + mask) V, then
+    the output projection W_o. q/k/v kernels ("embed", "heads", "kv"), output ("heads", "kv", "embed")."""
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None, *,
+                 train: bool = False) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads or context.shape[-1] != width:
+            raise ValueError(f"medjax/nn/co_attention.py MaskedAttention: num_heads={self.num_heads} must divide the "
+                             f"width {width}, and the context width {context.shape[-1]} must equal it")
+        heads = (self.num_heads, width // self.num_heads)
+        project = lambda name, inputs: HeadsDense(heads, ("embed", "heads", "kv"), 1, dtype=self.dtype,  # noqa: E731
+                                                  param_dtype=self.param_dtype, name=name)(inputs)
+        q, k, v = project("query", x), project("key", context), project("value", context)
+        if train and self.dropout_rate > 0.0:
+            out = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
+                                           dropout_rate=self.dropout_rate, deterministic=False, dtype=self.dtype)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return HeadsDense((width,), ("heads", "kv", "embed"), 2, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="out")(out)
+
+
+class CoAttentionLayer(nn.Module):
+    """One stream of a METER/PTUnifier co-attention block (BertCrossLayer): self-attention on `x`,
+    cross-attention from `x` to the other stream `y`, feed-forward; post-LN residuals (see module doc).
+
+    Submodules: self_attention (+ self_attention_norm), cross_attention (+ cross_attention_norm),
+    fc1 / fc2 (+ output_norm). `x_mask` / `y_mask`: (batch, tokens) 1/0 key padding masks.
+    """
+
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5  # RoBERTa's config (the fusion layers are built from the text encoder's config)
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array, x_mask: jax.Array | None = None, y_mask: jax.Array | None = None,
+                 *, train: bool = False) -> jax.Array:
+        if x.ndim != 3 or y.ndim != 3 or x.shape[0] != y.shape[0] or x.shape[-1] != y.shape[-1]:
+            raise ValueError(f"medjax/nn/co_attention.py CoAttentionLayer: streams must be (batch, tokens, width) with "
+                             f"the same batch and width; got {x.shape} and {y.shape}")
+        x = nn.with_logical_constraint(x, TOKENS)
+        norm = lambda name: layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
+        drop = lambda h: nn.Dropout(self.hidden_dropout)(h, deterministic=not train)  # noqa: E731
+        attend = lambda name: MaskedAttention(self.num_heads, self.attention_dropout, self.dtype,  # noqa: E731
+                                              self.param_dtype, name=name)
+        h = attend("self_attention")(x, x, key_padding_mask(x_mask), train=train)
+        x = norm("self_attention_norm")(x + drop(h))
+        h = attend("cross_attention")(x, y, key_padding_mask(y_mask), train=train)
+        x = norm("cross_attention_norm")(x + drop(h))
+        h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
+        h = dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(activation(self.hidden_act)(h))
+        x = norm("output_norm")(x + drop(h))
+        return nn.with_logical_constraint(x, TOKENS)
+
+
+class CoAttentionBlock(nn.Module):
+    """Both streams of one fusion block, updated in parallel from the same inputs (the original's
+    `x1 = text_layer(x, y, ...); y1 = image_layer(y, x, ...)`). Submodules `text` and `image`."""
+
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, text: jax.Array, image: jax.Array, text_mask: jax.Array | None,
+                 image_mask: jax.Array | None, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        fields = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, hidden_act=self.hidden_act,
+                      layer_norm_eps=self.layer_norm_eps, hidden_dropout=self.hidden_dropout,
+                      attention_dropout=self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+        new_text = CoAttentionLayer(**fields, name="text")(text, image, text_mask, image_mask, train=train)
+        new_image = CoAttentionLayer(**fields, name="image")(image, text, image_mask, text_mask, train=train)
+        return new_text, new_image

@@ -1,0 +1,268 @@
+"""PTUnifier pretraining task (Chen et al., ICCV 2023, Sec. 3.4): image-report pairs,
+
+    L = 1.0 L_MLM + 0.5 L_ITM + 0.1 L_ITC      (weights from the released task_pretrain_ptunifier config)
+
+MLM on (image, 15%-masked sentence); ITM on (image or another sample's image, clean sentence); ITC on
+the joint features of the image-only path (textual prompts) and the text-only path (visual prompts),
+symmetric InfoNCE at temperature 0.1 over the global batch. `reproduce_released_code=True` gives the
+released code's behaviour instead: frozen prompt pools and no ITC (its `"cl"`/`"itc"` key mismatch).
+Optimiser (the original's `set_schedule`): AdamW (0.9, 0.98), eps 1e-8, weight decay 0.01 except biases
+and LayerNorm scales; lr x5 for the heads, the fusion module (projections, co-attention, poolers) and the
+prompt pools; linear warmup over 10% of the steps, then linear decay to 0.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from medjax.checkpoint import merge_params
+from medjax.data import demo as demo_lib
+from medjax.data.image_report import ImageReportDataset, load_tokenizer
+from medjax.data.image_report_pipeline import PretrainingTransform, pretraining_train_data
+from medjax.data.pipeline import eval_batches
+from medjax.losses.contrastive import contrastive_loss, l2_normalize
+from medjax.losses.itm import itm_accuracy, itm_loss, itm_pairs
+from medjax.losses.mlm import IGNORE_INDEX, mlm_accuracy, mlm_loss
+from medjax.metrics.retrieval import retrieval_recall
+from medjax.models import ptunifier as model_lib
+
+# Top-level params trained at lr x lr_multiplier_head / x lr_multiplier_multi_modal (original `set_schedule`:
+# names containing *_head, and "multi_modal" or "pseudo"; modality_type_embeddings stay at the base lr).
+HEAD_PARAMS = ("mlm_transform", "mlm_norm", "mlm_decoder", "mlm_bias", "itm_head", "itc_image_norm", "itc_text_norm",
+               "itc_image_proj", "itc_text_proj")
+MULTI_MODAL_PARAMS = ("text_proj", "image_proj", "text_pooler", "image_pooler", "visual_prompts", "textual_prompts")
+POOL_PARAMS = ("visual_prompts", "textual_prompts")
+BATCH_KEYS = ("image", "text_ids", "text_mask", "text_ids_mlm", "text_labels_mlm")
+
+
+def _files(root: str, spec: str) -> list[str]:
+    names = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not names:
+        raise ValueError("data.train_files: expected one or more comma-separated .jsonl manifests or .arrow files")
+    return [n if n.startswith("/") else f"{root}/{n}" for n in names]
+
+
+def param_group(path: tuple[str, ...]) -> str:
+    """"head", "multi_modal" or "base" for a param path (its top-level module)."""
+    top = path[0]
+    if top in HEAD_PARAMS:
+        return "head"
+    return "multi_modal" if top in MULTI_MODAL_PARAMS or top.startswith("fusion_") else "base"
+
+
+class PTUnifierTask:
+    def __init__(self, config, log=print):
+        self.config = config
+        data = config.data
+        self.root = data.dir or demo_lib.ensure_demo(data.kind, log=log)
+        self.tokenizer_dir = data.tokenizer or f"{self.root}/tokenizer"
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.released = bool(config.get("reproduce_released_code", False))
+        self.model_cfg = self._model_config(tokenizer)
+        self.model = model_lib.ptunifier_from_config(self.model_cfg, dtype=jnp.dtype(config.dtype))
+        self.transform = PretrainingTransform(
+            self.tokenizer_dir, image_size=self.model_cfg.image_size, max_length=data.max_length,
+            resized_crop=data.resized_crop, sent_level=data.sent_level, mlm_probability=data.mlm_probability,
+            eval_seed=int(config.seed))
+        self.dataset = ImageReportDataset(_files(self.root, data.train_files), split=data.split or None)
+        self.global_batch = int(config.train.batch_size)
+        w = config.loss
+        self.weights = {"mlm": float(w.mlm), "itm": float(w.itm), "itc": 0.0 if self.released else float(w.itc)}
+
+    def _model_config(self, tokenizer):
+        cfg = self.config.model.copy_and_resolve_references()
+        with cfg.unlocked():
+            if not cfg.vocab_size:
+                cfg.vocab_size = len(tokenizer)
+            if len(tokenizer) > cfg.vocab_size:
+                raise ValueError(f"{self.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but "
+                                 f"model.vocab_size={cfg.vocab_size}")
+            for field, token in (("cls_token_id", "cls_token_id"), ("sep_token_id", "sep_token_id"),
+                                 ("pad_token_id", "pad_token_id")):
+                value = getattr(tokenizer, token)
+                if value is None:
+                    raise ValueError(f"{self.tokenizer_dir}: the tokenizer has no {token.replace('_id', '')}")
+                cfg[field] = int(value)
+            if self.released:
+                cfg.prompts_trainable = False
+        longest = int(self.config.data.max_length) + (cfg.pad_token_id + 1 if cfg.roberta_positions else 0)
+        if cfg.max_positions < longest:
+            raise ValueError(f"model.max_positions={cfg.max_positions} is too small for data.max_length="
+                             f"{self.config.data.max_length} (needs >= {longest})")
+        return cfg
+
+    @property
+    def tokens_per_example(self) -> int:
+        """Input tokens of one pair (image patches + class token + text), for throughput."""
+        m = self.model_cfg
+        return (m.image_size // m.patch_size) ** 2 + 1 + int(self.config.data.max_length)
+
+    def init_batch(self) -> dict:
+        b, s, length = self.global_batch, self.model_cfg.image_size, int(self.config.data.max_length)
+        ids = np.zeros((b, length), np.int32)
+        return {"image": np.zeros((b, s, s, 3), np.float32), "text_ids": ids, "text_mask": np.ones_like(ids),
+                "text_ids_mlm": ids, "text_labels_mlm": np.full_like(ids, IGNORE_INDEX)}
+
+    def init_params(self, rng):
+        batch = {k: v[:2] for k, v in self.init_batch().items()}
+        params_rng, dropout_rng = jax.random.split(rng)
+        variables = self.model.init({"params": params_rng, "dropout": dropout_rng}, batch["image"], batch["text_ids"],
+                                    batch["text_mask"])
+        return variables["params"]
+
+    # ---- objectives ----------------------------------------------------------------------------------
+    def _outputs(self, params, batch, rng, train):
+        """All pretraining logits / features in one apply (MLM, ITM with its pairing, ITC) and the ITM labels."""
+        dropout_rng, itm_rng = jax.random.split(rng)
+        labels, partner = itm_pairs(itm_rng, batch["image"].shape[0])
+        outputs = self.model.apply({"params": params}, batch["image"], batch["text_ids"], batch["text_ids_mlm"],
+                                   batch["text_mask"], partner, with_itc=self.weights["itc"] > 0.0, train=train,
+                                   method=self.model.pretraining_outputs, rngs={"dropout": dropout_rng})
+        return outputs, labels
+
+    def loss_fn(self, params, batch, rng, train):
+        outputs, itm_labels = self._outputs(params, batch, rng, train)
+        parts = {"mlm_loss": mlm_loss(outputs["mlm_logits"], batch["text_labels_mlm"]),
+                 "mlm_accuracy": mlm_accuracy(outputs["mlm_logits"], batch["text_labels_mlm"]),
+                 "itm_loss": itm_loss(outputs["itm_logits"], itm_labels),
+                 "itm_accuracy": itm_accuracy(outputs["itm_logits"], itm_labels)}
+        loss = self.weights["mlm"] * parts["mlm_loss"] + self.weights["itm"] * parts["itm_loss"]
+        if "itc_image" in outputs:
+            parts["itc_loss"] = contrastive_loss(outputs["itc_image"], outputs["itc_text"],
+                                                 float(self.config.loss.itc_temperature))
+            loss = loss + self.weights["itc"] * parts["itc_loss"]
+        return loss, parts
+
+    # ---- optimisation --------------------------------------------------------------------------------
+    def make_optimizer(self, total_steps: int):
+        """AdamW with the original's lr groups; frozen pools get no update when reproducing the release."""
+        o = self.config.optim
+        warmup = int(round(float(o.warmup_ratio) * total_steps)) if o.warmup_ratio else int(o.warmup_steps)
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, float(o.lr), max(warmup, 1)),
+                                         optax.linear_schedule(float(o.lr), 0.0, max(total_steps - warmup, 1))],
+                                        [max(warmup, 1)])
+
+        def adamw(multiplier):
+            return optax.adamw(lambda step: schedule(step) * multiplier, b1=float(o.b1), b2=float(o.b2),
+                               eps=float(o.eps), weight_decay=float(o.weight_decay), mask=_decay_mask)
+
+        transforms = {"base": adamw(1.0), "head": adamw(float(o.lr_multiplier_head)),
+                      "multi_modal": adamw(float(o.lr_multiplier_multi_modal)), "frozen": optax.set_to_zero()}
+
+        def labels(params):
+            def label(path, _):
+                keys = tuple(str(getattr(p, "key", p)) for p in path)
+                if self.released and keys[0] in POOL_PARAMS:
+                    return "frozen"
+                return param_group(keys)
+            return jax.tree_util.tree_map_with_path(label, params)
+
+        parts = [optax.clip_by_global_norm(float(o.clip_norm))] if float(o.clip_norm) > 0 else []
+        return optax.chain(*parts, optax.multi_transform(transforms, labels)), schedule
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def train_data(self):
+        return pretraining_train_data(self.dataset, self.transform, global_batch=self.global_batch,
+                                      seed=int(self.config.seed), process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+
+    @functools.cached_property
+    def eval_dataset(self) -> ImageReportDataset:
+        data = self.config.data
+        return ImageReportDataset(_files(self.root, data.eval_files or data.train_files), split=data.eval_split or None)
+
+    @functools.cached_property
+    def _eval_step(self):
+        def step(params, batch, rng):
+            outputs, labels = self._outputs(params, batch, rng, False)
+            logits, mlm_labels = outputs["mlm_logits"], batch["text_labels_mlm"]
+            valid = mlm_labels != IGNORE_INDEX
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+            picked = jnp.take_along_axis(log_probs, jnp.where(valid, mlm_labels, 0)[..., None], -1)[..., 0]
+            itm_log_probs = jax.nn.log_softmax(outputs["itm_logits"].astype(jnp.float32), -1)
+            out = {"mlm_nll": -jnp.sum(jnp.where(valid, picked, 0.0), 1), "mlm_count": valid.sum(1),
+                   "mlm_hits": ((jnp.argmax(logits, -1) == mlm_labels) & valid).sum(1),
+                   "itm_nll": -jnp.take_along_axis(itm_log_probs, labels[:, None], -1)[:, 0],
+                   "itm_hits": jnp.argmax(outputs["itm_logits"], -1) == labels}
+            if "itc_image" in outputs:
+                out["itc_image"] = l2_normalize(outputs["itc_image"])
+                out["itc_text"] = l2_normalize(outputs["itc_text"])
+            return out
+
+        return jax.jit(step)
+
+    def evaluate(self, params) -> dict[str, float]:
+        """Held-out MLM loss/accuracy, ITM loss/accuracy and, with ITC, the ITC loss over the whole split and
+        zero-shot image<->text retrieval R@1/5/10 with the ITC features (one entry per unique image)."""
+        dataset = self.eval_dataset
+        size = int(self.config.train.eval_batch_size)
+        transform = lambda ex: dict(self.transform(ex), image_index=ex["image_index"])  # noqa: E731
+        sums, images, texts, text_image = {}, {}, [], []
+        for index, batch in enumerate(eval_batches(dataset, size, transform)):
+            valid, image_index = batch.pop("valid"), batch.pop("image_index")
+            out = jax.device_get(self._eval_step(params, batch, jax.random.fold_in(jax.random.PRNGKey(0), index)))
+            for key in ("mlm_nll", "mlm_count", "mlm_hits", "itm_nll", "itm_hits"):
+                sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(out[key], np.float64)[valid]))
+            if "itc_image" in out:
+                for row in np.flatnonzero(valid):
+                    images.setdefault(int(image_index[row]), out["itc_image"][row])
+                    texts.append(out["itc_text"][row])
+                    text_image.append(int(image_index[row]))
+        count = len(dataset)
+        results = {"mlm_loss": sums["mlm_nll"] / max(sums["mlm_count"], 1.0),
+                   "mlm_accuracy": sums["mlm_hits"] / max(sums["mlm_count"], 1.0),
+                   "itm_loss": sums["itm_nll"] / count, "itm_accuracy": sums["itm_hits"] / count}
+        if texts:
+            order = sorted(images)
+            position = {image: i for i, image in enumerate(order)}
+            scores = np.stack([images[i] for i in order]) @ np.stack(texts).T
+            results.update(retrieval_recall(scores, np.asarray([position[i] for i in text_image])))
+            if len(order) == len(texts):  # one text per image: the ITC loss over the whole split
+                results["itc_loss"] = float(contrastive_loss(np.stack([images[i] for i in text_image]),
+                                                             np.stack(texts), float(self.config.loss.itc_temperature)))
+        return results
+
+    # ---- weights -------------------------------------------------------------------------------------
+    def initial_params(self, params):
+        """Scratch-initialised (unboxed, host) params with the towers from local Hugging Face directories
+        (`model.init_vision`: CLIP vision, `model.init_text`: RoBERTa/BERT), via medjax.convert.hf.load."""
+        vision, text = self.config.model.get("init_vision", ""), self.config.model.get("init_text", "")
+        if not (vision or text):
+            return params
+        from medjax.convert.ptunifier import init_towers_from_hf
+
+        params, _ = init_towers_from_hf(params, vision=vision, text=text)
+        return params
+
+    def load_pretrained(self, params, pretrained):
+        """Another PTUnifier run's (or a converted checkpoint's) params: every leaf of the same path and shape;
+        a vision position table of another grid is resized bicubically first."""
+        pretrained = _resize_vision_positions(pretrained, params)
+        return merge_params(params, pretrained)[0]
+
+
+def _decay_mask(params):
+    """Weight decay except on biases and LayerNorm scales (original: no_decay = bias, LayerNorm.*)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: not (path[-1] in ("bias", "mlm_bias") or path[-1] == "scale")
+                                         for path in flat})
+
+
+def _resize_vision_positions(pretrained, params):
+    from medjax.nn.clip_vit import resize_position_embedding
+
+    try:
+        source, target = pretrained["vision"]["position_embedding"], params["vision"]["position_embedding"]
+    except (KeyError, TypeError):
+        return pretrained
+    if np.shape(source) == np.shape(target):
+        return pretrained
+    grid = round((np.shape(target)[0] - 1) ** 0.5)
+    vision = dict(pretrained["vision"], position_embedding=np.asarray(resize_position_embedding(
+        jnp.asarray(source, jnp.float32), (grid, grid))))
+    return dict(pretrained, vision=vision)

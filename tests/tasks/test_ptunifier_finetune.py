@@ -1,0 +1,117 @@
+"""PTUnifier fine-tuning, every kind at the tiny size on a small demo set: two optimizer steps change the
+params with a finite loss, evaluation gives metrics in range, the paper-layout table, pretrained loading,
+and the optimizer's lr groups."""
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from medjax import config as config_lib
+from medjax.tasks import build_task
+from medjax.tasks.ptunifier_finetune import param_group
+
+EXPERIMENTS = ("ptunifier_vqa", "ptunifier_cls", "ptunifier_retrieval", "ptunifier_nli")
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from medjax.data.demo_image_report import make_image_report_demo
+
+    return make_image_report_demo(str(tmp_path_factory.mktemp("ptunifier_demo")), num_images=40, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root):
+    """exp -> (task, params before, params after two steps, losses); built lazily, each once."""
+    cache = {}
+
+    def get(exp):
+        if exp not in cache:
+            overrides = [f"data.dir={demo_root}", "model.fusion_layers=1", "finetune.retrieval_score=both"]
+            if exp == "ptunifier_cls":
+                overrides.append("data.eval_split=train")  # 4 test images may miss a label's positives
+            config = config_lib.get_config(exp, "tiny", overrides)
+            task = build_task(config, log=lambda *_: None)
+            params = nn.meta.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
+            tx, _ = task.make_optimizer(int(config.train.steps))
+
+            @jax.jit
+            def step(params, opt_state, batch, rng):
+                (loss, metrics), grads = jax.value_and_grad(
+                    lambda p: task.loss_fn(p, batch, rng, True), has_aux=True)(params)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss, metrics
+
+            new, opt_state, losses, data = params, tx.init(params), [], iter(task.train_data())
+            for i in range(2):
+                new, opt_state, loss, metrics = step(new, opt_state, next(data), jax.random.PRNGKey(i))
+                losses.append(float(loss))
+                assert all(np.isfinite(float(v)) for v in metrics.values())
+            cache[exp] = (task, params, new, losses)
+        return cache[exp]
+
+    return get
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_tiny_finetune_steps_and_metrics(exp, trained):
+    task, before, after, losses = trained(exp)
+    assert np.isfinite(losses).all()
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after))
+    assert sum(changed) > len(changed) // 2
+    results = task.evaluate(after)
+    kind = task.kind
+    if kind == "vqa":
+        assert results["num_closed"] + results["num_open"] == results["examples"] == 12  # 4 test images x 3 questions
+        for key in ("overall", "closed", "open"):
+            assert 0.0 <= results[key] <= 100.0
+        assert task.model.num_outputs == task.train_set.num_answers >= 10
+    elif kind == "classification":
+        assert 0.0 <= results["auc"] <= 1.0 and 0.0 <= results["f1"] <= 1.0 and results["examples"] == 32
+    elif kind == "nli":
+        assert results["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and results["examples"] == 4
+    else:
+        for prefix in ("", "itc_"):
+            for way in ("ir", "tr"):
+                r1, r5, r10 = (results[f"{prefix}{way}_r{k}"] for k in (1, 5, 10))
+                assert 25.0 <= r5 <= r10 == 100.0 and 0.0 <= r1 <= r5  # 4 test pairs: R@5 and R@10 are 100
+    table = task.results_table(exp, [("demo", results)])
+    header = {"vqa": "demo Open | demo Closed | demo Overall", "classification": "demo AUC | demo F1",
+              "nli": "demo Accuracy", "retrieval": "demo I2T R@1"}[kind]
+    assert header in table and table.count("\n") == 2
+
+
+def test_load_pretrained_takes_the_backbone_and_keeps_the_head(trained):
+    vqa_task, vqa_params, _, _ = trained("ptunifier_vqa")
+    _, _, retrieval_trained, _ = trained("ptunifier_retrieval")
+    merged = vqa_task.load_pretrained(vqa_params, jax.device_get(retrieval_trained))
+    assert sorted(merged) == sorted([*retrieval_trained, "task_head"])
+    for name in retrieval_trained:  # every backbone and pretraining-head leaf comes from the checkpoint
+        for a, b in zip(jax.tree.leaves(merged[name]), jax.tree.leaves(retrieval_trained[name])):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(merged["task_head"]), jax.tree.leaves(vqa_params["task_head"])):
+        np.testing.assert_array_equal(a, b)  # the new head keeps its initialisation
+    broken = dict(retrieval_trained, vision={"position_embedding": np.zeros((3, 3))})
+    with pytest.raises(ValueError, match="does not match the model config"):
+        vqa_task.load_pretrained(vqa_params, broken)
+
+
+def test_param_groups_follow_the_original():
+    assert param_group("task_head") == param_group("itm_head") == param_group("mlm_decoder") == "head"
+    assert param_group("fusion_3") == param_group("visual_prompts") == param_group("image_pooler") == "multi_modal"
+    assert param_group("vision") == param_group("text") == param_group("modality_type") == "backbone"
+
+
+def test_every_config_variant_loads():
+    for exp, variants in (("ptunifier_vqa", ("full", "slake", "medvqa2019", "demo", "tiny")),
+                          ("ptunifier_cls", ("full", "rsna", "demo", "tiny")),
+                          ("ptunifier_retrieval", ("full", "demo", "tiny")), ("ptunifier_nli", ("full", "demo", "tiny"))):
+        for variant in variants:
+            c = config_lib.get_config(exp, variant)
+            assert c.task == "ptunifier_finetune" and c.optim.lr == (5e-6 if variant not in ("demo", "tiny") else c.optim.lr)
+            if variant not in ("demo", "tiny"):
+                assert c.data.image_size == 384 and c.model.vision_width == 768
+    assert config_lib.get_config("ptunifier_vqa", "slake").finetune.num_answers == 222
+    with pytest.raises(ValueError, match="unknown variant"):
+        config_lib.get_config("ptunifier_nli", "slake")
