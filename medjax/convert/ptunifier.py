@@ -2,7 +2,7 @@
 `medjax.models.ptunifier.PTUnifier` params; and Hugging Face towers -> the PTUnifier vision / text towers.
 
     model, variables = medjax.convert.ptunifier.load("ptunifier.ckpt")      # Lightning {"state_dict": ...}
-    python -m medjax.convert.ptunifier --torch ptunifier.ckpt --out params/   # then --set init=params/
+    python -m medjax.convert ptunifier --torch ptunifier.ckpt --out params/   # then --set init=params/
 
 The state dict's key names are the LightningModule's: `vision_encoder.visual.*` (OpenAI CLIP ViT, fused
 `attn.in_proj_weight`), `language_encoder.*` (HF RobertaModel), `multi_modal_{language,vision}_proj`,
@@ -21,7 +21,6 @@ only for a file from a trusted source, or save `ckpt["state_dict"]` alone once a
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from types import SimpleNamespace
@@ -291,24 +290,3 @@ def init_towers_from_hf(params: dict, *, vision: str = "", text: str = "") -> tu
         params[tower], skipped = _take_tower(jax.device_get(params[tower]), variables["params"], path, tower)
         notes += [f"{path}: {s} (not used)" for s in skipped]
     return params, notes
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="PTUnifier Lightning checkpoint -> medjax params")
-    parser.add_argument("--torch", required=True, help="the released .ckpt (or a plain state dict)")
-    parser.add_argument("--out", required=True, help="output directory (medjax.checkpoint.save_params layout)")
-    parser.add_argument("--image-size", type=int, default=0, help="resize the position table to this size")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="torch.load(weights_only=False): only for files from a trusted source")
-    args = parser.parse_args(argv)
-    from medjax.checkpoint import save_params
-
-    overrides = {"image_size": args.image_size} if args.image_size else {}
-    model, variables, report = load_with_report(args.torch, trust_pickle=args.trust_pickle, **overrides)
-    path = save_params(args.out, variables["params"])
-    print(f"wrote {path} (image_size={model.image_size}); ignored {len(report.ignored)} tensors"
-          + (f": {', '.join(report.ignored)}" if report.ignored else ""))
-
-
-if __name__ == "__main__":
-    main()

@@ -34,6 +34,7 @@ class HeadsDense(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = None  # None: Glorot-uniform over the flattened (fan_in, fan_out)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -41,7 +42,8 @@ class HeadsDense(nn.Module):
         if len(self.kernel_axes) != n_in + n_out:
             raise ValueError(f"medjax/nn/attention.py HeadsDense.kernel_axes={self.kernel_axes} must name "
                              f"{n_in + n_out} kernel axes")
-        init = nn.initializers.xavier_uniform(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+        init = self.kernel_init or nn.initializers.xavier_uniform(
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                             tuple(x.shape[-n_in:]) + tuple(self.features), self.param_dtype)
         bias = None

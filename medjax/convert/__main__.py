@@ -1,0 +1,121 @@
+"""PyTorch / Hugging Face weights -> medjax params, one CLI for every converter.
+
+    python -m medjax.convert universal --torch clip_driven_universal_swin_unetr.pth --out params/ [--backbone unet]
+    python -m medjax.convert uni --torch UNI/pytorch_model.bin --out params/
+    python -m medjax.convert hf --path clip-vit-base-patch32/ --out params/ [--tower text]
+
+Each writes the params with `medjax.checkpoint.save_params(OUT, params)` (read back by
+`medjax.checkpoint.restore_params`, `--set init=OUT`, `--params OUT`) and prints the key report: every
+missing, unexpected or ignored checkpoint key and every shape mismatch. The Universal Model's frozen class
+text embeddings (a buffer, not a param) go to OUT/class_embeddings.npy: `init=OUT` and `medjax.predict --params OUT`
+find them there; for `medjax.evaluate` pass `--set model.class_embeddings=OUT/class_embeddings.npy`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from medjax.convert.torch_io import KeyReport
+
+
+def format_report(source: str, report: KeyReport) -> str:
+    """The key report as printed lines (missing, unexpected, shape mismatches, ignored)."""
+    lines = [f"{source}: " + ("every expected key found with its shape" if report.ok else "key problems:")]
+    if report.describe():
+        lines.append(report.describe())
+    if report.ignored:
+        lines.append(f"  ignored ({len(report.ignored)}): {', '.join(report.ignored)}")
+    return "\n".join(lines)
+
+
+def _universal(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import universal
+
+    model, variables, report = universal.load_with_report(
+        args.torch, args.backbone, norm_groups=args.norm_groups, legacy_merging=not args.fixed_merging,
+        allow_missing_head=args.allow_missing_head)
+    extra = ""
+    constants = variables.get("constants", {})
+    if "organ_embedding" in constants:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "class_embeddings.npy")
+        np.save(path, np.asarray(constants["organ_embedding"], np.float32))
+        extra = f"\nwrote the class text embeddings {constants['organ_embedding'].shape} to {path}"
+    if "batch_stats" in variables:
+        raise ValueError("medjax/convert/__main__.py: running BatchNorm statistics are not written; the converter "
+                         "keeps the original's batch-statistics BatchNorm (batch_stats_always=True)")
+    return variables["params"], report, extra
+
+
+def _ptunifier(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import ptunifier
+
+    overrides = {"image_size": args.image_size} if args.image_size else {}
+    model, variables, report = ptunifier.load_with_report(args.torch, trust_pickle=args.trust_pickle, **overrides)
+    return variables["params"], report, f" (image_size={model.image_size})"
+
+
+def _uni(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import uni
+
+    _, variables, report = uni.load_with_report(args.torch)
+    return variables["params"], report, ""
+
+
+def _hf(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import hf
+
+    _, variables, report = hf.load_with_report(args.path, args.tower)
+    return variables["params"], report, ""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medjax.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    p = sub.add_parser("universal", help="CLIP-Driven Universal Model (released .pth or a MONAI SwinUNETR state dict)")
+    p.add_argument("--torch", required=True, help="checkpoint file (.pth/.pt via torch.load(weights_only=True))")
+    p.add_argument("--out", required=True, help="output directory (must not hold params yet)")
+    p.add_argument("--backbone", default="swinunetr", choices=("swinunetr", "unet"))
+    p.add_argument("--norm-groups", type=int, default=16, help="GroupNorm groups of precls_conv and GAP")
+    p.add_argument("--fixed-merging", action="store_true",
+                   help="current MONAI PatchMerging order (default: MONAI 0.9's, which the released weights need)")
+    p.add_argument("--allow-missing-head", action="store_true",
+                   help="backbone-only checkpoints: initialise the missing head params (listed as missing)")
+    p.set_defaults(run=_universal)
+    p = sub.add_parser("uni", help="UNI (timm ViT-L/16) weights")
+    p.add_argument("--torch", required=True, help="pytorch_model.bin, .safetensors or a directory holding one")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_uni)
+    p = sub.add_parser("ptunifier", help="the released PTUnifier Lightning checkpoint (.ckpt)")
+    p.add_argument("--torch", required=True, help="the .ckpt (or a plain state dict)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=0, help="resize the vision position table to this image size")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="torch.load(weights_only=False): only for files from a trusted source")
+    p.set_defaults(run=_ptunifier)
+    p = sub.add_parser("hf", help="a local Hugging Face CLIP / BERT / RoBERTa directory")
+    p.add_argument("--path", required=True, help="directory with config.json and the weights")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tower", default=None, choices=("vision", "text"), help="for a full CLIP directory")
+    p.set_defaults(run=_hf)
+    args = parser.parse_args(argv)
+
+    from medjax.checkpoint import save_params
+
+    source = getattr(args, "torch", None) or args.path
+    try:
+        params, report, extra = args.run(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_report(source, report))
+    out = save_params(args.out, params)
+    print(f"wrote params to {out}{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
