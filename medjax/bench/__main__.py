@@ -3,6 +3,7 @@
   step            one experiment's train step: compile time, steps/s, examples/s, memory
   relation_mask   Pallas relation-masking attention vs its jnp reference
   dynamic_conv3d  Pallas dynamic head vs its jnp reference
+  sliding_window  Universal Model CT sliding-window inference vs MONAI + PyTorch
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ BENCHES = {
     "step": "medjax.bench.step",
     "relation_mask": "medjax.bench.relation_mask",
     "dynamic_conv3d": "medjax.bench.dynamic_conv3d",
+    "sliding_window": "medjax.bench.sliding_window",
 }
 
 

@@ -1,0 +1,165 @@
+"""python -m medjax.bench sliding_window [--exp universal_swin] [--variant V] [--size X Y Z] [--quick]
+
+Whole-volume CT inference of the CLIP-Driven Universal Model (Liu et al., ICCV 2023): medjax's
+`sliding_window_inference` (windows batched under one jit, accumulation on device) vs MONAI's
+`sliding_window_inference` with the PyTorch original model (`medjax.convert.torch_universal`) on the
+same random volume, window (the experiment's crop size, 96^3 in the paper), overlap, Gaussian
+weighting and window batch. Random weights: when `medjax.convert.universal` can convert the PyTorch
+model's state dict, both run the same weights and the table reports their largest logit difference;
+otherwise each side has its own random weights (timing only).
+
+Reported per implementation: the first call (compile + run for medjax), the median of --iters
+timed calls after --warmup calls, and medjax's speed-up over MONAI. torch here is the CPU build, so
+on an accelerator the ratio compares JAX on the accelerator with PyTorch on the host's CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+from medjax.bench import _timing
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medjax.bench sliding_window", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", default="universal_swin", help="universal_swin or universal_unet")
+    p.add_argument("--variant", default=None, help="config variant (default full; tiny with --quick)")
+    p.add_argument("--size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="volume size (default 192 192 128; 80 64 64 with --quick)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (both sides)")
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--impl", choices=["both", "medjax", "monai"], default="both")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny variant, 64^3 window (the PyTorch Swin UNETR needs >= 2 voxels at 1/32), 80x64x64 "
+                        "volume (2 windows), batch 2, 1 timed call")
+    return p
+
+
+def _median_seconds(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _torch_model(config):
+    """(PyTorch original model, (Flax model, variables) converted from its random weights or None, note)."""
+    try:
+        import torch
+
+        from medjax.convert import torch_universal
+    except ImportError as error:
+        return None, None, f"no PyTorch model ({error})"
+    m = config.model
+    torch.manual_seed(int(config.seed))
+    model = torch_universal.universal_torch(m.backbone, feature_size=int(m.feature_size),
+                                            num_classes=int(m.num_classes), encoding=m.encoding,
+                                            norm_groups=int(m.norm_groups), legacy_merging=bool(m.legacy_merging))
+    model.eval()
+    try:
+        from medjax.convert import universal as convert_universal
+        from medjax.models.mrm import parse_dtype
+    except ImportError:
+        return model, None, "separate random weights (no converter)"
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    flax_model, variables, _ = convert_universal.convert_state_dict(
+        state, m.backbone, source="random PyTorch weights", norm_groups=int(m.norm_groups),
+        legacy_merging=bool(m.legacy_merging), kernel_impl=config.kernels.impl,
+        dtype=parse_dtype(config.dtype, "dtype"))
+    return model, (flax_model, variables), "same random weights (PyTorch -> converted)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.variant = args.variant or "tiny"
+        args.size = args.size or [80, 64, 64]
+        args.batch_size = 2
+        args.iters, args.warmup = min(args.iters, 1), min(args.warmup, 1)
+        if not any(o.startswith("data.crop_size=") for o in args.overrides):
+            args.overrides = [*args.overrides, "data.crop_size=(64, 64, 64)"]
+    size = tuple(args.size or (192, 192, 128))
+
+    import jax
+    import jax.numpy as jnp
+
+    from medjax import config as config_lib
+    from medjax.inference.sliding_window import scan_interval, sliding_window_inference, window_starts
+    from medjax.models import universal as universal_lib
+    from medjax.tasks.universal import model_config
+
+    config = config_lib.get_config(args.exp, args.variant, args.overrides)
+    window = tuple(int(s) for s in config.data.crop_size)
+    padded = tuple(max(s, w) for s, w in zip(size, window))
+    n_windows = len(window_starts(padded, window, scan_interval(padded, window, args.overlap)))
+    volume = np.random.default_rng(0).random(size + (1,), dtype=np.float32)
+
+    torch_model, converted, weights_note = (None, None, "random weights, medjax only")
+    if args.impl != "medjax":
+        torch_model, converted, weights_note = _torch_model(config)
+    if converted is not None:
+        model, variables = converted
+    else:
+        model = universal_lib.universal_from_config(model_config(config))
+        variables = model.init(jax.random.key(int(config.seed)), jnp.zeros((1, *window, 1), jnp.float32))
+    variables = jax.device_put(variables)
+    device = jax.devices()[0]
+    print(f"sliding_window: {args.exp} ({config.variant}), volume {size}, window {window}, overlap {args.overlap}, "
+          f"Gaussian, {n_windows} windows in batches of {args.batch_size}; {weights_note}")
+    headers = ("impl", "device", "first call s (compile + run)", "s / volume", "medjax speed-up",
+               "max |logit diff|")
+    print(_timing.markdown_table(headers, []), flush=True)
+
+    ours = None
+    ours_s = None
+    if args.impl != "monai":
+        def run():
+            return jax.block_until_ready(sliding_window_inference(
+                model.apply, volume, variables, window=window, overlap=args.overlap, mode="gaussian",
+                batch_size=args.batch_size))
+
+        start = time.perf_counter()
+        ours = np.asarray(run())
+        first = time.perf_counter() - start
+        ours_s = _median_seconds(run, args.warmup, args.iters)
+        print(_timing.markdown_row(["medjax", f"{device.platform} ({device.device_kind})", f"{first:.2f}",
+                                    f"{ours_s:.3f}", "", ""]), flush=True)
+    if args.impl != "medjax":
+        if torch_model is None:
+            print(_timing.markdown_row(["monai", "n/a", "n/a", "n/a", "n/a", weights_note]))
+            return
+        import torch
+        from monai.inferers import sliding_window_inference as monai_sliding_window
+
+        torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+        x = torch.from_numpy(volume).permute(3, 0, 1, 2)[None].contiguous()
+
+        def run_torch():
+            with torch.no_grad():
+                return monai_sliding_window(x, window, args.batch_size, torch_model, overlap=args.overlap,
+                                            mode="gaussian")
+
+        start = time.perf_counter()
+        theirs = run_torch()[0].permute(1, 2, 3, 0).numpy()
+        first = time.perf_counter() - start
+        theirs_s = _median_seconds(run_torch, args.warmup, args.iters)
+        diff = f"{np.abs(theirs - ours).max():.2e}" if ours is not None and "same" in weights_note else "n/a"
+        print(_timing.markdown_row(["monai + torch", f"cpu ({torch.get_num_threads()} threads)", f"{first:.2f}",
+                                    f"{theirs_s:.3f}", _timing.ratio(theirs_s, ours_s), diff]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Whole-volume prediction and evaluation of the CLIP-Driven Universal Model (Liu et al., ICCV 2023,
+arXiv 2301.00785): sliding window 96^3, overlap 0.5, Gaussian weighting, sigmoid > 0.5, the
+original's post-processing (original `test.py`), then per-organ Dice and NSD laid out like the
+paper's BTCV table (Table 2) and Medical Segmentation Decathlon table (Table 3).
+
+Results are flat `{name: float}`: `dice/<class>`, `nsd/<class>` (mean over the cases whose dataset
+annotates the class and whose ground truth holds it; the original skips empty labels), the same per
+dataset as `dice/<dataset id>/<class>` when cases carry a dataset id, `dice/mean` and `nsd/mean`
+(mean over the scored classes of their means, the original's "average"), and `cases`. Class keys
+are the class names in snake case (`CLASS_KEYS`: "liver", "right_kidney", "liver_tumor", ...).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from medjax.data import ct_templates as templates
+from medjax.inference.postprocess import organ_post_process
+from medjax.inference.sliding_window import sliding_window_inference
+from medjax.metrics.segmentation import per_class_scores
+
+CLASS_KEYS = tuple(name.lower().replace(" ", "_") for name in templates.CLASS_NAMES)
+ALL_CLASSES = tuple(range(1, templates.NUM_CLASSES + 1))
+
+# Paper Table 2 (BTCV): column header -> class id; "Avg" is the mean of the row's organs.
+BTCV_COLUMNS = (("Spleen", 1), ("R Kidney", 2), ("L Kidney", 3), ("Gall Bladder", 4), ("Esophagus", 5),
+                ("Liver", 6), ("Stomach", 7), ("Aorta", 8), ("IVC/Postcava", 9), ("Veins", 10),
+                ("Pancreas", 11), ("R Adrenal", 12), ("L Adrenal", 13))
+BTCV_DATASET = "01"
+# Paper Table 3 (MSD): task -> (dataset id, ((column, class id), ...)).
+MSD_TASKS = (("Liver", "10_03", (("Organ", 6), ("Tumor", 27))),
+             ("Lung", "10_06", (("Tumor", 30),)),
+             ("Pancreas", "10_07", (("Organ", 11), ("Tumor", 28))),
+             ("Hepatic Vessel", "10_08", (("Vessel", 15), ("Tumor", 29))),
+             ("Spleen", "10_09", (("Organ", 1),)),
+             ("Colon", "10_10", (("Tumor", 31),)))
+
+
+def predict_masks(apply_fn: Callable, volume: np.ndarray, *args: Any, classes: Iterable[int] = ALL_CLASSES,
+                  window: Sequence[int] = (96, 96, 96), overlap: float = 0.5, mode: str = "gaussian",
+                  sigma_scale: float = 0.125, batch_size: int = 4, threshold: float = 0.5) -> np.ndarray:
+    """bool (X, Y, Z, 32) post-processed masks of one preprocessed volume (X, Y, Z) or (X, Y, Z, 1):
+    `apply_fn(*args, windows)` -> logits (b, wx, wy, wz, 32) blended over sliding windows, sigmoid >
+    `threshold` on device, then `organ_post_process` for `classes` on the host."""
+    volume = np.asarray(volume)
+    if volume.ndim == 3:
+        volume = volume[..., None]
+    if volume.ndim != 4:
+        raise ValueError(f"volume must be (X, Y, Z) or (X, Y, Z, 1), got shape {volume.shape}")
+    logits = sliding_window_inference(apply_fn, volume, *args, window=window, overlap=overlap, mode=mode,
+                                      sigma_scale=sigma_scale, batch_size=batch_size)
+    masks = np.asarray(jax.device_get(jax.nn.sigmoid(logits) > threshold))
+    return organ_post_process(masks, classes)
+
+
+def cases_from_cache(ct_cases: Iterable[Any], cache: Any) -> Iterator[dict]:
+    """Evaluation cases for `evaluate_cases` from `ct_pipeline.CTCase`s through a `CTVolumeCache`
+    (preprocessed, foreground-cropped volumes): {"image" (X, Y, Z) float32, "label" (X, Y, Z, 32),
+    "label_mask" (32,), "dataset_id", "name"}, one case in memory at a time."""
+    from medjax.data.ct_pipeline import label_channels
+
+    for case in ct_cases:
+        entry = cache.load(case)
+        label, label_mask = label_channels(np.asarray(entry["organ"]), np.asarray(entry["tumour"]), case.dataset_id)
+        yield {"image": np.asarray(entry["image"], np.float32), "label": label, "label_mask": label_mask,
+               "dataset_id": case.dataset_id, "name": case.image}
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def evaluate_cases(predict_fn: Callable[[np.ndarray, tuple[int, ...]], np.ndarray], cases: Iterable[dict], *,
+                   spacing: Sequence[float], nsd_tolerance_mm: float | dict[int, float],
+                   ignore_empty: bool = True) -> dict[str, float]:
+    """Per-class Dice / NSD over `cases` (module docstring for the keys).
+
+    A case is a dict with "image" (X, Y, Z[, 1]) float32, "label" (X, Y, Z, 32) per-class channels,
+    "label_mask" (32,) bool (the classes its dataset annotates; `ct_pipeline.label_channels`) and
+    optionally "dataset_id" (e.g. "01", "10_03"). `predict_fn(image, classes)` returns the bool
+    (X, Y, Z, 32) post-processed masks (e.g. `predict_masks` with the model bound); only the
+    annotated classes are scored.
+    """
+    overall: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    by_dataset: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    count = 0
+    for index, case in enumerate(cases):
+        where = case.get("name", f"case {index}")
+        for field in ("image", "label", "label_mask"):
+            if field not in case:
+                raise KeyError(f"{where}: evaluation case has no {field!r} (has {sorted(case)})")
+        label = np.asarray(case["label"]).astype(bool)
+        label_mask = np.asarray(case["label_mask"], dtype=bool)
+        if label.ndim != 4 or label.shape[-1] != templates.NUM_CLASSES or label_mask.shape != (templates.NUM_CLASSES,):
+            raise ValueError(f"{where}: label {label.shape} / label_mask {label_mask.shape} must be "
+                             f"(X, Y, Z, {templates.NUM_CLASSES}) / ({templates.NUM_CLASSES},)")
+        classes = tuple(int(c) + 1 for c in np.flatnonzero(label_mask))
+        pred = np.asarray(predict_fn(case["image"], classes)).astype(bool)
+        if pred.shape != label.shape:
+            raise ValueError(f"{where}: prediction {pred.shape} and label {label.shape} differ in shape")
+        scores = per_class_scores(pred, label, classes, spacing=spacing, tolerance_mm=nsd_tolerance_mm,
+                                  ignore_empty=ignore_empty)
+        for c, pair in scores.items():
+            overall[c].append(pair)
+            if case.get("dataset_id"):
+                by_dataset[(str(case["dataset_id"]), c)].append(pair)
+        count += 1
+    results: dict[str, float] = {}
+    class_means = {"dice": [], "nsd": []}
+    for c in sorted(overall):
+        for i, metric in enumerate(("dice", "nsd")):
+            mean = _nanmean([pair[i] for pair in overall[c]])
+            if not math.isnan(mean):
+                results[f"{metric}/{CLASS_KEYS[c - 1]}"] = mean
+                class_means[metric].append(mean)
+    for (dataset, c), pairs in sorted(by_dataset.items()):
+        for i, metric in enumerate(("dice", "nsd")):
+            mean = _nanmean([pair[i] for pair in pairs])
+            if not math.isnan(mean):
+                results[f"{metric}/{dataset}/{CLASS_KEYS[c - 1]}"] = mean
+    for metric in ("dice", "nsd"):
+        results[f"{metric}/mean"] = float(np.mean(class_means[metric])) if class_means[metric] else float("nan")
+    results["cases"] = float(count)
+    return results
+
+
+def _lookup(results: dict[str, float], metric: str, dataset: str, c: int) -> float | None:
+    for key in (f"{metric}/{dataset}/{CLASS_KEYS[c - 1]}", f"{metric}/{CLASS_KEYS[c - 1]}"):
+        if key in results and not math.isnan(results[key]):
+            return results[key]
+    return None
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _table(header: Sequence[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _method(exp: str, label: str) -> str:
+    return f"medjax {exp} ({label})" if label else f"medjax {exp}"
+
+
+def btcv_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+    """Dice (%) per BTCV organ and their mean (paper Table 2 layout), one row per results column;
+    values from `dice/01/<organ>`, else `dice/<organ>`."""
+    rows = []
+    for label, results in columns:
+        values = [_lookup(results, "dice", BTCV_DATASET, c) for _, c in BTCV_COLUMNS]
+        present = [v for v in values if v is not None]
+        rows.append([_method(exp, label), *map(_cell, values),
+                     _cell(float(np.mean(present)) if present else None)])
+    return _table(["Method", *(name for name, _ in BTCV_COLUMNS), "Avg"], rows)
+
+
+def msd_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+    """Dice and NSD (%) per MSD task and structure (paper Table 3 layout); values from
+    `<metric>/<10_NN>/<class>`, else `<metric>/<class>`."""
+    header = ["Method"] + [f"{task} {part} {metric}" for task, _, parts in MSD_TASKS for part, _ in parts
+                           for metric in ("DSC", "NSD")]
+    rows = []
+    for label, results in columns:
+        cells = [_cell(_lookup(results, metric, dataset, c)) for _, dataset, parts in MSD_TASKS for _, c in parts
+                 for metric in ("dice", "nsd")]
+        rows.append([_method(exp, label), *cells])
+    return _table(header, rows)
+
+
+def _has_any(columns: list[tuple[str, dict[str, float]]], pairs: Iterable[tuple[str, int]]) -> bool:
+    pairs = list(pairs)
+    return any(_lookup(results, "dice", dataset, c) is not None for _, results in columns for dataset, c in pairs)
+
+
+def universal_results_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+    """Markdown: the BTCV table and/or the MSD table (those with any scored structure), else one
+    Dice / NSD row per scored class; `columns` is [(label, results of `evaluate_cases`), ...]."""
+    parts = []
+    if _has_any(columns, ((BTCV_DATASET, c) for _, c in BTCV_COLUMNS)):
+        parts.append("BTCV (Dice %)\n\n" + btcv_table(exp, columns))
+    if _has_any(columns, ((dataset, c) for _, dataset, ps in MSD_TASKS for _, c in ps)):
+        parts.append("Medical Segmentation Decathlon (Dice / NSD %)\n\n" + msd_table(exp, columns))
+    if not parts:
+        scored = [c for c in ALL_CLASSES if any(f"dice/{CLASS_KEYS[c - 1]}" in r for _, r in columns)]
+        header = ["Method"] + [f"{templates.CLASS_NAMES[c - 1]} {m}" for c in scored for m in ("DSC", "NSD")]
+        rows = [[_method(exp, label)] + [_cell(results.get(f"{m}/{CLASS_KEYS[c - 1]}"))
+                                                           for c in scored for m in ("dice", "nsd")]
+                for label, results in columns]
+        parts.append(_table(header, rows))
+    return "\n\n".join(parts)

@@ -1,0 +1,71 @@
+"""Partial-label segmentation loss of the CLIP-Driven Universal Model (Liu et al., ICCV 2023, arXiv
+2301.00785, Sec. 3.3; the original's `utils/loss.py` `Multi_BCELoss` + `DiceLoss`, summed 1:1 in
+`train.py`).
+
+Each training sample comes from a dataset that annotates only some of the 32 classes
+(`medjax.data.ct_templates.TEMPLATES`; the pipeline's `label_mask`). For every labelled
+(sample, class) pair n, with p = sigmoid(logit), t in {0, 1} over the V voxels of the crop:
+
+    BCE_n  = (1/V) sum_v [ -t log p - (1 - t) log(1 - p) ]          (BCEWithLogitsLoss, mean)
+    Dice_n = 1 - 2 sum_v p t / (sum_v p + sum_v t + smooth)          (smooth = 1, denominator only)
+    L      = mean_n BCE_n + mean_n Dice_n                            (means over the labelled pairs)
+
+Unlabelled pairs enter neither sum nor count, so their logits get exactly zero gradient. A batch
+without a labelled pair gives L = 0.
+
+Dice, stated: the original's `BinaryDiceLoss` smooths only the denominator (kept here: an empty
+ground truth then gives a constant loss 1 with no gradient, so a crop without the organ is trained by
+BCE alone). Its first release computed Dice per first-axis slice of the volume and averaged the
+slices; its latest release flattens the volume and then sums over a dimension that no longer exists
+(a crash). medjax computes the standard soft Dice per (sample, class) over the whole crop.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_WHERE = "medjax/losses/segmentation.py"
+
+
+def _check(logits: jax.Array, labels: jax.Array, label_mask: jax.Array) -> None:
+    if logits.shape != labels.shape or logits.ndim < 3:
+        raise ValueError(f"{_WHERE}: logits {logits.shape} and labels {labels.shape} must both be "
+                         "(batch, *spatial, classes)")
+    if label_mask.shape != (logits.shape[0], logits.shape[-1]):
+        raise ValueError(f"{_WHERE}: label_mask must be (batch={logits.shape[0]}, classes={logits.shape[-1]}), "
+                         f"got {label_mask.shape}")
+
+
+def per_class_bce_dice(logits: jax.Array, labels: jax.Array, *, smooth: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(BCE, Dice loss), each (batch, classes): voxel-mean BCE-with-logits and 1 - soft Dice per
+    (sample, class), over the spatial axes of (batch, *spatial, classes) inputs (fp32)."""
+    logits = logits.astype(jnp.float32)
+    labels = labels.astype(jnp.float32)
+    spatial = tuple(range(1, logits.ndim - 1))
+    bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels), axis=spatial)
+    probs = jax.nn.sigmoid(logits)
+    overlap = jnp.sum(probs * labels, axis=spatial)
+    denominator = jnp.sum(probs, axis=spatial) + jnp.sum(labels, axis=spatial) + smooth
+    return bce, 1.0 - 2.0 * overlap / denominator
+
+
+def partial_label_bce_dice(logits: jax.Array, labels: jax.Array, label_mask: jax.Array, *,
+                           smooth: float = 1.0, bce_weight: float = 1.0,
+                           dice_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(L, {"bce", "dice_loss", "labelled_pairs"}) of the module docstring.
+
+    logits, labels: (batch, X, Y, Z, classes); label_mask: bool (batch, classes), True where the
+    sample's dataset annotates the class. L = bce_weight * mean BCE + dice_weight * mean Dice loss over
+    the labelled pairs (1:1 in the paper).
+    """
+    _check(logits, labels, label_mask)
+    bce, dice_loss = per_class_bce_dice(logits, labels, smooth=smooth)
+    mask = label_mask.astype(bool)
+    count = jnp.sum(mask).astype(jnp.float32)
+    denom = jnp.maximum(count, 1.0)
+    # where(): the unselected branch's cotangent is exactly zero (and both branches are finite).
+    mean_bce = jnp.sum(jnp.where(mask, bce, 0.0)) / denom
+    mean_dice = jnp.sum(jnp.where(mask, dice_loss, 0.0)) / denom
+    loss = bce_weight * mean_bce + dice_weight * mean_dice
+    return loss, {"bce": mean_bce, "dice_loss": mean_dice, "labelled_pairs": count}

@@ -1,0 +1,162 @@
+"""python -m medjax.predict --exp universal_swin --params DIR --input ct.nii.gz --out OUT.nii.gz
+    [--variant V] [--per-class] [--batch-size N] [--overlap F] [--set k=v ...]
+
+Segments a CT with the CLIP-Driven Universal Model (Liu et al., ICCV 2023, arXiv 2301.00785), as the
+original's `pred_pseudo.py`: the NIfTI is read to RAS at the experiment's spacing and HU window
+(`medjax.data.ct.load_ct`), cropped to its foreground (scaled intensity > 0, MONAI CropForeground),
+predicted by sliding windows (the model's crop size, overlap 0.5, Gaussian weighting, windows
+batched under one jit), thresholded (sigmoid > 0.5) and post-processed for all 32 classes
+(`medjax.inference.postprocess`). The class-id label map (0 background, 1..32 in
+`medjax.data.ct_templates.CLASS_NAMES` order; tumours over their organs) is resampled, nearest
+neighbour, from the RAS grid back onto the input's own voxel grid and written with the input's shape
+and affine. `--per-class` also writes one 0/1 mask per class beside it: OUT_<class>.nii.gz.
+
+--params: a directory written by `medjax.checkpoint.save_params` (e.g. `python -m medjax.convert
+universal --out DIR`) or a training workdir (its latest checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medjax.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", required=True, help="experiment name (universal_swin or universal_unet)")
+    p.add_argument("--params", required=True, help="converted weights (save_params dir) or a training workdir")
+    p.add_argument("--input", required=True, help="CT volume, NIfTI (.nii or .nii.gz), Hounsfield units")
+    p.add_argument("--out", required=True, help="output label NIfTI path (.nii or .nii.gz)")
+    p.add_argument("--variant", default=None, help="config variant (must match the params)")
+    p.add_argument("--per-class", action="store_true", help="also write one 0/1 mask per class: OUT_<class>.nii.gz")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward pass (default: eval.sw_batch_size)")
+    p.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: eval.overlap, 0.5)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    return p
+
+
+def _stem(path: str) -> tuple[str, str]:
+    for suffix in NIFTI_SUFFIXES:
+        if path.endswith(suffix):
+            return path[: -len(suffix)], suffix
+    raise ValueError(f"--out {path}: expected a NIfTI file name ending in .nii or .nii.gz")
+
+
+def segment_file(input_path: str, out_path: str, masks_fn: Callable[[np.ndarray], np.ndarray], *,
+                 spacing: Sequence[float], hu_range: Sequence[float], per_class: bool = False) -> list[str]:
+    """Read `input_path`, predict bool (X, Y, Z, 32) masks of its foreground crop with `masks_fn`
+    (preprocessed RAS volume (X, Y, Z) -> post-processed masks), write the class-id label map on the
+    input's grid to `out_path` (and per-class masks); returns the paths written."""
+    from medjax.data import ct_templates as templates
+    from medjax.data.ct import load_ct, read_nifti_header, resample, save_nifti
+    from medjax.data.ct_pipeline import foreground_box
+    from medjax.inference.postprocess import merge_labels
+    from medjax.inference.universal_eval import CLASS_KEYS
+
+    stem, suffix = _stem(out_path)
+    shape, affine = read_nifti_header(input_path)
+    volume, ras_affine = load_ct(input_path, spacing=spacing, hu_range=hu_range)
+    box = foreground_box(volume)
+    masks = np.zeros(volume.shape + (templates.NUM_CLASSES,), dtype=bool)
+    crop = np.asarray(masks_fn(volume[box]))
+    if crop.shape != volume[box].shape + (templates.NUM_CLASSES,):
+        raise ValueError(f"{input_path}: the model gave masks {crop.shape} for a crop of {volume[box].shape}")
+    masks[box] = crop
+
+    def to_input_grid(array: np.ndarray) -> np.ndarray:
+        return resample(array, ras_affine, shape, affine, order=0)
+
+    written = [out_path]
+    save_nifti(out_path, to_input_grid(merge_labels(masks)), affine)
+    if per_class:
+        for c in range(1, templates.NUM_CLASSES + 1):
+            path = f"{stem}_{CLASS_KEYS[c - 1]}{suffix}"
+            save_nifti(path, to_input_grid(masks[..., c - 1].astype(np.uint8)), affine)
+            written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from medjax import config as config_lib
+    from medjax.data.ct import CTDataError
+
+    try:
+        _stem(args.out)
+        if not os.path.isfile(args.input):
+            raise CTDataError(f"{args.input}: --input file not found")
+        config = config_lib.get_config(args.exp, args.variant, args.overrides)
+        batch_size = int(config.eval.sw_batch_size) if args.batch_size is None else args.batch_size
+        overlap = float(config.eval.overlap) if args.overlap is None else args.overlap
+        if batch_size < 1 or not 0.0 <= overlap < 1.0:
+            raise ValueError(f"--batch-size must be >= 1 and --overlap in [0, 1), got {batch_size}, {overlap}")
+        masks_fn = universal_masks_fn(config, args.params, batch_size=batch_size, overlap=overlap)
+        written = segment_file(args.input, args.out, masks_fn, spacing=tuple(config.data.spacing),
+                               hu_range=tuple(config.data.hu_range), per_class=args.per_class)
+    except (config_lib.ConfigError, CTDataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written[0]}" + (f" and {len(written) - 1} per-class masks" if len(written) > 1 else ""))
+    return 0
+
+
+def load_universal(config, params_dir: str):
+    """(model, variables) of a Universal Model experiment config and its weights: params from
+    `restore_params(params_dir)` (a params tree, or a whole variables tree {"params", "constants"});
+    for encoding "word_embedding" the frozen class text embeddings from the tree's "constants", else from
+    `model.class_embeddings` (.npy)."""
+    from medjax.checkpoint import restore_params
+    from medjax.models import universal as universal_lib
+    from medjax.tasks.universal import model_config
+
+    if config.get("task") != "universal":
+        raise ValueError(f"--exp {config.exp}: medjax.predict segments CT with Universal Model experiments "
+                         f"(task 'universal'), this one's task is {config.get('task')!r}")
+    model = universal_lib.universal_from_config(model_config(config))
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"--params {params_dir}: no such directory (expected converted weights or a "
+                                "training workdir)")
+    tree = restore_params(params_dir)
+    if isinstance(tree, dict) and "params" in tree and set(tree) <= {"params", universal_lib.CONSTANTS, "batch_stats"}:
+        variables = dict(tree)  # a whole variables tree (e.g. converted weights with their constants)
+    else:
+        variables = {"params": tree}
+    if config.model.encoding == "word_embedding" and universal_lib.CONSTANTS not in variables:
+        path = config.model.class_embeddings
+        beside = os.path.join(params_dir, "class_embeddings.npy")  # written by `python -m medjax.convert universal`
+        if not path and os.path.isfile(beside):
+            path = beside
+        if not path:
+            raise ValueError(f"--exp {config.exp}: encoding 'word_embedding' needs the class text embeddings: "
+                             "--set model.class_embeddings=emb.npy (`python -m medjax.models.universal "
+                             "embed-classes`)")
+        embedding = universal_lib.load_class_embeddings(path, int(config.model.num_classes))
+        variables[universal_lib.CONSTANTS] = {"organ_embedding": embedding}
+    return model, variables
+
+
+def universal_masks_fn(config, params_dir: str, *, batch_size: int, overlap: float):
+    """volume (X, Y, Z) -> bool (X, Y, Z, 32) post-processed masks: sliding windows of the experiment's
+    crop size, Gaussian weighting, sigmoid > eval.threshold, all 32 classes post-processed."""
+    import jax
+
+    from medjax.inference.universal_eval import predict_masks
+
+    model, variables = load_universal(config, params_dir)
+    variables = jax.device_put(variables)
+    window = tuple(int(s) for s in config.data.crop_size)
+    threshold = float(config.eval.threshold)
+    return lambda volume: predict_masks(model.apply, volume, variables, window=window, overlap=overlap,
+                                        batch_size=batch_size, threshold=threshold)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

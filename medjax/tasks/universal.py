@@ -1,0 +1,172 @@
+"""CLIP-Driven Universal Model task: partial-label CT segmentation of 32 classes (Liu et al., ICCV 2023,
+arXiv 2301.00785). Training: random crops from `medjax.data.ct_pipeline`, BCE + Dice over each
+sample's labelled classes (`medjax.losses.segmentation`). Evaluation: per validation case, sliding-
+window logits over the whole preprocessed volume (`medjax.inference.sliding_window`), sigmoid > 0.5,
+the original's post-processing (`medjax.inference.postprocess`), then Dice and NSD per labelled class
+(`medjax.metrics.segmentation`), averaged over cases (cases whose ground truth lacks a class are
+skipped for it, as the original's `test.py`).
+
+Class text embeddings (`model.encoding`): "word_embedding" (the paper) needs `model.class_embeddings`,
+a (32, 512) .npy from `python -m medjax.models.universal embed-classes` (or, when empty, the
+`class_embeddings.npy` beside the `init=` weights, which the converter writes); otherwise an empty path
+is an error, never a silent placeholder. "rand_embedding" learns a (32, 256) embedding instead (the demo and tiny
+variants, which have no CLIP model at hand).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medjax import optim as optim_lib
+from medjax.checkpoint import merge_params
+from medjax.data import demo as demo_lib
+from medjax.data.ct_pipeline import CTAugment, CTVolumeCache, ct_train_dataset, read_ct_list
+from medjax.inference.postprocess import organ_post_process, threshold
+from medjax.inference.sliding_window import sliding_window_inference
+from medjax.inference.universal_eval import cases_from_cache, evaluate_cases, universal_results_table
+from medjax.losses.segmentation import partial_label_bce_dice
+from medjax.models import universal as universal_lib
+
+_WHERE = "medjax/tasks/universal.py"
+CLASS_EMBEDDINGS_FILE = "class_embeddings.npy"  # beside converted weights: their frozen text embeddings
+
+
+def model_config(config):
+    """The `model` block plus the run-wide compute dtype and kernel implementation."""
+    cfg = config.model.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.dtype = config.dtype
+        cfg.kernel_impl = config.kernels.impl
+    return cfg
+
+
+def data_root(config, log=print) -> str:
+    return config.data.dir or demo_lib.ensure_demo(config.data.kind, log=log)
+
+
+def _in_root(root: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+class UniversalTask:
+    def __init__(self, config, log=print):
+        self.config, self.log = config, log
+        self.root = data_root(config, log)
+        self.model = universal_lib.universal_from_config(model_config(config))
+        self.global_batch = int(config.train.batch_size)
+        self.crop_size = tuple(int(s) for s in config.data.crop_size)
+        self.constants = self._constants()
+        self.cache_dir = config.data.cache_dir or os.path.join(demo_lib.cache_dir(), "ct_cache")
+        self._apply_windows = lambda variables, windows: self.model.apply(variables, windows)  # one jit per shape
+
+    def _constants(self) -> dict:
+        """{"constants": {"organ_embedding": (32, 512)}} for word_embedding, else {} (module docstring)."""
+        m = self.config.model
+        if m.encoding != "word_embedding":
+            return {}
+        path = m.class_embeddings
+        beside_init = os.path.join(self.config.init, CLASS_EMBEDDINGS_FILE) if self.config.init else ""
+        if not path and beside_init and os.path.isfile(beside_init):  # written by the weight converter
+            self.log(f"class embeddings: {beside_init} (beside init={self.config.init})")
+            path = beside_init
+        if not path:
+            raise ValueError(
+                f"{_WHERE}: model.encoding='word_embedding' (the paper's setup) needs model.class_embeddings, the "
+                f"(32, 512) CLIP text embeddings as .npy; make them with `python -m medjax.models.universal "
+                f"embed-classes --clip CLIP_DIR --out emb.npy` and pass --set model.class_embeddings=emb.npy, or "
+                f"train without text with --set model.encoding=rand_embedding (init= converted weights bring "
+                f"theirs as {CLASS_EMBEDDINGS_FILE})")
+        embedding = universal_lib.load_class_embeddings(path, int(m.num_classes))
+        return {universal_lib.CONSTANTS: {"organ_embedding": jnp.asarray(embedding)}}
+
+    def variables(self, params) -> dict:
+        return {"params": params, **self.constants}
+
+    # ----- training -----
+    def init_batch(self) -> dict:
+        classes = int(self.config.model.num_classes)
+        return {"image": np.zeros((self.global_batch, *self.crop_size, 1), np.float32),
+                "label": np.zeros((self.global_batch, *self.crop_size, classes), np.uint8),
+                "label_mask": np.zeros((self.global_batch, classes), bool)}
+
+    def init_params(self, rng):
+        image = jnp.zeros((1, *self.crop_size, 1), jnp.float32)  # params do not depend on the batch size
+        return self.model.init({"params": rng}, image)["params"]
+
+    def loss_fn(self, params, batch, rng, train):
+        del rng  # no dropout / stochastic depth in the paper's setup
+        logits = self.model.apply(self.variables(params), batch["image"], train=train)
+        loss_cfg = self.config.loss
+        return partial_label_bce_dice(logits, batch["label"], batch["label_mask"], smooth=float(loss_cfg.dice_smooth),
+                                      bce_weight=float(loss_cfg.bce_weight), dice_weight=float(loss_cfg.dice_weight))
+
+    def make_optimizer(self, total_steps: int):
+        """AdamW + warmup-cosine (medjax.optim); with optim.decay_all_params weight decay acts on every
+        param, as torch.optim.AdamW in the original (medjax's default skips biases and norms)."""
+        o = self.config.optim
+        if not o.decay_all_params:
+            return optim_lib.make_optimizer(o, total_steps)
+        schedule = optim_lib.learning_rate_schedule(o, total_steps)
+        parts = [optax.clip_by_global_norm(float(o.clip_norm))] if float(o.clip_norm) > 0 else []
+        parts.append(optax.adamw(learning_rate=schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+                                 weight_decay=float(o.weight_decay)))
+        return optax.chain(*parts), schedule
+
+    def _augment(self) -> CTAugment:
+        d = self.config.data
+        return CTAugment(crop_size=self.crop_size, pos=float(d.pos), neg=float(d.neg),
+                         class_ratios=tuple(float(r) for r in d.class_ratios), rotate90_prob=float(d.rotate90_prob),
+                         shift_prob=float(d.shift_prob), shift_offset=float(d.shift_offset),
+                         zoom_prob=float(d.zoom_prob), zoom_range=tuple(float(z) for z in d.zoom_range))
+
+    def train_data(self):
+        d = self.config.data
+        return ct_train_dataset(
+            _in_root(self.root, d.train_list), root=self.root, cache_dir=self.cache_dir,
+            global_batch=self.global_batch, seed=int(self.config.seed), augment=self._augment(),
+            spacing=tuple(d.spacing), hu_range=tuple(d.hu_range), process_index=jax.process_index(),
+            process_count=jax.process_count(), prefetch_threads=int(d.prefetch_threads))
+
+    # ----- evaluation -----
+    @functools.cached_property
+    def eval_cases(self):
+        cases = read_ct_list(_in_root(self.root, self.config.data.val_list), self.root)
+        limit = int(self.config.eval.max_cases)
+        return cases[:limit] if limit > 0 else cases
+
+    def predict_masks(self, params, image: np.ndarray, classes) -> np.ndarray:
+        """bool (X, Y, Z, 32): sliding-window logits of a preprocessed volume (X, Y, Z), sigmoid > 0.5,
+        post-processed for `classes` (config eval.post_process)."""
+        e = self.config.eval
+        logits = sliding_window_inference(self._apply_windows, image[..., None], self.variables(params),
+                                          window=self.crop_size, overlap=float(e.overlap), mode="gaussian",
+                                          batch_size=int(e.sw_batch_size))
+        masks = threshold(np.asarray(jax.device_get(jax.nn.sigmoid(logits))), float(e.threshold))
+        return organ_post_process(masks, classes) if e.post_process else masks
+
+    def evaluate(self, params) -> dict[str, float]:
+        """Dice and NSD per class over the evaluation list (medjax.inference.universal_eval: `dice/<class>`,
+        `nsd/<class>`, per dataset `dice/<id>/<class>`, `dice/mean`, `nsd/mean`, `cases`)."""
+        d, e = self.config.data, self.config.eval
+        cache = CTVolumeCache(self.cache_dir, spacing=tuple(d.spacing), hu_range=tuple(d.hu_range))
+        return evaluate_cases(lambda image, classes: self.predict_masks(params, image, classes),
+                              cases_from_cache(self.eval_cases, cache), spacing=tuple(d.spacing),
+                              nsd_tolerance_mm=float(e.nsd_tolerance_mm))
+
+    def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+        """The paper's BTCV (per-organ Dice) and MSD (Dice / NSD per task) layouts, whichever has data."""
+        return universal_results_table(exp, columns)
+
+    def load_pretrained(self, params, pretrained):
+        """Converted released weights or another Universal Model run: every leaf with the same path and
+        shape is taken; the rest (e.g. another backbone's) keep their initialisation and are logged."""
+        merged, skipped = merge_params(params, pretrained)
+        if skipped:
+            self.log(f"load_pretrained: {len(skipped)} params not taken: {', '.join(skipped[:8])}"
+                     + (" ..." if len(skipped) > 8 else ""))
+        return merged
