@@ -29,3 +29,19 @@ def fundus_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("fundus_demo")
     make_fundus_genome_demo(str(root), participants=24, image_size=48, num_snps=200, seed=0)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def demo_roots(tmp_path_factory, fundus_demo):
+    """kind -> a small demo dataset of that kind in the real formats (tests/experiment_data.py), each made
+    once, on first use."""
+    from tests.experiment_data import make_test_demo
+
+    made = {"fundus_genome": fundus_demo}
+
+    def root(kind: str) -> str:
+        if kind not in made:
+            made[kind] = make_test_demo(kind, str(tmp_path_factory.mktemp(f"{kind}_demo")))
+        return made[kind]
+
+    return root

@@ -15,6 +15,7 @@ from medjax import config as config_lib
 from medjax.checkpoint import restore_params
 from medjax.tasks import build_task
 from medjax.trainer import Trainer
+from tests.experiment_data import tiny_data_overrides
 
 QUIET = dict(log=lambda *_: None)
 
@@ -28,7 +29,23 @@ def tiny_config(exp, data, *overrides):
 
 
 @pytest.mark.parametrize("exp", config_lib.available_experiments())
-def test_every_experiment_tiny_runs_a_step(exp, fundus_demo, tmp_path):
+def test_every_experiment_tiny_feeds_its_model(exp, demo_roots, tmp_path):
+    """Every experiment's tiny variant builds its task on a demo of its data kind, and the pipeline's
+    batches have exactly the keys, per-example shapes and dtypes the model was initialised with."""
+    base = config_lib.get_config(exp, "tiny")
+    config = config_lib.get_config(exp, "tiny", [*tiny_data_overrides(base, demo_roots, str(tmp_path)), *SINGLE_DEVICE])
+    task = build_task(config, **QUIET)
+    batch, init = next(iter(task.train_data())), task.init_batch()
+    assert sorted(batch) == sorted(init), exp
+    for key in init:
+        assert np.shape(batch[key])[0] == int(config.train.batch_size), (exp, key)
+        assert np.shape(batch[key])[1:] == np.shape(init[key])[1:], (exp, key)
+        assert np.asarray(batch[key]).dtype == np.asarray(init[key]).dtype, (exp, key)
+
+
+@pytest.mark.parametrize("exp", ["mrm_retina", "mrm_aptos"])
+def test_mrm_experiments_tiny_run_a_step(exp, fundus_demo, tmp_path):
+    """(The other families' tiny training runs: tests/test_train_{universal,uni,ptunifier}.py.)"""
     config = tiny_config(exp, fundus_demo)
     result = Trainer(config, build_task(config, **QUIET), str(tmp_path)).run()
     assert result["step"] == 2 and np.isfinite(result["losses"]).all()

@@ -1,6 +1,6 @@
-"""Sharding presets on 8 fake CPU devices: every experiment's tiny model under `dp`, `fsdp` and
-`fsdp_tp` (mesh data=2, fsdp=2, tensor=2) gives the single-device training loss, and its
-parameter partition specs match the golden snapshot.
+"""Sharding presets on 8 fake CPU devices: one experiment per model family (its tiny model) under
+`dp`, `fsdp` and `fsdp_tp` (mesh data=2, fsdp=2, tensor=2) gives the single-device training loss,
+and every experiment's parameter partition specs match the golden snapshot.
 
 Regenerate the snapshot after an intended change of a model's params or of the rules table:
 
@@ -26,6 +26,7 @@ from medjax.parallel import mesh as mesh_lib
 from medjax.parallel import rules as rules_lib
 from medjax.tasks import build_task
 from medjax.trainer import global_batch
+from tests.experiment_data import make_test_demo, tiny_data_overrides
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_partition_specs.json")
 MESH = dict(data=2, fsdp=2, tensor=2, rules="fsdp", num_devices=0)
@@ -33,9 +34,20 @@ PRESETS = sorted(rules_lib.PRESETS)
 EXPERIMENTS = config_lib.available_experiments()
 
 
-def tiny_config(exp: str, data_root: str):
-    sub = "aptos" if exp == "mrm_aptos" else ""
-    return config_lib.get_config(exp, "tiny", [f"data.dir={os.path.join(data_root, sub)}", "kernels.impl=reference"])
+def _one_per_family() -> list[str]:
+    """The first experiment of each task (model family): the loss-equality cases compile 4 programs each."""
+    first = {}
+    for exp in EXPERIMENTS:
+        first.setdefault(config_lib.get_config(exp, "tiny").task, exp)
+    return sorted(first.values())
+
+
+FAMILIES = _one_per_family()
+
+
+def tiny_config(exp: str, root, tmp_dir: str):
+    base = config_lib.get_config(exp, "tiny")
+    return config_lib.get_config(exp, "tiny", [*tiny_data_overrides(base, root, tmp_dir), "kernels.impl=reference"])
 
 
 def _path(path) -> str:
@@ -64,9 +76,9 @@ def partition_snapshot(task, mesh) -> dict:
     return snapshot
 
 
-def all_snapshots(data_root: str) -> dict:
+def all_snapshots(root, tmp_dir: str) -> dict:
     mesh = mesh_lib.make_mesh(MESH)
-    return {exp: partition_snapshot(build_task(tiny_config(exp, data_root), log=lambda *_: None), mesh)
+    return {exp: partition_snapshot(build_task(tiny_config(exp, root, tmp_dir), log=lambda *_: None), mesh)
             for exp in EXPERIMENTS}
 
 
@@ -77,8 +89,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 class _Model:
     """One experiment's task, random params and first global batch, shared by its preset cases."""
 
-    def __init__(self, exp: str, data_root: str):
-        self.config = tiny_config(exp, data_root)
+    def __init__(self, exp: str, root, tmp_dir: str):
+        self.config = tiny_config(exp, root, tmp_dir)
         self.task = build_task(self.config, log=lambda *_: None)
         self.boxed = jax.eval_shape(self.task.init_params, jax.random.PRNGKey(0))
         # Any params give a sharding-equivalence test; seeded normals spare compiling the initialisers.
@@ -100,44 +112,61 @@ class _Model:
             return float(compiled(params, batch))
 
 
-@functools.cache
-def _model(exp: str, data_root: str) -> _Model:
-    return _Model(exp, data_root)
+_MODELS: dict = {}
+_SINGLE_DEVICE_LOSS: dict = {}
 
 
-@functools.cache
-def _single_device_loss(exp: str, data_root: str) -> float:
-    mesh = mesh_lib.make_mesh(dict(MESH, data=1, fsdp=1, tensor=1, num_devices=1))
-    return _model(exp, data_root).loss(mesh, rules_lib.logical_rules("dp"))
+def _model(exp: str, root, tmp_dir: str) -> _Model:
+    if exp not in _MODELS:
+        _MODELS[exp] = _Model(exp, root, tmp_dir)
+    return _MODELS[exp]
+
+
+def _single_device_loss(exp: str, root, tmp_dir: str) -> float:
+    if exp not in _SINGLE_DEVICE_LOSS:
+        mesh = mesh_lib.make_mesh(dict(MESH, data=1, fsdp=1, tensor=1, num_devices=1))
+        _SINGLE_DEVICE_LOSS[exp] = _model(exp, root, tmp_dir).loss(mesh, rules_lib.logical_rules("dp"))
+    return _SINGLE_DEVICE_LOSS[exp]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("presets"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("exp", EXPERIMENTS)
-def test_preset_matches_single_device(exp, preset, fundus_demo):
+@pytest.mark.parametrize("exp", FAMILIES)
+def test_preset_matches_single_device(exp, preset, demo_roots, scratch):
     assert jax.device_count() == 8
-    want = _single_device_loss(exp, fundus_demo)
-    got = _model(exp, fundus_demo).loss(mesh_lib.make_mesh(MESH), rules_lib.logical_rules(preset))
+    want = _single_device_loss(exp, demo_roots, scratch)
+    got = _model(exp, demo_roots, scratch).loss(mesh_lib.make_mesh(MESH), rules_lib.logical_rules(preset))
     assert np.isfinite(want) and want > 0
     np.testing.assert_allclose(got, want, rtol=2e-5)
 
 
-def test_presets_shard_the_params(fundus_demo):
-    """dp replicates every param; fsdp splits them over `fsdp`; fsdp_tp adds `tensor` (heads, MLP)."""
+def test_presets_shard_the_params(demo_roots, scratch):
+    """dp replicates every param; fsdp splits them over `fsdp`; fsdp_tp adds `tensor` (heads, MLP) where
+    the model has attention heads or MLPs."""
     mesh = mesh_lib.make_mesh(MESH)
     for exp in EXPERIMENTS:
-        boxed = _model(exp, fundus_demo).boxed
+        boxed = jax.eval_shape(build_task(tiny_config(exp, demo_roots, scratch), log=lambda *_: None).init_params,
+                               jax.random.PRNGKey(0))
         used = {}
         for preset in PRESETS:
             specs = mesh_specs(boxed, mesh, preset).values()
             used[preset] = {name for spec in specs for entry in spec
                             for name in ((entry,) if isinstance(entry, str) else entry or ())}
-        assert used == {"dp": set(), "fsdp": {"fsdp"}, "fsdp_tp": {"fsdp", "tensor"}}, exp
+        logical = {name for spec in jax.tree.leaves(nn.get_partition_spec(boxed),
+                                                   is_leaf=lambda x: isinstance(x, PartitionSpec))
+                   for name in spec if isinstance(name, str)}
+        tensor = {"tensor"} if logical & {"heads", "mlp"} else set()  # a pure conv net (UNet3D) has neither
+        assert used == {"dp": set(), "fsdp": {"fsdp"}, "fsdp_tp": {"fsdp"} | tensor}, exp
 
 
-def test_partition_specs_match_golden(fundus_demo):
+def test_partition_specs_match_golden(demo_roots, scratch):
     with open(GOLDEN) as f:
         golden = json.load(f)
-    current = all_snapshots(fundus_demo)
+    current = all_snapshots(demo_roots, scratch)
     differences = []
     for exp in sorted(set(golden) | set(current)):
         for table in sorted(set(golden.get(exp, {})) | set(current.get(exp, {}))):
@@ -175,14 +204,18 @@ def test_mfu_uses_the_per_device_flops_of_the_sharded_program():
 
 
 def regenerate() -> None:
-    """Rewrite the golden file from the demo data that tests/conftest.py's `fundus_demo` makes."""
+    """Rewrite the golden file from the test demos (tests/experiment_data.py, as tests/conftest.py makes them)."""
     import tempfile
 
-    from medjax.data.demo_fundus_genome import make_fundus_genome_demo
+    with tempfile.TemporaryDirectory() as tmp:
+        made = {}
 
-    with tempfile.TemporaryDirectory() as root:
-        make_fundus_genome_demo(root, participants=24, image_size=48, num_snps=200, seed=0)  # as tests/conftest.py
-        snapshot = all_snapshots(root)
+        def root(kind: str) -> str:
+            if kind not in made:
+                made[kind] = make_test_demo(kind, os.path.join(tmp, kind))
+            return made[kind]
+
+        snapshot = all_snapshots(root, tmp)
     with open(GOLDEN, "w") as f:
         json.dump(snapshot, f, indent=1, sort_keys=True)
         f.write("\n")

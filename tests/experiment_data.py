@@ -1,0 +1,42 @@
+"""Which test demo each experiment's tiny variant trains on (the `demo_roots` fixture of tests/conftest.py)."""
+import os
+
+
+def make_test_demo(kind: str, out: str) -> str:
+    """The tests' small demo of `kind` in `out` (the golden partition specs are made from these too)."""
+    if kind == "fundus_genome":
+        from medjax.data.demo_fundus_genome import make_fundus_genome_demo
+
+        make_fundus_genome_demo(out, participants=24, image_size=48, num_snps=200, seed=0)
+        return out
+    if kind == "ct":
+        from medjax.data.demo_ct import make_ct_demo
+
+        return make_ct_demo(out, cases_per_dataset=2, shape=(40, 40, 28), seed=1)
+    if kind == "wsi":
+        from medjax.data.demo_wsi import make_wsi_demo
+        from medjax.data.tiling import list_slides, tile_slides
+
+        make_wsi_demo(out, num_slides=1, size=1536)
+        with open(os.devnull, "w") as quiet:
+            tile_slides(list_slides(os.path.join(out, "slides")), os.path.join(out, "coords"), stream=quiet)
+        return out
+    if kind == "image_report":
+        from medjax.data.demo_image_report import make_image_report_demo
+
+        return make_image_report_demo(out, num_images=40, image_size=32)
+    raise ValueError(f"no test demo of kind {kind!r}")
+
+
+def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
+    """`--set` overrides pointing an experiment's tiny variant at the test demo of its data kind."""
+    task = config.task
+    if task in ("mrm", "fundus_classification"):
+        return [f"data.dir={os.path.join(root('fundus_genome'), config.data.get('demo_subdir', '') or '')}"]
+    if task == "universal":
+        return [f"data.dir={root('ct')}", f"data.cache_dir={os.path.join(tmp_dir, 'ct_cache')}"]
+    if task == "dinov2":
+        return [f"data.dir={root('wsi')}"]
+    if task in ("ptunifier", "ptunifier_finetune"):
+        return [f"data.dir={root('image_report')}"]
+    raise ValueError(f"tests/conftest.py: no test data for task {task!r}; add it to tiny_data_overrides")
