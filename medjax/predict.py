@@ -115,7 +115,7 @@ def load_universal(config, params_dir: str):
     `model.class_embeddings` (.npy)."""
     from medjax.checkpoint import restore_params
     from medjax.models import universal as universal_lib
-    from medjax.tasks.universal import model_config
+    from medjax.tasks.base import model_config
 
     if config.get("task") != "universal":
         raise ValueError(f"--exp {config.exp}: medjax.predict segments CT with Universal Model experiments "

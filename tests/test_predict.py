@@ -37,7 +37,7 @@ def tiny_params(tmp_path_factory):
     from medjax import config as config_lib
     from medjax.checkpoint import save_params
     from medjax.models import universal as universal_lib
-    from medjax.tasks.universal import model_config
+    from medjax.tasks.base import model_config
 
     config = config_lib.get_config("universal_swin", "tiny")
     model = universal_lib.universal_from_config(model_config(config))

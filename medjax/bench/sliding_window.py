@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     from medjax import config as config_lib
     from medjax.inference.sliding_window import scan_interval, sliding_window_inference, window_starts
     from medjax.models import universal as universal_lib
-    from medjax.tasks.universal import model_config
+    from medjax.tasks.base import model_config
 
     config = config_lib.get_config(args.exp, args.variant, args.overrides)
     window = tuple(int(s) for s in config.data.crop_size)

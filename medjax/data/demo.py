@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
+
+COMPLETE_MARKER = ".complete"  # written last by each maker, holding the maker's arguments as JSON
 
 # kind -> "module:function(out_dir) -> path"; each writes a `.complete` marker when done.
 DEMO_MAKERS = {
@@ -11,6 +14,25 @@ DEMO_MAKERS = {
     "wsi": "medjax.data.demo_wsi:make_wsi_demo",
     "image_report": "medjax.data.demo_image_report:make_image_report_demo",
 }
+
+
+def demo_is_current(out_dir: str, params: dict, required: tuple[str, ...] = ()) -> bool:
+    """True when `out_dir` holds a finished demo made with `params` (and the `required` files); a marker
+    left by other arguments is removed, so an interrupted or different demo is made again."""
+    marker = os.path.join(out_dir, COMPLETE_MARKER)
+    if not os.path.isfile(marker):
+        return False
+    with open(marker, encoding="utf-8") as f:
+        same = f.read().strip() == json.dumps(params, sort_keys=True)
+    if same and all(os.path.isfile(os.path.join(out_dir, name)) for name in required):
+        return True
+    os.remove(marker)
+    return False
+
+
+def mark_demo_complete(out_dir: str, params: dict) -> None:
+    with open(os.path.join(out_dir, COMPLETE_MARKER), "w", encoding="utf-8") as f:
+        f.write(json.dumps(params, sort_keys=True))
 
 
 def cache_dir() -> str:

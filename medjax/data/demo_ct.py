@@ -22,16 +22,15 @@ Intensities are typical contrast-CT HU with blur and noise.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medjax.data.demo import demo_is_current, mark_demo_complete
 from medjax.data.ct import save_nifti
 
-COMPLETE_MARKER = ".complete"
 # (dataset dir, image dir, label dir, file stem, classes labelled, axis codes, tumours drawn)
 DATASETS = (
     ("01_Multi-Atlas_Labeling", "img", "label", ("img", "label"), tuple(range(1, 15)), "LPS", ()),
@@ -136,12 +135,8 @@ def make_ct_demo(out_dir: str, *, cases_per_dataset: int = 3, shape: tuple[int, 
     if cases_per_dataset < 1 or min(shape) < 8:
         raise ValueError(f"need cases_per_dataset >= 1 and every shape entry >= 8, got {cases_per_dataset}, {shape}")
     params = {"cases_per_dataset": cases_per_dataset, "shape": list(shape), "seed": seed}
-    marker = os.path.join(out_dir, COMPLETE_MARKER)
-    if os.path.isfile(marker) and os.path.isfile(os.path.join(out_dir, "train.txt")):
-        with open(marker, encoding="utf-8") as f:
-            if f.read().strip() == json.dumps(params, sort_keys=True):
-                return out_dir
-        os.remove(marker)
+    if demo_is_current(out_dir, params, ('train.txt',)):
+        return out_dir
     lines = {"train": [], "val": []}
     for d, (folder, image_dir, label_dir, (image_stem, label_stem), classes, axcodes, tumours) in enumerate(DATASETS):
         for case in range(cases_per_dataset):
@@ -164,6 +159,5 @@ def make_ct_demo(out_dir: str, *, cases_per_dataset: int = 3, shape: tuple[int, 
     for split, rows in lines.items():
         with open(os.path.join(out_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
             f.write("".join(row + "\n" for row in rows))
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(json.dumps(params, sort_keys=True))
+    mark_demo_complete(out_dir, params)
     return out_dir

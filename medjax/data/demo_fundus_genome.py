@@ -26,6 +26,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from medjax.data.demo import demo_is_current, mark_demo_complete
 from medjax.data.plink import MISSING, write_plink
 
 NUM_GRADES = 5
@@ -37,7 +38,6 @@ CAUSAL_FRACTION = 0.05
 EFFECT_PER_GRADE = 0.12
 MISSING_RATE = 0.01
 APTOS_PER_PARTICIPANT = 1.25
-COMPLETE_MARKER = ".complete"
 _EXUDATE_RGB = np.array((238, 216, 96))
 _RED_DOT_RGB = np.array((112, 14, 10))
 _DISC_RGB = np.array((250, 228, 170), dtype=np.float32)
@@ -191,12 +191,8 @@ def make_fundus_genome_demo(out_dir: str, *, participants: int = 160, image_size
         raise ValueError(f"need participants >= 1, image_size >= 8, num_snps >= 1; got {participants}, "
                          f"{image_size}, {num_snps}")
     params = {"participants": participants, "image_size": image_size, "num_snps": num_snps, "seed": seed}
-    marker = os.path.join(out_dir, COMPLETE_MARKER)
-    if os.path.isfile(os.path.join(out_dir, "manifest.csv")) and os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as f:
-            if f.read().strip() == json.dumps(params, sort_keys=True):
-                return out_dir
-        os.remove(marker)
+    if demo_is_current(out_dir, params, ('manifest.csv',)):
+        return out_dir
     aptos_dir = os.path.join(out_dir, "aptos")
     for d in (os.path.join(out_dir, "images"), os.path.join(aptos_dir, "images")):
         os.makedirs(d, exist_ok=True)
@@ -234,6 +230,5 @@ def make_fundus_genome_demo(out_dir: str, *, participants: int = 160, image_size
                   os.path.join(aptos_dir, rel))
         aptos_rows.append([f"aptos{k:05d}", eye, rel, int(grade)])
     _write_manifest(os.path.join(aptos_dir, "manifest.csv"), ["participant_id", "eye", "image_path", "label"], aptos_rows)
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(json.dumps(params, sort_keys=True))
+    mark_demo_complete(out_dir, params)
     return out_dir

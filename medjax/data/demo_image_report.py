@@ -28,6 +28,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from medjax.data.demo import demo_is_current, mark_demo_complete
 from medjax.data.arrow_write import write_arrow
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -36,7 +37,6 @@ VERTICAL, HORIZONTAL = ("upper", "lower"), ("left", "right")
 SIZES = ("small", "large")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 NUMBERS = ("zero", "one", "two")
-COMPLETE_MARKER = ".complete"
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa's ids 0..4
 
 
@@ -161,12 +161,8 @@ def make_image_report_demo(out_dir: str, *, num_images: int = 400, image_size: i
     if num_images < 10 or image_size < 16:
         raise ValueError(f"need num_images >= 10 and image_size >= 16, got {num_images}, {image_size}")
     params = {"num_images": num_images, "image_size": image_size, "seed": seed}
-    marker = os.path.join(out_dir, COMPLETE_MARKER)
-    if os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as f:
-            if f.read().strip() == json.dumps(params, sort_keys=True):
-                return out_dir
-        os.remove(marker)
+    if demo_is_current(out_dir, params):
+        return out_dir
     for sub in ("images", "arrow"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     rng = np.random.default_rng([seed, 0])
@@ -209,6 +205,5 @@ def make_image_report_demo(out_dir: str, *, num_images: int = 400, image_size: i
     train_tokenizer(texts, os.path.join(out_dir, "tokenizer"))
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump({"classification_labels": list(SHAPES), "nli_labels": list(NLI_LABELS), "params": params}, f, indent=1)
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(json.dumps(params, sort_keys=True))
+    mark_demo_complete(out_dir, params)
     return out_dir

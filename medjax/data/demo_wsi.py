@@ -20,19 +20,18 @@ deterministic given `seed`; structures are laid out in microns, so 20x and 40x s
 from __future__ import annotations
 
 import csv
-import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from medjax.data.demo import demo_is_current, mark_demo_complete
 from medjax.data.wsi import write_pyramidal_tiff
 
 TISSUE_CLASSES = ("stroma", "tumor", "lymphocytes")
 GLASS = 255  # class-map value of glass
 SLIDE_LABELS = ("normal", "tumor")
-COMPLETE_MARKER = ".complete"
 DOWNSAMPLES = (1, 4, 16)
 TILE_LABEL_PURITY = 0.75
 _GLASS_RGB = (242, 242, 240)
@@ -155,12 +154,8 @@ def make_wsi_demo(out_dir: str, *, num_slides: int = 4, size: int = 3072, seed: 
     if num_slides < 1 or size < 512:
         raise ValueError(f"make_wsi_demo: need num_slides >= 1 and size >= 512, got {num_slides}, {size}")
     params = {"num_slides": num_slides, "size": size, "seed": seed, "compression": compression}
-    marker = os.path.join(out_dir, COMPLETE_MARKER)
-    if os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as handle:
-            if handle.read().strip() == json.dumps(params, sort_keys=True):
-                return out_dir
-        os.remove(marker)
+    if demo_is_current(out_dir, params):
+        return out_dir
     os.makedirs(os.path.join(out_dir, "slides"), exist_ok=True)
     slide_rows, label_rows = [], []
     for index in range(num_slides):
@@ -182,8 +177,7 @@ def make_wsi_demo(out_dir: str, *, num_slides: int = 4, size: int = 3072, seed: 
     _write_csv(os.path.join(out_dir, "tile_labels.csv"), ("slide_id", "x", "y", "label", "label_name"), label_rows)
     _write_csv(os.path.join(out_dir, "slides.csv"), ("slide_id", "file", "mpp", "magnification", "label", "label_name"),
                slide_rows)
-    with open(marker, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(params, sort_keys=True))
+    mark_demo_complete(out_dir, params)
     return out_dir
 
 

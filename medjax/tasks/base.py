@@ -10,6 +10,16 @@ import jax
 Batch = Mapping[str, Any]
 
 
+def model_config(config):
+    """The experiment's `model` block plus the run-wide compute dtype and kernel implementation (what the
+    model builders of several families take)."""
+    cfg = config.model.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.dtype = config.dtype
+        cfg.kernel_impl = config.kernels.impl
+    return cfg
+
+
 class Task(Protocol):
     model: nn.Module
 

@@ -13,15 +13,7 @@ from medjax.data import image_transforms as T
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
 from medjax.models import mrm as mrm_lib
-
-
-def model_config(config):
-    """The `model` block plus the run-wide compute dtype and kernel implementation."""
-    cfg = config.model.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.dtype = config.dtype
-        cfg.kernel_impl = config.kernels.impl
-    return cfg
+from medjax.tasks.base import model_config
 
 
 def data_root(config, log=print) -> str:

@@ -31,18 +31,10 @@ from medjax.inference.sliding_window import sliding_window_inference
 from medjax.inference.universal_eval import cases_from_cache, evaluate_cases, universal_results_table
 from medjax.losses.segmentation import partial_label_bce_dice
 from medjax.models import universal as universal_lib
+from medjax.tasks.base import model_config
 
 _WHERE = "medjax/tasks/universal.py"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.npy"  # beside converted weights: their frozen text embeddings
-
-
-def model_config(config):
-    """The `model` block plus the run-wide compute dtype and kernel implementation."""
-    cfg = config.model.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.dtype = config.dtype
-        cfg.kernel_impl = config.kernels.impl
-    return cfg
 
 
 def data_root(config, log=print) -> str:
