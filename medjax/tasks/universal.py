@@ -80,6 +80,11 @@ class UniversalTask:
         return {"params": params, **self.constants}
 
     # ----- training -----
+    @property
+    def voxels_per_example(self) -> int:
+        """Voxels of one training crop (96^3 in the paper), for `python -m medjax.bench step` throughput."""
+        return int(np.prod(self.crop_size))
+
     def init_batch(self) -> dict:
         classes = int(self.config.model.num_classes)
         return {"image": np.zeros((self.global_batch, *self.crop_size, 1), np.float32),
