@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from medjax.nn import swin
 from medjax.nn.swin_unetr import SwinUNETRBackbone, UnetrUpBlock
 
-torch = pytest.importorskip("torch")
-monai_swin = pytest.importorskip("monai.networks.nets.swin_unetr")
+import monai.networks.nets.swin_unetr as monai_swin  # noqa: E402  (the test extra, monai==1.6.1)
+import torch  # noqa: E402  (the torch test extra, torch==2.13.0 CPU build)
 
 
 def test_window_partition_and_reverse_hand_case():

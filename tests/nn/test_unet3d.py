@@ -4,8 +4,8 @@ updates the averages with momentum 0.1 and evaluates with them like torch BatchN
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("monai")
+import monai  # noqa: E402,F401  (the test extra, monai==1.6.1: the original's MONAI blocks)
+import torch  # noqa: E402  (the torch test extra, torch==2.13.0 CPU build)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
