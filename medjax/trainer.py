@@ -120,9 +120,8 @@ class Trainer:
             self.state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.state["params"])
             return f"initialised from {init}"
         initial = getattr(self.task, "initial_params", None)
-        host_params = jax.device_get(self.state["params"]) if initial is not None else None
-        params = initial(host_params) if initial is not None else None
-        if params is not None and params is not host_params:  # e.g. towers from converted HF weights
+        params = initial(self.state["params"]) if initial is not None else None
+        if params is not None and params is not self.state["params"]:  # e.g. towers from converted HF weights
             self.state["params"] = state_lib.place_params(params, self.state_shardings["params"])
             self.state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.state["params"])
             return "initialised from scratch and the task's pretrained parts (initial_params)"

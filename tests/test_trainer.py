@@ -138,3 +138,24 @@ def test_task_hooks_optimizer_and_post_update(tmp_path):
     assert float(np.abs(after["seen"]).sum()) > 0  # the consumed metric reached the params
     rows = read_losses(str(tmp_path / "hooks"))
     assert len(rows) == 2
+
+
+class InitialParamsToyTask(ToyTask):
+    """initial_params replaces one kernel by host ones (as a converted tower would) and leaves the rest."""
+
+    def initial_params(self, params):
+        kernel = params["Dense_1"]["kernel"]
+        return dict(params, Dense_1=dict(params["Dense_1"], kernel=np.ones(kernel.shape, np.float32)))
+
+
+def test_initial_params_hook_places_the_returned_parts(tmp_path):
+    config = toy_config(steps=1, checkpoint_every=100)
+    config.mesh.num_devices = 1
+    trainer = Trainer(config, InitialParamsToyTask(config), str(tmp_path / "initial"))
+    message = trainer.restore_or_init(iter(trainer.task.train_data()))
+    assert "initial_params" in message
+    kernel = trainer.state["params"]["Dense_1"]["kernel"]
+    assert isinstance(kernel, jax.Array) and kernel.sharding == trainer.state_shardings["params"]["Dense_1"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), 1.0)
+    plain = Trainer(config, ToyTask(config), str(tmp_path / "plain"))
+    assert plain.restore_or_init(iter(plain.task.train_data())) == "initialised from scratch"

@@ -56,8 +56,9 @@ class OptionalTaskHooks(Protocol):
 
     def initial_params(self, params: Any) -> Any:
         """Params for a run starting from scratch (no checkpoint, no `init=`), e.g. with towers loaded from
-        converted Hugging Face weights the config names; host numpy trees in and out (the same object back =
-        nothing to load)."""
+        converted Hugging Face weights the config names. Gets the freshly created (sharded) params; returns
+        them unchanged (the same object: nothing to load, nothing copied to the host) or a new tree whose
+        replaced parts may be host arrays (the trainer places them with the params' shardings)."""
 
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """A markdown table in the paper's layout, one column group per evaluated checkpoint."""
