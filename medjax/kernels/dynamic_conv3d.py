@@ -351,10 +351,14 @@ def dynamic_head(features: jax.Array, params: jax.Array, *, impl: str = "auto",
                  block_sizes: DynamicHeadBlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
     """The Universal Model's dynamic head through the implementation chosen by `impl`.
 
-    impl (config `kernels.impl`): "auto" = the Pallas kernel on GPU/TPU and the reference on
-    CPU; "reference" = `dynamic_head_reference`; "pallas" = the kernel everywhere (interpret
-    mode on CPU). block_sizes / interpret only affect the kernel.
+    impl (config `kernels.impl`): "auto" = the Pallas kernel on GPU/TPU and, on CPU, the same
+    numbers as one XLA fusion (`medjax.kernels.dynamic_head_fused`, reference backward);
+    "reference" = `dynamic_head_reference`; "pallas" = the kernel everywhere (interpret mode on
+    CPU). block_sizes / interpret only affect the kernel.
     """
     if pu.use_pallas(impl, f"{_WHERE} dynamic_head"):
         return dynamic_head_pallas(features, params, block_sizes=block_sizes, interpret=interpret)
+    if impl == "auto":
+        from medjax.kernels.dynamic_head_fused import dynamic_head_fused  # imports this module
+        return dynamic_head_fused(features, params)
     return dynamic_head_reference(features, params)

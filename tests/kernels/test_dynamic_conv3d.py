@@ -70,10 +70,31 @@ def test_kernel_matches_reference_forward_and_gradients(batch, shape, classes, b
     np.testing.assert_allclose(dp, ref_dp, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_fused_head_matches_reference_forward_and_gradients(dtype):
+    """impl="auto" on CPU: the unrolled one-fusion forward gives the reference's numbers and dtype, and
+    its gradients are the reference's."""
+    from medjax.kernels.dynamic_head_fused import dynamic_head_fused
+
+    features, params, cotangent = _inputs(2, (3, 4, 5), 6, seed=2)
+    features, params, cotangent = features.astype(dtype), params.astype(dtype), cotangent.astype(dtype)
+    ref_out, (ref_dx, ref_dp) = _output_and_grads(dynamic_head_reference, features, params, cotangent)
+    out, (dx, dp) = _output_and_grads(lambda x, p: dynamic_head(x, p, impl="auto"), features, params, cotangent)
+    assert out.dtype == ref_out.dtype == dtype and dx.dtype == dp.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.float32(dx), np.float32(ref_dx))  # the reference's backward itself
+    np.testing.assert_array_equal(np.float32(dp), np.float32(ref_dp))
+    plain = jax.jit(dynamic_head_fused)(features, params)  # not differentiated: the fused form
+    np.testing.assert_allclose(np.float32(plain), np.float32(ref_out), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="dynamic_head_fused: params must be"):
+        dynamic_head_fused(features, params[:1])
+
+
 def test_dispatcher_and_errors():
     features, params, _ = _inputs(1, (2, 2, 2), 2, seed=1)
     reference = dynamic_head_reference(features, params)
-    np.testing.assert_array_equal(dynamic_head(features, params, impl="auto"), reference)  # CPU: reference
+    np.testing.assert_allclose(dynamic_head(features, params, impl="auto"), reference, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(dynamic_head(features, params, impl="reference"), reference)
     with pytest.raises(ValueError, match="kernels.impl"):
         dynamic_head(features, params, impl="cuda")
