@@ -4,7 +4,8 @@ Whole-volume CT inference of the CLIP-Driven Universal Model (Liu et al., ICCV 2
 `sliding_window_inference` (windows batched under one jit, accumulation on device) vs MONAI's
 `sliding_window_inference` with the PyTorch original model (`medjax.convert.torch_universal`) on the
 same random volume, window (the experiment's crop size, 96^3 in the paper), overlap, Gaussian
-weighting and window batch. Random weights: when `medjax.convert.universal` can convert the PyTorch
+weighting and window batch (medjax on CPU runs `--cpu-batch-size` windows per call, its default 1, as
+`sliding_window_inference` does). Random weights: when `medjax.convert.universal` can convert the PyTorch
 model's state dict, both run the same weights and the table reports their largest logit difference;
 otherwise each side has its own random weights (timing only).
 
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="volume size (default 192 192 128; 80 64 64 with --quick)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (both sides)")
+    p.add_argument("--cpu-batch-size", type=int, default=1,
+                   help="medjax's windows per forward pass on CPU (its default 1; 0 = --batch-size)")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--impl", choices=["both", "medjax", "monai"], default="both")
     p.add_argument("--iters", type=int, default=3)
@@ -118,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     variables = jax.device_put(variables)
     device = jax.devices()[0]
     print(f"sliding_window: {args.exp} ({config.variant}), volume {size}, window {window}, overlap {args.overlap}, "
-          f"Gaussian, {n_windows} windows in batches of {args.batch_size}; {weights_note}")
+          f"Gaussian, {n_windows} windows in batches of {args.batch_size}"
+          f"{f' (medjax on CPU: {args.cpu_batch_size})' if device.platform == 'cpu' and args.cpu_batch_size else ''}"
+          f"; {weights_note}")
     headers = ("impl", "device", "first call s (compile + run)", "s / volume", "medjax speed-up",
                "max |logit diff|")
     print(_timing.markdown_table(headers, []), flush=True)
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         def run():
             return jax.block_until_ready(sliding_window_inference(
                 model.apply, volume, variables, window=window, overlap=args.overlap, mode="gaussian",
-                batch_size=args.batch_size))
+                batch_size=args.batch_size, cpu_batch_size=args.cpu_batch_size or None))
 
         start = time.perf_counter()
         ours = np.asarray(run())

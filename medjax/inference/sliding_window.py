@@ -17,7 +17,10 @@ Semantics, as `monai.inferers.sliding_window_inference` (MONAI 1.x, unbuffered):
 
 Execution: the model runs on batches of `batch_size` windows under one `jax.jit`, compiled once per
 (window, batch) shape whatever the volume's shape (the last batch is padded with repeats of its last
-window, given weight 0). Gathering windows and accumulating the weighted predictions stay on device
+window, given weight 0). On CPU the batch is `cpu_batch_size` (default 1): there one window per call is
+faster than several (the CLIP-Driven Universal Model at 96^3 on a 2-core host: 8.1 s per window one at a
+time, 12.2 s per window in batches of 4, whose full-resolution activations, 1.4 GB per tensor, overflow
+every cache); on GPU/TPU it is `batch_size`. Gathering windows and accumulating the weighted predictions stay on device
 in two small jitted programs (these recompile per volume shape, cheaply); nothing goes to the host.
 """
 from __future__ import annotations
@@ -159,17 +162,22 @@ def sliding_window_inference(apply_fn: Callable, volume: Any, *args: Any,
                              window: Sequence[int | None] | int = (96, 96, 96),
                              overlap: Sequence[float] | float = 0.5, mode: str = "gaussian",
                              sigma_scale: Sequence[float] | float = 0.125, batch_size: int = 4,
-                             padding_mode: str = "constant", cval: float = 0.0) -> jax.Array:
+                             padding_mode: str = "constant", cval: float = 0.0,
+                             cpu_batch_size: int | None = 1) -> jax.Array:
     """Blend `apply_fn` over overlapping windows of `volume` (X, Y, Z, C), channels last.
 
     `apply_fn(*args, windows)` maps (b, wx, wy, wz, C) to (b, wx, wy, wz, K) logits; `args` are passed
     through the jit as arguments (e.g. `sliding_window_inference(model.apply, volume, variables)`),
     never baked in as constants. Returns (X, Y, Z, K) float32 on device: sum(map * logits) / sum(map)
     over the windows covering each voxel (the module docstring lists MONAI's rules it follows).
+    `batch_size` windows go through the model per call (MONAI's sw_batch_size), `cpu_batch_size` on CPU
+    (None: `batch_size` there too); the result does not depend on either.
     """
     volume = jnp.asarray(volume)
     if volume.ndim != 4:
         raise ValueError(f"volume must be (X, Y, Z, C) channels-last, got shape {volume.shape}")
+    if cpu_batch_size is not None and jax.default_backend() == "cpu":
+        batch_size = cpu_batch_size
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if padding_mode not in PADDING_MODES:

@@ -59,7 +59,7 @@ def test_scan_interval_starts_and_map_match_monai(size, window, overlap):
 def test_equals_monai_sliding_window(size, window, overlap, batch_size, mode):
     volume = np.random.default_rng(1).normal(size=size + (C_IN,)).astype(np.float32)
     ours = sliding_window_inference(jax_conv, volume, KERNEL, BIAS, window=window, overlap=overlap,
-                                    batch_size=batch_size, mode=mode)
+                                    batch_size=batch_size, mode=mode, cpu_batch_size=None)
     ref = monai_reference(volume, window, overlap, batch_size, mode)
     assert ours.shape == size + (C_OUT,) == ref.shape
     np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-6, rtol=1e-5)
@@ -80,15 +80,17 @@ def test_pointwise_model_on_a_volume_not_divisible_by_the_window_equals_one_forw
     """A per-voxel model gives the same logits in every window, so the blend is the forward itself."""
     volume = np.random.default_rng(3).normal(size=(21, 13, 10, C_IN)).astype(np.float32)
     weight = jnp.asarray(KERNEL[1, 1, 1])
-    ours = sliding_window_inference(pointwise, volume, weight, window=(8, 8, 8), batch_size=3)
+    ours = sliding_window_inference(pointwise, volume, weight, window=(8, 8, 8), batch_size=3)  # CPU: 1 a call
     np.testing.assert_allclose(np.asarray(ours), np.asarray(pointwise(weight, volume)), atol=1e-6)
+    batched = sliding_window_inference(pointwise, volume, weight, window=(8, 8, 8), batch_size=3, cpu_batch_size=None)
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(ours), atol=1e-6)
 
 
 def test_model_compiles_once_per_window_and_batch_shape():
     before = TRACES["conv"]
     for size in ((17, 9, 9), (12, 20, 9), (9, 9, 30)):
         volume = np.zeros(size + (C_IN,), np.float32)
-        sliding_window_inference(jax_conv, volume, KERNEL, BIAS, window=(8, 8, 8), batch_size=5)
+        sliding_window_inference(jax_conv, volume, KERNEL, BIAS, window=(8, 8, 8), batch_size=5, cpu_batch_size=5)
     assert TRACES["conv"] - before == 1
 
 
