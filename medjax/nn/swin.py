@@ -143,6 +143,7 @@ class WindowAttention(nn.Module):
 
     num_heads: int
     window_size: Triple  # the configured window: sizes the bias table and its index
+    loop_windows: bool | None = None  # attend one window at a time (lax.map); None: on CPU only
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -150,7 +151,12 @@ class WindowAttention(nn.Module):
     def __call__(self, windows: jax.Array, regions: jax.Array | None) -> jax.Array:
         """windows (b, windows, n, dim); regions (windows, n) shifted-window region labels (`shift_region_labels`)
         or None (no shift) -> (b, windows, n, dim). The -100 mask is built in the graph from the labels (a
-        constant mask would be windows * n * n floats: 160 MB at 96^3)."""
+        constant mask would be windows * n * n floats: 160 MB at 96^3).
+
+        On CPU the attention runs window by window (`lax.map`): all windows at once materialise
+        (b, windows, heads, n, n) logits (485 MB per block at the first stage of a 96^3 input), which
+        XLA:CPU writes and re-reads several times; one window's fit in cache (first-stage block on a
+        2-core host: 1.29 s all at once, 0.32 s window by window, same numbers). GPU/TPU batch them."""
         b, nw, n, dim = windows.shape
         heads = self.num_heads
         if dim % heads:
@@ -162,14 +168,25 @@ class WindowAttention(nn.Module):
         qkv = _dense((3, heads, head_dim), ("embed", None, "heads", "kv"), self.dtype, self.param_dtype, "qkv")(windows)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # (b, windows, n, heads, head_dim)
         q = q * head_dim ** -0.5
-        logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
         index = relative_position_index(self.window_size)[:n, :n].reshape(-1)  # MONAI's [:n, :n] (module doc)
         bias = jnp.asarray(table, jnp.float32)[index].reshape(n, n, heads).transpose(2, 0, 1)
-        logits = logits + bias[None, None]
-        if regions is not None:
-            logits = logits + region_mask(regions)[None, :, None]
-        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v)
+
+        def attend(q, k, v, regions):  # (b, w, n, heads, head_dim) x3, (w, n) or None
+            logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32) + bias[None, None]
+            if regions is not None:
+                logits = logits + region_mask(regions)[None, :, None]
+            attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            return jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v)
+
+        loop = jax.default_backend() == "cpu" if self.loop_windows is None else self.loop_windows
+        if loop and nw > 1:
+            per_window = lambda a: jnp.moveaxis(a, 1, 0)[:, :, None]  # noqa: E731  (w, b, 1, ...)
+            masks = None if regions is None else regions[:, None]
+            out = jax.lax.map(lambda t: attend(*t[:3], t[3])[:, 0],
+                              (per_window(q), per_window(k), per_window(v), masks))
+            out = jnp.moveaxis(out, 0, 1)
+        else:
+            out = attend(q, k, v, regions)
         return _dense(dim, ("heads", "kv", "embed"), self.dtype, self.param_dtype, "proj", axis=(-2, -1))(out)
 
 

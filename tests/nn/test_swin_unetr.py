@@ -51,8 +51,9 @@ def test_relative_position_index_hand_case_and_monai():
     np.testing.assert_array_equal(swin.relative_position_index((7, 7, 7)), attention.relative_position_index.numpy())
 
 
+@pytest.mark.parametrize("loop_windows", [True, False])
 @pytest.mark.parametrize("shift", [None, (1, 1, 0)])
-def test_window_attention_matches_monai(shift):
+def test_window_attention_matches_monai(shift, loop_windows):
     """Configured window 2^3, 3 heads. Unshifted: full windows (n = 8). Shifted: effective windows (2, 2, 1)
     (n = 4), where MONAI's bias uses index[:4, :4] of the 2^3 window (coords of a (1, 2, 2) window, not of the
     (2, 2, 1) one), plus the -100 region mask."""
@@ -75,9 +76,29 @@ def test_window_attention_matches_monai(shift):
               "qkv": {"kernel": qkv_w.T.reshape(dim, 3, heads, dim // heads), "bias": qkv_b.reshape(3, heads, -1)},
               "proj": {"kernel": reference.proj.weight.detach().numpy().T.reshape(heads, dim // heads, dim),
                        "bias": reference.proj.bias.detach().numpy()}}
-    got = swin.WindowAttention(heads, (2, 2, 2)).apply({"params": params}, jnp.asarray(x.numpy())[None],
-                                                       None if regions is None else jnp.asarray(regions))
+    got = swin.WindowAttention(heads, (2, 2, 2), loop_windows).apply(
+        {"params": params}, jnp.asarray(x.numpy())[None], None if regions is None else jnp.asarray(regions))
     np.testing.assert_allclose(np.asarray(got)[0], expected, atol=1e-5)
+
+
+def test_window_by_window_attention_has_the_batched_gradients():
+    """The CPU path (lax.map over windows) against all windows at once: outputs and gradients."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    windows = jax.random.normal(keys[0], (2, 3, 8, 12))  # batch 2, 3 windows of 8 tokens
+    regions = jnp.asarray(np.random.default_rng(0).integers(0, 3, (3, 8)), jnp.int32)
+    module = swin.WindowAttention(3, (2, 2, 2))
+    params = module.init(keys[1], windows, regions)
+    cotangent = jax.random.normal(keys[2], windows.shape)
+
+    def value_and_grads(loop):
+        fn = lambda p, w: swin.WindowAttention(3, (2, 2, 2), loop).apply(p, w, regions)  # noqa: E731
+        out, pullback = jax.vjp(fn, params, windows)
+        return out, pullback(cotangent)
+
+    (looped, (dp_loop, dw_loop)), (batched, (dp, dw)) = value_and_grads(True), value_and_grads(False)
+    np.testing.assert_allclose(looped, batched, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw_loop, dw, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), dp_loop, dp)
 
 
 def test_merging_orders_hand_case_and_monai():
