@@ -10,8 +10,10 @@ model's state dict, both run the same weights and the table reports their larges
 otherwise each side has its own random weights (timing only).
 
 Reported per implementation: the first call (compile + run for medjax), the median of --iters
-timed calls after --warmup calls, and medjax's speed-up over MONAI. torch here is the CPU build, so
-on an accelerator the ratio compares JAX on the accelerator with PyTorch on the host's CPU cores.
+timed calls after --warmup calls, and medjax's speed-up over MONAI. The timed calls alternate
+between the implementations (medjax, MONAI, medjax, ...), so drift in a shared machine's speed
+falls on both. torch here is the CPU build, so on an accelerator the ratio compares JAX on the
+accelerator with PyTorch on the host's CPU cores.
 """
 from __future__ import annotations
 
@@ -45,17 +47,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="tiny variant, 64^3 window (the PyTorch Swin UNETR needs >= 2 voxels at 1/32), 80x64x64 "
                         "volume (2 windows), batch 2, 1 timed call")
     return p
-
-
-def _median_seconds(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _torch_model(config):
@@ -128,43 +119,67 @@ def main(argv: list[str] | None = None) -> None:
                "max |logit diff|")
     print(_timing.markdown_table(headers, []), flush=True)
 
-    ours = None
-    ours_s = None
+    runners = {}  # name -> (device column, run returning channels-last float32 logits)
     if args.impl != "monai":
         def run():
-            return jax.block_until_ready(sliding_window_inference(
+            return np.asarray(jax.block_until_ready(sliding_window_inference(
                 model.apply, volume, variables, window=window, overlap=args.overlap, mode="gaussian",
-                batch_size=args.batch_size, cpu_batch_size=args.cpu_batch_size or None))
+                batch_size=args.batch_size, cpu_batch_size=args.cpu_batch_size or None)))
 
-        start = time.perf_counter()
-        ours = np.asarray(run())
-        first = time.perf_counter() - start
-        ours_s = _median_seconds(run, args.warmup, args.iters)
-        print(_timing.markdown_row(["medjax", f"{device.platform} ({device.device_kind})", f"{first:.2f}",
-                                    f"{ours_s:.3f}", "", ""]), flush=True)
+        runners["medjax"] = (f"{device.platform} ({device.device_kind})", run)
     if args.impl != "medjax":
         if torch_model is None:
             print(_timing.markdown_row(["monai", "n/a", "n/a", "n/a", "n/a", weights_note]))
-            return
-        import torch
-        from monai.inferers import sliding_window_inference as monai_sliding_window
+        else:
+            runners["monai + torch"] = _monai_runner(torch_model, volume, window, args)
+    timings = _interleaved_timings({name: fn for name, (_, fn) in runners.items()}, args.warmup, args.iters)
+    ours_s = timings["medjax"][1] if "medjax" in timings else None
+    for name, (device_column, _) in runners.items():
+        first, seconds, logits = timings[name]
+        speedup = diff = ""
+        if name != "medjax":
+            speedup = _timing.ratio(seconds, ours_s) if ours_s else "n/a"
+            same = "medjax" in timings and "same" in weights_note
+            diff = f"{np.abs(logits - timings['medjax'][2]).max():.2e}" if same else "n/a"
+        print(_timing.markdown_row([name, device_column, f"{first:.2f}", f"{seconds:.3f}", speedup, diff]),
+              flush=True)
 
-        torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
-        x = torch.from_numpy(volume).permute(3, 0, 1, 2)[None].contiguous()
 
-        def run_torch():
-            with torch.no_grad():
-                return monai_sliding_window(x, window, args.batch_size, torch_model, overlap=args.overlap,
-                                            mode="gaussian")
+def _monai_runner(torch_model, volume: np.ndarray, window, args):
+    """(device column, run) for MONAI's sliding_window_inference with the PyTorch model on `volume`."""
+    import torch
+    from monai.inferers import sliding_window_inference as monai_sliding_window
 
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+    x = torch.from_numpy(volume).permute(3, 0, 1, 2)[None].contiguous()
+
+    def run_torch():
+        with torch.no_grad():
+            out = monai_sliding_window(x, window, args.batch_size, torch_model, overlap=args.overlap,
+                                       mode="gaussian")
+        return out[0].permute(1, 2, 3, 0).numpy()
+
+    return f"cpu ({torch.get_num_threads()} threads)", run_torch
+
+
+def _interleaved_timings(runs: dict, warmup: int, iters: int) -> dict:
+    """name -> (first call s, median s of `iters` timed calls, first call's output). After the first calls and
+    `warmup` untimed rounds, each round times every implementation once in turn, so a machine whose speed
+    drifts slows both sides alike."""
+    first, outputs, times = {}, {}, {name: [] for name in runs}
+    for name, fn in runs.items():
         start = time.perf_counter()
-        theirs = run_torch()[0].permute(1, 2, 3, 0).numpy()
-        first = time.perf_counter() - start
-        theirs_s = _median_seconds(run_torch, args.warmup, args.iters)
-        diff = f"{np.abs(theirs - ours).max():.2e}" if ours is not None and "same" in weights_note else "n/a"
-        print(_timing.markdown_row(["monai + torch", f"cpu ({torch.get_num_threads()} threads)", f"{first:.2f}",
-                                    f"{theirs_s:.3f}", _timing.ratio(theirs_s, ours_s), diff]), flush=True)
-
+        outputs[name] = fn()
+        first[name] = time.perf_counter() - start
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    for _ in range(max(iters, 1)):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (first[name], statistics.median(times[name]), outputs[name]) for name in runs}
 
 if __name__ == "__main__":
     main()

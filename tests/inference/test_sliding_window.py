@@ -103,3 +103,23 @@ def test_bad_inputs():
         importance_map((4, 4, 4), "cosine")
     with pytest.raises(ValueError, match="apply_fn must map"):
         sliding_window_inference(lambda x: x[:, ::2], np.zeros((8, 8, 8, 2)), window=(4, 4, 4))
+
+
+def test_bench_alternates_the_implementations_it_times():
+    """`python -m medjax.bench sliding-window` times medjax and MONAI in alternating rounds (first calls, then
+    warmup rounds, then timed rounds) and reports each side's median and first output."""
+    from medjax.bench.sliding_window import _interleaved_timings
+
+    calls = []
+
+    def runner(name):
+        def run():
+            calls.append(name)
+            return len(calls)
+        return run
+
+    timings = _interleaved_timings({"medjax": runner("medjax"), "monai": runner("monai")}, warmup=1, iters=3)
+    assert calls == ["medjax", "monai"] * 5
+    assert set(timings) == {"medjax", "monai"}
+    first, median, output = timings["monai"]
+    assert output == 2 and first >= 0.0 and median >= 0.0
