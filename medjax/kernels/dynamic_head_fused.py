@@ -33,7 +33,8 @@ def _unrolled_head(features: jax.Array, params: jax.Array) -> jax.Array:
     x = [x[..., i] for i in range(CHANNELS)]  # each (b, D, H, W, 1)
     h1 = layer(x, w1, b1, CHANNELS, jax.nn.relu)  # each (b, D, H, W, classes)
     h2 = layer(h1, w2, b2, CHANNELS, jax.nn.relu)
-    return layer(h2, w3, b3, 1, lambda v: v)[0]
+    logits = layer(h2, w3, b3, 1, lambda v: v)[0]
+    return logits.astype(jnp.result_type(features.dtype, params.dtype))  # the reference's output dtype
 
 
 @jax.custom_vjp
@@ -43,13 +44,11 @@ def _fused_head(features: jax.Array, params: jax.Array) -> jax.Array:
 
 def _fused_head_fwd(features, params):
     """Under differentiation the reference runs: its forward keeps the activations its backward needs."""
-    logits, vjp = jax.vjp(dynamic_head_reference, features, params)
-    return logits.astype(jnp.float32), (vjp, jnp.zeros((), logits.dtype))
+    return jax.vjp(dynamic_head_reference, features, params)
 
 
-def _fused_head_bwd(residuals, g):
-    vjp, out_dtype = residuals
-    return vjp(g.astype(out_dtype.dtype))
+def _fused_head_bwd(vjp, g):
+    return vjp(g)
 
 
 _fused_head.defvjp(_fused_head_fwd, _fused_head_bwd)
@@ -60,5 +59,4 @@ def dynamic_head_fused(features: jax.Array, params: jax.Array) -> jax.Array:
     numbers of `dynamic_head_reference` (fp32 arithmetic, promoted input dtype out) in one fused pass;
     differentiated, it is the reference (module doc)."""
     _check_inputs(features, params, f"{_WHERE} dynamic_head_fused")
-    out_dtype = jnp.result_type(features.dtype, params.dtype)
-    return _fused_head(features, params).astype(out_dtype)
+    return _fused_head(features, params)
