@@ -45,8 +45,8 @@ def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
 
 
 def conv3d(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = False) -> nn.Conv:
-    """A stride-1 Conv3d with 'same' zero padding (kernel // 2), kernel (k, k, k, in, out); 3x3x3 ones of large
-    volumes run as a 2D convolution over planes on CPU (`medjax.nn.volume_conv`)."""
+    """A stride-1 Conv3d with 'same' zero padding (kernel // 2), kernel (k, k, k, in, out); on CPU, 3x3x3 ones of
+    large volumes run as Winograd F(4, 3) along X over 2D plane convolutions (`medjax.nn.volume_conv`)."""
     return nn.Conv(features, (kernel,) * 3, padding=[(kernel // 2, kernel // 2)] * 3, use_bias=use_bias,
                    dtype=dtype, param_dtype=param_dtype, name=name, conv_general_dilated=volume_conv_general_dilated,
                    kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(),
