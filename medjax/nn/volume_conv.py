@@ -29,6 +29,7 @@ All three rewrites are linear maps of (x, kernel), differentiated by JAX as writ
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import jax
@@ -54,17 +55,15 @@ _WINOGRAD_OUT = 4  # output planes per tile (m); a tile reads m + 2 input planes
 
 def _conv2d_same(planes: jax.Array, kernel: jax.Array, precision: Any, preferred_element_type: Any) -> jax.Array:
     """planes (n, Y, Z, c) * kernel (3, 3, c, o), stride 1, zero padding 1."""
-    return lax.conv_general_dilated(planes, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=precision, preferred_element_type=preferred_element_type)
+    return lax.conv_general_dilated(planes, kernel, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+                                    preferred_element_type=preferred_element_type)
 
 
 def _combine(coefficients: np.ndarray, arrays: Sequence[jax.Array]) -> jax.Array:
     """sum_s coefficients[s] * arrays[s] over the non-zero coefficients (one elementwise fusion)."""
     terms = [a if c == 1 else -a if c == -1 else a * float(c) for c, a in zip(coefficients, arrays) if c != 0]
-    out = terms[0]
-    for term in terms[1:]:
-        out = out + term
-    return out
+    return sum(terms[1:], terms[0])
 
 
 def conv3x3x3_by_planes(x: jax.Array, kernel: jax.Array, *, precision: Any = None,
@@ -116,15 +115,9 @@ def conv3x3x3_by_taps(x: jax.Array, kernel: jax.Array, *, precision: Any = None,
     out_dtype = preferred_element_type or jnp.result_type(x.dtype, kernel.dtype)
     x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0))).astype(acc_dtype)
     kernel = kernel.astype(acc_dtype)
-    out = None
-    for i in range(3):
-        for j in range(3):
-            for k in range(3):
-                window = x_pad[:, i:i + d, j:j + h, k:k + w, :]
-                for ci in range(c):
-                    term = window[..., ci:ci + 1] * kernel[i, j, k, ci]
-                    out = term if out is None else out + term
-    return out.astype(out_dtype)
+    terms = [x_pad[:, i:i + d, j:j + h, k:k + w, ci:ci + 1] * kernel[i, j, k, ci]
+             for i, j, k, ci in itertools.product(range(3), range(3), range(3), range(c))]
+    return sum(terms[1:], terms[0]).astype(out_dtype)
 
 
 def cpu_rewrite(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
