@@ -18,9 +18,16 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         stop_at=0,  # stop (with a checkpoint) at this step, schedule still spanning `steps`; 0 = run to `steps`
         eval_batch_size=64,
+        eval_every=0,  # > 0: run the task's evaluation every this many steps and log its metrics (eval/...)
     ))
+    # medjax.optim's one schema for every family (its module doc says what each key does).
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1.5e-4, warmup_steps=100, min_lr_ratio=0.0, weight_decay=0.05, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
+        name="adamw", lr=1.5e-4, lr_scaling="none", lr_reference_batch=256,
+        schedule="cosine", warmup_steps=100, warmup_fraction=0.0, warmup_linspace=False, min_lr=0.0, min_lr_ratio=0.0,
+        weight_decay=0.05, weight_decay_end=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, clip_depth=0,
+        lr_mults=[], wd_mults=[],  # (regex, multiplier) on "/"-joined param paths; wd_mults [] = ndim >= 2 decayed
+        frozen=[], frozen_early=[], frozen_early_steps=0,
+        layer_decay=1.0, layer_decay_scope="", layer_decay_embed=r"(^|/)(patch_embed|pos_embed|cls_token|mask_token|register_tokens)(/|$)",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp", num_devices=0))  # 0 = all devices
     c.kernels = ml_collections.ConfigDict(dict(impl="auto"))  # "auto" | "reference" | "pallas"

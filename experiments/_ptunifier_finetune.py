@@ -43,10 +43,14 @@ def finetune_config(variant: str, kind: str, *, file: str, demo_file: str, max_t
     ))
     c.model = pretrain.model.copy_and_resolve_references()
     c.train.update(dict(steps=steps, batch_size=batch_size, log_every=50, checkpoint_every=1000, eval_batch_size=64))
-    c.optim.update(dict(lr=5e-6, weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, clip_norm=0.0))
-    c.optim.warmup_fraction = 0.1
-    c.optim.head_multiplier = float(head_multiplier)  # the original's lr_multiplier_head
-    c.optim.multi_modal_multiplier = float(multi_modal_multiplier)  # lr_multiplier_multi_modal
+    c.optim.update(dict(lr=5e-6, schedule="linear", warmup_steps=0, warmup_fraction=0.1, weight_decay=0.01,
+                        b1=0.9, b2=0.98, eps=1e-8, clip_norm=0.0))
+    # the original's lr_multiplier_head / lr_multiplier_multi_modal, by top-level name prefix (its head_names
+    # and multi-modal names)
+    c.optim.lr_mults = ptunifier.ptunifier_lr_mults(
+        head_multiplier, multi_modal_multiplier, heads=r"^(mlm_|itm_|itc_|task_head)[^/]*(/|$)",
+        multi_modal_params=r"^(text_proj|image_proj|fusion_|text_pooler|image_pooler|visual_prompts|textual_prompts)[^/]*(/|$)")
+    c.optim.wd_mults = ptunifier.PTUNIFIER_WD_MULTS
     if variant == "demo":
         c.data.update(dict(file=demo_file, image_size=pretrain.model.image_size, max_text_len=pretrain.data.max_length))
         c.finetune.num_negatives = 7

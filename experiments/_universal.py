@@ -70,7 +70,7 @@ def universal_config(variant: str, backbone: str, exp: str) -> ml_collections.Co
                         checkpoint_every=STEPS_PER_EPOCH * 10, eval_batch_size=1))
     c.optim.update(dict(lr=1e-4, warmup_steps=WARMUP_EPOCHS * STEPS_PER_EPOCH, min_lr_ratio=0.0,
                         weight_decay=1e-5, b1=0.9, b2=0.999, eps=1e-8, clip_norm=0.0))
-    c.optim.decay_all_params = True  # torch AdamW decays biases and norms too
+    c.optim.wd_mults = [(r".*", 1.0)]  # torch AdamW decays every param, biases and norms too
 
     # demo / tiny: no CLIP model offline, so a learned rand_embedding; Swin at feature 12 (GroupNorm 4
     # groups: 12 is not a multiple of 16). The UNet3D has the paper's fixed widths (64 / 512 channels,

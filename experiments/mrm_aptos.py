@@ -14,7 +14,6 @@ import ml_collections
 from experiments import mrm_retina
 from experiments._common import base_config
 
-DEMO_VARIANT = "demo"
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:

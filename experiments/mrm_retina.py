@@ -14,7 +14,6 @@ import ml_collections
 
 from experiments._common import base_config
 
-DEMO_VARIANT = "demo"  # used by `python -m medjax.train --exp mrm_retina` when no --data is given
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:

@@ -19,7 +19,19 @@ import ml_collections
 from experiments._common import base_config
 from medjax.models.ptunifier import PTUNIFIER_FULL, PTUNIFIER_TINY
 
-DEMO_VARIANT = "demo"  # used by `python -m medjax.train --exp ptunifier` when no --data is given
+# The original's `set_schedule` param groups, by top-level module: names with *_head (our MLM/ITM/ITC heads)
+# at lr x lr_multiplier_head; "multi_modal" / "pseudo" ones (projections, poolers, fusion layers, prompt
+# pools) at x lr_multiplier_multi_modal; the rest (towers, modality_type_embeddings) at the base lr.
+HEAD_PARAMS = r"^(mlm_transform|mlm_norm|mlm_decoder|mlm_bias|itm_head|itc_image_norm|itc_text_norm|itc_image_proj|itc_text_proj)(/|$)"
+MULTI_MODAL_PARAMS = r"^(text_proj|image_proj|text_pooler|image_pooler|visual_prompts|textual_prompts|fusion_[^/]*)(/|$)"
+# No weight decay on biases and LayerNorm scales (the original's no_decay names).
+PTUNIFIER_WD_MULTS = [(r"(^|/)(bias|mlm_bias|scale)$", 0.0), (r".*", 1.0)]
+
+
+def ptunifier_lr_mults(head: float, multi_modal: float, heads: str = HEAD_PARAMS,
+                       multi_modal_params: str = MULTI_MODAL_PARAMS) -> list:
+    """optim.lr_mults for the two groups (heads first: the first matching rule wins)."""
+    return [(heads, float(head)), (multi_modal_params, float(multi_modal))]
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
@@ -49,10 +61,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # task_pretrain_ptunifier: 100k steps, batch 256, lr 1e-5 (x5 heads / multi-modal), warmup 10%, linear decay;
     # AdamW betas (0.9, 0.98), eps 1e-8, wd 0.01; no gradient clipping (Lightning default).
     c.train.update(dict(steps=100000, batch_size=256, log_every=50, checkpoint_every=5000, eval_batch_size=64))
-    c.optim.update(dict(lr=1e-5, warmup_steps=0, weight_decay=0.01, b1=0.9, b2=0.98, eps=1e-8, clip_norm=0.0))
-    c.optim.warmup_ratio = 0.1  # > 0: warmup over this fraction of train.steps (else optim.warmup_steps)
-    c.optim.lr_multiplier_head = 5.0
-    c.optim.lr_multiplier_multi_modal = 5.0
+    c.optim.update(dict(lr=1e-5, schedule="linear", warmup_steps=0, warmup_fraction=0.1, weight_decay=0.01,
+                        b1=0.9, b2=0.98, eps=1e-8, clip_norm=0.0))
+    c.optim.lr_mults = ptunifier_lr_mults(head=5.0, multi_modal=5.0)  # lr_multiplier_head / _multi_modal
+    c.optim.wd_mults = PTUNIFIER_WD_MULTS
 
     if variant == "demo":
         c.model.update(dict(image_size=64, patch_size=16, vision_width=64, vision_depth=2, vision_heads=4,

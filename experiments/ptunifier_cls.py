@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from experiments._ptunifier_finetune import finetune_config
 
-DEMO_VARIANT = "demo"
 DATASETS = {  # variant: (file, label column, steps)
     "full": ("mlc_chexpert_{split}.arrow", "chexpert", 12000),
     "rsna": ("mlc_psna_pneumonia_{split}.arrow", "pnsa_pneumonia", 3500),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from experiments._ptunifier_finetune import finetune_config
 
-DEMO_VARIANT = "demo"
 
 
 def get_config(variant: str = "full"):

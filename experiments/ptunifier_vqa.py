@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from experiments._ptunifier_finetune import finetune_config
 
-DEMO_VARIANT = "demo"
 DATASETS = {  # variant: (file, answers, batch, steps)
     "full": ("vqa_vqa_rad_{split}.arrow", 498, 64, 2400),
     "slake": ("vqa_slack_{split}.arrow", 222, 32, 2306),

@@ -18,7 +18,6 @@ import ml_collections
 from experiments._common import base_config
 from medjax.tasks.uni_eval import uni_eval_config
 
-DEMO_VARIANT = "demo"  # used by `python -m medjax.train --exp uni_vitl16` when no --data is given
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
@@ -66,15 +65,25 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         blur_probs=(1.0, 0.1, 0.5),
     ))
     c.schedule = ml_collections.ConfigDict(dict(epoch_length=1250))  # DINOv2 OFFICIAL_EPOCH_LENGTH
-    c.optim = ml_collections.ConfigDict(dict(
+    epoch = c.schedule.get_ref("epoch_length")  # optim steps below follow --set schedule.epoch_length
+    c.optim.update(dict(
+        name="adamw", b1=0.9, b2=0.999, eps=1e-8,
         lr=4e-3,  # DINOv2 base_lr, at batch 1024; the run's peak lr is lr * sqrt(batch / 1024) (sqrt_wrt_1024)
-        min_lr=1e-6, warmup_epochs=10,
-        weight_decay=0.04, weight_decay_end=0.4,  # cosine; 0 for biases, norms, LayerScale
-        b1=0.9, b2=0.999, eps=1e-8,
-        clip_grad=3.0,  # per student submodule (backbone, head), as DINOv2
-        layer_decay=0.9, patch_embed_lr_mult=0.2,
-        freeze_last_layer_epochs=1,
+        lr_scaling="sqrt", lr_reference_batch=1024,
+        schedule="cosine", min_lr=1e-6, min_lr_ratio=0.0,
+        warmup_fraction=0.0,
+        warmup_linspace=True,  # DINOv2's CosineScheduler warms up with np.linspace (lr reached at warmup - 1)
+        weight_decay=0.04, weight_decay_end=0.4,  # cosine
+        clip_norm=3.0, clip_depth=2,  # per student submodule (backbone, head), as DINOv2 clips each FSDP module
+        layer_decay=0.9, layer_decay_scope=r"(^|/)backbone/",  # embeddings 0.9^(depth+1), block i 0.9^(depth-i)
+        lr_mults=[(r"(^|/)backbone/patch_embed/", 0.2)],  # DINOv2 patch_embed_lr_mult
+        # no decay for biases, norms and LayerScale gammas (DINOv2 param_groups); embeddings decayed
+        wd_mults=[(r"(^|/)bias$", 0.0), (r"norm", 0.0), (r"(^|/)ls[12]$", 0.0), (r".*", 1.0)],
+        frozen=[r"^(?!student/)"],  # teacher, centers, teacher_temp: moved by post_update, not the optimizer
+        frozen_early=[r"(^|/)last_layer(/|$)"],  # the heads' last layer: lr 0 for the first epoch
     ))
+    c.optim.warmup_steps = epoch * 10  # 10 epochs
+    c.optim.frozen_early_steps = epoch * 1
     # 100 "epochs" x 1250 = 125k iterations. Batch 3072 (UNI Methods: 32 x A100; the reference gives no
     # batch, DINOv2's own vitl16_short run uses 32 GPUs x 64 = 2048).
     c.train.update(dict(steps=125_000, batch_size=3072, log_every=50, checkpoint_every=2500, eval_batch_size=64))
@@ -90,7 +99,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         c.crops.update(dict(global_size=64, local_size=32, num_local=4))
         c.schedule.epoch_length = 10
         c.teacher.warmup_temp_epochs = 3
-        c.optim.warmup_epochs = 1
+        c.optim.warmup_steps = epoch * 1
         c.train.update(dict(steps=100, batch_size=16, log_every=5, checkpoint_every=50, eval_batch_size=32))
         c.uni_eval.update(dict(image_size=64, batch_size=32))
         c.uni_eval.abmil.update(dict(epochs=10, folds=2))
@@ -103,7 +112,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         c.crops.update(dict(global_size=32, local_size=16, num_local=2))
         c.schedule.epoch_length = 2
         c.teacher.warmup_temp_epochs = 1
-        c.optim.update(dict(warmup_epochs=1, freeze_last_layer_epochs=1))
+        c.optim.warmup_steps = epoch * 1
         c.train.update(dict(steps=4, batch_size=4, log_every=1, checkpoint_every=2, eval_batch_size=4))
         c.uni_eval.update(dict(image_size=32, batch_size=8, read_threads=1))
         c.uni_eval.abmil.update(dict(epochs=2, folds=2, max_tiles=8))

@@ -16,7 +16,6 @@ import ml_collections
 
 from experiments._universal import universal_config
 
-DEMO_VARIANT = "demo"  # used by `python -m medjax.train --exp universal_swin` when no --data is given
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:

@@ -7,9 +7,10 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from medjax.params import merge_params  # noqa: F401  (re-exported; its home is medjax.params)
 
 
 class Checkpointer:
@@ -19,7 +20,8 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         # Only every `interval` steps (plus forced saves): Orbax's default policy would also save
         # the first step of every run and resume.
-        policy = ocp.checkpoint_managers.FixedIntervalPolicy(max(int(interval), 1))
+        self.interval = max(int(interval), 1)
+        policy = ocp.checkpoint_managers.FixedIntervalPolicy(self.interval)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep), create=True, enable_async_checkpointing=async_save,
             save_decision_policy=policy,
@@ -28,6 +30,10 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def will_save(self, step: int, *, force: bool = False) -> bool:
+        """Whether `save(step, force=force)` writes a checkpoint (the interval policy, never twice)."""
+        return (force or step % self.interval == 0) and self.latest_step() != step
 
     def save(self, step: int, state: Any, data_iterator, *, force: bool = False) -> bool:
         args = {"state": ocp.args.StandardSave(state)}
@@ -92,24 +98,3 @@ def restore_params(path: str) -> Any:
     restored = checkpointer.restore(item, abstract)
     checkpointer.close()
     return jax.device_get(restored["params"])
-
-
-def merge_params(params: Any, source: Any) -> tuple[Any, list[str]]:
-    """`params` with each leaf replaced by `source`'s leaf at the same path when the shapes agree;
-    also the paths that could not be taken (missing, or of another shape), described."""
-    skipped = []
-
-    def take(path, leaf):
-        node, name = source, "/".join(str(getattr(p, "key", p)) for p in path)
-        for p in path:
-            key = getattr(p, "key", None)
-            if not isinstance(node, dict) or key not in node:
-                skipped.append(f"{name} (missing)")
-                return leaf
-            node = node[key]
-        if np.shape(node) != leaf.shape:
-            skipped.append(f"{name} (shape {np.shape(node)} vs {leaf.shape})")
-            return leaf
-        return jnp.asarray(node, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(take, params), skipped

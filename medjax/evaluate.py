@@ -37,15 +37,6 @@ def column_label(saved: dict, path: str) -> str:
     return f"{fraction * 100:g}%" if fraction is not None else os.path.basename(os.path.normpath(path))
 
 
-def markdown_table(exp: str, columns: list[tuple[str, dict]]) -> str:
-    metrics = [k for k in columns[0][1] if k != "examples"]
-    header = "| Method | " + " | ".join(f"{label} {m}" for label, _ in columns for m in metrics) + " |"
-    rule = "|---|" + "---|" * (len(columns) * len(metrics))
-    row = f"| medjax {exp} | " + " | ".join(
-        f"{100 * r[m]:.2f}" if m in ("auc", "kappa", "accuracy") else f"{r[m]:.4f}" for _, r in columns for m in metrics) + " |"
-    return "\n".join([header, rule, row])
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from medjax import checkpoint as checkpoint_lib
@@ -68,7 +59,7 @@ def main(argv=None) -> int:
         params = checkpoint_lib.restore_params(path)
         results = task.evaluate(params)
         columns.append((column_label(saved, path), results))
-    table = task.results_table(args.exp, columns) if hasattr(task, "results_table") else markdown_table(args.exp, columns)
+    table = task.results_table(args.exp, columns)
     print(table)
     out = args.out or args.checkpoint[0]
     os.makedirs(out, exist_ok=True)

@@ -27,10 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_variant(module, variant: str | None, data: str | None) -> str | None:
-    """No --variant and no --data: the experiment's demo variant (if it has one)."""
+def resolve_variant(exp: str, variant: str | None, data: str | None) -> str | None:
+    """No --variant and no --data: the demo variant its task declares (TaskBase.demo_variant)."""
     if variant is None and data is None:
-        return getattr(module, "DEMO_VARIANT", None)
+        from medjax import config as config_lib
+        from medjax.tasks import task_class
+
+        return task_class(config_lib.get_config(exp).task).demo_variant
     return variant
 
 
@@ -56,8 +59,7 @@ def _run(args) -> int:
 
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)  # only process 0 logs
     try:
-        module = config_lib.load_experiment(args.exp)
-        variant = resolve_variant(module, args.variant, args.data)
+        variant = resolve_variant(args.exp, args.variant, args.data)
         if variant is not None and args.variant is None:
             say(f"no --data given: training the `{variant}` variant of {args.exp} on demo data "
                 f"(pass --data DIR for the paper's setup on your data)")

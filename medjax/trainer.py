@@ -17,7 +17,6 @@ import numpy as np
 import optax
 
 from medjax import checkpoint as checkpoint_lib
-from medjax import optim as optim_lib
 from medjax import train_state as state_lib
 from medjax.metric_writer import MetricWriter
 from medjax.parallel import mesh as mesh_lib
@@ -25,7 +24,11 @@ from medjax.parallel import rules as rules_lib
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
+    """The loss (or the gradient, update or param norm) became NaN/inf; the run stops and the last good
+    checkpoint is kept."""
+
+
+FINITE_CHECKED = ("loss", "grad_norm", "update_norm", "param_norm")
 
 
 def global_batch(local_batch: dict, sharding, process_count: int) -> dict:
@@ -61,9 +64,7 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
             loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        post_update = getattr(task, "post_update", None)
-        if post_update is not None:  # e.g. an EMA teacher or running centers (DINOv2)
-            new_params, metrics = post_update(new_params, metrics, state["step"])
+        new_params, metrics = task.post_update(new_params, metrics, state["step"])  # e.g. an EMA teacher
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(new_params), update_norm=optax.tree.norm(updates),
                        lr=schedule(state["step"]))
@@ -88,10 +89,7 @@ class Trainer:
             raise ValueError(f"train.batch_size={train.batch_size} does not divide over {dp} data-parallel devices")
         if train.batch_size % int(train.grad_accum):
             raise ValueError(f"train.batch_size={train.batch_size} does not divide into train.grad_accum={train.grad_accum} microbatches")
-        if hasattr(task, "make_optimizer"):  # e.g. layer-wise lr decay, frozen subtrees
-            self.tx, self.schedule = task.make_optimizer(int(train.steps))
-        else:
-            self.tx, self.schedule = optim_lib.make_optimizer(config.optim, int(train.steps))
+        self.tx, self.schedule = task.make_optimizer(int(train.steps))
         rng = jax.random.PRNGKey(int(config.seed))
         self.state, self.state_shardings = state_lib.create_sharded_state(
             task.init_params, self.tx, rng, self.mesh, self.rules)
@@ -119,9 +117,8 @@ class Trainer:
             self.state["params"] = state_lib.place_params(params, self.state_shardings["params"])
             self.state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.state["params"])
             return f"initialised from {init}"
-        initial = getattr(self.task, "initial_params", None)
-        params = initial(self.state["params"]) if initial is not None else None
-        if params is not None and params is not self.state["params"]:  # e.g. towers from converted HF weights
+        params = self.task.initial_params(self.state["params"])
+        if params is not self.state["params"]:  # e.g. towers from converted HF weights
             self.state["params"] = state_lib.place_params(params, self.state_shardings["params"])
             self.state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.state["params"])
             return "initialised from scratch and the task's pretrained parts (initial_params)"
@@ -142,16 +139,19 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         self._stop_signal = True
 
-    def _stop_requested(self) -> bool:
-        """SIGTERM seen here or, in a multi-process run, by any process: all stop at the same step
-        (a process stopping alone would leave the others waiting in the next step's collectives)."""
-        if self.process_count > 1:
-            from jax.experimental import multihost_utils
+    def _stop_requested(self, agree: bool) -> bool:
+        """SIGTERM seen here or, in a multi-process run, by any process: all stop at the same step (a
+        process stopping alone would leave the others waiting in the next step's collectives). Processes
+        agree only at `agree` steps (log and checkpoint steps), not with a collective every step."""
+        if self.process_count == 1:
+            return self._stop_signal
+        if not agree:
+            return False
+        from jax.experimental import multihost_utils
 
-            agreed = bool(np.any(multihost_utils.process_allgather(np.asarray(self._stop_signal))))
-            self._stop_signal = self._stop_signal or agreed  # a signal arriving meanwhile counts next step
-            return agreed
-        return self._stop_signal
+        agreed = bool(np.any(multihost_utils.process_allgather(np.asarray(self._stop_signal))))
+        self._stop_signal = self._stop_signal or agreed  # a signal arriving meanwhile counts next time
+        return agreed
 
     def run(self) -> dict[str, Any]:
         config, train = self.config, self.config.train
@@ -171,7 +171,9 @@ class Trainer:
             return {"step": step, "losses": []}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
         losses, last_good_step, compiled = [], step, None
+        pending: list[tuple[int, Any]] = []  # (step, metrics on device) since the last host sync
         interval_start, interval_examples = time.perf_counter(), 0
+        log_every, eval_every = int(train.log_every), int(train.get("eval_every", 0))
         try:
             while step < min(stop_at, total_steps):
                 batch = global_batch(next(data_iterator), self.batch_sharding, self.process_count)
@@ -183,22 +185,28 @@ class Trainer:
                     self.state, metrics = compiled(self.state, batch)
                 step += 1
                 interval_examples += int(train.batch_size)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss} at step {step}; stopping. The last good checkpoint (step "
-                        f"{self.checkpointer.latest_step()}) is kept in {self.checkpointer.directory}")
-                losses.append(loss)
-                if step % int(train.log_every) == 0 or step == stop_at:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    elapsed = time.perf_counter() - interval_start
-                    values["examples_per_sec"] = interval_examples / max(elapsed, 1e-9)
-                    writer.write(step, values)
-                    interval_start, interval_examples = time.perf_counter(), 0
-                if self.checkpointer.latest_step() != step:
-                    self.checkpointer.save(step, self.state, data_iterator, force=(step == stop_at))
-                last_good_step = step
-                if self._stop_requested():
+                pending.append((step, metrics))
+                final = step == stop_at
+                saving = self.checkpointer.will_save(step, force=final)
+                sync = saving or final or step % log_every == 0
+                if sync:  # one host sync per log / checkpoint step (big_vision): check, then log
+                    values = self._check_finite(pending)
+                    losses.extend(v["loss"] for v in values)
+                    pending = []
+                    if step % log_every == 0 or final:
+                        elapsed = time.perf_counter() - interval_start
+                        writer.write(step, dict(values[-1], examples_per_sec=interval_examples / max(elapsed, 1e-9)))
+                        interval_start, interval_examples = time.perf_counter(), 0
+                    last_good_step = step
+                if saving:
+                    self.checkpointer.save(step, self.state, data_iterator, force=final)
+                if eval_every and step % eval_every == 0:
+                    results = self.task.evaluate(self.state["params"])
+                    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+                if self._stop_requested(agree=sync):
+                    if pending:
+                        losses.extend(v["loss"] for v in self._check_finite(pending))
+                        pending, last_good_step = [], step
                     writer.log(f"SIGTERM: saving a checkpoint at step {step} and exiting")
                     if self.checkpointer.latest_step() != step:
                         self.checkpointer.save(step, self.state, data_iterator, force=True)
@@ -209,6 +217,20 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return {"step": last_good_step, "losses": losses, "preempted": self._stop_signal}
+
+    def _check_finite(self, pending: list[tuple[int, Any]]) -> list[dict[str, float]]:
+        """The metrics of `pending` steps as floats, after one device_get; raises NonFiniteLossError naming
+        the first step whose loss, gradient, update or param norm is not finite (nothing of it is saved)."""
+        fetched = jax.device_get([m for _, m in pending])
+        values = [{k: float(v) for k, v in m.items()} for m in fetched]
+        for (step, _), v in zip(pending, values):
+            bad = [k for k in FINITE_CHECKED if k in v and not math.isfinite(v[k])]
+            if bad:
+                raise NonFiniteLossError(
+                    f"{', '.join(f'{k}={v[k]}' for k in bad)} at step {step} (steps {pending[0][0]}-"
+                    f"{pending[-1][0]} checked together); stopping. The last good checkpoint (step "
+                    f"{self.checkpointer.latest_step()}) is kept in {self.checkpointer.directory}")
+        return values
 
 
 def describe_memory(memory) -> str:

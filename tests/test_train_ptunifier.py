@@ -9,9 +9,10 @@ import torch
 import transformers
 
 from medjax import config as config_lib
+from medjax import optim as optim_lib
 from medjax.data.demo_image_report import make_image_report_demo
 from medjax.tasks import build_task
-from medjax.tasks.ptunifier import PTUnifierTask, param_group
+from medjax.tasks.ptunifier import PTUnifierTask
 from medjax.trainer import Trainer
 
 QUIET = dict(log=lambda *_: None)
@@ -72,7 +73,8 @@ def test_optimizer_lr_groups_and_released_code_flag(demo, released):
     np.testing.assert_allclose(float(updates["modality_type"]["embedding"][0, 0]), -lr, rtol=1e-4)  # base, as released
     pool_update = np.abs(np.asarray(updates["visual_prompts"]["pool"])).max()
     assert (pool_update == 0.0) if released else np.isclose(pool_update, 5 * lr, rtol=1e-4)
-    assert param_group(("itc_text_proj", "kernel")) == "head" and param_group(("vision", "ln_pre")) == "base"
+    lr_mults = optim_lib.lr_multipliers(task.optim_config(), {"itc_text_proj": {"kernel": 0}, "vision": {"ln_pre": 0}})
+    assert lr_mults == {"itc_text_proj/kernel": 5.0, "vision/ln_pre": 1.0}
 
 
 def test_towers_initialised_from_hugging_face_directories(demo, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 
 from experiments._common import base_config
 from medjax.data.pipeline import global_batch_dataset
+from medjax.tasks.base import TaskBase
 
 
 class ToyModel(nn.Module):
@@ -32,9 +33,9 @@ def toy_config(**train) -> ml_collections.ConfigDict:
     return c
 
 
-class ToyTask:
-    def __init__(self, config):
-        self.config = config
+class ToyTask(TaskBase):
+    def __init__(self, config, log=print, run=None):
+        super().__init__(config, log, run)
         d = config.data
         rng = np.random.default_rng(0)
         x = rng.normal(size=(d.size, d.features)).astype(np.float32)
@@ -57,7 +58,7 @@ class ToyTask:
 
     def train_data(self):
         noise = lambda ex, rng: {"x": ex["x"] + np.float32(0.01) * rng.standard_normal(ex["x"].shape, np.float32), "y": ex["y"]}
-        return global_batch_dataset(self.examples, global_batch=int(self.config.train.batch_size),
+        return global_batch_dataset(self.examples, global_batch=self.global_batch,
                                     seed=int(self.config.seed), transform=noise, shuffle=self.config.data.shuffle,
                                     process_index=jax.process_index(), process_count=jax.process_count())
 

@@ -70,12 +70,9 @@ def measure(config, steps: int) -> dict:
 
 
 def work_unit(task) -> tuple[str, int] | None:
-    """What one example is worth, from the task: ("tokens", n) or ("voxels", n); None if not declared."""
-    for unit in ("tokens", "voxels"):
-        count = getattr(task, f"{unit}_per_example", None)
-        if count:
-            return unit, int(count)
-    return None
+    """What one example is worth, from the task's `work_per_example()`: ("tokens", n) or ("voxels", n)."""
+    work = task.work_per_example()
+    return None if work is None else (work[1], int(work[0]))
 
 
 def main(argv=None) -> None:

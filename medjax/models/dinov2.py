@@ -13,13 +13,12 @@ The masked patch tokens go through the head from a fixed-size buffer (`masked_to
 first `num_masked` rows are the masked patches in order, the rest padding with weight 0 -- DINOv2's
 `upperbound` buffer with a static size for `jax.jit`.
 
-`lr_multiplier` / `weight_decay_multiplier` / `is_last_layer` give DINOv2's parameter groups
-(`dinov2/utils/param_groups.py`) from a parameter's path in this network.
+DINOv2's parameter groups (`dinov2/utils/param_groups.py`: layer-wise lr decay, no decay on biases,
+norms and LayerScale, the frozen last layer) are config rules of medjax.optim (experiments/uni_vitl16.py).
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -221,42 +220,3 @@ def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
 
 
 # ---- DINOv2 parameter groups (dinov2/utils/param_groups.py) from a parameter's path ----------------
-
-_EMBEDDING = ("patch_embed", "pos_embed", "cls_token", "mask_token", "register_tokens")
-
-
-def _names(path: Sequence[Any]) -> list[str]:
-    return [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-
-
-def lr_multiplier(path: Sequence[Any], depth: int, layer_decay: float = 0.9, patch_embed_mult: float = 0.2) -> float:
-    """Layer-wise lr decay: decay ** (depth + 1 - layer) with layer 0 for the embeddings (patch_embed,
-    pos_embed, cls/mask/register tokens), i + 1 for block i, depth + 1 for the final norm; the heads
-    get 1; patch_embed also times `patch_embed_mult` (DINOv2 `get_vit_lr_decay_rate`)."""
-    names = _names(path)
-    if "backbone" not in names:
-        return 1.0
-    layer = depth + 1
-    if any(name in _EMBEDDING for name in names):
-        layer = 0
-    else:
-        for name in names:
-            match = re.fullmatch(r"blocks_(\d+)", name)
-            if match:
-                layer = int(match.group(1)) + 1
-    mult = layer_decay ** (depth + 1 - layer)
-    return mult * patch_embed_mult if "patch_embed" in names else mult
-
-
-def weight_decay_multiplier(path: Sequence[Any]) -> float:
-    """0 for biases, norms and LayerScale gammas (DINOv2: name ends with "bias" or contains "norm" or
-    "gamma"; here LayerScale is "ls1"/"ls2"), else 1 (embeddings and tokens are decayed, as DINOv2)."""
-    names = _names(path)
-    if names[-1] == "bias" or any("norm" in name for name in names) or names[-1] in ("ls1", "ls2"):
-        return 0.0
-    return 1.0
-
-
-def is_last_layer(path: Sequence[Any]) -> bool:
-    """The heads' weight-normalised last layer (frozen for the first epoch)."""
-    return "last_layer" in _names(path)

@@ -13,9 +13,14 @@ TASKS = {
 }
 
 
+def task_class(name: str):
+    """The registered TaskBase subclass called `name` (a config's `task`)."""
+    if name not in TASKS:
+        raise ValueError(f"config.task: unknown task {name!r}; registered: {sorted(TASKS)}")
+    module_name, class_name = TASKS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def build_task(config, **kwargs):
-    """Instantiate the task named by `config.task` with the config (and e.g. data_dir)."""
-    if config.task not in TASKS:
-        raise ValueError(f"config.task: unknown task {config.task!r}; registered: {sorted(TASKS)}")
-    module_name, class_name = TASKS[config.task].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(config, **kwargs)
+    """Instantiate the task named by `config.task` with the config (and e.g. `log=`, `run=`)."""
+    return task_class(config.task)(config, **kwargs)

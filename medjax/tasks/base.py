@@ -1,11 +1,17 @@
-"""The task contract (DESIGN.md): the only thing the trainer knows about a model family."""
+"""The task contract (DESIGN.md): the only thing the trainer, `evaluate`, `predict` and `bench` know about a
+model family. Every registered task subclasses `TaskBase`; the optional hooks are methods with defaults
+here, so callers call methods and never probe a task with hasattr/getattr."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+import dataclasses
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import grain
 import jax
+
+from medjax import optim as optim_lib
+from medjax.params import merge_params
 
 Batch = Mapping[str, Any]
 
@@ -20,45 +26,100 @@ def model_config(config):
     return cfg
 
 
-class Task(Protocol):
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a task needs from the run (the `train` block and `init`), passed in so that tasks read only
+    their own config blocks."""
+
+    global_batch: int
+    eval_batch_size: int
+    total_steps: int
+    init: str = ""
+
+    @classmethod
+    def from_config(cls, config) -> "RunSettings":
+        train = config.train
+        return cls(global_batch=int(train.batch_size), eval_batch_size=int(train.eval_batch_size),
+                   total_steps=int(train.steps), init=str(config.get("init", "") or ""))
+
+
+def markdown_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+    """One row, one column group per evaluated checkpoint: every metric evaluate returned (AUC, kappa and
+    accuracy in percent)."""
+    metrics = [k for k in columns[0][1] if k != "examples"]
+    header = "| Method | " + " | ".join(f"{label} {m}" for label, _ in columns for m in metrics) + " |"
+    rule = "|---|" + "---|" * (len(columns) * len(metrics))
+    row = f"| medjax {exp} | " + " | ".join(
+        f"{100 * r[m]:.2f}" if m in ("auc", "kappa", "accuracy") else f"{r[m]:.4f}" for _, r in columns for m in metrics) + " |"
+    return "\n".join([header, rule, row])
+
+
+class TaskBase:
+    """A model family. Subclasses set `self.model` and implement the five required methods; the rest
+    are optional hooks with the defaults below."""
+
+    demo_variant: ClassVar[str | None] = "demo"  # what `python -m medjax.train --exp NAME` runs without --data
     model: nn.Module
 
+    def __init__(self, config, log=print, run: RunSettings | None = None):
+        self.config, self.log = config, log
+        self.run = run if run is not None else RunSettings.from_config(config)
+        self.global_batch = self.run.global_batch
+
+    # ---- required ------------------------------------------------------------------------------------
     def init_batch(self) -> Batch:
         """A global batch of the right shapes/dtypes (numpy), for init and tracing."""
+        raise NotImplementedError(f"{type(self).__name__}.init_batch")
 
     def init_params(self, rng: jax.Array) -> Any:
         """Params as boxed `nn.Partitioned` leaves (logical axis names), from `init_batch()`."""
+        raise NotImplementedError(f"{type(self).__name__}.init_params")
 
     def loss_fn(self, params: Any, batch: Batch, rng: jax.Array, train: bool) -> tuple[jax.Array, dict]:
         """(scalar loss, dict of scalar metrics) on a global batch."""
+        raise NotImplementedError(f"{type(self).__name__}.loss_fn")
 
     def train_data(self) -> grain.IterDataset:
         """This process's share of each global batch, checkpointable."""
+        raise NotImplementedError(f"{type(self).__name__}.train_data")
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """The paper's metrics on the evaluation split."""
+        raise NotImplementedError(f"{type(self).__name__}.evaluate")
 
+    # ---- optional hooks ------------------------------------------------------------------------------
     def load_pretrained(self, params: Any, pretrained: Any) -> Any:
-        """Params with the parts found in `pretrained` (e.g. a pretraining run's params) put in."""
-
-
-class OptionalTaskHooks(Protocol):
-    """Methods a task may define; the trainer and `python -m medjax.evaluate` use them when present."""
-
-    def make_optimizer(self, total_steps: int) -> tuple[Any, Any]:
-        """(optax transformation, lr schedule) instead of medjax.optim's AdamW, e.g. layer-wise lr decay
-        or a frozen teacher (optax.multi_transform with set_to_zero)."""
-
-    def post_update(self, params: Any, metrics: dict, step: jax.Array) -> tuple[Any, dict]:
-        """Inside the jitted step, after the optimizer update: e.g. an EMA teacher or running centers.
-        `metrics` is what loss_fn returned (averaged over microbatches); non-scalar entries it consumes
-        must be removed, so the returned metrics are scalars."""
+        """Params with the leaves of `pretrained` (e.g. a pretraining run's params) of the same path and
+        shape put in."""
+        return merge_params(params, pretrained)[0]
 
     def initial_params(self, params: Any) -> Any:
         """Params for a run starting from scratch (no checkpoint, no `init=`), e.g. with towers loaded from
         converted Hugging Face weights the config names. Gets the freshly created (sharded) params; returns
         them unchanged (the same object: nothing to load, nothing copied to the host) or a new tree whose
         replaced parts may be host arrays (the trainer places them with the params' shardings)."""
+        return params
+
+    def optim_config(self):
+        """The `optim` block medjax.optim builds the optimizer from; a task overrides this only where one
+        of its own switches must also change the optimizer (PTUnifier's reproduce_released_code)."""
+        return self.config.optim
+
+    def make_optimizer(self, total_steps: int):
+        """(optax transformation, lr schedule) from `optim_config()` (medjax.optim)."""
+        return optim_lib.make_optimizer(self.optim_config(), total_steps, self.global_batch)
+
+    def post_update(self, params: Any, metrics: dict, step: jax.Array) -> tuple[Any, dict]:
+        """Inside the jitted step, after the optimizer update: e.g. an EMA teacher or running centers.
+        `metrics` is what loss_fn returned (averaged over microbatches); non-scalar entries it consumes
+        must be removed, so the returned metrics are scalars."""
+        return params, metrics
+
+    def work_per_example(self) -> tuple[int, str] | None:
+        """(count, unit) one example is worth for throughput, e.g. (197, "tokens") or (884736, "voxels");
+        None when the family declares none."""
+        return None
 
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """A markdown table in the paper's layout, one column group per evaluated checkpoint."""
+        return markdown_table(exp, columns)

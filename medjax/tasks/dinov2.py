@@ -2,8 +2,8 @@
 TMLR 2024) "ViT-L/16 short" on Mass-100K.
 
 Params: {"student": net, "teacher": net, "teacher_temp": (), ["center": (1, K), "ibot_center": (1, K)]}.
-Only the student is trained (`make_optimizer`: optax.multi_transform, the rest `set_to_zero`, so no Adam
-moments); after each update `post_update` moves the teacher by EMA with momentum cosine 0.992 -> 1,
+Only the student is trained (`optim.frozen` in the config: every param outside `student/` is
+`set_to_zero` by medjax.optim, so it has no Adam moments); after each update `post_update` moves the teacher by EMA with momentum cosine 0.992 -> 1,
 the centers by EMA (momentum 0.9) of this batch's teacher outputs, and sets the teacher temperature
 of the next step (linear warmup 0.04 -> 0.07 over 30 epochs, then constant) -- kept in params because
 `loss_fn` has no step. Schedules are DINOv2's `CosineScheduler` (`dinov2/train/train.py`), indexed by
@@ -12,7 +12,8 @@ the step, an "epoch" being `schedule.epoch_length` (1250) iterations.
 Loss (`dinov2/train/ssl_meta_arch.py` `forward_backward`): DINO over the 18 crop pairs + iBOT on
 masked patches + 0.1 * KoLeo per global crop; teacher targets by centering (recipe) or Sinkhorn-Knopp.
 
-Optimizer (`dinov2/train/train.py`, `dinov2/utils/param_groups.py`): AdamW (0.9, 0.999) with peak lr
+Optimizer (`dinov2/train/train.py`, `dinov2/utils/param_groups.py`), built by medjax.optim from the
+experiment's `optim` block (experiments/uni_vitl16.py): AdamW (0.9, 0.999) with peak lr
 `optim.lr * sqrt(batch / 1024)`, linear warmup over 10 epochs then cosine to 1e-6; weight decay cosine
 0.04 -> 0.4, 0 for biases, norms and LayerScale; layer-wise lr decay 0.9 (embeddings 0.9^(depth+1),
 patch_embed also x 0.2); the heads' last layer at lr 0 for the first epoch; gradients clipped to norm
@@ -21,9 +22,7 @@ patch_embed also x 0.2); the heads' last layer at lr 0 for the first epoch; grad
 from __future__ import annotations
 
 import functools
-import math
 import os
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.checkpoint import merge_params
 from medjax.data import demo as demo_lib
 from medjax.data.masking import MaskingGenerator, max_masked_patches, sample_masks
 from medjax.data.pipeline import global_batch_dataset
@@ -40,6 +38,8 @@ from medjax.data.wsi import list_slides
 from medjax.data.wsi_source import DinoMultiCrop, WSITileSource
 from medjax.losses import dino as dino_losses
 from medjax.models import dinov2 as dinov2_lib
+from medjax.params import merge_params
+from medjax.tasks.base import TaskBase
 
 
 # ---- schedules -----------------------------------------------------------------------------------------
@@ -63,58 +63,6 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
         return jnp.where(step >= total_steps, final, value)
 
     return schedule
-
-
-# ---- optimizer pieces ----------------------------------------------------------------------------------
-
-def _group_key(path, depth: int = 2) -> tuple[str, ...]:
-    return tuple(str(getattr(p, "key", p)) for p in path[:depth])
-
-
-def clip_by_submodule_norm(max_norm: float, depth: int = 2) -> optax.GradientTransformation:
-    """torch `clip_grad_norm_(max_norm)` per submodule -- the leaves sharing their first `depth` path keys
-    (DINOv2 clips the student's backbone and head separately): g *= min(1, max_norm / (||g|| + 1e-6))."""
-
-    def update(updates, state, params=None):
-        del params
-        sums: dict[tuple, jax.Array] = {}
-        for path, leaf in jax.tree_util.tree_leaves_with_path(updates):
-            key = _group_key(path, depth)
-            sums[key] = sums.get(key, 0.0) + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-        scale = {k: jnp.minimum(1.0, max_norm / (jnp.sqrt(v) + 1e-6)) for k, v in sums.items()}
-        updates = jax.tree_util.tree_map_with_path(lambda p, u: (u * scale[_group_key(p, depth)]).astype(u.dtype),
-                                                   updates)
-        return updates, state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-class ParamGroupsState(NamedTuple):
-    count: jax.Array
-
-
-def scale_by_param_groups(lr_fn, last_layer_lr_fn, wd_fn, lr_multiplier, wd_multiplier,
-                          is_last_layer) -> optax.GradientTransformation:
-    """torch AdamW's step with DINOv2's per-group lr and weight decay, on the Adam direction u:
-    update = -lr_g (u + wd_g p), lr_g = (last_layer_lr if last layer else lr)(t) * lr_multiplier(path),
-    wd_g = wd(t) * wd_multiplier(path)."""
-
-    def init(params):
-        del params
-        return ParamGroupsState(jnp.zeros((), jnp.int32))
-
-    def update(updates, state, params):
-        t = state.count
-        lr, last_lr, wd = lr_fn(t), last_layer_lr_fn(t), wd_fn(t)
-
-        def one(path, u, p):
-            rate = (last_lr if is_last_layer(path) else lr) * lr_multiplier(path)
-            decay = wd * wd_multiplier(path)
-            return (-rate * (u + decay * p)).astype(u.dtype)
-
-        return jax.tree_util.tree_map_with_path(one, updates, params), ParamGroupsState(t + 1)
-
-    return optax.GradientTransformation(init, update)
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -173,11 +121,10 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
         ibot_out_dim=config.ibot.out_dim, dtype=dtype)
 
 
-class DINOv2Task:
-    def __init__(self, config, log=print):
-        self.config, self.log = config, log
+class DINOv2Task(TaskBase):
+    def __init__(self, config, log=print, run=None):
+        super().__init__(config, log, run)
         self.model = network_from_config(config)
-        self.global_batch = int(config.train.batch_size)
         c = config.crops
         self.grid = c.global_size // config.model.patch_size
         self.num_patches = self.grid ** 2
@@ -187,19 +134,18 @@ class DINOv2Task:
         self.centering = config.dino.centering
         if self.centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
-        total, epoch = int(config.train.steps), int(config.schedule.epoch_length)
+        total, epoch = self.run.total_steps, int(config.schedule.epoch_length)
         t = config.teacher
         self.momentum_fn = cosine_schedule(t.momentum, t.final_momentum, total)
         warm = int(t.warmup_temp_epochs * epoch)
         self.teacher_temp_fn = cosine_schedule(t.temp, t.temp, warm, warmup_steps=warm, warmup_start=t.warmup_temp)
 
-    @property
-    def tokens_per_example(self) -> int:
+    def work_per_example(self) -> tuple[int, str]:
         """Backbone tokens of one sample (for throughput): 2 global crops through the student and the
         teacher, the local crops through the student."""
         c, p = self.config.crops, self.config.model.patch_size
         prefix = 1 + self.config.model.num_register_tokens
-        return 4 * (self.num_patches + prefix) + c.num_local * ((c.local_size // p) ** 2 + prefix)
+        return 4 * (self.num_patches + prefix) + c.num_local * ((c.local_size // p) ** 2 + prefix), "tokens"
 
     def init_batch(self) -> dict:
         c, b = self.config.crops, self.global_batch
@@ -256,28 +202,7 @@ class DINOv2Task:
                        masked_patches=slots["num_masked"].astype(jnp.float32))
         return loss, metrics
 
-    # -- optimizer and post-update ------------------------------------------------------------------------
-    def make_optimizer(self, total_steps: int):
-        """DINOv2's AdamW (module doc); returns (transformation, the lr schedule)."""
-        o, epoch = self.config.optim, int(self.config.schedule.epoch_length)
-        lr = o.lr * math.sqrt(self.global_batch / 1024.0)  # DINOv2 scaling_rule "sqrt_wrt_1024"
-        warmup = int(o.warmup_epochs * epoch)
-        lr_fn = cosine_schedule(lr, o.min_lr, total_steps, warmup_steps=warmup)
-        frozen = int(o.freeze_last_layer_epochs * epoch)
-        last_layer_lr_fn = lambda t: jnp.where(jnp.asarray(t) < frozen, 0.0, lr_fn(t))  # noqa: E731
-        wd_fn = cosine_schedule(o.weight_decay, o.weight_decay_end, total_steps)
-        depth = int(self.config.model.depth)
-        student = optax.chain(
-            clip_by_submodule_norm(o.clip_grad) if o.clip_grad > 0 else optax.identity(),
-            optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-            scale_by_param_groups(
-                lr_fn, last_layer_lr_fn, wd_fn,
-                lambda p: dinov2_lib.lr_multiplier(p, depth, o.layer_decay, o.patch_embed_lr_mult),
-                dinov2_lib.weight_decay_multiplier, dinov2_lib.is_last_layer))
-        labels = lambda params: {k: jax.tree.map(lambda _: "student" if k == "student" else "frozen", v)  # noqa: E731
-                                 for k, v in params.items()}
-        return optax.multi_transform({"student": student, "frozen": optax.set_to_zero()}, labels), lr_fn
-
+    # -- post-update -----------------------------------------------------------------------------------
     def post_update(self, params, metrics, step):
         """EMA teacher, centers and the next step's teacher temperature (module doc)."""
         metrics = dict(metrics)

@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.checkpoint import merge_params
 from medjax.data import image_transforms as T
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
 from medjax.metrics import classification as M
 from medjax.models.vit_classifier import ViTClassifier
-from medjax.tasks.mrm import data_root
+from medjax.params import merge_params
+from medjax.tasks.base import TaskBase
+from medjax.tasks.common import Subset, data_root
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int, num_classes: int) -> np.ndarray:
@@ -36,17 +37,6 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int, num_classes: in
     return np.sort(np.concatenate(chosen))
 
 
-class _Subset:
-    def __init__(self, base, indices):
-        self.base, self.indices = base, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.base[int(self.indices[i])]
-
-
 def ordinal_class_probs(logits: jax.Array) -> jax.Array:
     """P(grade = g) from cumulative P(grade >= g), g = 1..K-1 (monotone by a running minimum)."""
     cumulative = jax.lax.cummin(jax.nn.sigmoid(logits.astype(jnp.float32)), axis=logits.ndim - 1)
@@ -56,17 +46,17 @@ def ordinal_class_probs(logits: jax.Array) -> jax.Array:
     return upper - lower
 
 
-class FundusClassificationTask:
-    def __init__(self, config, log=print):
-        self.config = config
-        self.root = data_root(config, log)
+class FundusClassificationTask(TaskBase):
+    def __init__(self, config, log=print, run=None):
+        super().__init__(config, log, run)
+        self.root = data_root(config.data, log)
         self.num_classes = int(config.model.num_classes)
         size = config.model.image_size
         train = FundusGenomeDataset(self.root, image_size=size, genotypes=None, label_arity=1,
                                     split=config.data.train_split)
         keep = label_subset(np.asarray(train.labels), float(config.data.label_fraction),
                             int(config.data.label_seed), self.num_classes)
-        self.train_set = _Subset(train, keep)
+        self.train_set = Subset(train, keep)
         log(f"fine-tuning on {len(keep)} of {len(train)} labelled training images "
             f"(data.label_fraction={config.data.label_fraction})")
         m = config.model
@@ -75,12 +65,10 @@ class FundusClassificationTask:
             mlp_ratio=m.mlp_ratio, drop_path=m.drop_path, num_classes=self.num_classes - 1, pooling=m.pooling,
             remat=m.remat,
             dtype=jnp.dtype(config.dtype))
-        self.global_batch = int(config.train.batch_size)
 
-    @property
-    def tokens_per_example(self) -> int:
+    def work_per_example(self) -> tuple[int, str]:
         """Image patches + class token (for throughput)."""
-        return (self.config.model.image_size // self.config.model.patch_size) ** 2 + 1
+        return (self.config.model.image_size // self.config.model.patch_size) ** 2 + 1, "tokens"
 
     def init_batch(self):
         size = self.config.model.image_size
@@ -122,7 +110,7 @@ class FundusClassificationTask:
         dataset = self.split_dataset(split)
         transform = lambda ex: {"image": T.fundus_eval_transform(ex["image"]), "label": np.int32(ex["label"])}
         labels, probs = [], []
-        for batch in eval_batches(dataset, int(self.config.train.eval_batch_size), transform):
+        for batch in eval_batches(dataset, self.run.eval_batch_size, transform):
             valid = batch["valid"]
             probs.append(np.asarray(self._predict(params, batch["image"]))[valid])
             labels.append(batch["label"][valid])

@@ -7,38 +7,27 @@ import functools
 import jax
 import numpy as np
 
-from medjax.checkpoint import merge_params
-from medjax.data import demo as demo_lib
 from medjax.data import image_transforms as T
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
 from medjax.models import mrm as mrm_lib
-from medjax.tasks.base import model_config
+from medjax.tasks.base import TaskBase, model_config
+from medjax.tasks.common import data_root
 
 
-def data_root(config, log=print) -> str:
-    if config.data.dir:
-        return config.data.dir
-    root = demo_lib.ensure_demo(config.data.kind, log=log)
-    sub = config.data.get("demo_subdir", "")
-    return f"{root}/{sub}" if sub else root
-
-
-class MRMTask:
-    def __init__(self, config, log=print):
-        self.config = config
-        self.root = data_root(config, log)
+class MRMTask(TaskBase):
+    def __init__(self, config, log=print, run=None):
+        super().__init__(config, log, run)
+        self.root = data_root(config.data, log)
         split = config.data.split or None
         self.dataset = FundusGenomeDataset(self.root, image_size=config.model.image_size,
                                            snp_stride=config.data.snp_stride, split=split)
         self.model = mrm_lib.mrm_from_config(model_config(config), num_snps=self.dataset.num_snps)
-        self.global_batch = int(config.train.batch_size)
 
-    @property
-    def tokens_per_example(self) -> int:
+    def work_per_example(self) -> tuple[int, str]:
         """Input tokens of one pair: image patches + class token + genome tokens (for throughput)."""
         m = self.config.model
-        return (m.image_size // m.patch_size) ** 2 + 1 + -(-self.dataset.num_snps // m.genome_token_size)
+        return (m.image_size // m.patch_size) ** 2 + 1 + -(-self.dataset.num_snps // m.genome_token_size), "tokens"
 
     def init_batch(self) -> dict:
         size = self.config.model.image_size
@@ -91,7 +80,7 @@ class MRMTask:
         dataset = self.eval_dataset
         transform = lambda ex: {"image": T.fundus_eval_transform(ex["image"]), "genome": ex["genome"]}
         totals, count = {}, 0
-        for batch in eval_batches(dataset, int(self.config.train.eval_batch_size), transform):
+        for batch in eval_batches(dataset, self.run.eval_batch_size, transform):
             n = int(batch.pop("valid").sum())
             if n < len(batch["image"]):  # relation matching is a batch statistic: skip a padded tail
                 continue
@@ -100,10 +89,6 @@ class MRMTask:
                 totals[k] = totals.get(k, 0.0) + float(v) * n
             count += n
         if count == 0:
-            raise ValueError(f"evaluation needs at least train.eval_batch_size={self.config.train.eval_batch_size} rows")
+            raise ValueError(f"evaluation needs at least train.eval_batch_size={self.run.eval_batch_size} rows")
         return {k: v / count for k, v in totals.items()}
-
-    def load_pretrained(self, params, pretrained):
-        """Another MRM run's params: every leaf with the same path and shape is taken."""
-        return merge_params(params, pretrained)[0]
 

@@ -6,7 +6,7 @@ MLM on (image, 15%-masked sentence); ITM on (image or another sample's image, cl
 the joint features of the image-only path (textual prompts) and the text-only path (visual prompts),
 symmetric InfoNCE at temperature 0.1 over the global batch. `reproduce_released_code=True` gives the
 released code's behaviour instead: frozen prompt pools and no ITC (its `"cl"`/`"itc"` key mismatch).
-Optimiser (the original's `set_schedule`): AdamW (0.9, 0.98), eps 1e-8, weight decay 0.01 except biases
+Optimiser (the original's `set_schedule`, as `optim` rules in experiments/ptunifier.py): AdamW (0.9, 0.98), eps 1e-8, weight decay 0.01 except biases
 and LayerNorm scales; lr x5 for the heads, the fusion module (projections, co-attention, poolers) and the
 prompt pools; linear warmup over 10% of the steps, then linear decay to 0.
 """
@@ -17,11 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import traverse_util
 
-from medjax.checkpoint import merge_params
-from medjax.data import demo as demo_lib
 from medjax.data.image_report import ImageReportDataset, load_tokenizer
 from medjax.data.image_report_pipeline import PretrainingTransform, pretraining_train_data
 from medjax.data.pipeline import eval_batches
@@ -30,13 +26,11 @@ from medjax.losses.itm import itm_accuracy, itm_loss, itm_pairs
 from medjax.losses.mlm import IGNORE_INDEX, mlm_accuracy, mlm_loss
 from medjax.metrics.retrieval import retrieval_recall
 from medjax.models import ptunifier as model_lib
+from medjax.params import merge_params
+from medjax.tasks.base import TaskBase
+from medjax.tasks.common import data_root
 
-# Top-level params trained at lr x lr_multiplier_head / x lr_multiplier_multi_modal (original `set_schedule`:
-# names containing *_head, and "multi_modal" or "pseudo"; modality_type_embeddings stay at the base lr).
-HEAD_PARAMS = ("mlm_transform", "mlm_norm", "mlm_decoder", "mlm_bias", "itm_head", "itc_image_norm", "itc_text_norm",
-               "itc_image_proj", "itc_text_proj")
-MULTI_MODAL_PARAMS = ("text_proj", "image_proj", "text_pooler", "image_pooler", "visual_prompts", "textual_prompts")
-POOL_PARAMS = ("visual_prompts", "textual_prompts")
+POOL_PARAMS = r"^(visual_prompts|textual_prompts)(/|$)"  # frozen with reproduce_released_code (optim_config)
 BATCH_KEYS = ("image", "text_ids", "text_mask", "text_ids_mlm", "text_labels_mlm")
 
 
@@ -47,19 +41,11 @@ def _files(root: str, spec: str) -> list[str]:
     return [n if n.startswith("/") else f"{root}/{n}" for n in names]
 
 
-def param_group(path: tuple[str, ...]) -> str:
-    """"head", "multi_modal" or "base" for a param path (its top-level module)."""
-    top = path[0]
-    if top in HEAD_PARAMS:
-        return "head"
-    return "multi_modal" if top in MULTI_MODAL_PARAMS or top.startswith("fusion_") else "base"
-
-
-class PTUnifierTask:
-    def __init__(self, config, log=print):
-        self.config = config
+class PTUnifierTask(TaskBase):
+    def __init__(self, config, log=print, run=None):
+        super().__init__(config, log, run)
         data = config.data
-        self.root = data.dir or demo_lib.ensure_demo(data.kind, log=log)
+        self.root = data_root(data, log)
         self.tokenizer_dir = data.tokenizer or f"{self.root}/tokenizer"
         tokenizer = load_tokenizer(self.tokenizer_dir)
         self.released = bool(config.get("reproduce_released_code", False))
@@ -70,7 +56,6 @@ class PTUnifierTask:
             resized_crop=data.resized_crop, sent_level=data.sent_level, mlm_probability=data.mlm_probability,
             eval_seed=int(config.seed))
         self.dataset = ImageReportDataset(_files(self.root, data.train_files), split=data.split or None)
-        self.global_batch = int(config.train.batch_size)
         w = config.loss
         self.weights = {"mlm": float(w.mlm), "itm": float(w.itm), "itc": 0.0 if self.released else float(w.itc)}
 
@@ -96,11 +81,10 @@ class PTUnifierTask:
                              f"{self.config.data.max_length} (needs >= {longest})")
         return cfg
 
-    @property
-    def tokens_per_example(self) -> int:
+    def work_per_example(self) -> tuple[int, str]:
         """Input tokens of one pair (image patches + class token + text), for throughput."""
         m = self.model_cfg
-        return (m.image_size // m.patch_size) ** 2 + 1 + int(self.config.data.max_length)
+        return (m.image_size // m.patch_size) ** 2 + 1 + int(self.config.data.max_length), "tokens"
 
     def init_batch(self) -> dict:
         b, s, length = self.global_batch, self.model_cfg.image_size, int(self.config.data.max_length)
@@ -139,31 +123,16 @@ class PTUnifierTask:
         return loss, parts
 
     # ---- optimisation --------------------------------------------------------------------------------
-    def make_optimizer(self, total_steps: int):
-        """AdamW with the original's lr groups; frozen pools get no update when reproducing the release."""
-        o = self.config.optim
-        warmup = int(round(float(o.warmup_ratio) * total_steps)) if o.warmup_ratio else int(o.warmup_steps)
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, float(o.lr), max(warmup, 1)),
-                                         optax.linear_schedule(float(o.lr), 0.0, max(total_steps - warmup, 1))],
-                                        [max(warmup, 1)])
-
-        def adamw(multiplier):
-            return optax.adamw(lambda step: schedule(step) * multiplier, b1=float(o.b1), b2=float(o.b2),
-                               eps=float(o.eps), weight_decay=float(o.weight_decay), mask=_decay_mask)
-
-        transforms = {"base": adamw(1.0), "head": adamw(float(o.lr_multiplier_head)),
-                      "multi_modal": adamw(float(o.lr_multiplier_multi_modal)), "frozen": optax.set_to_zero()}
-
-        def labels(params):
-            def label(path, _):
-                keys = tuple(str(getattr(p, "key", p)) for p in path)
-                if self.released and keys[0] in POOL_PARAMS:
-                    return "frozen"
-                return param_group(keys)
-            return jax.tree_util.tree_map_with_path(label, params)
-
-        parts = [optax.clip_by_global_norm(float(o.clip_norm))] if float(o.clip_norm) > 0 else []
-        return optax.chain(*parts, optax.multi_transform(transforms, labels)), schedule
+    def optim_config(self):
+        """`optim` plus, with reproduce_released_code, the prompt pools frozen (one flag switches the loss
+        and the optimizer, so the rule is added here rather than in the config)."""
+        optim = self.config.optim
+        if not self.released:
+            return optim
+        optim = optim.copy_and_resolve_references()
+        with optim.unlocked():
+            optim.frozen = list(optim.frozen) + [POOL_PARAMS]
+        return optim
 
     # ---- data ----------------------------------------------------------------------------------------
     def train_data(self):
@@ -200,7 +169,7 @@ class PTUnifierTask:
         """Held-out MLM loss/accuracy, ITM loss/accuracy and, with ITC, the ITC loss over the whole split and
         zero-shot image<->text retrieval R@1/5/10 with the ITC features (one entry per unique image)."""
         dataset = self.eval_dataset
-        size = int(self.config.train.eval_batch_size)
+        size = self.run.eval_batch_size
         transform = lambda ex: dict(self.transform(ex), image_index=ex["image_index"])  # noqa: E731
         sums, images, texts, text_image = {}, {}, [], []
         for index, batch in enumerate(eval_batches(dataset, size, transform)):
@@ -244,13 +213,6 @@ class PTUnifierTask:
         a vision position table of another grid is resized bicubically first."""
         pretrained = _resize_vision_positions(pretrained, params)
         return merge_params(params, pretrained)[0]
-
-
-def _decay_mask(params):
-    """Weight decay except on biases and LayerNorm scales (original: no_decay = bias, LayerNorm.*)."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({path: not (path[-1] in ("bias", "mlm_bias") or path[-1] == "scale")
-                                         for path in flat})
 
 
 def _resize_vision_positions(pretrained, params):

@@ -22,10 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 from sklearn.metrics import f1_score
 
-from medjax.checkpoint import merge_params
 from medjax.data import ptunifier_finetune_data as D
 from medjax.data.image_report import ImageReportDataset, clip_transform, load_tokenizer, pick_sentence, tokenize
 from medjax.data.pipeline import eval_batches, global_batch_dataset
@@ -33,51 +31,17 @@ from medjax.metrics.classification import accuracy, macro_auc
 from medjax.metrics.retrieval import retrieval_recall
 from medjax.metrics.vqa import vqa_accuracy
 from medjax.models.ptunifier_finetune import KINDS, finetune_model_from_config
-from medjax.tasks.mrm import data_root
+from medjax.params import merge_params
+from medjax.tasks.base import TaskBase
+from medjax.tasks.common import Subset, data_root
 
-HEADS = ("mlm_", "itm_", "itc_", "task_head")  # the original's head_names
-MULTI_MODAL = ("text_proj", "image_proj", "fusion_", "text_pooler", "image_pooler", "visual_prompts", "textual_prompts")
-
-
-def param_group(top_level_name: str) -> str:
-    """"head", "multi_modal" (the original's multi_modal_* modules and pseudo-token pools) or "backbone"."""
-    if top_level_name.startswith(HEADS):
-        return "head"
-    return "multi_modal" if top_level_name.startswith(MULTI_MODAL) else "backbone"
-
-
-def finetune_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW per group (lr x 1 / x multi_modal_multiplier / x head_multiplier), no decay on biases and
-    LayerNorm scales, linear warmup over warmup_fraction of the steps then linear decay to 0 (the
-    original's set_schedule)."""
-    warmup = max(1, int(round(float(optim.warmup_fraction) * total_steps)))
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup),
-                                     optax.linear_schedule(1.0, 0.0, max(total_steps - warmup, 1))], [warmup])
-    scale = {"backbone": 1.0, "multi_modal": float(optim.multi_modal_multiplier), "head": float(optim.head_multiplier)}
-
-    def adamw(group):
-        return optax.adamw(lambda step: float(optim.lr) * scale[group] * schedule(step), b1=float(optim.b1),
-                           b2=float(optim.b2), eps=float(optim.eps), weight_decay=float(optim.weight_decay),
-                           mask=_decay_mask)
-
-    labels = lambda params: {k: jax.tree.map(lambda _: param_group(k), v) for k, v in params.items()}  # noqa: E731
-    parts = [optax.clip_by_global_norm(float(optim.clip_norm))] if float(optim.clip_norm) > 0 else []
-    parts.append(optax.multi_transform({g: adamw(g) for g in scale}, labels))
-    return optax.chain(*parts), lambda step: float(optim.lr) * schedule(step)
-
-
-def _decay_mask(params):
-    """Weight decay except on biases and LayerNorm scales (the original's no_decay names)."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({path: path[-1] not in ("bias", "mlm_bias", "scale") for path in flat})
-
-
-class PTUnifierFinetuneTask:
-    def __init__(self, config, log=print):
-        self.config, self.kind = config, config.finetune.kind
+class PTUnifierFinetuneTask(TaskBase):
+    def __init__(self, config, log=print, run=None):
+        super().__init__(config, log, run)
+        self.kind = config.finetune.kind
         if self.kind not in KINDS:
             raise ValueError(f"finetune.kind={self.kind!r}; expected one of {KINDS}")
-        self.root = data_root(config, log)
+        self.root = data_root(config.data, log)
         self.tokenizer = load_tokenizer(config.data.tokenizer or os.path.join(self.root, "tokenizer"))
         self.image_size, self.max_length = int(config.data.image_size), int(config.data.max_text_len)
         self.train_set = self._dataset(config.data.train_split)
@@ -88,7 +52,6 @@ class PTUnifierFinetuneTask:
         log(f"ptunifier fine-tuning ({self.kind}): {len(self.train_set)} training examples")
         self.model_cfg = self._model_config()
         self.model = finetune_model_from_config(self.model_cfg, self.kind, num_outputs, jnp.dtype(config.dtype))
-        self.global_batch = int(config.train.batch_size)
 
     # ---- data ----------------------------------------------------------------------------------
     def _model_config(self):
@@ -155,9 +118,8 @@ class PTUnifierFinetuneTask:
                                     transform=self.example, process_index=jax.process_index(),
                                     process_count=jax.process_count())
 
-    @property
-    def tokens_per_example(self) -> int:
-        return (self.image_size // self.model_cfg.patch_size) ** 2 + 1 + self.max_length
+    def work_per_example(self) -> tuple[int, str]:
+        return (self.image_size // self.model_cfg.patch_size) ** 2 + 1 + self.max_length, "tokens"
 
     def init_batch(self) -> dict:
         b, s, length = self.global_batch, self.image_size, self.max_length
@@ -180,9 +142,6 @@ class PTUnifierFinetuneTask:
         return m.init({"params": params_rng, "dropout": dropout_rng}, images, ids, mask, train=False)["params"]
 
     # ---- training ------------------------------------------------------------------------------
-    def make_optimizer(self, total_steps: int):
-        return finetune_optimizer(self.config.optim, total_steps)
-
     def loss_fn(self, params, batch, rng, train):
         variables, rngs, m = {"params": params}, {"dropout": rng}, self.model
         if self.kind == "vqa":
@@ -237,7 +196,7 @@ class PTUnifierFinetuneTask:
     def _outputs(self, params, dataset, fn, keys, extra=()) -> tuple[np.ndarray, dict]:
         """Run jitted `fn` on `keys` of every eval batch; (outputs, {extra key: stacked values})."""
         outs, kept = [], {k: [] for k in extra}
-        for batch in eval_batches(dataset, int(self.config.train.eval_batch_size), self.example):
+        for batch in eval_batches(dataset, self.run.eval_batch_size, self.example):
             valid = batch["valid"]
             outs.append(np.asarray(fn(params, *[batch[k] for k in keys]))[valid])
             for k in extra:
@@ -261,7 +220,7 @@ class PTUnifierFinetuneTask:
         return self._evaluate_retrieval(params, ds)
 
     def _evaluate_retrieval(self, params, ds: ImageReportDataset) -> dict[str, float]:
-        j, e = self._jit, int(self.config.train.eval_batch_size)
+        j, e = self._jit, self.run.eval_batch_size
         images, texts = _ImagesOf(ds), _TextsOf(ds)
         text_image = np.array([i for i, _ in ds.index])
         out = {}
@@ -335,22 +294,10 @@ class _TextsOf:
         return {"caption": self.ds.captions[i][c]}
 
 
-class _Subset:
-    def __init__(self, base, indices):
-        self.base, self.indices = base, indices
-        self.num_labels = getattr(base, "num_labels", None)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.base[int(self.indices[i])]
-
-
-def _subset(dataset, fraction: float, seed: int) -> _Subset:
+def _subset(dataset, fraction: float, seed: int) -> Subset:
     """A seeded random `fraction` of the rows (the original's 1% / 10% CheXpert training files)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
     n = len(dataset)
     keep = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, int(round(fraction * n)))])
-    return _Subset(dataset, keep)
+    return Subset(dataset, keep)

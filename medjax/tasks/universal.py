@@ -20,10 +20,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from medjax import optim as optim_lib
-from medjax.checkpoint import merge_params
 from medjax.data import demo as demo_lib
 from medjax.data.ct_pipeline import CTAugment, CTVolumeCache, ct_train_dataset, read_ct_list
 from medjax.inference.postprocess import organ_post_process, threshold
@@ -31,26 +28,23 @@ from medjax.inference.sliding_window import sliding_window_inference
 from medjax.inference.universal_eval import cases_from_cache, evaluate_cases, universal_results_table
 from medjax.losses.segmentation import partial_label_bce_dice
 from medjax.models import universal as universal_lib
-from medjax.tasks.base import model_config
+from medjax.params import merge_params
+from medjax.tasks.base import TaskBase, model_config
+from medjax.tasks.common import data_root
 
 _WHERE = "medjax/tasks/universal.py"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.npy"  # beside converted weights: their frozen text embeddings
-
-
-def data_root(config, log=print) -> str:
-    return config.data.dir or demo_lib.ensure_demo(config.data.kind, log=log)
 
 
 def _in_root(root: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-class UniversalTask:
-    def __init__(self, config, log=print):
-        self.config, self.log = config, log
-        self.root = data_root(config, log)
+class UniversalTask(TaskBase):
+    def __init__(self, config, log=print, run=None):
+        super().__init__(config, log, run)
+        self.root = data_root(config.data, log)
         self.model = universal_lib.universal_from_config(model_config(config))
-        self.global_batch = int(config.train.batch_size)
         self.crop_size = tuple(int(s) for s in config.data.crop_size)
         self.constants = self._constants()
         self.cache_dir = config.data.cache_dir or os.path.join(demo_lib.cache_dir(), "ct_cache")
@@ -62,9 +56,10 @@ class UniversalTask:
         if m.encoding != "word_embedding":
             return {}
         path = m.class_embeddings
-        beside_init = os.path.join(self.config.init, CLASS_EMBEDDINGS_FILE) if self.config.init else ""
+        init = self.run.init
+        beside_init = os.path.join(init, CLASS_EMBEDDINGS_FILE) if init else ""
         if not path and beside_init and os.path.isfile(beside_init):  # written by the weight converter
-            self.log(f"class embeddings: {beside_init} (beside init={self.config.init})")
+            self.log(f"class embeddings: {beside_init} (beside init={init})")
             path = beside_init
         if not path:
             raise ValueError(
@@ -80,10 +75,9 @@ class UniversalTask:
         return {"params": params, **self.constants}
 
     # ----- training -----
-    @property
-    def voxels_per_example(self) -> int:
+    def work_per_example(self) -> tuple[int, str]:
         """Voxels of one training crop (96^3 in the paper), for `python -m medjax.bench step` throughput."""
-        return int(np.prod(self.crop_size))
+        return int(np.prod(self.crop_size)), "voxels"
 
     def init_batch(self) -> dict:
         classes = int(self.config.model.num_classes)
@@ -101,18 +95,6 @@ class UniversalTask:
         loss_cfg = self.config.loss
         return partial_label_bce_dice(logits, batch["label"], batch["label_mask"], smooth=float(loss_cfg.dice_smooth),
                                       bce_weight=float(loss_cfg.bce_weight), dice_weight=float(loss_cfg.dice_weight))
-
-    def make_optimizer(self, total_steps: int):
-        """AdamW + warmup-cosine (medjax.optim); with optim.decay_all_params weight decay acts on every
-        param, as torch.optim.AdamW in the original (medjax's default skips biases and norms)."""
-        o = self.config.optim
-        if not o.decay_all_params:
-            return optim_lib.make_optimizer(o, total_steps)
-        schedule = optim_lib.learning_rate_schedule(o, total_steps)
-        parts = [optax.clip_by_global_norm(float(o.clip_norm))] if float(o.clip_norm) > 0 else []
-        parts.append(optax.adamw(learning_rate=schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
-                                 weight_decay=float(o.weight_decay)))
-        return optax.chain(*parts), schedule
 
     def _augment(self) -> CTAugment:
         d = self.config.data

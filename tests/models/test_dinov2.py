@@ -11,9 +11,9 @@ import optax
 import pytest
 
 from medjax import config as config_lib
-from medjax.models.dinov2 import (DINOHead, ema_update, is_last_layer, lr_multiplier, masked_token_index,
-                                  weight_decay_multiplier)
-from medjax.tasks.dinov2 import DINOv2Task, clip_by_submodule_norm, cosine_schedule
+from medjax import optim as optim_lib
+from medjax.models.dinov2 import DINOHead, ema_update, masked_token_index
+from medjax.tasks.dinov2 import DINOv2Task, cosine_schedule
 
 
 @pytest.fixture(scope="module")
@@ -106,23 +106,26 @@ def network_like(value):
 
 
 def test_param_groups_from_paths():
-    def path(*names):
-        return tuple(jax.tree_util.DictKey(n) for n in names)
-
-    depth = 24  # ViT-L: embeddings 0.9^25, block i 0.9^(24 - i), final norm 1, patch_embed also x 0.2
-    assert lr_multiplier(path("student", "backbone", "patch_embed", "proj", "kernel"), depth) == pytest.approx(0.9 ** 25 * 0.2)
-    assert lr_multiplier(path("student", "backbone", "pos_embed"), depth) == pytest.approx(0.9 ** 25)
-    assert lr_multiplier(path("student", "backbone", "mask_token"), depth) == pytest.approx(0.9 ** 25)
-    assert lr_multiplier(path("student", "backbone", "blocks_0", "attn", "query", "kernel"), depth) == pytest.approx(0.9 ** 24)
-    assert lr_multiplier(path("student", "backbone", "blocks_23", "mlp", "fc2", "bias"), depth) == pytest.approx(0.9)
-    assert lr_multiplier(path("student", "backbone", "norm", "scale"), depth) == 1.0
-    assert lr_multiplier(path("student", "dino_head", "mlp_1", "kernel"), depth) == 1.0
-    assert [weight_decay_multiplier(path(*p)) for p in [("backbone", "blocks_0", "attn", "query", "bias"),
-                                                        ("backbone", "blocks_0", "norm2", "scale"),
-                                                        ("backbone", "blocks_0", "ls2"), ("backbone", "cls_token"),
-                                                        ("dino_head", "last_layer", "kernel")]] == [0, 0, 0, 1, 1]
-    assert is_last_layer(path("student", "dino_head", "last_layer", "kernel"))
-    assert not is_last_layer(path("student", "dino_head", "mlp_2", "kernel"))
+    """DINOv2's groups (param_groups.py) as the uni_vitl16 optim rules give them, at ViT-L depth 24."""
+    optim = config_lib.get_config("uni_vitl16", "full").optim
+    leaf = np.zeros((2,), np.float32)
+    blocks = {f"blocks_{i}": {"attn": {"query": {"kernel": leaf}}, "mlp": {"fc2": {"bias": leaf}}, "ls2": leaf,
+                              "norm2": {"scale": leaf}} for i in range(24)}
+    backbone = {"patch_embed": {"proj": {"kernel": leaf}}, "pos_embed": leaf, "mask_token": leaf, "cls_token": leaf,
+                "norm": {"scale": leaf}, **blocks}
+    params = {"student": {"backbone": backbone, "dino_head": {"mlp_1": {"kernel": leaf}}}}
+    lr = optim_lib.lr_multipliers(optim, params)
+    s = "student/backbone/"
+    assert lr[s + "patch_embed/proj/kernel"] == pytest.approx(0.9 ** 25 * 0.2)  # embeddings 0.9^25, x 0.2
+    assert lr[s + "pos_embed"] == pytest.approx(0.9 ** 25) and lr[s + "mask_token"] == pytest.approx(0.9 ** 25)
+    assert lr[s + "blocks_0/attn/query/kernel"] == pytest.approx(0.9 ** 24)
+    assert lr[s + "blocks_23/mlp/fc2/bias"] == pytest.approx(0.9)
+    assert lr[s + "norm/scale"] == 1.0 and lr["student/dino_head/mlp_1/kernel"] == 1.0
+    wd = optim_lib.wd_multipliers(optim, params)
+    assert [wd[s + p] for p in ("blocks_0/mlp/fc2/bias", "blocks_0/norm2/scale", "blocks_0/ls2", "cls_token",
+                                "blocks_0/attn/query/kernel")] == [0, 0, 0, 1, 1]
+    frozen = optim_lib.frozen_labels(optim, {"student": {"a": leaf}, "teacher": {"a": leaf}, "teacher_temp": leaf})
+    assert frozen == {"student": {"a": "trained"}, "teacher": {"a": "frozen"}, "teacher_temp": "frozen"}
 
 
 def test_optimizer_freezes_teacher_and_applies_dinov2_groups(task):
@@ -158,7 +161,7 @@ def test_optimizer_freezes_teacher_and_applies_dinov2_groups(task):
 
 
 def test_clip_per_submodule():
-    clip = clip_by_submodule_norm(1.0)
+    clip = optim_lib.clip_by_norm(1.0, depth=2)
     grads = {"student": {"backbone": {"a": jnp.array([3.0, 4.0])}, "dino_head": {"b": jnp.array([0.3, 0.4])}}}
     out, _ = clip.update(grads, clip.init(grads))
     np.testing.assert_allclose(np.asarray(out["student"]["backbone"]["a"]), [0.6, 0.8], rtol=1e-5)  # norm 5 -> 1
