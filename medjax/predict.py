@@ -7,7 +7,7 @@ original's `pred_pseudo.py`: the NIfTI is read to RAS at the experiment's spacin
 predicted by sliding windows (the model's crop size, overlap 0.5, Gaussian weighting, windows
 batched under one jit), thresholded (sigmoid > 0.5) and post-processed for all 32 classes
 (`medjax.inference.postprocess`). The class-id label map (0 background, 1..32 in
-`medjax.data.ct_templates.CLASS_NAMES` order; tumours over their organs) is resampled, nearest
+`medjax.ontology.universal_classes.CLASS_NAMES` order; tumours over their organs) is resampled, nearest
 neighbour, from the RAS grid back onto the input's own voxel grid and written with the input's shape
 and affine. `--per-class` also writes one 0/1 mask per class beside it: OUT_<class>.nii.gz.
 
@@ -55,7 +55,7 @@ def segment_file(input_path: str, out_path: str, masks_fn: Callable[[np.ndarray]
     """Read `input_path`, predict bool (X, Y, Z, 32) masks of its foreground crop with `masks_fn`
     (preprocessed RAS volume (X, Y, Z) -> post-processed masks), write the class-id label map on the
     input's grid to `out_path` (and per-class masks); returns the paths written."""
-    from medjax.data import ct_templates as templates
+    from medjax.ontology import universal_classes as templates
     from medjax.data.ct import load_ct, read_nifti_header, resample, save_nifti
     from medjax.data.ct_pipeline import foreground_box
     from medjax.inference.postprocess import merge_labels
@@ -136,7 +136,7 @@ def load_universal(config, params_dir: str):
             path = beside
         if not path:
             raise ValueError(f"--exp {config.exp}: encoding 'word_embedding' needs the class text embeddings: "
-                             "--set model.class_embeddings=emb.npy (`python -m medjax.models.universal "
+                             "--set model.class_embeddings=emb.npy (`python -m medjax.convert "
                              "embed-classes`)")
         embedding = universal_lib.load_class_embeddings(path, int(config.model.num_classes))
         variables[universal_lib.CONSTANTS] = {"organ_embedding": embedding}

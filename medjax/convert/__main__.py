@@ -3,6 +3,7 @@
     python -m medjax.convert universal --torch clip_driven_universal_swin_unetr.pth --out params/ [--backbone unet]
     python -m medjax.convert uni --torch UNI/pytorch_model.bin --out params/
     python -m medjax.convert hf --path clip-vit-base-patch32/ --out params/ [--tower text]
+    python -m medjax.convert embed-classes --clip CLIP_DIR --out class_embeddings.npy
 
 Each writes the params with `medjax.checkpoint.save_params(OUT, params)` (read back by
 `medjax.checkpoint.restore_params`, `--set init=OUT`, `--params OUT`) and prints the key report: every
@@ -72,6 +73,24 @@ def _hf(args) -> tuple[dict, KeyReport, str]:
     return variables["params"], report, ""
 
 
+def _embed_classes(args) -> int:
+    """The Universal Model's (32, 512) class text embeddings as .npy (not params: written as they are)."""
+    from medjax.convert.class_embeddings import embed_class_prompts
+
+    if os.path.exists(args.out):
+        print(f"error: {args.out} already exists; choose another --out or remove it", file=sys.stderr)
+        return 1
+    try:
+        embeddings = embed_class_prompts(args.clip)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    np.save(args.out, embeddings)
+    norms = np.linalg.norm(embeddings, axis=1)
+    print(f"wrote {args.out}: {embeddings.shape} float32, row norms {norms.min():.2f}..{norms.max():.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -101,7 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--tower", default=None, choices=("vision", "text"), help="for a full CLIP directory")
     p.set_defaults(run=_hf)
+    p = sub.add_parser("embed-classes", help="the Universal Model's 32 x 512 CLIP text embeddings of its class prompts")
+    p.add_argument("--clip", required=True, help="local Hugging Face CLIP directory (model + tokenizer)")
+    p.add_argument("--out", required=True, help="output .npy path")
     args = parser.parse_args(argv)
+    if args.kind == "embed-classes":
+        return _embed_classes(args)
 
     from medjax.checkpoint import save_params
 

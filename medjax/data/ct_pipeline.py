@@ -2,7 +2,7 @@
 2301.00785; the original's `dataset/dataloader.py` transform chain), on Grain.
 
 List files hold `image<TAB>label` lines, paths relative to a data root; the case's dataset id (two
-characters, "10_NN" for Decathlon tasks; `ct_templates`) selects its label template. Per case, once:
+characters, "10_NN" for Decathlon tasks; `medjax.ontology.universal_classes`) selects its label template. Per case, once:
 `load_ct_pair` (RAS, spacing, HU window), crop to the image foreground (> 0), split the label into
 an organ map (tumour voxels carry their organ, nearest kidney for kidney lesions) and a tumour map,
 save as .npy in the cache dir. Per training sample (seeded by the passed np.random.Generator):
@@ -33,7 +33,7 @@ import grain
 import numpy as np
 from scipy import ndimage
 
-from medjax.data import ct_templates as templates
+from medjax.ontology import universal_classes as templates
 from medjax.data.ct import (DEFAULT_HU_RANGE, DEFAULT_SPACING, LABEL_AFFINE_TOL, CTDataError, load_ct_pair,
                             read_nifti_header)
 from medjax.data.pipeline import global_batch_dataset
@@ -107,7 +107,7 @@ def _check_pair_headers(case: CTCase) -> None:
 
 def split_tumours(label: np.ndarray, dataset_id: str, path: str = "label") -> tuple[np.ndarray, np.ndarray]:
     """(organ map, tumour map) of a class-id label: tumour classes move to the tumour map and their
-    voxels take their organ's id in the organ map (`ct_templates.TUMOUR_ORGANS`, when the dataset
+    voxels take their organ's id in the organ map (`universal_classes.TUMOUR_ORGANS`, when the dataset
     annotates that organ; kidney lesions take the nearest annotated kidney, else the kidney on their
     side of the volume). Values outside the dataset's template are an error naming `path`."""
     classes = templates.TEMPLATES[dataset_id]
@@ -115,7 +115,7 @@ def split_tumours(label: np.ndarray, dataset_id: str, path: str = "label") -> tu
     unexpected = sorted(set(present.tolist()) - {0, *classes})
     if unexpected:
         raise CTDataError(f"{path}: label values {unexpected} are not classes of dataset {dataset_id} (expected a "
-                          f"subset of {sorted(classes)}); label files hold Universal Model class ids (ct_templates)")
+                          f"subset of {sorted(classes)}); label files hold Universal Model class ids (medjax.ontology.universal_classes)")
     is_tumour = np.isin(label, list(templates.TUMOUR_CLASSES))
     tumour = np.where(is_tumour, label, 0).astype(np.uint8)
     organ = np.where(is_tumour, 0, label).astype(np.uint8)

@@ -2,7 +2,7 @@
 partial-label training (Liu et al., ICCV 2023, arXiv 2301.00785: each dataset annotates a different
 subset of the 32 classes).
 
-`make_ct_demo(out_dir)` writes, in the original's `dataset_list` layout (ids from `ct_templates`):
+`make_ct_demo(out_dir)` writes, in the original's `dataset_list` layout (ids from `medjax.ontology.universal_classes`):
 
     01_Multi-Atlas_Labeling/img/img0001.nii.gz + label/label0001.nii.gz   14 organs (BTCV-like)
     04_LiTS/img/liver_1.nii.gz + label/liver_1.nii.gz                     liver + liver tumours

@@ -3,7 +3,7 @@ arXiv 2301.00785, Sec. 3.4 / the original's `utils/utils.py` `organ_post_process
 `merge_label`), in numpy/scipy on the host.
 
 Masks are bool (X, Y, Z, 32) in RAS (x grows towards the patient's right); channel c - 1 is class c
-(`medjax.data.ct_templates`). For the classes of `classes` (the original's `organ_list`: a dataset's
+(`medjax.ontology.universal_classes`). For the classes of `classes` (the original's `organ_list`: a dataset's
 template in evaluation, all 32 in prediction), in the original's order of rules:
 - organs 1-9, 12-14, 18-25 and the pancreas (11): the largest 26-connected component;
 - the portal/splenic vein (10), when the pancreas is also listed: voxels below the pancreas's lowest
@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
-from medjax.data import ct_templates as templates
+from medjax.ontology import universal_classes as templates
 
 NUM_CLASSES = templates.NUM_CLASSES
 LARGEST_COMPONENT_CLASSES = frozenset((1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 18, 19, 20, 21, 22, 23, 24, 25))

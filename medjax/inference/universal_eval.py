@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from medjax.data import ct_templates as templates
+from medjax.ontology import universal_classes as templates
 from medjax.inference.postprocess import organ_post_process
 from medjax.inference.sliding_window import sliding_window_inference
 from medjax.metrics.segmentation import per_class_scores

@@ -3,7 +3,7 @@
 `train.py`).
 
 Each training sample comes from a dataset that annotates only some of the 32 classes
-(`medjax.data.ct_templates.TEMPLATES`; the pipeline's `label_mask`). For every labelled
+(`medjax.ontology.universal_classes.TEMPLATES`; the pipeline's `label_mask`). For every labelled
 (sample, class) pair n, with p = sigmoid(logit), t in {0, 1} over the V voxels of the crop:
 
     BCE_n  = (1/V) sum_v [ -t log p - (1 - t) log(1 - p) ]          (BCEWithLogitsLoss, mean)

@@ -16,7 +16,7 @@ order (weights 64 + 64 + 8, then biases 8 + 8 + 1).
 Text embeddings (`encoding`):
 - "word_embedding" (the paper): the 32 x 512 CLIP text features are a frozen constant in the variable
   collection "constants" (`{"constants": {"organ_embedding": (32, 512)}}`), passed in at apply time,
-  never a param, behind a stop_gradient; `python -m medjax.models.universal embed-classes` computes
+  never a param, behind a stop_gradient; `python -m medjax.convert embed-classes` computes
   them from a local Hugging Face CLIP directory.
 - "rand_embedding" (the original's ablation): a learned param `organ_embedding` (32, 256), used as
   f_text directly (no text_to_vision, no ReLU), as in the original.
@@ -32,8 +32,6 @@ Conv kernels are PyTorch Conv3d weights transposed (2, 3, 4, 1, 0); Dense kernel
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -41,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.data import ct_templates as templates
+from medjax.ontology import universal_classes as templates
 from medjax.kernels.dynamic_conv3d import CHANNELS, PARAMS_PER_CLASS, dynamic_head
 
 Dtype = Any
@@ -201,64 +199,16 @@ def class_prompts() -> list[str]:
     return [templates.PROMPT_TEMPLATE.format(name) for name in templates.PROMPT_NAMES]
 
 
-def embed_class_prompts(clip_dir: str, prompts: list[str] | None = None) -> np.ndarray:
-    """float32 (len(prompts), projection_dim) CLIP text features (`get_text_features`: the projected EOT
-    state, not normalised) of `prompts` (default: `class_prompts()`), from a local Hugging Face CLIP
-    directory (`clip` or `clip_text_model` with a text projection) and the tokenizer saved in it."""
-    from transformers import AutoTokenizer
-
-    from medjax.convert import hf
-
-    prompts = class_prompts() if prompts is None else list(prompts)
-    model_type = hf.read_config(clip_dir).get("model_type")
-    model, variables = hf.load(clip_dir, tower="text" if model_type == "clip" else None)
-    if model.projection_dim is None:
-        raise ValueError(f"{clip_dir}: the CLIP text tower has no text_projection weights; class embeddings are "
-                         "the projected text features (CLIPModel or CLIPTextModelWithProjection)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(clip_dir, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{clip_dir}: no usable tokenizer files (tokenizer.json or vocab.json + merges.txt): "
-                         f"{error}") from error
-    # Causal attention: padding after the EOT token cannot change its state, so pad to the longest.
-    tokens = tokenizer(prompts, padding=True, return_tensors="np")
-    if tokens["input_ids"].shape[1] > model.max_length:
-        raise ValueError(f"{clip_dir}: a prompt has {tokens['input_ids'].shape[1]} tokens, more than the "
-                         f"model's {model.max_length} positions")
-    embed = jax.jit(lambda v, ids, mask: model.apply(v, ids, mask, method=model.text_embeds))
-    features = embed(variables, jnp.asarray(tokens["input_ids"], jnp.int32),
-                     jnp.asarray(tokens["attention_mask"], jnp.int32))
-    return np.asarray(jax.device_get(features), dtype=np.float32)
-
-
 def load_class_embeddings(path: str, num_classes: int = NUM_CLASSES, text_dim: int = TEXT_DIM) -> np.ndarray:
     """The (num_classes, text_dim) float32 array of a .npy file, checked."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read class embeddings as .npy ({error}); make them with "
-                         "`python -m medjax.models.universal embed-classes --clip DIR --out FILE.npy`") from error
+                         "`python -m medjax.convert embed-classes --clip DIR --out FILE.npy`") from error
     if array.shape != (num_classes, text_dim) or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: class embeddings must be a float ({num_classes}, {text_dim}) array, got "
                          f"{array.dtype}{array.shape}")
     if not np.isfinite(array).all():
         raise ValueError(f"{path}: class embeddings hold non-finite values")
     return array.astype(np.float32)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medjax.models.universal")
-    sub = parser.add_subparsers(dest="command", required=True)
-    embed = sub.add_parser("embed-classes", help="the 32 x 512 CLIP text embeddings of the class prompts")
-    embed.add_argument("--clip", required=True, help="local Hugging Face CLIP directory (model + tokenizer)")
-    embed.add_argument("--out", required=True, help="output .npy path")
-    args = parser.parse_args(argv)
-    embeddings = embed_class_prompts(args.clip)
-    np.save(args.out, embeddings)
-    norms = np.linalg.norm(embeddings, axis=1)
-    print(f"wrote {args.out}: {embeddings.shape} float32, row norms {norms.min():.2f}..{norms.max():.2f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

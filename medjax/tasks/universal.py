@@ -7,7 +7,7 @@ the original's post-processing (`medjax.inference.postprocess`), then Dice and N
 skipped for it, as the original's `test.py`).
 
 Class text embeddings (`model.encoding`): "word_embedding" (the paper) needs `model.class_embeddings`,
-a (32, 512) .npy from `python -m medjax.models.universal embed-classes` (or, when empty, the
+a (32, 512) .npy from `python -m medjax.convert embed-classes` (or, when empty, the
 `class_embeddings.npy` beside the `init=` weights, which the converter writes); otherwise an empty path
 is an error, never a silent placeholder. "rand_embedding" learns a (32, 256) embedding instead (the demo and tiny
 variants, which have no CLIP model at hand).
@@ -64,7 +64,7 @@ class UniversalTask(TaskBase):
         if not path:
             raise ValueError(
                 f"{_WHERE}: model.encoding='word_embedding' (the paper's setup) needs model.class_embeddings, the "
-                f"(32, 512) CLIP text embeddings as .npy; make them with `python -m medjax.models.universal "
+                f"(32, 512) CLIP text embeddings as .npy; make them with `python -m medjax.convert "
                 f"embed-classes --clip CLIP_DIR --out emb.npy` and pass --set model.class_embeddings=emb.npy, or "
                 f"train without text with --set model.encoding=rand_embedding (init= converted weights bring "
                 f"theirs as {CLASS_EMBEDDINGS_FILE})")

@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medjax.data import ct, ct_pipeline as cp, ct_templates as templates
+from medjax.data import ct, ct_pipeline as cp
+from medjax.ontology import universal_classes as templates
 from medjax.data.demo_ct import make_ct_demo
 
 CROP = cp.CTAugment(crop_size=(16, 16, 16))

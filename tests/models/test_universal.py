@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-from medjax.data import ct_templates
+from medjax.convert import __main__ as convert_cli
+from medjax.ontology import universal_classes as ct_templates
 from medjax.losses.segmentation import partial_label_bce_dice
 from medjax.models import universal
 
@@ -175,7 +176,7 @@ def test_embed_classes_matches_transformers_get_text_features(tmp_path):
     assert prompts[24] == "A computerized tomography of a Celiac Truck" and prompts == [
         ct_templates.PROMPT_TEMPLATE.format(n) for n in ct_templates.PROMPT_NAMES]
     out = tmp_path / "emb.npy"
-    assert universal.main(["embed-classes", "--clip", str(tmp_path / "clip"), "--out", str(out)]) == 0
+    assert convert_cli.main(["embed-classes", "--clip", str(tmp_path / "clip"), "--out", str(out)]) == 0
     ours = np.load(out)
     tokens = tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():

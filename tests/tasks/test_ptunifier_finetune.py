@@ -9,7 +9,7 @@ import pytest
 
 from medjax import config as config_lib
 from medjax.tasks import build_task
-from medjax.tasks.ptunifier_finetune import param_group
+from medjax import optim as optim_lib
 
 EXPERIMENTS = ("ptunifier_vqa", "ptunifier_cls", "ptunifier_retrieval", "ptunifier_nli")
 
@@ -98,9 +98,11 @@ def test_load_pretrained_takes_the_backbone_and_keeps_the_head(trained):
 
 
 def test_param_groups_follow_the_original():
-    assert param_group("task_head") == param_group("itm_head") == param_group("mlm_decoder") == "head"
-    assert param_group("fusion_3") == param_group("visual_prompts") == param_group("image_pooler") == "multi_modal"
-    assert param_group("vision") == param_group("text") == param_group("modality_type") == "backbone"
+    optim = config_lib.get_config("ptunifier_vqa", "full").optim  # heads x50, multi-modal x5
+    names = ("task_head", "itm_head", "mlm_decoder", "fusion_3", "visual_prompts", "image_pooler", "vision", "text",
+             "modality_type")
+    mults = optim_lib.lr_multipliers(optim, {n: {"kernel": 0} for n in names})
+    assert [mults[f"{n}/kernel"] for n in names] == [50.0] * 3 + [5.0] * 3 + [1.0] * 3
 
 
 def test_every_config_variant_loads():

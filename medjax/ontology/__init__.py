@@ -1,0 +1,1 @@
+"""Class ontologies that models, data pipelines and metrics all read (data only, no imports of medjax)."""
