@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image
 
 from medjax.data import image_transforms
+from medjax.data.errors import DataError
+from medjax.data.image_io import read_image
 from medjax.data.plink import PlinkFormatError, read_plink
 
 REQUIRED_COLUMNS = ("participant_id", "eye", "image_path")
@@ -39,10 +41,6 @@ EYES = ("left", "right")
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 42
 SPLIT_FRACTIONS = (0.6, 0.2)  # train, val; the rest is test
-
-
-class DataError(ValueError):
-    """A dataset file is missing or malformed; the message names file, line and field."""
 
 
 def participant_split(participant_ids: list[str], split: str, *, seed: int = SPLIT_SEED) -> set[str]:
@@ -204,8 +202,7 @@ class FundusGenomeDataset:
 
     def load_image(self, index: int) -> np.ndarray:
         """The item's image as uint8 (image_size, image_size, 3): RGB, circle-cropped, resized."""
-        with Image.open(self.image_paths[index]) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = read_image(self.image_paths[index])
         return image_transforms.resize(image_transforms.circle_crop(image), self.image_size)
 
     def __getitem__(self, index: int) -> dict:

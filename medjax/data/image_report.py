@@ -18,7 +18,6 @@ Hugging Face tokenizer from a local directory, padded/truncated to `max_length`.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -29,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from medjax.data.arrow_ipc import ArrowFormatError, read_arrow
-from medjax.data.fundus_genome import DataError
+from medjax.data.errors import DataError
+from medjax.data.image_io import decode
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
@@ -94,12 +94,9 @@ def tokenize(tokenizer, text: str | tuple[str, str], max_length: int) -> dict[st
 
 # ----------------------------------------------------------------------------- images
 def decode_image(data: bytes | str, where: str) -> Image.Image:
-    """Encoded bytes or a file path -> RGB PIL image; DataError naming `where` when unreadable."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise DataError(f"{where}: field 'image' is not a readable image ({type(e).__name__}: {e})") from e
+    """Encoded bytes or a file path -> RGB PIL image via `medjax.data.read_image` (EXIF orientation,
+    16-bit images scaled to 8 bits, alpha dropped); DataError naming `where` when unreadable."""
+    return Image.fromarray(decode(data, f"{where}: field 'image'"))
 
 
 def _random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.9, 1.0),
