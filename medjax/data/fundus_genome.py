@@ -93,10 +93,13 @@ class FundusGenomeDataset:
             [if label_arity], "index": int}.
     genotypes: PLINK prefix relative to root (None = image only); snp_stride keeps every s-th SNP.
     label_arity: None = labels unused, 1 = integer class, n > 1 = multi-hot of n entries.
+    drop_missing_snps: drop SNPs whose every call is missing (else they stay as dosage 0, with a
+    `PlinkWarning`); config key `data.drop_missing_snps`.
     """
 
     def __init__(self, root: str, *, image_size: int, snp_stride: int = 1, genotypes: str | None = "genotypes",
-                 manifest: str = "manifest.csv", label_arity: int | None = None, split: str | None = None):
+                 manifest: str = "manifest.csv", label_arity: int | None = None, split: str | None = None,
+                 drop_missing_snps: bool = False):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if label_arity is not None and label_arity < 1:
@@ -132,7 +135,8 @@ class FundusGenomeDataset:
         self._genome_row = None
         self.snp_ids: list[str] = []
         if genotypes is not None:
-            self._load_genotypes(os.path.join(root, genotypes), snp_stride, manifest_path, all_participants)
+            self._load_genotypes(os.path.join(root, genotypes), snp_stride, manifest_path, all_participants,
+                                 drop_missing_snps)
 
     def _read_manifest(self, path: str) -> list[tuple[int, dict[str, str]]]:
         """(line number, row) for every row of the manifest, each field validated."""
@@ -163,9 +167,10 @@ class FundusGenomeDataset:
                 rows.append((reader.line_num, row))
         return rows
 
-    def _load_genotypes(self, prefix: str, snp_stride: int, manifest_path: str, all_participants: list[str]) -> None:
+    def _load_genotypes(self, prefix: str, snp_stride: int, manifest_path: str, all_participants: list[str],
+                        drop_missing_snps: bool) -> None:
         try:
-            plink = read_plink(prefix, snp_stride=snp_stride)
+            plink = read_plink(prefix, snp_stride=snp_stride, drop_missing_snps=drop_missing_snps)
         except PlinkFormatError as e:
             raise DataError(str(e)) from e
         fam_path = prefix + ".fam"
