@@ -4,3 +4,7 @@ from __future__ import annotations
 
 class DataError(ValueError):
     """A dataset file is missing or malformed; the message names file, line and field."""
+
+
+class DataWarning(UserWarning):
+    """Suspect but usable dataset content (e.g. duplicates kept with allow_duplicates=True)."""

@@ -6,7 +6,8 @@ per caption of each image, as the original's `index_mapper`:
 * a JSONL manifest, one object per line:
       {"image": "images/0001.png", "captions": ["Report text. More text."], "image_id": "0001", "split": "train"}
   `image` is relative to the manifest's folder; `image_id` (default: the image path) and `split` are
-  optional; other keys are kept (`dataset.row(i)`) for fine-tuning sets.
+  optional; other keys are kept (`dataset.row(i)`) for fine-tuning sets. Captions must be non-empty
+  strings with some non-space text (an empty caption is a DataError naming file, line and field).
 * the original's Arrow files (`prepro/make_arrow.py`): columns `image` (encoded bytes), `caption`
   (list of strings), `image_id`, `split`; read without pyarrow by `medjax.data.arrow_ipc`.
 
@@ -168,6 +169,10 @@ def _check_captions(value: Any, where: str, field: str) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
         raise DataError(f"{where}: field {field!r} must be a non-empty list of strings, got {value!r:.80}")
+    empty = [i for i, c in enumerate(value) if not c.strip()]
+    if empty:
+        raise DataError(f"{where}: field {field!r}: caption {empty[0]} of {len(value)} is empty"
+                        + (f" ({len(empty)} empty)" if len(empty) > 1 else "") + "; every caption needs text")
     return value
 
 
