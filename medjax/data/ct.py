@@ -20,6 +20,15 @@ resampling, output grid from `compute_shape_offset`). The output grid rule, as M
 
 Volumes are float32 indexed [x, y, z] with x towards the patient's right, y anterior, z superior
 (nibabel's RAS+ world); labels uint8. Every bad input raises `CTDataError` naming the file.
+
+Label on air (`load_ct_pair`, `check_label_on_body`): a label whose organs lie where the image is air
+is a mismatched pair (the wrong image, a flipped or shifted label, an image stored without its
+rescale slope/intercept). On the resampled grid, before the HU window (which would clip air and fat
+alike to 0), the voxels labelled with a solid-organ / vessel / tumour class are counted; if more than
+AIR_LABEL_FRACTION (50%) of them are below AIR_HU (-900 HU: air is -1000, lung parenchyma about -850
+to -700, fat -100, soft tissue 0 to 100), the pair is refused, naming both files, the fraction and the
+class most affected. The lungs (classes 16, 17) are air-filled and are not counted; a pair with only
+lung labels is not checked. Pass `check_air=False` to skip the check.
 """
 from __future__ import annotations
 
@@ -34,6 +43,9 @@ DEFAULT_SPACING = (1.5, 1.5, 1.5)  # mm, the paper's isotropic resampling
 DEFAULT_HU_RANGE = (-175.0, 250.0)  # HU window of the paper, scaled to [0, 1]
 AFFINE_TOL = 1e-3  # MONAI's AFFINE_TOL: spacing / grid equality tolerance (mm)
 LABEL_AFFINE_TOL = 1e-3  # a label's affine must equal its image's within this (mm)
+AIR_HU = -900.0  # below this a voxel is air (module docstring: label on air)
+AIR_LABEL_FRACTION = 0.5  # more labelled voxels than this on air: a mismatched image/label pair
+AIR_FILLED_CLASSES = (16, 17)  # right / left lung (ct_templates): labelled air, not checked
 
 
 class CTDataError(ValueError):
@@ -191,17 +203,43 @@ def scale_intensity(volume: np.ndarray, hu_range: Sequence[float]) -> np.ndarray
     return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
-def load_ct(path: str, *, spacing: Sequence[float] = DEFAULT_SPACING,
-            hu_range: Sequence[float] = DEFAULT_HU_RANGE) -> tuple[np.ndarray, np.ndarray]:
-    """(volume float32 [x, y, z] in [0, 1], RAS affine of the resampled grid) of a CT NIfTI file."""
+def _load_ct_hu(path: str, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(HU volume float32 on the resampled RAS grid, its affine): `load_ct` before the HU window."""
     volume, affine = read_nifti(path, np.float32)  # MONAI LoadImage's dtype
     if not np.isfinite(volume).all():
         bad = np.argwhere(~np.isfinite(volume))
         raise CTDataError(f"{path}: {len(bad)} non-finite voxel(s) (NaN/inf), first at voxel {bad[0].tolist()}")
     volume, affine = reorient_to_ras(volume, affine)
     shape, new_affine = spacing_grid(volume.shape, affine, spacing)
-    volume = resample(volume, affine, shape, new_affine, order=1)
-    return scale_intensity(volume, hu_range), new_affine
+    return resample(volume, affine, shape, new_affine, order=1), new_affine
+
+
+def load_ct(path: str, *, spacing: Sequence[float] = DEFAULT_SPACING,
+            hu_range: Sequence[float] = DEFAULT_HU_RANGE) -> tuple[np.ndarray, np.ndarray]:
+    """(volume float32 [x, y, z] in [0, 1], RAS affine of the resampled grid) of a CT NIfTI file."""
+    volume, affine = _load_ct_hu(path, spacing)
+    return scale_intensity(volume, hu_range), affine
+
+
+def check_label_on_body(hu: np.ndarray, label: np.ndarray, image_path: str, label_path: str) -> None:
+    """CTDataError when more than AIR_LABEL_FRACTION of the voxels labelled with a non-lung class
+    have HU < AIR_HU (module docstring); `hu` and `label` on the same grid."""
+    checked = (label > 0) & ~np.isin(label, AIR_FILLED_CLASSES)
+    total = int(np.count_nonzero(checked))
+    if total == 0:
+        return
+    air = checked & (hu < AIR_HU)
+    on_air = int(np.count_nonzero(air))
+    if on_air <= AIR_LABEL_FRACTION * total:
+        return
+    per_class = np.bincount(label[air], minlength=256)
+    worst = int(np.argmax(per_class))
+    raise CTDataError(
+        f"{label_path}: {on_air} of {total} labelled voxels ({100 * on_air / total:.0f}%; lungs not counted) lie "
+        f"where its image {image_path} is air (< {AIR_HU:g} HU), more than {100 * AIR_LABEL_FRACTION:.0f}%: the "
+        f"label does not belong to this image, is flipped or shifted, or the image lacks its HU rescaling "
+        f"(class {worst}: {int(per_class[worst])} voxels on air; image HU range "
+        f"[{float(hu.min()):g}, {float(hu.max()):g}])")
 
 
 def load_ct_label(path: str, *, spacing: Sequence[float] = DEFAULT_SPACING,
@@ -244,14 +282,18 @@ def _label_values(data: np.ndarray, path: str) -> np.ndarray:
 
 
 def load_ct_pair(image_path: str, label_path: str, *, spacing: Sequence[float] = DEFAULT_SPACING,
-                 hu_range: Sequence[float] = DEFAULT_HU_RANGE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(volume float32, label uint8, affine) of an image and its label on the same resampled RAS grid."""
+                 hu_range: Sequence[float] = DEFAULT_HU_RANGE,
+                 check_air: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(volume float32, label uint8, affine) of an image and its label on the same resampled RAS grid;
+    with `check_air`, a label whose organs lie on air is refused (`check_label_on_body`)."""
     label, label_affine = load_ct_label(label_path, spacing=spacing, reference=image_path)
-    volume, affine = load_ct(image_path, spacing=spacing, hu_range=hu_range)
+    volume, affine = _load_ct_hu(image_path, spacing)
     if volume.shape != label.shape or not np.allclose(affine, label_affine, atol=LABEL_AFFINE_TOL):
         raise CTDataError(f"{label_path}: resampled label grid {label.shape} differs from its image {image_path} "
                           f"grid {volume.shape}")
-    return volume, label, affine
+    if check_air:
+        check_label_on_body(volume, label, image_path, label_path)
+    return scale_intensity(volume, hu_range), label, affine
 
 
 def save_nifti(path: str, data: np.ndarray, affine: np.ndarray) -> None:

@@ -187,7 +187,10 @@ class CTVolumeCache:
         return {**arrays, "meta": meta}
 
     def _write(self, case: CTCase, entry: str) -> None:
-        image, label, affine = load_ct_pair(case.image, case.label, spacing=self.spacing, hu_range=self.hu_range)
+        try:
+            image, label, affine = load_ct_pair(case.image, case.label, spacing=self.spacing, hu_range=self.hu_range)
+        except CTDataError as e:  # name the list file's line too
+            raise CTDataError(f"{case.where}: {e}") from e
         box = foreground_box(image)
         image, label = image[box], label[box]
         organ, tumour = split_tumours(label, case.dataset_id, case.label)

@@ -19,6 +19,11 @@ Without a split column a requested split is drawn per participant, 60/20/20 trai
 from `np.random.RandomState(42).permutation` over participants in order of first appearance
 (the authors' APTOS protocol), so both eyes of a participant fall in the same split.
 
+Duplicates are an error naming both lines: a row repeated exactly, a participant_id + eye given
+twice, or an image_path used twice (one photograph would count as two samples, or one eye would be
+weighted twice). With `allow_duplicates=True` (config key `data.allow_duplicates`) they are kept and
+a `DataWarning` gives their count.
+
 Everything is validated in the constructor (`DataError`, naming file, line and field), so a bad
 file fails before training starts. `__getitem__` holds no open file handles (Grain workers pickle
 the dataset).
@@ -27,11 +32,14 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from medjax.data import image_transforms
+from medjax.data.errors import DataError, DataWarning
+from medjax.data.image_io import read_image
 from medjax.data.plink import PlinkFormatError, read_plink
 
 REQUIRED_COLUMNS = ("participant_id", "eye", "image_path")
@@ -39,10 +47,6 @@ EYES = ("left", "right")
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 42
 SPLIT_FRACTIONS = (0.6, 0.2)  # train, val; the rest is test
-
-
-class DataError(ValueError):
-    """A dataset file is missing or malformed; the message names file, line and field."""
 
 
 def participant_split(participant_ids: list[str], split: str, *, seed: int = SPLIT_SEED) -> set[str]:
@@ -87,6 +91,33 @@ def _check_image(path: str, where: str) -> None:
         raise DataError(f"{where}: field 'image_path': {path} is not a readable image ({type(e).__name__}: {e})") from e
 
 
+def _check_duplicates(rows: list[tuple[int, dict[str, str]]], path: str, allow: bool) -> None:
+    """Repeated rows, participant_id + eye pairs or image paths: DataError naming the lines, or with
+    `allow` a DataWarning with the count."""
+    found = []  # (line, description)
+    seen_row, seen_eye, seen_image = {}, {}, {}
+    for line, row in rows:
+        whole = tuple(sorted(row.items()))
+        if whole in seen_row:
+            found.append((line, f"repeats line {seen_row[whole]} exactly"))
+        elif (row["participant_id"], row["eye"]) in seen_eye:
+            found.append((line, f"participant_id {row['participant_id']!r} + eye {row['eye']!r} repeats line "
+                                f"{seen_eye[row['participant_id'], row['eye']]}"))
+        elif row["image_path"] in seen_image:
+            found.append((line, f"image_path {row['image_path']!r} repeats line {seen_image[row['image_path']]}"))
+        seen_row.setdefault(whole, line)
+        seen_eye.setdefault((row["participant_id"], row["eye"]), line)
+        seen_image.setdefault(row["image_path"], line)
+    if not found:
+        return
+    line, what = found[0]
+    summary = f"{len(found)} duplicate row(s) of {len(rows)}, first: line {line}: {what}"
+    if not allow:
+        raise DataError(f"{path}: line {line}: {what} ({len(found)} duplicate row(s) in all); remove them, or set "
+                        "allow_duplicates=True (config data.allow_duplicates) to keep them")
+    warnings.warn(f"{path}: {summary}; kept (allow_duplicates=True)", DataWarning, stacklevel=3)
+
+
 class FundusGenomeDataset:
     """Random-access fundus (+ genotype, + label) samples from a directory in the layout above.
 
@@ -95,10 +126,15 @@ class FundusGenomeDataset:
             [if label_arity], "index": int}.
     genotypes: PLINK prefix relative to root (None = image only); snp_stride keeps every s-th SNP.
     label_arity: None = labels unused, 1 = integer class, n > 1 = multi-hot of n entries.
+    drop_missing_snps: drop SNPs whose every call is missing (else they stay as dosage 0, with a
+    `PlinkWarning`); config key `data.drop_missing_snps`.
+    allow_duplicates: keep duplicate manifest rows (module docstring) with a warning instead of
+    failing; config key `data.allow_duplicates`.
     """
 
     def __init__(self, root: str, *, image_size: int, snp_stride: int = 1, genotypes: str | None = "genotypes",
-                 manifest: str = "manifest.csv", label_arity: int | None = None, split: str | None = None):
+                 manifest: str = "manifest.csv", label_arity: int | None = None, split: str | None = None,
+                 drop_missing_snps: bool = False, allow_duplicates: bool = False):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if label_arity is not None and label_arity < 1:
@@ -111,6 +147,7 @@ class FundusGenomeDataset:
         self.split = split
         manifest_path = os.path.join(root, manifest)
         rows = self._read_manifest(manifest_path)
+        _check_duplicates(rows, manifest_path, allow_duplicates)
         # Labels and genotype ids are checked on every row, so a bad test row fails before training.
         labels = None
         if label_arity is not None:
@@ -134,7 +171,8 @@ class FundusGenomeDataset:
         self._genome_row = None
         self.snp_ids: list[str] = []
         if genotypes is not None:
-            self._load_genotypes(os.path.join(root, genotypes), snp_stride, manifest_path, all_participants)
+            self._load_genotypes(os.path.join(root, genotypes), snp_stride, manifest_path, all_participants,
+                                 drop_missing_snps)
 
     def _read_manifest(self, path: str) -> list[tuple[int, dict[str, str]]]:
         """(line number, row) for every row of the manifest, each field validated."""
@@ -165,9 +203,10 @@ class FundusGenomeDataset:
                 rows.append((reader.line_num, row))
         return rows
 
-    def _load_genotypes(self, prefix: str, snp_stride: int, manifest_path: str, all_participants: list[str]) -> None:
+    def _load_genotypes(self, prefix: str, snp_stride: int, manifest_path: str, all_participants: list[str],
+                        drop_missing_snps: bool) -> None:
         try:
-            plink = read_plink(prefix, snp_stride=snp_stride)
+            plink = read_plink(prefix, snp_stride=snp_stride, drop_missing_snps=drop_missing_snps)
         except PlinkFormatError as e:
             raise DataError(str(e)) from e
         fam_path = prefix + ".fam"
@@ -204,8 +243,7 @@ class FundusGenomeDataset:
 
     def load_image(self, index: int) -> np.ndarray:
         """The item's image as uint8 (image_size, image_size, 3): RGB, circle-cropped, resized."""
-        with Image.open(self.image_paths[index]) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = read_image(self.image_paths[index])
         return image_transforms.resize(image_transforms.circle_crop(image), self.image_size)
 
     def __getitem__(self, index: int) -> dict:

@@ -6,7 +6,8 @@ per caption of each image, as the original's `index_mapper`:
 * a JSONL manifest, one object per line:
       {"image": "images/0001.png", "captions": ["Report text. More text."], "image_id": "0001", "split": "train"}
   `image` is relative to the manifest's folder; `image_id` (default: the image path) and `split` are
-  optional; other keys are kept (`dataset.row(i)`) for fine-tuning sets.
+  optional; other keys are kept (`dataset.row(i)`) for fine-tuning sets. Captions must be non-empty
+  strings with some non-space text (an empty caption is a DataError naming file, line and field).
 * the original's Arrow files (`prepro/make_arrow.py`): columns `image` (encoded bytes), `caption`
   (list of strings), `image_id`, `split`; read without pyarrow by `medjax.data.arrow_ipc`.
 
@@ -18,7 +19,6 @@ Hugging Face tokenizer from a local directory, padded/truncated to `max_length`.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from medjax.data.arrow_ipc import ArrowFormatError, read_arrow
-from medjax.data.fundus_genome import DataError
+from medjax.data.errors import DataError
+from medjax.data.image_io import decode
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
@@ -94,12 +95,9 @@ def tokenize(tokenizer, text: str | tuple[str, str], max_length: int) -> dict[st
 
 # ----------------------------------------------------------------------------- images
 def decode_image(data: bytes | str, where: str) -> Image.Image:
-    """Encoded bytes or a file path -> RGB PIL image; DataError naming `where` when unreadable."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise DataError(f"{where}: field 'image' is not a readable image ({type(e).__name__}: {e})") from e
+    """Encoded bytes or a file path -> RGB PIL image via `medjax.data.read_image` (EXIF orientation,
+    16-bit images scaled to 8 bits, alpha dropped); DataError naming `where` when unreadable."""
+    return Image.fromarray(decode(data, f"{where}: field 'image'"))
 
 
 def _random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.9, 1.0),
@@ -171,6 +169,10 @@ def _check_captions(value: Any, where: str, field: str) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
         raise DataError(f"{where}: field {field!r} must be a non-empty list of strings, got {value!r:.80}")
+    empty = [i for i, c in enumerate(value) if not c.strip()]
+    if empty:
+        raise DataError(f"{where}: field {field!r}: caption {empty[0]} of {len(value)} is empty"
+                        + (f" ({len(empty)} empty)" if len(empty) > 1 else "") + "; every caption needs text")
     return value
 
 

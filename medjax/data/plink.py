@@ -14,6 +14,20 @@ Format (https://www.cog-genomics.org/plink/1.9/formats#bed):
   The 2-bit codes (as integers) are 0b00 = homozygous A1, 0b01 = missing, 0b10 = heterozygous,
   0b11 = homozygous A2; unused trailing bit pairs are 0.
 
+Checks beyond the format (`read_plink`):
+- padding: the bit pairs of samples n..4*ceil(n/4)-1 in the last byte of every SNP must be 0b00 (PLINK
+  writes them so, and so does `write_plink`). A `.fam` that lacks a participant the `.bed` holds
+  (e.g. one deleted from the middle) still matches the file size whenever n is not a multiple of 4,
+  and would shift every later sample's genome by one; the real last sample then sits in the padding
+  bits, which are almost never all 0b00 (that needs it homozygous A1 at every SNP). Nonzero padding
+  is a `PlinkFormatError` naming the `.bed`, the first bad SNP and the `.fam` count it contradicts.
+  (A `.fam` with one participant too many cannot be told from padding; a `.fam` that lost one when n
+  is a multiple of 4 changes the expected size and fails the size check.)
+- missing calls: a file (after `snp_stride`) whose every call is missing is refused; SNPs whose every
+  call is missing are reported in a `PlinkWarning` (count and first ids) and imputed as 0, or dropped
+  with `drop_missing_snps=True` (config key `data.drop_missing_snps`); their ids are kept in
+  `PlinkGenotypes.missing_snp_ids` either way.
+
 Dosage convention: the number of A1 alleles (bed-reader's / pysnptools' `count_A1=True`, which is
 what ContIG's `pysnptools.snpreader.Bed` read): 0b00 -> 2, 0b10 -> 1, 0b11 -> 0, 0b01 -> missing.
 """
@@ -21,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,17 +56,24 @@ class PlinkFormatError(ValueError):
     """A PLINK file is missing or does not follow the format; the message names the file."""
 
 
+class PlinkWarning(UserWarning):
+    """A PLINK file set that reads, but holds something suspect (SNPs with every call missing)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PlinkGenotypes:
     """Genotypes of `len(iids)` samples at the kept SNPs.
 
     genotypes: float32 (n_samples, n_kept_snps) A1 dosages in {0, 1, 2}, missing calls imputed.
+    missing_snp_ids: the SNPs (among those read) with every call missing; dropped from `snp_ids` and
+    `genotypes` when read with `drop_missing_snps=True`, else kept there as dosage 0.
     """
 
     fids: list[str]
     iids: list[str]
     snp_ids: list[str]
     genotypes: np.ndarray
+    missing_snp_ids: list[str] = dataclasses.field(default_factory=list)
 
 
 def bytes_per_snp(n_samples: int) -> int:
@@ -89,11 +111,36 @@ def impute_column_mode(dosages: np.ndarray) -> np.ndarray:
     return np.where(dosages == MISSING, mode[None, :], out)
 
 
-def read_plink(prefix: str, *, snp_stride: int = 1) -> PlinkGenotypes:
+def _check_padding(bed: np.memmap, n_samples: int, bed_path: str, fam_path: str, bim: list[list[str]]) -> None:
+    """The padding bit pairs (samples >= n_samples) of every SNP's last byte must be 0b00 (module doc)."""
+    used = n_samples % 4
+    if used == 0 or bed.shape[0] == 0:
+        return
+    mask = np.uint8((0xFF << (2 * used)) & 0xFF)  # bits of the padding samples in the last byte
+    bad, first = 0, None
+    for start in range(0, bed.shape[0], 1 << 16):  # one byte per SNP: a strided read of the last column
+        last = np.asarray(bed[start:start + (1 << 16), -1])
+        hits = np.flatnonzero(last & mask)
+        if hits.size and first is None:
+            first = (start + int(hits[0]), int(last[hits[0]]))
+        bad += hits.size
+    if bad:
+        j, byte = first
+        raise PlinkFormatError(
+            f"{bed_path}: {bad} of {bed.shape[0]} SNPs have genotype calls in the padding bits of their last byte "
+            f"(first: SNP {j + 1}, {bim[j][1]!r}, last byte 0x{byte:02x}); expected the bit pairs of samples "
+            f"{n_samples + 1}..{bed.shape[1] * 4} to be 00 for the {n_samples} samples of {fam_path}. The .bed holds "
+            f"more samples than the .fam lists: a participant missing from the .fam would shift every later "
+            f"genome by one; restore the .fam written with this .bed")
+
+
+def read_plink(prefix: str, *, snp_stride: int = 1, drop_missing_snps: bool = False) -> PlinkGenotypes:
     """Read `prefix.bed/.bim/.fam`, keeping SNPs 0, s, 2s, ... (s = snp_stride).
 
-    The `.bed` file is memory-mapped: only the kept SNPs' bytes are read and decoded. Missing
-    calls are imputed with the column mode of the kept SNP (`impute_column_mode`).
+    The `.bed` file is memory-mapped: only the kept SNPs' bytes are decoded (plus the last byte of
+    every SNP, whose padding bits are checked). Missing calls are imputed with the column mode of
+    the kept SNP (`impute_column_mode`). A read with every call missing is a `PlinkFormatError`;
+    kept SNPs with every call missing give a `PlinkWarning` and are dropped with `drop_missing_snps`.
     """
     if snp_stride < 1:
         raise ValueError(f"snp_stride must be >= 1, got {snp_stride}")
@@ -123,16 +170,34 @@ def read_plink(prefix: str, *, snp_stride: int = 1) -> PlinkGenotypes:
     dosages = np.empty((n_samples, len(kept)), dtype=np.int8)
     if n_snps and n_samples:
         bed = np.memmap(bed_path, dtype=np.uint8, mode="r", offset=3, shape=(n_snps, row_bytes))
+        _check_padding(bed, n_samples, bed_path, fam_path, bim)
         for start in range(0, len(kept), _DECODE_CHUNK_SNPS):
             rows = np.asarray(bed[kept[start:start + _DECODE_CHUNK_SNPS]])  # (chunk, row_bytes)
             decoded = _BYTE_TO_DOSAGES[rows].reshape(len(rows), row_bytes * 4)[:, :n_samples]
             dosages[:, start:start + len(rows)] = decoded.T
         del bed
+    snp_ids = [bim[j][1] for j in kept]
+    all_missing = np.flatnonzero((dosages == MISSING).all(axis=0)) if n_samples else np.zeros(0, np.int64)
+    missing_ids = [snp_ids[j] for j in all_missing]
+    if n_samples and len(kept) and len(all_missing) == len(kept):
+        stride = f" (every {snp_stride}th of {n_snps})" if snp_stride > 1 else ""
+        raise PlinkFormatError(f"{bed_path}: every genotype call is missing: all {len(kept)} SNPs read{stride} x "
+                               f"{n_samples} samples ({fam_path}) have code 01; there is no genotype to train on")
+    if len(all_missing):
+        if drop_missing_snps:
+            observed = np.setdiff1d(np.arange(len(kept)), all_missing)
+            dosages, snp_ids = dosages[:, observed], [snp_ids[j] for j in observed]
+        else:
+            warnings.warn(
+                f"{bed_path}: {len(all_missing)} of {len(kept)} SNPs read have every call missing and become "
+                f"dosage 0 for all {n_samples} samples, e.g. {missing_ids[:5]} ({bim_path}); set "
+                "drop_missing_snps=True (config data.drop_missing_snps) to drop them", PlinkWarning, stacklevel=2)
     return PlinkGenotypes(
         fids=[r[0] for r in fam],
         iids=[r[1] for r in fam],
-        snp_ids=[bim[j][1] for j in kept],
+        snp_ids=snp_ids,
         genotypes=impute_column_mode(dosages),
+        missing_snp_ids=missing_ids,
     )
 
 

@@ -145,6 +145,20 @@ def write_coords(path: str, coords: np.ndarray, geometry: TileGeometry, slide: S
     os.replace(partial, path)
 
 
+def integer_coords(coords: np.ndarray, where) -> np.ndarray:
+    """(N, 2) int64 of tile corners given as integers or integral floats; `where(row)` names a bad row
+    (NaN, infinite or fractional) in the ValueError."""
+    coords = np.asarray(coords)
+    if coords.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(coords).all(axis=1) | (coords != np.round(coords)).any(axis=1))
+        if bad.size:
+            raise ValueError(f"{where(int(bad[0]))}: tile corner (x, y) = {coords[bad[0]].tolist()} is not a pair of "
+                             f"integer pixel coordinates ({bad.size} such row(s))")
+    elif coords.dtype.kind not in "iu" and coords.size:
+        raise ValueError(f"{where(0)}: tile corners have dtype {coords.dtype}; expected integers")
+    return coords.astype(np.int64).reshape(-1, 2)
+
+
 def read_coords(path: str) -> tuple[np.ndarray, dict]:
     """(coords (N, 2) int64, attributes) of a CLAM / medjax coordinates file."""
     import h5py
@@ -155,13 +169,14 @@ def read_coords(path: str) -> tuple[np.ndarray, dict]:
                 raise ValueError(f"{path}: no dataset 'coords'; expected CLAM's layout (coords (N, 2) with "
                                  "attributes patch_size, patch_level)")
             dataset = handle["coords"]
-            coords = np.asarray(dataset[()], np.int64)
+            raw = np.asarray(dataset[()])
             attrs = {key: (value.item() if isinstance(value, np.generic) else value)
                      for key, value in dataset.attrs.items()}
     except OSError as error:
         raise ValueError(f"{path}: not a readable HDF5 file ({error})") from error
-    if coords.ndim != 2 or coords.shape[1] != 2:
-        raise ValueError(f"{path}: dataset 'coords' has shape {coords.shape}, expected (N, 2)")
+    if raw.ndim != 2 or raw.shape[1] != 2:
+        raise ValueError(f"{path}: dataset 'coords' has shape {raw.shape}, expected (N, 2)")
+    coords = integer_coords(raw, lambda row: f"{path}: row {row} of dataset 'coords'")
     for key in ("patch_size", "patch_level"):
         if key not in attrs:
             raise ValueError(f"{path}: dataset 'coords' lacks the attribute {key!r}")

@@ -30,14 +30,14 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from medjax.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
-from medjax.data.tiling import read_coords, tile_geometry
+from medjax.data.tiling import integer_coords, read_coords, tile_geometry
 from medjax.data.wsi import SLIDE_EXTENSIONS, open_slide
 
 Example = dict[str, Any]
@@ -45,16 +45,31 @@ DINOV2_CODE_BLUR_PROBS = (0.0, 0.9, 0.5)
 _GRAY_WEIGHTS = np.array((0.2989, 0.587, 0.114), np.float32)  # torchvision rgb_to_grayscale
 
 
+class TileCoordsError(ValueError):
+    """A tile corner that is not a pixel of its slide; the message names the coordinates file and row."""
+
+
 class WSITileSource:
     """Random access to tiles (slide, x, y): reads `patch_size[s]` pixels at `patch_level[s]` of slide s
-    from level-0 (x, y) and resizes to `tile_size` (PIL bilinear, antialiased)."""
+    from level-0 (x, y) and resizes to `tile_size` (PIL bilinear, antialiased).
+
+    Every tile is checked when the source is built (each slide is opened once for its dimensions):
+    its corner must be finite integers with 0 <= x < width and 0 <= y < height of level 0, and the
+    region read at `patch_level` must lie inside that level, up to 1 pixel of rounding (x_l + size <=
+    width_l + 1, x_l = floor(x * width_l / width_0), the same for y) - a tile outside would be read as
+    white glass and trained on. `describe_tile(i)` names tile i in the `TileCoordsError` (the
+    constructors below give "<slide_id>.h5: row r" / "labels.csv: line n"; by default the slide and the
+    tile's row among that slide's tiles).
+    """
 
     def __init__(self, slide_paths: Sequence[str], slide_index: np.ndarray, coords: np.ndarray,
                  patch_level: Sequence[int], patch_size: Sequence[int], *, tile_size: int = 256,
-                 labels: np.ndarray | None = None, max_open_slides: int = 8, backend: str = "auto"):
+                 labels: np.ndarray | None = None, max_open_slides: int = 8, backend: str = "auto",
+                 describe_tile: Callable[[int], str] | None = None):
         self.slide_paths = [str(p) for p in slide_paths]
         self.slide_index = np.asarray(slide_index, np.int32)
-        self.coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        describe = describe_tile or self._default_description
+        self.coords = integer_coords(np.asarray(coords).reshape(-1, 2), describe)
         self.patch_level = np.asarray(patch_level, np.int32)
         self.patch_size = np.asarray(patch_size, np.int32)
         self.tile_size = int(tile_size)
@@ -71,6 +86,37 @@ class WSITileSource:
         if len(self.slide_index) and (self.slide_index.min() < 0 or self.slide_index.max() >= n):
             raise ValueError(f"WSITileSource: slide_index must lie in [0, {n})")
         self._local = threading.local()
+        self._check_bounds(describe)
+
+    def _default_description(self, index: int) -> str:
+        s = int(self.slide_index[index])
+        row = int(np.count_nonzero(self.slide_index[:index] == s))
+        return f"{self.slide_paths[s]}: tile {index} (row {row} of this slide's coordinates)"
+
+    def _check_bounds(self, describe: Callable[[int], str]) -> None:
+        """Every tile inside its slide (class docstring); TileCoordsError naming the first bad row."""
+        for s, path in enumerate(self.slide_paths):
+            rows = np.flatnonzero(self.slide_index == s)
+            if not rows.size:
+                continue
+            with open_slide(path, self.backend) as slide:
+                dims = slide.level_dimensions
+            level, size = int(self.patch_level[s]), int(self.patch_size[s])
+            if not 0 <= level < len(dims):
+                raise TileCoordsError(f"{describe(int(rows[0]))}: patch_level {level}, but slide {path} has levels "
+                                      f"0..{len(dims) - 1}")
+            (w0, h0), (wl, hl) = dims[0], dims[level]
+            x, y = self.coords[rows, 0], self.coords[rows, 1]
+            inside = (x >= 0) & (y >= 0) & (x < w0) & (y < h0)
+            fits = (x * wl // w0 + size <= wl + 1) & (y * hl // h0 + size <= hl + 1)
+            bad = np.flatnonzero(~(inside & fits))
+            if bad.size:
+                i = int(rows[bad[0]])
+                what = "outside the slide" if not inside[bad[0]] else "reaching past the slide's edge"
+                raise TileCoordsError(
+                    f"{describe(i)}: tile corner (x, y) = {self.coords[i].tolist()} is {what}: slide {path} level 0 is "
+                    f"{w0}x{h0} and a tile reads {size}x{size} pixels at level {level} ({wl}x{hl}); "
+                    f"{bad.size} of this slide's {rows.size} tiles are bad (they would read white glass)")
 
     # -- construction from files --------------------------------------------------------------------
     @classmethod
@@ -79,16 +125,24 @@ class WSITileSource:
         files = sorted(name for name in os.listdir(coords_dir) if name.endswith(".h5"))
         if not files:
             raise ValueError(f"{coords_dir}: no <slide_id>.h5 coordinate files")
-        paths, indices, coords, levels, sizes = [], [], [], [], []
+        paths, indices, coords, levels, sizes, h5_paths = [], [], [], [], [], []
         for name in files:
             h5_path = os.path.join(coords_dir, name)
             xy, attrs = read_coords(h5_path)
+            h5_paths.append(h5_path)
             paths.append(_find_slide(slides_dir, name[:-3], h5_path))
             indices.append(np.full(len(xy), len(paths) - 1, np.int32))
             coords.append(xy)
             levels.append(int(attrs["patch_level"]))
             sizes.append(int(attrs["patch_size"]))
-        return cls(paths, np.concatenate(indices), np.concatenate(coords), levels, sizes, tile_size=tile_size, **kwargs)
+        index = np.concatenate(indices)
+        starts = np.cumsum([0] + [len(c) for c in coords])
+
+        def describe(i: int) -> str:
+            return f"{h5_paths[index[i]]}: row {i - starts[index[i]]} of dataset 'coords'"
+
+        return cls(paths, index, np.concatenate(coords), levels, sizes, tile_size=tile_size,
+                   describe_tile=describe, **kwargs)
 
     @classmethod
     def from_labels_csv(cls, csv_path: str, slides_dir: str, *, patch_size: int = 256, magnification: float = 20.0,
@@ -108,7 +162,8 @@ class WSITileSource:
         index = np.array([position[row[0]] for row in rows], np.int32)
         coords = np.array([(row[1], row[2]) for row in rows], np.int64).reshape(-1, 2)
         labels = np.array([row[3] for row in rows], np.int32)
-        return cls(paths, index, coords, levels, sizes, tile_size=patch_size, labels=labels, **kwargs)
+        return cls(paths, index, coords, levels, sizes, tile_size=patch_size, labels=labels,
+                   describe_tile=lambda i: f"{csv_path}: line {i + 2}", **kwargs)
 
     # -- random access ------------------------------------------------------------------------------
     def __len__(self) -> int:
