@@ -21,6 +21,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.task = "mrm"
     c.variant = variant
     c.data = ml_collections.ConfigDict(dict(
+        drop_missing_snps=False,  # True: drop SNPs whose every call is missing (always reported)
+        allow_duplicates=False,  # True: keep repeated manifest rows / participant+eye (with a warning)
         dir="",  # <dir>/manifest.csv + genotypes.bed/.bim/.fam; "" = the demo dataset in the cache
         kind="fundus_genome",
         snp_stride=100,  # every 100th SNP of chromosomes 1-22 (ContIG loader the authors reused)

@@ -53,7 +53,7 @@ class FundusClassificationTask(TaskBase):
         self.num_classes = int(config.model.num_classes)
         size = config.model.image_size
         train = FundusGenomeDataset(self.root, image_size=size, genotypes=None, label_arity=1,
-                                    split=config.data.train_split)
+                                    split=config.data.train_split, allow_duplicates=bool(config.data.allow_duplicates))
         keep = label_subset(np.asarray(train.labels), float(config.data.label_fraction),
                             int(config.data.label_seed), self.num_classes)
         self.train_set = Subset(train, keep)
@@ -103,7 +103,7 @@ class FundusClassificationTask(TaskBase):
     @functools.lru_cache(maxsize=4)
     def split_dataset(self, split: str) -> FundusGenomeDataset:
         return FundusGenomeDataset(self.root, image_size=self.config.model.image_size, genotypes=None,
-                                   label_arity=1, split=split)
+                                   label_arity=1, split=split, allow_duplicates=bool(self.config.data.allow_duplicates))
 
     def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, class probabilities (N, num_classes)) over a split."""

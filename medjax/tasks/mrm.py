@@ -20,8 +20,7 @@ class MRMTask(TaskBase):
         super().__init__(config, log, run)
         self.root = data_root(config.data, log)
         split = config.data.split or None
-        self.dataset = FundusGenomeDataset(self.root, image_size=config.model.image_size,
-                                           snp_stride=config.data.snp_stride, split=split)
+        self.dataset = self._dataset(split)
         self.model = mrm_lib.mrm_from_config(model_config(config), num_snps=self.dataset.num_snps)
 
     def work_per_example(self) -> tuple[int, str]:
@@ -72,8 +71,13 @@ class MRMTask(TaskBase):
         split = self.config.data.eval_split or None
         if split == (self.config.data.split or None):
             return self.dataset
-        return FundusGenomeDataset(self.root, image_size=self.config.model.image_size,
-                                   snp_stride=self.config.data.snp_stride, split=split)
+        return self._dataset(split)
+
+    def _dataset(self, split) -> FundusGenomeDataset:
+        d = self.config.data
+        return FundusGenomeDataset(self.root, image_size=self.config.model.image_size, snp_stride=d.snp_stride,
+                                   split=split, drop_missing_snps=bool(d.drop_missing_snps),
+                                   allow_duplicates=bool(d.allow_duplicates))
 
     def evaluate(self, params) -> dict[str, float]:
         """Mean loss and its parts (no dropout, no augmentation) over the evaluation rows."""
