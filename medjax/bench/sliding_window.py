@@ -65,7 +65,7 @@ def _torch_model(config):
     model.eval()
     try:
         from medjax.convert import universal as convert_universal
-        from medjax.models.mrm import parse_dtype
+        from medjax.dtypes import parse_dtype
     except ImportError:
         return model, None, "separate random weights (no converter)"
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -29,7 +29,7 @@ Forward pass (section numbers of the paper):
 - Stochastic depth (`drop_path`) acts in the image encoder only; the relation-masking blocks and
   the decoders use `mlp_ratio` and no drop path. Relation matching keeps gradient on both the
   complete and the masked side (the paper stops neither).
-- Objective (Sec. 3.2.4): L = L_recon + lam (L_self + L_cross), see `mrm_loss`.
+- Objective (Sec. 3.2.4): L = L_recon + lam (L_self + L_cross), see `medjax.losses.mrm.mrm_loss`.
 
 Defaults: ViT-B/16 at 224 (768 wide, 12 blocks, 12 heads) with MAE's decoder, 512 wide x 8 blocks
 x 16 heads (as in the authors' repository), an SNN of 2 layers, genome_token_size 64 and
@@ -47,8 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.losses.reconstruction import genome_mse, masked_image_mse
-from medjax.losses.relation_matching import cross_relation_matching, self_relation_matching
+from medjax.dtypes import parse_dtype
 from medjax.nn.snn import SNN
 from medjax.nn.vit import TOKENS, EncoderBlock, ViTEncoder, layer_norm
 
@@ -208,34 +207,7 @@ class MRM(nn.Module):
         }
 
 
-def mrm_loss(outputs: dict, image: jax.Array, genome: jax.Array, *, patch_size: int, lam: float,
-             norm_pix_loss: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """MRM Sec. 3.2.4: L = L_recon + lam (L_self + L_cross); returns (L, parts)."""
-    missing = {"image_pred", "genome_pred", "image_pooled", "image_masked_pooled", "genome_pooled",
-               "genome_masked_pooled"} - set(outputs)
-    if missing:
-        raise KeyError(f"medjax/models/mrm.py mrm_loss: outputs lack {sorted(missing)} (expected MRM.__call__'s dict)")
-    parts = {
-        "recon_image": masked_image_mse(outputs["image_pred"], image, patch_size, norm_pix_loss=norm_pix_loss),
-        "recon_genome": genome_mse(outputs["genome_pred"], genome),
-        "self_matching": self_relation_matching(outputs["image_pooled"], outputs["image_masked_pooled"],
-                                                outputs["genome_pooled"], outputs["genome_masked_pooled"]),
-        "cross_matching": cross_relation_matching(outputs["image_pooled"], outputs["genome_pooled"],
-                                                  outputs["image_masked_pooled"], outputs["genome_masked_pooled"]),
-    }
-    loss = parts["recon_image"] + parts["recon_genome"] + lam * (parts["self_matching"] + parts["cross_matching"])
-    return loss, parts
-
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _LOSS_ONLY_KEYS = {"lam", "norm_pix_loss"}
-
-
-def parse_dtype(name: Any, where: str) -> Dtype:
-    """"float32" / "bfloat16" / "float16" -> the jnp dtype; `where` names the config field."""
-    if name not in _DTYPES:
-        raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
 
 
 def mrm_from_config(model_cfg: Any, *, num_snps: int) -> MRM:

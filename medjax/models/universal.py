@@ -180,7 +180,7 @@ def universal_from_config(model_cfg: Any) -> UniversalModel:
     """A UniversalModel from an experiment's `model` block: backbone, feature_size, legacy_merging, remat,
     encoding, norm_groups, num_classes, dtype, kernel_impl (`param_dtype` float32); other keys (e.g.
     class_embeddings, read by the task) are ignored."""
-    from medjax.models.mrm import parse_dtype
+    from medjax.dtypes import parse_dtype
 
     cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
     dtype = parse_dtype(cfg.get("dtype", "float32"), f"{_WHERE} universal_from_config model.dtype")

@@ -10,6 +10,7 @@ import numpy as np
 from medjax.data import image_transforms as T
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.losses.mrm import mrm_loss
 from medjax.models import mrm as mrm_lib
 from medjax.tasks.base import TaskBase, model_config
 from medjax.tasks.common import data_root
@@ -44,7 +45,7 @@ class MRMTask(TaskBase):
         outputs = self.model.apply({"params": params}, batch["image"], batch["genome"], train=train,
                                    rngs={"dropout": rng})
         m = self.config.model
-        return mrm_lib.mrm_loss(outputs, batch["image"], batch["genome"], patch_size=m.patch_size,
+        return mrm_loss(outputs, batch["image"], batch["genome"], patch_size=m.patch_size,
                                 lam=m.lam, norm_pix_loss=m.norm_pix_loss)
 
     def _train_transform(self, example, rng):

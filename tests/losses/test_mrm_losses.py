@@ -6,7 +6,7 @@ import pytest
 from medjax.losses.reconstruction import genome_mse, masked_image_mse
 from medjax.losses.relation_matching import (cosine_similarity_matrix, cross_relation_matching,
                                              self_relation_matching)
-from medjax.models.mrm import mrm_loss
+from medjax.losses.mrm import mrm_loss
 
 
 def numpy_cosine(a, b):

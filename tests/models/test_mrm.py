@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medjax.models.mrm import MRM, GenomeTokenizer, mrm_from_config, mrm_loss
+from medjax.losses.mrm import mrm_loss
+from medjax.models.mrm import MRM, GenomeTokenizer, mrm_from_config
 from medjax.models.vit_classifier import ViTClassifier
 from medjax.nn.vit import EncoderBlock, ViTEncoder
 from medjax.parallel.rules import logical_rules

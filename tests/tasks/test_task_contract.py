@@ -73,3 +73,22 @@ def test_tasks_read_no_run_settings_from_the_config():
         if name.endswith(".py") and name != "base.py":
             text = open(os.path.join(root, name)).read()
             assert "config.train" not in text and "config.init" not in text, name
+
+
+def test_layers_hold_in_the_imports():
+    """DESIGN.md's layers: models import no data, losses, convert or tasks; tasks never import the trainer."""
+    package = os.path.dirname(os.path.dirname(inspect.getfile(TaskBase)))
+    forbidden = {"models": ("medjax.data", "medjax.losses", "medjax.convert", "medjax.tasks", "medjax.trainer"),
+                 "tasks": ("medjax.trainer", "medjax.train", "medjax.evaluate")}
+    for layer, banned in forbidden.items():
+        folder = os.path.join(package, layer)
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".py"):
+                continue
+            tree = ast.parse(open(os.path.join(folder, name)).read())
+            for node in ast.walk(tree):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                for module in modules:
+                    assert not any(module == b or module.startswith(b + ".") for b in banned), \
+                        f"medjax/{layer}/{name} imports {module}"
