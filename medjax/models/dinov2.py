@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medjax.nn.vit import ViTEncoder
 
@@ -104,7 +105,8 @@ class DINOv2Network(nn.Module):
     num_register_tokens: int = 0
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
-    remat: bool = False
+    remat: bool | str = "none"  # the backbone's blocks (ViTEncoder.remat)
+    scan: bool | str | None = None  # nn.scan the backbone's blocks (None: depth >= 12; ViTEncoder.scan)
     head_out_dim: int = 65536
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
@@ -119,7 +121,7 @@ class DINOv2Network(nn.Module):
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.backbone = ViTEncoder(
             self.image_size, self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio,
-            class_token=True, drop_path=self.drop_path, layerscale_init=self.layerscale_init, remat=self.remat,
+            class_token=True, drop_path=self.drop_path, layerscale_init=self.layerscale_init, remat=self.remat, scan=self.scan,
             num_register_tokens=self.num_register_tokens, use_mask_token=True, drop_path_uniform=self.drop_path_uniform,
             dynamic_image_size=True, interpolate_offset=self.interpolate_offset,
             interpolate_antialias=self.interpolate_antialias, **kinds)
@@ -229,13 +231,18 @@ def _names(path: Sequence[Any]) -> list[str]:
     return [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
 
 
-def lr_multiplier(path: Sequence[Any], depth: int, layer_decay: float = 0.9, patch_embed_mult: float = 0.2) -> float:
+def lr_multiplier(path: Sequence[Any], depth: int, layer_decay: float = 0.9,
+                  patch_embed_mult: float = 0.2) -> float | np.ndarray:
     """Layer-wise lr decay: decay ** (depth + 1 - layer) with layer 0 for the embeddings (patch_embed,
     pos_embed, cls/mask/register tokens), i + 1 for block i, depth + 1 for the final norm; the heads
-    get 1; patch_embed also times `patch_embed_mult` (DINOv2 `get_vit_lr_decay_rate`)."""
+    get 1; patch_embed also times `patch_embed_mult` (DINOv2 `get_vit_lr_decay_rate`). A scanned backbone's
+    block params (`backbone/blocks/...`, layer i on axis 0) get the (depth,) vector of their layers'
+    multipliers (`medjax.nn.transformer.per_layer` shapes it to the leaf)."""
     names = _names(path)
     if "backbone" not in names:
         return 1.0
+    if "blocks" in names:
+        return layer_decay ** (depth - np.arange(depth, dtype=np.float64))
     layer = depth + 1
     if any(name in _EMBEDDING for name in names):
         layer = 0
