@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from medjax.nn.transformer import match_layer_layout
+
 
 class Checkpointer:
     """Save every `interval` steps, keep the last `keep`, asynchronously; restore the latest."""
@@ -96,7 +98,10 @@ def restore_params(path: str) -> Any:
 
 def merge_params(params: Any, source: Any) -> tuple[Any, list[str]]:
     """`params` with each leaf replaced by `source`'s leaf at the same path when the shapes agree;
-    also the paths that could not be taken (missing, or of another shape), described."""
+    also the paths that could not be taken (missing, or of another shape), described. Layer stacks are
+    first brought to `params`' layout (`blocks_0, ...` unrolled or one scanned `blocks`, stacked on axis 0),
+    so e.g. an unrolled pretraining run initialises a scanned fine-tuning model."""
+    source = match_layer_layout(source, params)
     skipped = []
 
     def take(path, leaf):

@@ -40,6 +40,7 @@ from medjax.data.wsi import list_slides
 from medjax.data.wsi_source import DinoMultiCrop, WSITileSource
 from medjax.losses import dino as dino_losses
 from medjax.models import dinov2 as dinov2_lib
+from medjax.nn.transformer import per_layer
 
 
 # ---- schedules -----------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def scale_by_param_groups(lr_fn, last_layer_lr_fn, wd_fn, lr_multiplier, wd_mult
         lr, last_lr, wd = lr_fn(t), last_layer_lr_fn(t), wd_fn(t)
 
         def one(path, u, p):
-            rate = (last_lr if is_last_layer(path) else lr) * lr_multiplier(path)
+            rate = (last_lr if is_last_layer(path) else lr) * per_layer(lr_multiplier(path), u.ndim)  # scanned: (L,1..)
             decay = wd * wd_multiplier(path)
             return (-rate * (u + decay * p)).astype(u.dtype)
 
@@ -168,6 +169,7 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
         mlp_ratio=m.mlp_ratio, layerscale_init=m.layerscale_init, drop_path=m.drop_path,
         drop_path_uniform=m.drop_path_uniform, num_register_tokens=m.num_register_tokens,
         interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias, remat=m.remat,
+        scan=m.get("scan"),
         head_out_dim=h.out_dim, head_hidden_dim=h.hidden_dim, head_bottleneck_dim=h.bottleneck_dim,
         head_layers=h.num_layers, head_learn_gain=h.learn_gain, ibot_separate_head=config.ibot.separate_head,
         ibot_out_dim=config.ibot.out_dim, dtype=dtype)
