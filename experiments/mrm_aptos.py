@@ -37,7 +37,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio, drop_path=0.1,
         num_classes=5, head="ordinal",  # 4 cumulative outputs: grade g -> [1]*g + [0]*(4-g)
         pooling="mean",
-        remat=False,  # recompute the encoder's block activations in backward (saves memory)
+        remat="none",  # encoder blocks: "none" | "full" | "dots_saveable" (recompute in backward)
+        scan=None,  # nn.scan the encoder's blocks; None: when depth >= 12 (params under blocks/)
     ))
     # Fine-tuning: MAE's recipe scaled down (AdamW, cosine, warmup).
     c.train.update(dict(steps=3000, batch_size=64, log_every=50, checkpoint_every=1000, eval_batch_size=64))

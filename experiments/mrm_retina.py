@@ -41,7 +41,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         # Relation masking ratios tau and the weight lambda: not given in the paper; our choice.
         tau_image=0.5, tau_genome=0.5, tau_cross=0.5, lam=1.0,
         norm_pix_loss=True,  # MAE's per-patch normalised pixel target
-        remat=False,  # recompute the image encoder's block activations in backward (saves memory)
+        remat="none",  # image encoder blocks: "none" | "full" | "dots_saveable" (recompute in backward)
+        scan=None,  # nn.scan the image encoder's blocks; None: when depth >= 12 (params under blocks/)
     ))
     # Optimisation: MAE's recipe (AdamW b2=0.95, wd 0.05, base lr 1.5e-4 at batch 256, cosine, warmup).
     c.train.update(dict(steps=30000, batch_size=256, log_every=50, checkpoint_every=1000, eval_batch_size=64))

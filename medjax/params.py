@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax.nn.transformer import match_layer_layout
+
 
 def path_string(path) -> str:
     """A tree path as "a/b/c" (dict keys, attribute names or sequence indices)."""
@@ -16,7 +18,10 @@ def path_string(path) -> str:
 
 def merge_params(params: Any, source: Any) -> tuple[Any, list[str]]:
     """`params` with each leaf replaced by `source`'s leaf at the same path when the shapes agree;
-    also the paths that could not be taken (missing, or of another shape), described."""
+    also the paths that could not be taken (missing, or of another shape), described. Layer stacks are
+    first brought to `params`' layout (`blocks_0, ...` unrolled or one scanned `blocks`, stacked on axis 0),
+    so e.g. an unrolled pretraining run initialises a scanned fine-tuning model."""
+    source = match_layer_layout(source, params)
     skipped = []
 
     def take(path, leaf):

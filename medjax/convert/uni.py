@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from medjax.convert.torch_io import (KeyReport, ParamMap, apply_mapping, attention_params, check_keys, copy_param,
                                      layer_norm_params, linear_params, read_state_dict)
+from medjax.nn import transformer
 from medjax.nn.vit import ViTEncoder
 
 Dtype = Any
@@ -37,6 +38,7 @@ _log = logging.getLogger(__name__)
 UNI_VIT_L16 = dict(image_size=224, patch_size=16, width=1024, depth=24, num_heads=16, mlp_ratio=4.0,
                    layerscale_init=1e-5)
 _IGNORED = (r"head\.(weight|bias)",)  # a classifier on top of the feature, not part of it
+_LAYOUT_FIELDS = ("scan", "remat")  # how the blocks run (nn.scan / nn.remat), not the architecture
 
 
 class UNIEncoder(nn.Module):
@@ -50,6 +52,8 @@ class UNIEncoder(nn.Module):
     num_heads: int = 16
     mlp_ratio: float = 4.0
     layerscale_init: float | None = 1e-5
+    scan: bool | str | None = None  # ViTEncoder.scan: None scans 24 blocks (params under encoder/blocks)
+    remat: bool | str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -57,15 +61,17 @@ class UNIEncoder(nn.Module):
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         tokens = ViTEncoder(self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
                             self.mlp_ratio, class_token=True, layerscale_init=self.layerscale_init,
-                            dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(images, train=train)
+                            remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(images, train=train)
         return tokens[:, 0]
 
 
 def uni_model(*, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, **overrides) -> UNIEncoder:
-    """UNIEncoder with UNI_VIT_L16's fields, `overrides` replacing some (unknown names are an error)."""
-    unknown = sorted(set(overrides) - set(UNI_VIT_L16))
+    """UNIEncoder with UNI_VIT_L16's fields, `overrides` replacing some (unknown names are an error), plus
+    the layout fields `scan` and `remat`."""
+    unknown = sorted(set(overrides) - set(UNI_VIT_L16) - set(_LAYOUT_FIELDS))
     if unknown:
-        raise ValueError(f"medjax/convert/uni.py: unknown model field(s) {unknown}; fields: {sorted(UNI_VIT_L16)}")
+        raise ValueError(f"medjax/convert/uni.py: unknown model field(s) {unknown}; fields: "
+                         f"{sorted(UNI_VIT_L16) + list(_LAYOUT_FIELDS)}")
     return UNIEncoder(**{**UNI_VIT_L16, **overrides}, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -82,8 +88,23 @@ def _qkv_names(i: int) -> dict[str, str]:
             "out": f"blocks.{i}.attn.proj"}
 
 
+def unrolled_shapes(shapes, depth: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """`param_shapes` of a scanned encoder (`encoder/blocks/...`, leading layer axis) -> those of the unrolled
+    one (`encoder/blocks_{i}/...`); unrolled shapes are returned unchanged."""
+    out = {}
+    for path, shape in shapes.items():
+        if path[:2] == ("encoder", transformer.SCAN_NAME):
+            out |= {("encoder", f"{transformer.SCAN_NAME}_{i}") + path[2:]: tuple(shape[1:]) for i in range(depth)}
+        else:
+            out[path] = tuple(shape)
+    return out
+
+
 def timm_vit_map(model: UNIEncoder, shapes) -> dict[str, ParamMap]:
-    """timm VisionTransformer state-dict keys (fused qkv split into q / k / v) -> Flax param paths."""
+    """timm VisionTransformer state-dict keys (fused qkv split into q / k / v) -> Flax param paths of the
+    unrolled layout (`encoder/blocks_{i}`; `load` stacks them on axis 0 into `encoder/blocks` for a scanned
+    model). `shapes`: `param_shapes(model)`, either layout."""
+    shapes = unrolled_shapes(shapes, model.depth)
     enc = ("encoder",)
     p = model.patch_size
     kernel = enc + ("patch_embed", "proj", "kernel")
@@ -133,13 +154,15 @@ def load_with_report(path: str, *, dtype: Dtype = jnp.float32, param_dtype: Dtyp
     """`load`, also returning the key report (its `ignored` lists the checkpoint keys not used)."""
     model = uni_model(dtype=dtype, param_dtype=param_dtype, **overrides)
     state = read_state_dict(path)
-    shapes = param_shapes(model)
+    shapes = unrolled_shapes(param_shapes(model), model.depth)  # timm's blocks.{i} -> blocks_{i}; stacked below
     mapping = timm_vit_map(model, shapes)
     report = check_keys(timm_checkpoint_shapes(model, mapping), {k: tuple(v.shape) for k, v in state.items()},
                         ignore=_IGNORED)
     report.raise_if_problems(f"{path} (timm ViT: {', '.join(f'{k}={getattr(model, k)}' for k in UNI_VIT_L16)})")
     used = {key: value for key, value in state.items() if key not in report.ignored}
     params, _ = apply_mapping(shapes, mapping, _split_qkv(used, model.depth), path, param_dtype=param_dtype)
+    if transformer.resolve_scan(model.scan, model.depth):
+        params = transformer.stack_layers(params)  # encoder/blocks_{i}/... -> encoder/blocks/... (axis 0: layer)
     if report.ignored:
         _log.info("%s: ignored %d tensors that are not part of the feature: %s", path, len(report.ignored),
                   ", ".join(report.ignored))

@@ -103,7 +103,8 @@ class DINOv2Network(nn.Module):
     num_register_tokens: int = 0
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
-    remat: bool = False
+    remat: bool | str = "none"  # the backbone's blocks (ViTEncoder.remat)
+    scan: bool | str | None = None  # nn.scan the backbone's blocks (None: depth >= 12; ViTEncoder.scan)
     head_out_dim: int = 65536
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
@@ -118,7 +119,7 @@ class DINOv2Network(nn.Module):
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.backbone = ViTEncoder(
             self.image_size, self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio,
-            class_token=True, drop_path=self.drop_path, layerscale_init=self.layerscale_init, remat=self.remat,
+            class_token=True, drop_path=self.drop_path, layerscale_init=self.layerscale_init, remat=self.remat, scan=self.scan,
             num_register_tokens=self.num_register_tokens, use_mask_token=True, drop_path_uniform=self.drop_path_uniform,
             dynamic_image_size=True, interpolate_offset=self.interpolate_offset,
             interpolate_antialias=self.interpolate_antialias, **kinds)

@@ -138,7 +138,8 @@ class MRM(nn.Module):
     tau_genome: float = 0.5
     tau_cross: float = 0.5
     drop_path: float = 0.0
-    remat: bool = False  # rematerialise the image encoder's blocks (memory for FLOPs)
+    remat: bool | str = "none"  # the image encoder's blocks: "none" | "full" | "dots_saveable" (True = "full")
+    scan: bool | str | None = None  # nn.scan the image encoder's blocks (None: depth >= 12; ViTEncoder.scan)
     kernel_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -164,7 +165,7 @@ class MRM(nn.Module):
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         image_encoder = ViTEncoder(self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
                                    self.mlp_ratio, class_token=True, drop_path=self.drop_path, remat=self.remat,
-                                   **kinds, name="image_encoder")
+                                   scan=self.scan, **kinds, name="image_encoder")
         snn = SNN((self.genome_width,) * self.snn_layers, self.snn_dropout, **kinds, name="genome_snn")
         block = partial(EncoderBlock, mlp_ratio=self.mlp_ratio, kernel_impl=self.kernel_impl, **kinds)
 

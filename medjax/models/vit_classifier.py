@@ -30,7 +30,8 @@ class ViTClassifier(nn.Module):
     mlp_ratio: float = 4.0
     class_token: bool = True
     drop_path: float = 0.0
-    remat: bool = False  # rematerialise the encoder's blocks (memory for FLOPs)
+    remat: bool | str = "none"  # the encoder's blocks: "none" | "full" | "dots_saveable" (True = "full")
+    scan: bool | str | None = None  # nn.scan the encoder's blocks (None: depth >= 12; ViTEncoder.scan)
     pooling: str = "mean"  # "mean": patch tokens + LayerNorm (MAE); "cls": the class token
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -44,7 +45,7 @@ class ViTClassifier(nn.Module):
             raise ValueError("medjax/models/vit_classifier.py ViTClassifier: pooling='cls' needs class_token=True")
         tokens = ViTEncoder(self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
                             self.mlp_ratio, class_token=self.class_token, drop_path=self.drop_path,
-                            remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(images, train=train)
+                            remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(images, train=train)
         if self.pooling == "cls":
             feature = tokens[:, 0]
         else:

@@ -23,10 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.nn.attention import MultiHeadAttention
+from medjax.nn import transformer
+from medjax.nn.transformer import TOKENS, DropPath, TransformerBlock
 
 Dtype = Any
-TOKENS = ("batch", "length", "embed")
+# The ViT block is the shared pre-norm block: norm1, attn, [ls1], norm2, mlp/fc1, mlp/fc2, [ls2]
+# (timm / big_vision names), GELU MLP, optional cross-attention (norm_kv) and MRM relation masking.
+EncoderBlock = TransformerBlock
+__all__ = ["DropPath", "EncoderBlock", "PatchEmbed", "TOKENS", "ViTEncoder", "layer_norm", "patchify",
+           "position_resize_matrix", "resize_patch_positions", "unpatchify", "vit_variant"]
 
 # big_vision models/vit.py `decode_variant`: width, depth, heads (MLP is 4x width for all of them).
 _VARIANTS = {
@@ -50,9 +55,7 @@ def vit_variant(name: str) -> dict:
 
 def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
     """LayerNorm, eps 1e-6 (big_vision/MAE), scale and bias on the logical axis "embed"."""
-    return nn.LayerNorm(1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+    return transformer.layer_norm(dtype, param_dtype, name, eps=1e-6)
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -164,88 +167,6 @@ class PatchEmbed(nn.Module):
         return x.reshape(x.shape[0], -1, self.width)
 
 
-class MlpBlock(nn.Module):
-    """Transformer MLP: Dense -> GELU -> Dense (ViT Eq. 3)."""
-
-    mlp_dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        width = x.shape[-1]
-        dense = lambda features, axes, name: nn.Dense(  # noqa: E731
-            features, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.normal(1e-6), axes[1:]), name=name)
-        x = dense(self.mlp_dim, ("embed", "mlp"), "fc1")(x)
-        x = nn.gelu(x, approximate=False)
-        return dense(width, ("mlp", "embed"), "fc2")(x)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth (Huang et al., 2016): drops a sample's residual branch with prob `rate`."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
-
-
-class EncoderBlock(nn.Module):
-    """Pre-norm Transformer block: x + attn(LN(x)[, LN(x_kv)]), then x + mlp(LN(x)).
-
-    With `relation_mask_ratio > 0` the attention is MRM's relation masking (Sec. 3.2.1): a
-    self-modality block when `x_kv` is None, a cross-modality block when `x_kv` is given.
-    """
-
-    num_heads: int
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    layerscale_init: float | None = None  # CaiT LayerScale; None disables it
-    relation_mask_ratio: float = 0.0
-    kernel_impl: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def _layer_scale(self, x: jax.Array, name: str) -> jax.Array:
-        if self.layerscale_init is None:
-            return x
-        gamma = self.param(name, nn.with_logical_partitioning(
-            nn.initializers.constant(self.layerscale_init), ("embed",)), (x.shape[-1],), self.param_dtype)
-        return x * gamma.astype(x.dtype)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, x_kv: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-        x = nn.with_logical_constraint(x, TOKENS)
-        norm = lambda name: layer_norm(self.dtype, self.param_dtype, name)  # noqa: E731
-        y = norm("norm1")(x)
-        kv = None if x_kv is None else norm("norm_kv")(nn.with_logical_constraint(x_kv, TOKENS))
-        y = MultiHeadAttention(self.num_heads, relation_mask_ratio=self.relation_mask_ratio,
-                               kernel_impl=self.kernel_impl, dtype=self.dtype, param_dtype=self.param_dtype,
-                               name="attn")(y, kv)
-        x = x + DropPath(self.drop_path, name="drop_path1")(self._layer_scale(y, "ls1"), train=train)
-        y = MlpBlock(int(self.mlp_ratio * x.shape[-1]), dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="mlp")(norm("norm2")(x))
-        x = x + DropPath(self.drop_path, name="drop_path2")(self._layer_scale(y, "ls2"), train=train)
-        return nn.with_logical_constraint(x, TOKENS)
-
-
-class _RematEncoderBlock(EncoderBlock):
-    """EncoderBlock with `train` positional, so `nn.remat` can hold it static (argnum 3, self = 0)."""
-
-    def __call__(self, x, x_kv, train):  # type: ignore[override]
-        return super().__call__(x, x_kv, train=train)
-
-
-RematEncoderBlock = nn.remat(_RematEncoderBlock, static_argnums=(3,))
-
-
 class ViTEncoder(nn.Module):
     """Patch embedding + learned position embedding (+ class token, + register tokens), pre-norm blocks,
     final LN.
@@ -267,13 +188,15 @@ class ViTEncoder(nn.Module):
     class_token: bool = True
     drop_path: float = 0.0
     layerscale_init: float | None = None
-    remat: bool = False  # recompute each block's activations in the backward pass (memory for FLOPs)
+    remat: bool | str = "none"  # transformer.REMAT_POLICIES name, "none" (or a bool: True = "full")
+    scan: bool | str | None = None  # nn.scan over the blocks (params under "blocks"); None: depth >= 12
     num_register_tokens: int = 0  # Darcet et al. 2024 "registers" (DINOv2 `num_register_tokens`)
     use_mask_token: bool = False  # a learned iBOT mask token (DINOv2 `mask_token`, zeros at init)
     drop_path_uniform: bool = False  # DINOv2 `drop_path_uniform`: the same rate in every block
     dynamic_image_size: bool = False  # accept other image sizes, resizing the position embeddings
     interpolate_offset: float = 0.1  # DINOv2 `interpolate_offset` (0: plain resize to the grid)
     interpolate_antialias: bool = False  # DINOv2 `interpolate_antialias` (timm uses True)
+    mlp_activation: str = "gelu"  # or "swiglu" (DINOv2 ViT-g's SwiGLU FFN), ... (transformer.ACTIVATIONS)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -306,14 +229,24 @@ class ViTEncoder(nn.Module):
                 nn.initializers.zeros_init(), (None, "embed")), (1, self.width), self.param_dtype)
         self.pos_embed = self.param("pos_embed", token_init(0.02),
                                     (1, self.num_patches + int(self.class_token), self.width), self.param_dtype)
-        if self.drop_path_uniform:
-            rates = [self.drop_path] * self.depth
-        else:
-            rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
-        block = RematEncoderBlock if self.remat else EncoderBlock
-        self.blocks = [block(self.num_heads, self.mlp_ratio, float(rate), self.layerscale_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype) for rate in rates]
+        # Unrolled: blocks_0, blocks_1, ...; scanned: one "blocks" whose params have a leading layer axis.
+        self.blocks = transformer.block_stack(
+            self.depth, self.drop_path_rates(), scan=self.scanned, remat=transformer.resolve_remat(self.remat),
+            num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, layerscale_init=self.layerscale_init,
+            activation=self.mlp_activation, dtype=self.dtype, param_dtype=self.param_dtype)
         self.norm = layer_norm(self.dtype, self.param_dtype)
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the blocks run as one nn.scan (`scan`, None: depth >= transformer.SCAN_MIN_DEPTH)."""
+        return transformer.resolve_scan(self.scan, self.depth)
+
+    def drop_path_rates(self) -> list[float]:
+        """Block i's stochastic-depth rate: linear 0 .. drop_path (DeiT/MAE), or drop_path everywhere
+        (`drop_path_uniform`). A scanned stack takes a non-uniform schedule as a scanned input."""
+        if self.drop_path_uniform:
+            return [float(self.drop_path)] * self.depth
+        return [float(r) for r in np.linspace(0.0, self.drop_path, self.depth)] if self.depth else []
 
     def _grid(self, images: jax.Array) -> tuple[int, int]:
         p = self.patch_size
@@ -367,9 +300,22 @@ class ViTEncoder(nn.Module):
         if tokens.ndim != 3 or tokens.shape[-1] != self.width:
             raise ValueError(f"medjax/nn/vit.py ViTEncoder.encode: expected tokens (batch, tokens, {self.width}), "
                              f"got {tokens.shape}")
-        for block in self.blocks:
-            tokens = block(tokens, None, train) if self.remat else block(tokens, train=train)
+        tokens, _ = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train)
         return self.norm(tokens)
+
+    def hidden_states(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+        """Every block's output on embedded tokens, stacked (depth, batch, tokens, width), before the final
+        norm (the scan's per-layer outputs when scanned; nothing falls back to the unrolled path)."""
+        _, outputs = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train, collect=True)
+        return outputs
+
+    def intermediate_layers(self, images: jax.Array, n: int = 1, *, norm: bool = True) -> list[jax.Array]:
+        """DINOv2 `get_intermediate_layers(x, n)`: the outputs of the last `n` blocks (all tokens), each
+        through the final norm when `norm`."""
+        if not 1 <= n <= self.depth:
+            raise ValueError(f"medjax/nn/vit.py ViTEncoder.intermediate_layers: n={n} must be in [1, {self.depth}]")
+        outputs = self.hidden_states(self.embed(images))
+        return [self.norm(y) if norm else y for y in outputs[self.depth - n:]]
 
     def features(self, images: jax.Array, masks: jax.Array | None = None, *,
                  train: bool = False) -> dict[str, jax.Array]:

@@ -15,7 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medjax.parallel.mesh import BATCH_AXES
 
-_ACTIVATIONS = (("batch", BATCH_AXES), ("length", None), ("voxels", None))
+# "layers": the stacked layer axis of nn.scan'd blocks (medjax/nn/transformer.py), never sharded.
+_ACTIVATIONS = (("batch", BATCH_AXES), ("length", None), ("voxels", None), ("layers", None))
 
 PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
     # Pure data parallelism: params replicated.

@@ -116,6 +116,7 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
         mlp_ratio=m.mlp_ratio, layerscale_init=m.layerscale_init, drop_path=m.drop_path,
         drop_path_uniform=m.drop_path_uniform, num_register_tokens=m.num_register_tokens,
         interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias, remat=m.remat,
+        scan=m.get("scan"),
         head_out_dim=h.out_dim, head_hidden_dim=h.hidden_dim, head_bottleneck_dim=h.bottleneck_dim,
         head_layers=h.num_layers, head_learn_gain=h.learn_gain, ibot_separate_head=config.ibot.separate_head,
         ibot_out_dim=config.ibot.out_dim, dtype=dtype)

@@ -63,7 +63,7 @@ class FundusClassificationTask(TaskBase):
         self.model = ViTClassifier(
             image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
             mlp_ratio=m.mlp_ratio, drop_path=m.drop_path, num_classes=self.num_classes - 1, pooling=m.pooling,
-            remat=m.remat,
+            remat=m.remat, scan=m.get("scan"),
             dtype=jnp.dtype(config.dtype))
 
     def work_per_example(self) -> tuple[int, str]:

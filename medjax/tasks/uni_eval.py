@@ -41,6 +41,7 @@ from medjax.metrics.knn import knn_evaluate
 from medjax.metrics.linear_probe import linear_probe_evaluate
 from medjax.metrics.multiclass import classification_metrics, multiclass_auc
 from medjax.models.abmil import GatedABMIL, predict_abmil, train_abmil
+from medjax.nn.transformer import layer_count
 
 FeatureFn = Callable[[np.ndarray], Any]
 # UNI ViT-L/16 in the paper (balanced accuracy), for the table's footnote.
@@ -312,12 +313,12 @@ def uni_fields_from_params(params: Any) -> dict:
     width = enc["pos_embed"].shape[-1]
     patch = enc["patch_embed"]["proj"]["kernel"].shape[0]
     grid = int(round((enc["pos_embed"].shape[1] - 1) ** 0.5))
-    depth = sum(1 for name in enc if name.startswith("blocks_"))
-    block = enc["blocks_0"]
-    return dict(image_size=grid * patch, patch_size=patch, width=width, depth=depth,
-                num_heads=block["attn"]["query"]["kernel"].shape[1],
-                mlp_ratio=block["mlp"]["fc1"]["kernel"].shape[1] / width,
-                layerscale_init=1e-5 if "ls1" in block else None)
+    scanned = "blocks" in enc  # one nn.scan'd "blocks" (leading layer axis) or blocks_0, blocks_1, ...
+    block = enc["blocks"] if scanned else enc["blocks_0"]
+    return dict(image_size=grid * patch, patch_size=patch, width=width, depth=layer_count(enc),
+                num_heads=block["attn"]["query"]["kernel"].shape[-2],
+                mlp_ratio=block["mlp"]["fc1"]["kernel"].shape[-1] / width,
+                layerscale_init=1e-5 if "ls1" in block else None, scan=scanned)
 
 
 def uni_feature_fn(params: Any, *, dtype: Any = jnp.float32, **overrides) -> FeatureFn:

@@ -160,6 +160,18 @@ def test_pytorch_model_bin_matches_timm(tmp_path, reference):
     np.testing.assert_array_equal(np.asarray(variables["params"]["encoder"]["blocks_1"]["ls2"]), gamma)
 
 
+def test_scanned_layout_loads_the_same_weights(tmp_path, reference):
+    """scan=True: the per-block timm tensors stacked on axis 0 under encoder/blocks, the same features."""
+    model_ref, pixels, expected = reference
+    path = str(tmp_path / "pytorch_model.bin")
+    torch.save(model_ref.state_dict(), path)
+    model, variables = uni.load(path, **TINY, scan=True)
+    assert "blocks_0" not in variables["params"]["encoder"]
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, pixels)), expected, atol=TOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(variables["params"]["encoder"]["blocks"]["ls2"][1]),
+                                  model_ref.blocks[1].ls2.gamma.detach().numpy())
+
+
 def test_safetensors_directory_and_classifier_head_ignored(tmp_path, reference):
     model_ref, pixels, expected = reference
     state = {k: v.detach().numpy().copy() for k, v in model_ref.state_dict().items()}
@@ -199,10 +211,14 @@ def test_vit_l16_layout_matches_timm_vit_large_patch16_224():
     enc = shapes
     assert enc[("encoder", "pos_embed")] == (1, 197, 1024) and enc[("encoder", "cls_token")] == (1, 1, 1024)
     assert enc[("encoder", "patch_embed", "proj", "kernel")] == (16, 16, 3, 1024)
-    assert enc[("encoder", "blocks_23", "attn", "query", "kernel")] == (1024, 16, 64)
-    assert enc[("encoder", "blocks_23", "mlp", "fc1", "kernel")] == (1024, 4096)
-    assert enc[("encoder", "blocks_23", "ls2")] == (1024,)
-    assert ("encoder", "blocks_24", "ls1") not in enc
+    # 24 blocks scan (ViTEncoder.scan=None): one "blocks" module, the layer on axis 0.
+    assert enc[("encoder", "blocks", "attn", "query", "kernel")] == (24, 1024, 16, 64)
+    assert enc[("encoder", "blocks", "mlp", "fc1", "kernel")] == (24, 1024, 4096)
+    assert enc[("encoder", "blocks", "ls2")] == (24, 1024)
+    assert not any(name.startswith("blocks_") for _, name, *_ in enc)
+    unrolled = uni.unrolled_shapes(shapes, 24)
+    assert unrolled[("encoder", "blocks_23", "attn", "query", "kernel")] == (1024, 16, 64)
+    assert ("encoder", "blocks_24", "ls1") not in unrolled
     # The state dict of UNI's timm model (vit_large_patch16_224, init_values=1e-5, num_classes=0), on the
     # meta device (shapes only), is what we expect.
     with torch.device("meta"):

@@ -1,0 +1,477 @@
+"""The one Transformer stack of medjax (Vaswani et al., NeurIPS 2017): attention, MLP, block, layer stack.
+
+- `MultiHeadAttention`: self- or cross-attention (Eq. 1-2) with an optional boolean mask, attention
+  dropout, and MRM's relation masking (Yang et al., ICCV 2023, Sec. 3.2.1: per row the top
+  floor(ratio * kv_tokens) relations are zeroed, `medjax.kernels.relation_mask`). Plain attention goes
+  through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere); `fused=False`
+  gives the explicit softmax(QK^T / sqrt(d)) V, the definition.
+- `Mlp`: Dense -> activation -> Dense (ViT Eq. 3; "gelu", CLIP's "quick_gelu", ...), or SwiGLU
+  (Shazeer 2020; DINOv2's `SwiGLUFFNFused`: w12 -> silu(a) * b -> w3).
+- `TransformerBlock`: pre-norm x + attn(LN(x)[, LN(x_kv)]), x + mlp(LN(x)) (ViT, CLIP) or post-norm
+  LN(x + attn(x)), LN(x + mlp(x)) (BERT), with CaiT LayerScale (Touvron et al., ICCV 2021) and stochastic
+  depth (Huang et al., ECCV 2016). Param names are fields, so each model keeps its converters' layout.
+- `block_stack` / `run_stack`: `depth` blocks either unrolled (submodules `blocks_0`, `blocks_1`, ...) or
+  one `nn.scan` over the layers (submodule `blocks`, every param with a leading layer axis of logical
+  name "layers"), so a 24-layer ViT compiles one block; each with an `nn.remat` policy. Per-layer
+  values (the drop-path schedule) are scanned inputs; intermediate layer outputs are the scan's outputs.
+- `stack_layers` / `unstack_layers` / `match_layer_layout`: move params between the two layouts.
+
+The projections are `HeadsDense` rather than `nn.DenseGeneral`: DenseGeneral initialises a multi-axis
+kernel through its flattened 2-D shape, and a logically partitioned initialiser then applies its 3-name
+sharding constraint to the 2-D value, which fails under a mesh.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax.kernels.relation_mask import relation_mask_attention
+
+Dtype = Any
+TOKENS = ("batch", "length", "embed")
+LAYERS = "layers"  # logical name of the stacked layer axis of scanned params (medjax/parallel/rules.py)
+SCAN_NAME = "blocks"  # the scanned stack's submodule; unrolled blocks are f"{SCAN_NAME}_{i}"
+SCAN_MIN_DEPTH = 12  # scan=None (auto) scans stacks of at least this many layers
+
+# transformers.activations.ACT2FN entries used by the ViT / CLIP / BERT / RoBERTa families.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's QuickGELU
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf GELU (Hendrycks & Gimpel, 2016)
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation a Hugging Face config's `hidden_act` names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"medjax/nn/transformer.py activation: {name!r} is not supported; expected one of "
+                         f"{sorted(ACTIVATIONS)} or 'swiglu' (Mlp)")
+    return ACTIVATIONS[name]
+
+
+def layer_norm(dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None, *,
+               eps: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm (eps 1e-6: big_vision/MAE/timm ViT; CLIP and BERT pass theirs), scale and bias on "embed"."""
+    return nn.LayerNorm(eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,
+          name: str | None = None, use_bias: bool = True, bias_std: float = 0.0) -> nn.Dense:
+    """nn.Dense with a Glorot-uniform kernel on logical axes `axes`; bias on the output axis, zeros or
+    normal(bias_std) (ViT's MLP: 1e-6, big_vision)."""
+    bias_init = nn.initializers.normal(bias_std) if bias_std else nn.initializers.zeros_init()
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+                    bias_init=nn.with_logical_partitioning(bias_init, axes[1:]))
+
+
+class HeadsDense(nn.Module):
+    """Dense contracting the last `in_dims` axes of x into `features` (e.g. width -> (heads,
+    head_dim) or (heads, head_dim) -> width); kernel shape in_shape + features with logical axes
+    `kernel_axes`, Glorot-uniform over (fan_in, fan_out) of the flattened kernel, zero bias."""
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    in_dims: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = None  # None: Glorot-uniform over the flattened (fan_in, fan_out)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = self.in_dims, len(self.features)
+        if len(self.kernel_axes) != n_in + n_out:
+            raise ValueError(f"medjax/nn/transformer.py HeadsDense.kernel_axes={self.kernel_axes} must name "
+                             f"{n_in + n_out} kernel axes")
+        init = self.kernel_init or nn.initializers.xavier_uniform(
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                            tuple(x.shape[-n_in:]) + tuple(self.features), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), self.kernel_axes[n_in:])
+            bias = self.param("bias", bias_init, tuple(self.features), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.tensordot(x, kernel, axes=n_in)
+        return y if bias is None else y + bias
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(Q K^T / sqrt(head_dim), masked) V on (batch, tokens, heads, head_dim), the softmax in float32;
+    `mask` broadcasts to (batch, heads, q_tokens, kv_tokens), True = attend (Vaswani et al. Eq. 1)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention (`x_kv=None`) or cross-attention from `x_q` to `x_kv`.
+
+    q/k/v kernels have logical axes ("embed", "heads", "kv"); the output kernel ("heads", "kv", "embed").
+    `x_kv` may have a different width from `x_q`: its k/v projections map it to the same (heads, head_dim)
+    space, and the output has `x_q`'s width unless `out_features` is set. `mask` broadcasts to (batch,
+    heads, q_tokens, kv_tokens), True = attend.
+    """
+
+    num_heads: int
+    head_dim: int | None = None  # None: x_q's width // num_heads
+    out_features: int | None = None  # None: x_q's width
+    relation_mask_ratio: float = 0.0  # MRM tau; 0 = plain attention
+    kernel_impl: str = "auto"  # relation masking: "auto" | "reference" | "pallas", passed to the dispatcher
+    dropout_rate: float = 0.0  # on the attention probabilities, in training
+    fused: bool = True  # jax.nn.dot_product_attention; False: `softmax_attention` (the definition)
+    implementation: str | None = None  # jax.nn.dot_product_attention's: None = cuDNN where it applies, else XLA
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None, mask: jax.Array | None = None, *,
+                 train: bool = False) -> jax.Array:
+        if x_kv is None:
+            x_kv = x_q
+        if x_q.ndim != 3 or x_kv.ndim != 3 or x_q.shape[0] != x_kv.shape[0]:
+            raise ValueError(
+                "medjax/nn/attention.py MultiHeadAttention: x_q and x_kv must be (batch, tokens, width) "
+                f"with the same batch; got {x_q.shape} and {x_kv.shape}")
+        width = x_q.shape[-1]
+        head_dim = self.head_dim
+        if head_dim is None:
+            if width % self.num_heads:
+                raise ValueError(
+                    f"medjax/nn/attention.py MultiHeadAttention.num_heads={self.num_heads} must divide "
+                    f"the query width {width} when head_dim is not given")
+            head_dim = width // self.num_heads
+        proj = lambda features, axes, in_dims, name: HeadsDense(  # noqa: E731
+            features, axes, in_dims, self.use_bias, self.dtype, self.param_dtype, name=name)
+        heads = (self.num_heads, head_dim)
+        q = proj(heads, ("embed", "heads", "kv"), 1, "query")(x_q)  # (batch, q_tokens, heads, head_dim)
+        k = proj(heads, ("embed", "heads", "kv"), 1, "key")(x_kv)
+        v = proj(heads, ("embed", "heads", "kv"), 1, "value")(x_kv)
+        if self.relation_mask_ratio > 0.0:
+            if mask is not None:
+                raise ValueError("medjax/nn/transformer.py MultiHeadAttention: relation masking takes no mask")
+            out = relation_mask_attention(q, k, v, ratio=self.relation_mask_ratio, impl=self.kernel_impl)
+        elif train and self.dropout_rate > 0.0:  # dropped probabilities: flax's einsum attention
+            out = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
+                                           dropout_rate=self.dropout_rate, deterministic=False, dtype=self.dtype)
+        elif self.fused:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        else:
+            out = softmax_attention(q, k, v, mask)
+        return proj((self.out_features or width,), ("heads", "kv", "embed"), 2, "out")(out)
+
+
+class Mlp(nn.Module):
+    """fc2(act(fc1(x))) (ViT Eq. 3), or with activation="swiglu" w3(silu(a) * b), (a; b) = w12(x)
+    (Shazeer 2020, "GLU Variants Improve Transformer", Eq. 6; DINOv2 `SwiGLUFFNFused` layout: one fused w12
+    whose first half is the gate). `bias_std`: the fc/w biases' init std (0: zeros)."""
+
+    mlp_dim: int
+    activation: str = "gelu"
+    bias_std: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return mlp(self, x, self.mlp_dim, self.activation, self.bias_std, self.dtype, self.param_dtype)
+
+
+def mlp(scope: nn.Module, x: jax.Array, mlp_dim: int, act: str, bias_std: float, dtype: Dtype,
+        param_dtype: Dtype) -> jax.Array:
+    """The MLP's layers created inside `scope`'s compact method (so a block can hold fc1/fc2 itself)."""
+    del scope  # the Dense layers below bind to the calling compact module
+    width = x.shape[-1]
+    if act == "swiglu":
+        gate, value = jnp.split(dense(2 * mlp_dim, ("embed", "mlp"), dtype, param_dtype, "w12", bias_std=bias_std)(x),
+                                2, axis=-1)
+        return dense(width, ("mlp", "embed"), dtype, param_dtype, "w3", bias_std=bias_std)(jax.nn.silu(gate) * value)
+    y = activation(act)(dense(mlp_dim, ("embed", "mlp"), dtype, param_dtype, "fc1", bias_std=bias_std)(x))
+    return dense(width, ("mlp", "embed"), dtype, param_dtype, "fc2", bias_std=bias_std)(y)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016): drops a sample's residual branch with prob `rate` (or the
+    call's `rate`, which may be traced, e.g. a scanned per-layer rate)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, rate: jax.Array | float | None = None) -> jax.Array:
+        rate = self.rate if rate is None else rate
+        if not train or (isinstance(rate, (int, float)) and rate == 0.0):
+            return x
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm x + attn(LN(x)[, LN(x_kv)]), then x + mlp(LN(x)); or post-norm (`pre_norm=False`, BERT)
+    LN(x + attn(x)), then LN(x + mlp(x)).
+
+    With `relation_mask_ratio > 0` the attention is MRM's relation masking (Sec. 3.2.1): a self-modality
+    block when `x_kv` is None, a cross-modality block when `x_kv` is given. Param names: `norm_names`
+    (attention norm, MLP norm, x_kv norm), "attn", and the MLP under `mlp_name` (None: its fc1/fc2 directly
+    in the block, CLIP's Hugging Face layout); LayerScale gammas "ls1"/"ls2" (timm `ls1.gamma`).
+    """
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    layerscale_init: float | None = None  # CaiT LayerScale; None disables it
+    relation_mask_ratio: float = 0.0
+    kernel_impl: str = "auto"
+    mlp_dim: int | None = None  # None: mlp_ratio * width
+    activation: str = "gelu"  # an ACTIVATIONS name or "swiglu"
+    mlp_bias_std: float = 1e-6  # ViT (big_vision) MLP bias init; CLIP/BERT: 0
+    pre_norm: bool = True
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    fused_attention: bool = True
+    norm_names: tuple[str, str, str] = ("norm1", "norm2", "norm_kv")
+    mlp_name: str | None = "mlp"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _layer_scale(self, x: jax.Array, name: str) -> jax.Array:
+        if self.layerscale_init is None:
+            return x
+        gamma = self.param(name, nn.with_logical_partitioning(
+            nn.initializers.constant(self.layerscale_init), ("embed",)), (x.shape[-1],), self.param_dtype)
+        return x * gamma.astype(x.dtype)
+
+    def _mlp(self, x: jax.Array) -> jax.Array:
+        mlp_dim = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
+        if self.mlp_name is None:
+            return mlp(self, x, mlp_dim, self.activation, self.mlp_bias_std, self.dtype, self.param_dtype)
+        return Mlp(mlp_dim, self.activation, self.mlp_bias_std, self.dtype, self.param_dtype, name=self.mlp_name)(x)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, x_kv: jax.Array | None = None, *, mask: jax.Array | None = None,
+                 train: bool = False, drop_path_rate: jax.Array | float | None = None) -> jax.Array:
+        x = nn.with_logical_constraint(x, TOKENS)
+        norm = lambda i: layer_norm(self.dtype, self.param_dtype, self.norm_names[i], eps=self.layer_norm_eps)  # noqa: E731
+        attention = MultiHeadAttention(self.num_heads, relation_mask_ratio=self.relation_mask_ratio,
+                                       kernel_impl=self.kernel_impl, dropout_rate=self.attention_dropout,
+                                       fused=self.fused_attention, dtype=self.dtype, param_dtype=self.param_dtype,
+                                       name="attn")
+        drop = lambda y, i: DropPath(self.drop_path, name=f"drop_path{i}")(  # noqa: E731
+            self._layer_scale(y, f"ls{i}"), train=train, rate=drop_path_rate)
+        if x_kv is not None:
+            x_kv = nn.with_logical_constraint(x_kv, TOKENS)
+        if self.pre_norm:
+            kv = None if x_kv is None else norm(2)(x_kv)
+            x = x + drop(attention(norm(0)(x), kv, mask, train=train), 1)
+            x = x + drop(self._mlp(norm(1)(x)), 2)
+        else:
+            x = norm(0)(x + drop(attention(x, x_kv, mask, train=train), 1))
+            x = norm(1)(x + drop(self._mlp(x), 2))
+        return nn.with_logical_constraint(x, TOKENS)
+
+
+# ---- the layer stack: unrolled or nn.scan, with a remat policy ---------------------------------------
+
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def resolve_remat(remat: bool | str | None) -> str:
+    """A model's `remat` field -> "none" | a REMAT_POLICIES name; True (the old bool switch) is "full"."""
+    if remat is None or remat is False:
+        return "none"
+    if remat is True:
+        return "full"
+    name = str(remat).strip().lower()
+    name = {"true": "full", "false": "none", "1": "full", "0": "none", "": "none"}.get(name, name)
+    if name != "none" and name not in REMAT_POLICIES:
+        raise ValueError(f"medjax/nn/transformer.py: remat={remat!r}; expected 'none', "
+                         f"{', '.join(repr(k) for k in REMAT_POLICIES)} (or a bool: True = 'full')")
+    return name
+
+
+def resolve_scan(scan: bool | str | None, depth: int) -> bool:
+    """A model's `scan` field -> bool: None / "auto" scans stacks of >= SCAN_MIN_DEPTH layers; "true" /
+    "false" (a config override of a None field arrives as text) are accepted."""
+    if scan is None or (isinstance(scan, str) and scan.strip().lower() in ("auto", "none", "")):
+        return depth >= SCAN_MIN_DEPTH
+    if isinstance(scan, str):
+        lowered = scan.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"medjax/nn/transformer.py: scan={scan!r}; expected True, False or None (auto)")
+        return lowered in ("true", "1", "yes")
+    return bool(scan)
+
+
+class _StackBlock(TransformerBlock):
+    """A block of a stack: (x, drop_path_rate, mask, train, collect) -> (x, x if collect), the shape nn.scan
+    needs (carry, per-layer input) -> (carry, per-layer output); `train`/`collect` are static."""
+
+    def __call__(self, x, drop_path_rate, mask, train, collect):  # type: ignore[override]
+        x = super().__call__(x, mask=mask, train=train, drop_path_rate=drop_path_rate)
+        return x, (x if collect else None)
+
+
+def _remat(cls, policy: str, *, prevent_cse: bool):
+    if policy == "none":
+        return cls
+    return nn.remat(cls, static_argnums=(4, 5), policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
+
+
+def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, **block_fields):
+    """The stack's modules, to assign in a `setup` (attribute `blocks`): unrolled, a list of `depth` blocks
+    (names blocks_0, ...; block i has drop path rates[i]); scanned, one `nn.scan` module over `depth` blocks
+    whose params carry a leading layer axis ("layers"). Run it with `run_stack`."""
+    if len(rates) != depth:
+        raise ValueError(f"medjax/nn/transformer.py block_stack: {len(rates)} drop-path rates for {depth} layers")
+    if not scan:
+        block = _remat(_StackBlock, remat, prevent_cse=True)
+        return [block(drop_path=float(rate), **block_fields) for rate in rates]
+    block = _remat(_StackBlock, remat, prevent_cse=False)  # scan already keeps the recomputation apart
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
+                      metadata_params={nn.PARTITION_NAME: LAYERS})
+    uniform = len(set(float(r) for r in rates)) <= 1
+    return scanned(drop_path=float(rates[0]) if uniform and depth else 0.0, **block_fields)
+
+
+def run_stack(blocks, x: jax.Array, rates: Sequence[float], *, mask: jax.Array | None = None, train: bool = False,
+              collect: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """x through a `block_stack`; also every block's output stacked (depth, ...) when `collect`. A scanned
+    stack with a non-uniform drop-path schedule gets the rates as its scanned input (so no per-layer value
+    forces the unrolled path)."""
+    if isinstance(blocks, (list, tuple)):
+        outputs = []
+        for block in blocks:
+            x, _ = block(x, None, mask, train, False)
+            outputs.append(x)
+        return x, (jnp.stack(outputs) if collect and outputs else None)
+    uniform = len(set(float(r) for r in rates)) <= 1
+    per_layer = None if uniform else jnp.asarray(np.asarray(rates, np.float32))
+    return blocks(x, per_layer, mask, train, collect)
+
+
+# ---- moving params between the unrolled and the scanned layout ----------------------------------------
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _value(leaf):
+    if isinstance(leaf, nn.Partitioned):
+        return leaf.unbox(apply_constraint=False)
+    return leaf.unbox() if _is_box(leaf) else leaf
+
+
+def _layer_keys(node: dict, name: str) -> list[str]:
+    pattern = re.compile(rf"{re.escape(name)}_(\d+)")
+    found = sorted((int(m.group(1)), k) for k in node if (m := pattern.fullmatch(str(k))))
+    if [i for i, _ in found] != list(range(len(found))):
+        raise ValueError(f"medjax/nn/transformer.py: layers {[k for _, k in found]} are not {name}_0..{name}_N")
+    return [k for _, k in found]
+
+
+def _stack(trees: list) -> Any:
+    def one(*leaves):
+        if _is_box(leaves[0]):
+            value = jnp.stack([_value(leaf) for leaf in leaves])
+            return leaves[0].replace_boxed(value).add_axis(0, {nn.PARTITION_NAME: LAYERS}) \
+                if hasattr(leaves[0], "add_axis") else leaves[0].replace_boxed(value)
+        return jnp.stack([jnp.asarray(leaf) for leaf in leaves])
+    return jax.tree.map(one, *trees, is_leaf=_is_box)
+
+
+def _unstack(tree: Any, depth: int) -> list:
+    def one(leaf, i):
+        if _is_box(leaf):
+            removed = leaf.remove_axis(0, {nn.PARTITION_NAME: LAYERS}) if hasattr(leaf, "remove_axis") else leaf
+            return removed.replace_boxed(_value(leaf)[i])
+        return leaf[i]
+    return [jax.tree.map(lambda leaf, i=i: one(leaf, i), tree, is_leaf=_is_box) for i in range(depth)]
+
+
+def _rebuild(tree: Any, fn, name: str) -> Any:
+    if not isinstance(tree, dict) and not hasattr(tree, "items"):
+        return tree
+    node = {k: _rebuild(v, fn, name) for k, v in tree.items()}
+    return fn(node, name)
+
+
+def _stack_node(node: dict, name: str) -> dict:
+    keys = _layer_keys(node, name)
+    if not keys:
+        return node
+    if name in node:
+        raise ValueError(f"medjax/nn/transformer.py stack_layers: both {name!r} and {keys[0]!r} present")
+    out = {k: v for k, v in node.items() if k not in keys}
+    out[name] = _stack([node[k] for k in keys])
+    return out
+
+
+def _unstack_node(node: dict, name: str) -> dict:
+    if name not in node or not isinstance(node[name], dict):
+        return node
+    leaves = jax.tree.leaves(node[name], is_leaf=_is_box)
+    depth = _value(leaves[0]).shape[0]
+    out = {k: v for k, v in node.items() if k != name}
+    out.update({f"{name}_{i}": layer for i, layer in enumerate(_unstack(node[name], depth))})
+    return out
+
+
+def stack_layers(params: Any, name: str = SCAN_NAME) -> Any:
+    """Unrolled -> scanned layout: wherever a dict holds `name_0`, ..., `name_{n-1}`, they become one
+    `name` entry whose leaves are stacked on a new axis 0 (boxed params get the logical axis "layers")."""
+    return _rebuild(params, _stack_node, name)
+
+
+def unstack_layers(params: Any, name: str = SCAN_NAME) -> Any:
+    """Scanned -> unrolled layout: every `name` dict entry with stacked leaves becomes `name_0`, ...."""
+    return _rebuild(params, _unstack_node, name)
+
+
+def match_layer_layout(source: Any, target: Any, name: str = SCAN_NAME) -> Any:
+    """`source` with its layer stacks stacked or unstacked to the layout of `target` (both param trees), so
+    a merge by path works between a scanned and an unrolled model of the same architecture."""
+    if not isinstance(source, dict) or not hasattr(target, "items"):
+        return source
+    target_keys = set(target.keys())
+    if name in target_keys and name not in source and f"{name}_0" in source:
+        source = _stack_node(dict(source), name)
+    elif name not in target_keys and f"{name}_0" in target_keys and isinstance(source.get(name), dict):
+        source = _unstack_node(dict(source), name)
+    return {k: (match_layer_layout(v, target[k], name) if k in target_keys else v) for k, v in source.items()}
+
+
+def layer_count(params: dict, name: str = SCAN_NAME) -> int:
+    """Number of layers of a stack in either layout (`params` holds `name` or `name_0`, ...)."""
+    if name in params:
+        leaf = jax.tree.leaves(params[name], is_leaf=_is_box)[0]
+        return int(_value(leaf).shape[0])
+    return len(_layer_keys(params, name))
+
+
+def per_layer(values: Any, ndim: int) -> jax.Array:
+    """A per-layer vector (depth,) shaped (depth, 1, ...) to scale a stacked leaf of `ndim` dims; a
+    scalar is returned as is (for the optimizer's per-parameter multipliers)."""
+    values = jnp.asarray(values)
+    return values if values.ndim == 0 else values.reshape(values.shape + (1,) * (ndim - values.ndim))
