@@ -468,10 +468,3 @@ def layer_count(params: dict, name: str = SCAN_NAME) -> int:
         leaf = jax.tree.leaves(params[name], is_leaf=_is_box)[0]
         return int(_value(leaf).shape[0])
     return len(_layer_keys(params, name))
-
-
-def per_layer(values: Any, ndim: int) -> jax.Array:
-    """A per-layer vector (depth,) shaped (depth, 1, ...) to scale a stacked leaf of `ndim` dims; a
-    scalar is returned as is (for the optimizer's per-parameter multipliers)."""
-    values = jnp.asarray(values)
-    return values if values.ndim == 0 else values.reshape(values.shape + (1,) * (ndim - values.ndim))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from medjax.checkpoint import merge_params
-from medjax.models.dinov2 import lr_multiplier
 from medjax.nn import transformer as T
 from medjax.nn.vit import ViTEncoder
 
@@ -109,16 +108,6 @@ def test_hidden_states_and_intermediate_layers(unrolled_params):
     np.testing.assert_allclose(h_s, h_u, rtol=1e-5, atol=1e-6)
     last = scanned.apply({"params": stacked}, IMAGES, 2, method=ViTEncoder.intermediate_layers)
     np.testing.assert_allclose(last[-1], unrolled.apply({"params": unrolled_params}, IMAGES), rtol=1e-5, atol=1e-5)
-
-
-def test_scanned_lr_multipliers_are_the_unrolled_ones():
-    key = jax.tree_util.DictKey
-    path = lambda *names: tuple(key(n) for n in names)  # noqa: E731
-    stacked = lr_multiplier(path("student", "backbone", "blocks", "attn", "query", "kernel"), 4)
-    unrolled = [lr_multiplier(path("student", "backbone", f"blocks_{i}", "attn", "query", "kernel"), 4)
-                for i in range(4)]
-    np.testing.assert_allclose(stacked, unrolled)
-    assert T.per_layer(stacked, 4).shape == (4, 1, 1, 1) and T.per_layer(0.5, 3).shape == ()
 
 
 def _dense_np(p, x):
