@@ -13,11 +13,15 @@
 #
 # Variables:
 #   DRY_RUN=1                 print each process's environment and command, start nothing
-#   MEDJAX_COORDINATOR_PORT   coordinator port on 127.0.0.1 (default: a free port)
+#   MEDJAX_COORDINATOR_PORT   coordinator port on 127.0.0.1 (default: a free port, reserved for this
+#                             run until it ends, so that concurrent runs never share one)
 #   LOCAL_DEVICES             CPU devices per process (default 1)
-#   MEDJAX_HEARTBEAT_TIMEOUT  seconds before a dead process is noticed by the others (default 10 here)
+#   MEDJAX_HEARTBEAT_TIMEOUT  seconds without a heartbeat before JAX declares a process dead and ends
+#                             the run (default 60 here: this script itself stops the others as soon as
+#                             one exits, and on a busy machine a live process can be starved for seconds)
+#   MEDJAX_INIT_TIMEOUT       seconds for all N processes to start and join (default 300)
 #   STOP_GRACE                seconds the other processes get after SIGTERM before SIGKILL (default 10)
-#   PYTHON                    interpreter used to find a free port (default python3)
+#   PYTHON                    interpreter used to reserve a free port (default python3)
 set -euo pipefail
 
 usage() {
@@ -31,12 +35,26 @@ shift
 DEVICES=${LOCAL_DEVICES:-1}
 [[ $DEVICES =~ ^[1-9][0-9]*$ ]] || { echo "local.sh: LOCAL_DEVICES must be a positive integer, got '$DEVICES'" >&2; exit 2; }
 GRACE=${STOP_GRACE:-10}
-HEARTBEAT=${MEDJAX_HEARTBEAT_TIMEOUT:-10}
+HEARTBEAT=${MEDJAX_HEARTBEAT_TIMEOUT:-60}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-free_port() {
-  "${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+reserve_port() {  # PORT=a free port, held by medjax/parallel/ports.py (not a job of ours) until we exit
+  local file tries
+  file=$(mktemp)
+  ( "${PYTHON:-python3}" "$HERE/../medjax/parallel/ports.py" --while-alive $$ >"$file" 2>&1 </dev/null & )
+  for ((tries = 0; tries < 600; tries++)); do  # up to 60 s: a loaded machine starts Python slowly
+    [[ $(wc -l <"$file") -ge 1 ]] && break  # the port, or the error, as whole lines
+    sleep 0.1
+  done
+  PORT=$(<"$file")
+  rm -f "$file"
+  [[ $PORT =~ ^[0-9]+$ ]] || { echo "local.sh: could not reserve a coordinator port: $PORT" >&2; exit 2; }
 }
-PORT=${MEDJAX_COORDINATOR_PORT:-$(free_port)}
+if [[ -n ${MEDJAX_COORDINATOR_PORT:-} ]]; then
+  PORT=$MEDJAX_COORDINATOR_PORT
+else
+  reserve_port
+fi
 
 # The caller's other XLA flags are kept (without spaces inside a flag); the device count is ours.
 XLA_FLAGS_OUT=--xla_force_host_platform_device_count=$DEVICES

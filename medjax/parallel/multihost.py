@@ -17,13 +17,25 @@ Where the process layout comes from, first match wins:
    service, `<jobset>-<replicated job>-0-0.<subdomain>`, on MEDJAX_COORDINATOR_PORT (default 8476).
 
 Nothing matching (or one process) means a plain single-process run. On CPU, gloo collectives let
-several local processes run one program.
+several local processes run one program; `initialize` connects them at start-up, with every process
+at a barrier, because gloo allows the first collective over a group of devices only a fixed 30 s for
+all processes to arrive, less than compile times can differ between processes on a busy machine.
 
-Failure of one process: every process sends heartbeats to the coordination service; when one
-stops (it died, or the coordinator's host did), the others are terminated by the JAX runtime after
-MEDJAX_HEARTBEAT_TIMEOUT seconds (default 100, JAX's) at the latest. A survivor usually notices
-sooner, when a collective with the dead process fails: `exit_on_failure` then prints one clear
-error and exits at once instead of waiting for the shutdown barrier.
+Timeouts (whole seconds; `initialize(...)` arguments win over the environment):
+
+  MEDJAX_INIT_TIMEOUT       every process must have joined within it (default 300). Processes start
+                            in any order; process 0 runs the coordinator. When it passes, the
+                            process exits with an error naming the coordinator and this variable.
+  MEDJAX_HEARTBEAT_TIMEOUT  a process that sends no heartbeat for this long is declared dead and the
+                            JAX runtime ends every process ("heartbeat timeout", "The tasks have
+                            crashed"; default 100, JAX's). On an overloaded machine a live but
+                            starved process can miss it: raise it rather than lower it.
+  MEDJAX_SHUTDOWN_TIMEOUT   how long a finished process waits at exit for the others (default 300).
+
+Failure of one process: the others are terminated by the JAX runtime after MEDJAX_HEARTBEAT_TIMEOUT
+seconds at the latest. A survivor usually notices sooner, when a collective with the dead process
+fails: `exit_on_failure` then prints one clear error and exits at once instead of waiting for the
+shutdown barrier.
 """
 from __future__ import annotations
 
@@ -31,7 +43,9 @@ import contextlib
 import dataclasses
 import os
 import re
+import socket
 import sys
+import threading
 import traceback
 from typing import Iterator, Mapping
 
@@ -148,34 +162,151 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None, pr
     return layout if layout is not None and layout.num_processes > 1 else None
 
 
-def _seconds(env: Mapping[str, str], name: str, default: int) -> int:
-    return _int(env, name, "a whole number of seconds") if env.get(name) else default
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """The coordination service's timeouts, in seconds (see the module docstring)."""
+
+    init: int = 300
+    heartbeat: int = 100
+    shutdown: int = 300
+
+
+TIMEOUT_VARIABLES = {"init": "MEDJAX_INIT_TIMEOUT", "heartbeat": "MEDJAX_HEARTBEAT_TIMEOUT",
+                     "shutdown": "MEDJAX_SHUTDOWN_TIMEOUT"}
+# JAX's own initialization deadline is this much later than ours, so that ours fires first and the
+# process ends with a message naming MEDJAX_INIT_TIMEOUT rather than JAX's bare DEADLINE_EXCEEDED.
+INIT_GRACE_S = 10
+
+
+def timeouts(env: Mapping[str, str] | None = None, *, init: int | None = None, heartbeat: int | None = None,
+             shutdown: int | None = None) -> Timeouts:
+    """The timeouts of a multi-process run: arguments, else MEDJAX_*_TIMEOUT, else the defaults."""
+    env = os.environ if env is None else env
+    given = dict(init=init, heartbeat=heartbeat, shutdown=shutdown)
+    values = {}
+    for field, name in TIMEOUT_VARIABLES.items():
+        if given[field] is not None:
+            value, where = given[field], f"{field}_timeout={given[field]!r}"
+        elif env.get(name):
+            value, where = _int(env, name, "a whole number of seconds"), f"environment variable {name}={env[name]!r}"
+        else:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}: expected a positive whole number of seconds")
+        values[field] = value
+    return Timeouts(**values)
+
+
+def _accepts_connections(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _init_deadline(layout: ProcessLayout, limits: Timeouts) -> threading.Timer:
+    """A timer that ends this process with a clear error if initialisation outlives MEDJAX_INIT_TIMEOUT.
+
+    JAX's own timeout (set INIT_GRACE_S later) would abort the process from C++ with a bare
+    DEADLINE_EXCEEDED; the main thread is blocked inside that call, so this thread reports instead."""
+    def expire():
+        who = (f"process {layout.process_id} of {layout.num_processes}" if layout.process_id is not None
+               else "this process")
+        if layout.coordinator is None:
+            where = "the coordinator JAX detected for the TPU pod"
+        elif _accepts_connections(layout.coordinator):
+            where = (f"the coordinator at {layout.coordinator} (it is up, so some of the "
+                     f"{layout.num_processes} processes have not joined: are they all started?)")
+        else:
+            where = (f"the coordinator at {layout.coordinator}, which accepts no connections (process 0 "
+                     f"starts it: is it running, and is the address right?)")
+        print(f"error: {who} could not join the multi-process run ({layout.source}) within "
+              f"MEDJAX_INIT_TIMEOUT={limits.init} s: jax.distributed.initialize waits until every process "
+              f"has connected to {where}. If the processes are only slow to start (a busy machine, a slow "
+              f"file system), raise MEDJAX_INIT_TIMEOUT (seconds).", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    timer = threading.Timer(limits.init, expire)
+    timer.daemon = True
+    return timer
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               env: Mapping[str, str] | None = None) -> ProcessLayout | None:
+               env: Mapping[str, str] | None = None, *, init_timeout: int | None = None,
+               heartbeat_timeout: int | None = None, shutdown_timeout: int | None = None) -> ProcessLayout | None:
     """Start the multi-process runtime when a layout is found; returns it (None: single process).
 
-    Must run before anything touches a JAX backend. Timeouts (seconds) from the environment:
-    MEDJAX_HEARTBEAT_TIMEOUT (a dead peer is detected within it; default 100),
-    MEDJAX_INIT_TIMEOUT (waiting for every process to join; default 300),
+    Must run before anything touches a JAX backend. Timeouts in seconds: the arguments, else
+    MEDJAX_INIT_TIMEOUT (every process must have joined within it; default 300),
+    MEDJAX_HEARTBEAT_TIMEOUT (a process silent this long is declared dead; default 100),
     MEDJAX_SHUTDOWN_TIMEOUT (waiting for every process at exit; default 300).
+    If the processes have not all joined within the init timeout, this process exits (status 1)
+    with an error naming the coordinator and MEDJAX_INIT_TIMEOUT. On CPU it then initialises the
+    backend and connects the gloo collectives of all devices (see `_connect_cpu_collectives`).
     """
     env = os.environ if env is None else env
     layout = resolve(coordinator, num_processes, process_id, env)
     if layout is None:
         return None
+    limits = timeouts(env, init=init_timeout, heartbeat=heartbeat_timeout, shutdown=shutdown_timeout)
     import jax
 
     # CPU collectives across processes (affects only the CPU backend; must precede backend init).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeouts = dict(heartbeat_timeout_seconds=_seconds(env, "MEDJAX_HEARTBEAT_TIMEOUT", 100),
-                    initialization_timeout=_seconds(env, "MEDJAX_INIT_TIMEOUT", 300),
-                    shutdown_timeout_seconds=_seconds(env, "MEDJAX_SHUTDOWN_TIMEOUT", 300))
-    jax.distributed.initialize(
-        layout.coordinator, layout.num_processes, layout.process_id,
-        local_device_ids=list(layout.local_device_ids) if layout.local_device_ids else None, **timeouts)
+    deadline = _init_deadline(layout, limits)
+    deadline.start()
+    try:
+        jax.distributed.initialize(
+            layout.coordinator, layout.num_processes, layout.process_id,
+            local_device_ids=list(layout.local_device_ids) if layout.local_device_ids else None,
+            initialization_timeout=limits.init + INIT_GRACE_S, heartbeat_timeout_seconds=limits.heartbeat,
+            shutdown_timeout_seconds=limits.shutdown)
+    finally:
+        deadline.cancel()
+    _connect_cpu_collectives(layout, limits)
     return layout
+
+
+def _connect_cpu_collectives(layout: ProcessLayout, limits: Timeouts) -> None:
+    """On CPU, open the gloo connections between all devices now, with every process at a barrier.
+
+    gloo connects the devices of a collective the first time one runs, and gives up when a peer
+    has not arrived within 30 s ("Gloo context initialization failed: DEADLINE_EXCEEDED:
+    GetKeyValue() timed out"; a fixed limit, not configurable). The first collective of a run
+    comes after compiling the step, which takes very different times in different processes: a
+    process that loads its programs from the persistent compilation cache (JAX writes it from
+    process 0 only) or that runs on a less busy core arrives minutes earlier than the others on a
+    loaded machine. Once connected, a collective waits for late peers far longer, so the
+    connections over all devices (the data-parallel all-reduce's) and over the processes (the
+    all-gather of `multihost_utils.sync_global_devices`, used by checkpointing) are made here, with
+    the processes released together by a coordination-service barrier (MEDJAX_INIT_TIMEOUT)."""
+    import jax
+
+    if jax.default_backend() != "cpu" or jax.process_count() == 1:
+        return
+    import jax.numpy as jnp
+    import numpy as np
+    from jax._src import distributed
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()), ("all",))
+    zeros = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("all")),
+                                                   np.zeros((jax.local_device_count(),), np.int32))
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec())).lower(zeros).compile()
+    try:
+        distributed.global_state.client.wait_at_barrier("medjax:cpu_collectives", limits.init * 1000)
+    except Exception as err:  # noqa: BLE001 - jaxlib raises its own error types
+        raise TimeoutError(
+            f"process {jax.process_index()} of {jax.process_count()}: the other processes did not reach the "
+            f"start-up barrier within MEDJAX_INIT_TIMEOUT={limits.init} s ({type(err).__name__}: "
+            f"{(str(err).strip().splitlines() or [''])[0]}). If they are alive and only slow to start, raise "
+            f"MEDJAX_INIT_TIMEOUT (seconds).") from err
+    total(zeros).block_until_ready()
+    multihost_utils.sync_global_devices("medjax: CPU collectives connected")
 
 
 @contextlib.contextmanager
@@ -197,6 +328,25 @@ def exit_on_failure() -> Iterator[None]:
         print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
               f"{type(err).__name__}: {first_line}\n"
               f"If this is a failed collective or barrier, another process has probably died: "
-              f"see its output. Exiting now instead of waiting for it.", file=sys.stderr, flush=True)
+              f"see its output. Exiting now instead of waiting for it.{_timeout_hint(str(err))}",
+              file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
+
+
+def _timeout_hint(message: str) -> str:
+    """For an error that looks like a coordination timeout: which MEDJAX_* variable to raise."""
+    if "Gloo context initialization failed" in message:
+        return ("\nA collective over a new group of devices waited more than gloo's fixed 30 s for another "
+                "process to join it: that process is slow (compiling, loading data) or has died. Collectives "
+                "over all devices and over all processes are connected at start-up (multihost.initialize); "
+                "this one was over another group.")
+    if not re.search(r"DEADLINE_EXCEEDED|[Tt]imed out|[Tt]imeout|heartbeat|tasks have crashed", message):
+        return ""
+    try:
+        limits = timeouts()
+    except ValueError:  # a malformed variable: initialize has reported it already
+        return ""
+    return (f"\nIt looks like a timeout: if every process is alive and the machine is only busy, raise "
+            f"MEDJAX_HEARTBEAT_TIMEOUT (now {limits.heartbeat} s) or, for a barrier at exit, "
+            f"MEDJAX_SHUTDOWN_TIMEOUT (now {limits.shutdown} s).")
