@@ -61,7 +61,8 @@ class UNIEncoder(nn.Module):
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         tokens = ViTEncoder(self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
                             self.mlp_ratio, class_token=True, layerscale_init=self.layerscale_init,
-                            remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(images, train=train)
+                            remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="encoder")(images, train=train)
         return tokens[:, 0]
 
 

@@ -119,7 +119,8 @@ class DINOv2Network(nn.Module):
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.backbone = ViTEncoder(
             self.image_size, self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio,
-            class_token=True, drop_path=self.drop_path, layerscale_init=self.layerscale_init, remat=self.remat, scan=self.scan,
+            class_token=True, drop_path=self.drop_path, layerscale_init=self.layerscale_init, remat=self.remat,
+            scan=self.scan,
             num_register_tokens=self.num_register_tokens, use_mask_token=True, drop_path_uniform=self.drop_path_uniform,
             dynamic_image_size=True, interpolate_offset=self.interpolate_offset,
             interpolate_antialias=self.interpolate_antialias, **kinds)

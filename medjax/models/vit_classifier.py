@@ -45,7 +45,8 @@ class ViTClassifier(nn.Module):
             raise ValueError("medjax/models/vit_classifier.py ViTClassifier: pooling='cls' needs class_token=True")
         tokens = ViTEncoder(self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
                             self.mlp_ratio, class_token=self.class_token, drop_path=self.drop_path,
-                            remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(images, train=train)
+                            remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="encoder")(images, train=train)
         if self.pooling == "cls":
             feature = tokens[:, 0]
         else:

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn.clip_vit import TOKENS, SelfAttention, activation, dense, layer_norm
+from medjax.nn import transformer
+from medjax.nn.clip_vit import TOKENS, dense, layer_norm
 
 Dtype = Any
 
@@ -29,30 +30,13 @@ def roberta_position_ids(input_ids: jax.Array, padding_idx: int) -> jax.Array:
     return jnp.cumsum(not_pad, axis=1) * not_pad + padding_idx
 
 
-class BertLayer(nn.Module):
-    """One post-LN encoder layer: LN(x + attention), LN(x + MLP), dropout before each residual sum."""
-
-    num_heads: int
-    mlp_dim: int
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-12
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-        x = nn.with_logical_constraint(x, TOKENS)
-        y = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, self.param_dtype, name="attention")(
-            x, mask, train=train)
-        y = nn.Dropout(self.hidden_dropout)(y, deterministic=not train)
-        x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "attention_norm")(x + y)
-        y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
-        y = dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(activation(self.hidden_act)(y))
-        y = nn.Dropout(self.hidden_dropout)(y, deterministic=not train)
-        x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "output_norm")(x + y)
-        return nn.with_logical_constraint(x, TOKENS)
+def bert_layer_fields(num_heads: int, mlp_dim: int, hidden_act: str = "gelu", layer_norm_eps: float = 1e-12,
+                      hidden_dropout: float = 0.1, attention_dropout: float = 0.1) -> dict:
+    """`transformer.TransformerBlock` fields of one post-LN BERT layer: LN(x + attention), LN(x + MLP), dropout
+    before each residual sum; params attention/{query,key,value,out}, attention_norm, fc1, fc2, output_norm."""
+    return dict(num_heads=num_heads, mlp_dim=mlp_dim, activation=hidden_act, layer_norm_eps=layer_norm_eps,
+                hidden_dropout=hidden_dropout, attention_dropout=attention_dropout, pre_norm=False, mlp_bias_std=0.0,
+                norm_names=("attention_norm", "output_norm", "norm_kv"), mlp_name=None, attention_name="attention")
 
 
 class BertEncoder(nn.Module):
@@ -75,6 +59,8 @@ class BertEncoder(nn.Module):
     attention_dropout: float = 0.1
     position_padding_idx: int | None = None  # RoBERTa: the pad token id; None: BERT positions 0..T-1
     add_pooling_layer: bool = True
+    scan: bool | str | None = False  # nn.scan over the layers (params under `layers`); off: the converters' layout
+    remat: bool | str = "none"  # transformer.REMAT_POLICIES name or "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -90,9 +76,12 @@ class BertEncoder(nn.Module):
         self.token_type_embeddings = embed(self.type_vocab_size, (None, "embed"))
         self.embedding_norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
         self.embedding_dropout = nn.Dropout(self.hidden_dropout)
-        self.layers = [BertLayer(self.num_heads, self.mlp_dim, self.hidden_act, self.layer_norm_eps,
-                                 self.hidden_dropout, self.attention_dropout, self.dtype, self.param_dtype)
-                       for _ in range(self.depth)]
+        # Unrolled: layers_0, layers_1, ...; scanned: one "layers" whose params have a leading layer axis.
+        self.layers = transformer.block_stack(
+            self.depth, [0.0] * self.depth, scan=transformer.resolve_scan(self.scan, self.depth),
+            remat=transformer.resolve_remat(self.remat), dtype=self.dtype, param_dtype=self.param_dtype,
+            **bert_layer_fields(self.num_heads, self.mlp_dim, self.hidden_act, self.layer_norm_eps,
+                                self.hidden_dropout, self.attention_dropout))
         if self.add_pooling_layer:
             self.pooler = dense(self.width, ("embed", None), self.dtype, self.param_dtype)
 
@@ -132,8 +121,7 @@ class BertEncoder(nn.Module):
             raise ValueError(f"medjax/nn/bert.py BertEncoder.encode: attention_mask shape {attention_mask.shape} does "
                              f"not match the tokens {hidden.shape[:2]}")
         mask = None if attention_mask is None else (attention_mask[:, None, None, :] > 0)
-        for layer in self.layers:
-            hidden = layer(hidden, mask, train=train)
+        hidden, _ = transformer.run_stack(self.layers, hidden, [0.0] * self.depth, mask=mask, train=train)
         return hidden
 
     def pool(self, last_hidden_state: jax.Array) -> jax.Array:

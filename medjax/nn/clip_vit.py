@@ -11,12 +11,11 @@ At another image size the patch-grid position embeddings are resized bicubically
 `interpolate(mode="bicubic", align_corners=False)`, as HF's `interpolate_pos_encoding` and METER /
 PTUnifier do); the class position is kept.
 
-The encoder layer, the HF activation table and the masked attention defined here are shared with
-`medjax.nn.clip_text` and `medjax.nn.bert`.
+The blocks are `medjax.nn.transformer.TransformerBlock`s with CLIP's names (`clip_layer_fields`), shared
+with `medjax.nn.clip_text`; `scan=True` runs them as one nn.scan (params under `layers`, leading layer axis).
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import Any, Callable
@@ -26,80 +25,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.nn.attention import HeadsDense
-from medjax.nn.vit import patchify
+from medjax.nn import transformer
+from medjax.nn.transformer import ACTIVATIONS, TOKENS, dense  # noqa: F401  (re-exported names)
+from medjax.nn.vit import patchify, position_resize_matrix, resize_patch_positions
 
 Dtype = Any
-TOKENS = ("batch", "length", "embed")
-
-# transformers.activations.ACT2FN entries used by the CLIP / BERT / RoBERTa families.
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's QuickGELU
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf GELU (Hendrycks & Gimpel, 2016)
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation a Hugging Face config's `hidden_act` names."""
+    """The activation a Hugging Face config's `hidden_act` names (`transformer.ACTIVATIONS`)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"medjax/nn/clip_vit.py activation: hidden_act {name!r} is not supported; "
                          f"expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with an optional boolean mask (Vaswani et al., 2017, Eq. 1-2):
-    softmax(Q K^T / sqrt(head_dim), masked) V, then the output projection.
-
-    `mask` broadcasts to (batch, heads, q_tokens, kv_tokens), True = attend. The projections are
-    `medjax.nn.attention.HeadsDense` (q/k/v kernels ("embed", "heads", "kv"), output ("heads", "kv",
-    "embed")), so init also works under a mesh. Without attention dropout the product is
-    `jax.nn.dot_product_attention` (the fused path); with it, flax's einsum attention, which drops
-    probabilities.
-    """
-
-    num_heads: int
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-        width = x.shape[-1]
-        if width % self.num_heads:
-            raise ValueError(f"medjax/nn/clip_vit.py SelfAttention: num_heads={self.num_heads} must divide the "
-                             f"width {width}")
-        heads = (self.num_heads, width // self.num_heads)
-        project = lambda name: HeadsDense(heads, ("embed", "heads", "kv"), 1, dtype=self.dtype,  # noqa: E731
-                                          param_dtype=self.param_dtype, name=name)(x)
-        q, k, v = project("query"), project("key"), project("value")  # (batch, tokens, heads, head_dim)
-        if train and self.dropout_rate > 0.0:
-            out = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
-                                           dropout_rate=self.dropout_rate, deterministic=False, dtype=self.dtype)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        return HeadsDense((width,), ("heads", "kv", "embed"), 2, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="out")(out)
-
-
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-    """LayerNorm with the config's epsilon; scale and bias on the logical axis "embed"."""
-    return nn.LayerNorm(eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+    """LayerNorm with the config's epsilon; scale and bias on the logical axis "embed" (transformer.layer_norm)."""
+    return transformer.layer_norm(dtype, param_dtype, name, eps=eps)
 
 
-def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,
-          name: str | None = None, use_bias: bool = True) -> nn.Dense:
-    """nn.Dense whose kernel has logical axes `axes` (bias: the output axis)."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+def clip_layer_fields(num_heads: int, mlp_dim: int, hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5,
+                      attention_dropout: float = 0.0) -> dict:
+    """`transformer.TransformerBlock` fields of CLIP's pre-norm block (CLIP `ResidualAttentionBlock`, HF
+    `CLIPEncoderLayer`): x + attn(ln_1(x), mask), then x + fc2(act(fc1(ln_2(x)))), QuickGELU; params ln_1,
+    attn/{query,key,value,out}, ln_2, fc1, fc2 (no "mlp" level), zero MLP bias init."""
+    return dict(num_heads=num_heads, mlp_dim=mlp_dim, activation=hidden_act, layer_norm_eps=layer_norm_eps,
+                attention_dropout=attention_dropout, mlp_bias_std=0.0, norm_names=("ln_1", "ln_2", "ln_kv"),
+                mlp_name=None)
 
 
 # CLIP paper Table 20 (image encoders): width, layers, heads; MLP 4x width.
@@ -117,50 +70,11 @@ def clip_vision_variant(name: str) -> dict:
             "patch_size": int(match.group(2))}
 
 
-class CLIPEncoderLayer(nn.Module):
-    """Pre-norm block: x + attn(ln_1(x), mask), then x + fc2(act(fc1(ln_2(x)))) (CLIP `ResidualAttentionBlock`)."""
-
-    num_heads: int
-    mlp_dim: int
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    attention_dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False) -> jax.Array:
-        x = nn.with_logical_constraint(x, TOKENS)
-        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "ln_1")(x)
-        y = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, self.param_dtype, name="attn")(
-            y, mask, train=train)
-        x = x + y
-        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "ln_2")(x)
-        y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(y)
-        y = dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(activation(self.hidden_act)(y))
-        return nn.with_logical_constraint(x + y, TOKENS)
-
-
-def _torch_cubic_weights(t: float, a: float = -0.75) -> list[float]:
-    """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2 (PyTorch's A = -0.75)."""
-    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
-    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
-    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
-
-
 def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) matrix of `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`.
-
-    Source coordinate (o + 0.5) * in/out - 0.5, four taps clamped to the border, no antialiasing.
-    """
-    scale = in_size / out_size
-    matrix = np.zeros((out_size, in_size), np.float64)
-    for o in range(out_size):
-        source = (o + 0.5) * scale - 0.5
-        start = math.floor(source)
-        for tap, weight in enumerate(_torch_cubic_weights(source - start)):
-            matrix[o, min(max(start - 1 + tap, 0), in_size - 1)] += weight
-    return matrix
+    """(out_size, in_size) matrix of `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`:
+    source coordinate (o + 0.5) * in/out - 0.5, four taps clamped to the border, no antialiasing
+    (`medjax.nn.vit.position_resize_matrix` with no offset)."""
+    return position_resize_matrix(in_size, out_size)
 
 
 def resize_position_embedding(position_embedding: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -172,11 +86,7 @@ def resize_position_embedding(position_embedding: jax.Array, grid: tuple[int, in
                          "form a square grid")
     if (side, side) == tuple(grid):
         return position_embedding
-    patches = position_embedding[1:].reshape(side, side, width).astype(jnp.float32)
-    rows = jnp.asarray(bicubic_resize_matrix(side, grid[0]), jnp.float32)
-    cols = jnp.asarray(bicubic_resize_matrix(side, grid[1]), jnp.float32)
-    resized = jnp.einsum("ri,ijd,cj->rcd", rows, patches, cols, precision=jax.lax.Precision.HIGHEST)
-    resized = resized.reshape(grid[0] * grid[1], width).astype(position_embedding.dtype)
+    resized = resize_patch_positions(position_embedding[1:], grid)  # bicubic in float32, as PyTorch
     return jnp.concatenate([position_embedding[:1], resized], axis=0)
 
 
@@ -200,6 +110,10 @@ class CLIPVisionTransformer(nn.Module):
     layer_norm_eps: float = 1e-5
     attention_dropout: float = 0.0
     projection_dim: int | None = None
+    # nn.scan over the layers: off unless asked, as the Hugging Face / PTUnifier converters (medjax/convert/hf.py,
+    # ptunifier.py) map the unrolled layers_{i} layout (None: auto, depth >= 12).
+    scan: bool | str | None = False
+    remat: bool | str = "none"  # transformer.REMAT_POLICIES name or "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -218,9 +132,12 @@ class CLIPVisionTransformer(nn.Module):
         self.position_embedding = self.param("position_embedding", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (None, "embed")), (grid * grid + 1, self.width), self.param_dtype)
         self.ln_pre = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
-        self.layers = [CLIPEncoderLayer(self.num_heads, self.mlp_dim, self.hidden_act, self.layer_norm_eps,
-                                        self.attention_dropout, self.dtype, self.param_dtype)
-                       for _ in range(self.depth)]
+        # Unrolled: layers_0, layers_1, ...; scanned: one "layers" whose params have a leading layer axis.
+        self.layers = transformer.block_stack(
+            self.depth, [0.0] * self.depth, scan=transformer.resolve_scan(self.scan, self.depth),
+            remat=transformer.resolve_remat(self.remat), dtype=self.dtype, param_dtype=self.param_dtype,
+            **clip_layer_fields(self.num_heads, self.mlp_dim, self.hidden_act, self.layer_norm_eps,
+                                self.attention_dropout))
         self.ln_post = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
         if self.projection_dim is not None:
             self.projection = dense(self.projection_dim, ("embed", None), self.dtype, self.param_dtype,
@@ -251,9 +168,7 @@ class CLIPVisionTransformer(nn.Module):
         if tokens.ndim != 3 or tokens.shape[-1] != self.width:
             raise ValueError(f"medjax/nn/clip_vit.py CLIPVisionTransformer.encode: expected tokens (batch, tokens, "
                              f"{self.width}), got {tokens.shape}")
-        x = self.ln_pre(tokens)
-        for layer in self.layers:
-            x = layer(x, train=train)
+        x, _ = transformer.run_stack(self.layers, self.ln_pre(tokens), [0.0] * self.depth, train=train)
         return x
 
     def pool(self, last_hidden_state: jax.Array) -> jax.Array:

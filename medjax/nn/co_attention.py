@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn.attention import HeadsDense
 from medjax.nn.clip_vit import TOKENS, activation, dense, layer_norm
+from medjax.nn.transformer import MultiHeadAttention
 
 Dtype = Any
 
@@ -28,36 +28,6 @@ Dtype = Any
 def key_padding_mask(mask: jax.Array | None) -> jax.Array | None:
     """(batch, kv_tokens) 1 = token, 0 = padding -> boolean (batch, 1, 1, kv_tokens), True = attend."""
     return None if mask is None else (mask[:, None, None, :] > 0)
-
-
-class MaskedAttention(nn.Module):
-    """Multi-head attention from `x` to `context` (self-attention when `context is x`), with a key padding
-    mask and attention dropout (Vaswani et al., 2017, Eq. 1-2): softmax(Q K^T / sqrt(d) + mask) V, then
-    the output projection W_o. q/k/v kernels ("embed", "heads", "kv"), output ("heads", "kv", "embed")."""
-
-    num_heads: int
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None, *,
-                 train: bool = False) -> jax.Array:
-        width = x.shape[-1]
-        if width % self.num_heads or context.shape[-1] != width:
-            raise ValueError(f"medjax/nn/co_attention.py MaskedAttention: num_heads={self.num_heads} must divide the "
-                             f"width {width}, and the context width {context.shape[-1]} must equal it")
-        heads = (self.num_heads, width // self.num_heads)
-        project = lambda name, inputs: HeadsDense(heads, ("embed", "heads", "kv"), 1, dtype=self.dtype,  # noqa: E731
-                                                  param_dtype=self.param_dtype, name=name)(inputs)
-        q, k, v = project("query", x), project("key", context), project("value", context)
-        if train and self.dropout_rate > 0.0:
-            out = nn.dot_product_attention(q, k, v, mask=mask, dropout_rng=self.make_rng("dropout"),
-                                           dropout_rate=self.dropout_rate, deterministic=False, dtype=self.dtype)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        return HeadsDense((width,), ("heads", "kv", "embed"), 2, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name="out")(out)
 
 
 class CoAttentionLayer(nn.Module):
@@ -86,8 +56,9 @@ class CoAttentionLayer(nn.Module):
         x = nn.with_logical_constraint(x, TOKENS)
         norm = lambda name: layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
         drop = lambda h: nn.Dropout(self.hidden_dropout)(h, deterministic=not train)  # noqa: E731
-        attend = lambda name: MaskedAttention(self.num_heads, self.attention_dropout, self.dtype,  # noqa: E731
-                                              self.param_dtype, name=name)
+        attend = lambda name: MultiHeadAttention(  # noqa: E731  (medjax/nn/transformer.py, with a key mask)
+            self.num_heads, dropout_rate=self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+            name=name)
         h = attend("self_attention")(x, x, key_padding_mask(x_mask), train=train)
         x = norm("self_attention_norm")(x + drop(h))
         h = attend("cross_attention")(x, y, key_padding_mask(y_mask), train=train)

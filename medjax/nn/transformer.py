@@ -229,8 +229,8 @@ class TransformerBlock(nn.Module):
 
     With `relation_mask_ratio > 0` the attention is MRM's relation masking (Sec. 3.2.1): a self-modality
     block when `x_kv` is None, a cross-modality block when `x_kv` is given. Param names: `norm_names`
-    (attention norm, MLP norm, x_kv norm), "attn", and the MLP under `mlp_name` (None: its fc1/fc2 directly
-    in the block, CLIP's Hugging Face layout); LayerScale gammas "ls1"/"ls2" (timm `ls1.gamma`).
+    (attention norm, MLP norm, x_kv norm), `attention_name`, and the MLP under `mlp_name` (None: its fc1/fc2
+    directly in the block, the CLIP / BERT Hugging Face layout); LayerScale gammas "ls1"/"ls2" (timm).
     """
 
     num_heads: int
@@ -245,9 +245,11 @@ class TransformerBlock(nn.Module):
     pre_norm: bool = True
     layer_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0  # dropout on each branch before its residual sum, in training (BERT)
     fused_attention: bool = True
     norm_names: tuple[str, str, str] = ("norm1", "norm2", "norm_kv")
     mlp_name: str | None = "mlp"
+    attention_name: str = "attn"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -268,13 +270,17 @@ class TransformerBlock(nn.Module):
     def __call__(self, x: jax.Array, x_kv: jax.Array | None = None, *, mask: jax.Array | None = None,
                  train: bool = False, drop_path_rate: jax.Array | float | None = None) -> jax.Array:
         x = nn.with_logical_constraint(x, TOKENS)
-        norm = lambda i: layer_norm(self.dtype, self.param_dtype, self.norm_names[i], eps=self.layer_norm_eps)  # noqa: E731
+        norm = lambda i: layer_norm(  # noqa: E731
+            self.dtype, self.param_dtype, self.norm_names[i], eps=self.layer_norm_eps)
         attention = MultiHeadAttention(self.num_heads, relation_mask_ratio=self.relation_mask_ratio,
                                        kernel_impl=self.kernel_impl, dropout_rate=self.attention_dropout,
                                        fused=self.fused_attention, dtype=self.dtype, param_dtype=self.param_dtype,
-                                       name="attn")
-        drop = lambda y, i: DropPath(self.drop_path, name=f"drop_path{i}")(  # noqa: E731
-            self._layer_scale(y, f"ls{i}"), train=train, rate=drop_path_rate)
+                                       name=self.attention_name)
+
+        def drop(y, i):
+            y = DropPath(self.drop_path, name=f"drop_path{i}")(self._layer_scale(y, f"ls{i}"), train=train,
+                                                                  rate=drop_path_rate)
+            return nn.Dropout(self.hidden_dropout)(y, deterministic=not train) if self.hidden_dropout else y
         if x_kv is not None:
             x_kv = nn.with_logical_constraint(x_kv, TOKENS)
         if self.pre_norm:

@@ -40,7 +40,7 @@ def test_layouts_and_helpers(unrolled_params):
     assert sorted(k for k in unrolled_params if k.startswith("blocks")) == ["blocks_0", "blocks_1", "blocks_2"]
     assert "blocks" in stacked and not any(k.startswith("blocks_") for k in stacked)
     assert jax.tree.structure(stacked) == jax.tree.structure(abstract)
-    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(nn.unbox(stacked)), jax.tree.leaves(nn.unbox(abstract))))
+    assert [a.shape for a in jax.tree.leaves(nn.unbox(stacked))] == [b.shape for b in jax.tree.leaves(nn.unbox(abstract))]
     # the stacked layer axis has the logical name "layers" (rules.py maps it to no mesh axis)
     spec = nn.get_partition_spec(abstract)["blocks"]["attn"]["query"]["kernel"]
     assert tuple(spec) == ("layers", "embed", "heads", "kv")
@@ -170,3 +170,25 @@ def test_fused_attention_matches_the_explicit_softmax():
     weights /= weights.sum(-1, keepdims=True)
     np.testing.assert_allclose(T.softmax_attention(q, k, v), np.einsum("bhqk,bkhd->bqhd", weights, v),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tower", ["clip_text", "bert"])
+def test_text_towers_scan_with_masks(tower):
+    """CLIP text (pre-norm, causal + padding mask) and BERT (post-norm, padding mask) on the shared stack:
+    scanned (params under `layers`) equals unrolled (`layers_{i}`)."""
+    from medjax.nn.bert import BertEncoder
+    from medjax.nn.clip_text import CLIPTextTransformer
+
+    kw = dict(vocab_size=20, width=16, depth=2, num_heads=2, mlp_dim=24)
+    cls = CLIPTextTransformer if tower == "clip_text" else BertEncoder
+    kw |= dict(max_length=6) if tower == "clip_text" else dict(max_positions=6, add_pooling_layer=False)
+    ids = np.array([[3, 5, 7, 19, 0, 0], [4, 4, 2, 8, 9, 19]], np.int32)
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6], np.int32)
+    unrolled, scanned = cls(**kw), cls(**kw, scan=True)
+    params = unrolled.init(jax.random.key(11), ids, mask)["params"]
+    assert "layers_1" in params
+    stacked = T.stack_layers(params, "layers")
+    assert jax.tree.structure(stacked) == jax.tree.structure(
+        jax.eval_shape(scanned.init, jax.random.key(0), ids, mask)["params"])
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, ids, mask),
+                               unrolled.apply({"params": params}, ids, mask), rtol=1e-5, atol=1e-5)
