@@ -177,6 +177,11 @@ class ViTEncoder(nn.Module):
     of the patch is accepted and the position embeddings are resized (module doc); otherwise the image
     must be `image_size` square. DINOv2's token order: [cls, registers, patches]; registers get no
     position embedding.
+
+    Layout: unrolled, the blocks are `blocks_0`, `blocks_1`, ...; with `scan` (None: depth >= 12) they are one
+    nn.scan module `blocks` whose params have the layer on axis 0 (logical axis "layers"), so ViT-L/24
+    compiles one block. `medjax.nn.transformer.stack_layers` / `unstack_layers` convert between the two.
+    `remat` names a recomputation policy for each block (transformer.REMAT_POLICIES; True = "full").
     """
 
     image_size: int = 224
