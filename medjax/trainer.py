@@ -74,12 +74,30 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
     return train_step
 
 
+def validate_run_config(config) -> None:
+    """Refuse run settings that would crash later or lose work, naming the key (issue: keep_checkpoints=0
+    deleted every checkpoint; log_every=0 divided by zero; a NaN or non-positive lr trained garbage)."""
+    train = config.train
+    positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
+                "eval_batch_size")
+    for key in positive:
+        if int(train[key]) < 1:
+            raise ValueError(f"config train.{key}={train[key]}: expected an integer >= 1")
+    for key in ("stop_at", "eval_every"):
+        if int(train.get(key, 0)) < 0:
+            raise ValueError(f"config train.{key}={train[key]}: expected an integer >= 0 (0 = off)")
+    lr = float(config.optim.lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"config optim.lr={config.optim.lr}: expected a finite learning rate > 0")
+
+
 class Trainer:
     """Builds the mesh, the sharded state, the jitted step and the checkpointer for one task."""
 
     def __init__(self, config, task, workdir: str):
         self.config, self.task, self.workdir = config, task, os.path.abspath(workdir)
         train = config.train
+        validate_run_config(config)
         self.mesh = mesh_lib.make_mesh(config.mesh)
         self.rules = rules_lib.logical_rules(config.mesh.rules)
         self.process_count = jax.process_count()
