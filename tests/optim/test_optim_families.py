@@ -61,7 +61,7 @@ def _assert_same(new_tx, old_tx, params, rtol=2e-6):
 
 @pytest.mark.parametrize("exp", ["mrm_retina", "mrm_aptos", "universal_swin"])
 def test_adamw_families_match_their_previous_optimizer(exp):
-    optim = config_lib.get_config(exp, "tiny", [f"optim.warmup_steps=3"]).optim
+    optim = config_lib.get_config(exp, "tiny", ["optim.warmup_steps=3"]).optim
     new_tx, new_lr = optim_lib.make_optimizer(optim, STEPS)
     old_tx, old_lr = (legacy.universal_optimizer if exp.startswith("universal") else legacy.make_optimizer)(optim, STEPS)
     for step in (0, 1, 3, 10, STEPS, STEPS + 5):
