@@ -192,8 +192,9 @@ class Trainer:
         pending: list[tuple[int, Any]] = []  # (step, metrics on device) since the last host sync
         interval_start, interval_examples = time.perf_counter(), 0
         log_every, eval_every = int(train.log_every), int(train.get("eval_every", 0))
+        end = min(stop_at, total_steps)
         try:
-            while step < min(stop_at, total_steps):
+            while step < end:
                 batch = global_batch(next(data_iterator), self.batch_sharding, self.process_count)
                 if compiled is None:
                     compiled, seconds, memory = self.compile(batch)
@@ -204,18 +205,17 @@ class Trainer:
                 step += 1
                 interval_examples += int(train.batch_size)
                 pending.append((step, metrics))
-                final = step == stop_at
+                final = step == end
                 saving = self.checkpointer.will_save(step, force=final)
                 sync = saving or final or step % log_every == 0
                 if sync:  # one host sync per log / checkpoint step (big_vision): check, then log
                     values = self._check_finite(pending)
                     losses.extend(v["loss"] for v in values)
-                    pending = []
+                    pending, last_good_step = [], step
                     if step % log_every == 0 or final:
                         elapsed = time.perf_counter() - interval_start
                         writer.write(step, dict(values[-1], examples_per_sec=interval_examples / max(elapsed, 1e-9)))
                         interval_start, interval_examples = time.perf_counter(), 0
-                    last_good_step = step
                 if saving:
                     self.checkpointer.save(step, self.state, data_iterator, force=final)
                 if eval_every and step % eval_every == 0:
