@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from medjax.optim import LAYER_DECAY_EMBED
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -27,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.05, weight_decay_end=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, clip_depth=0,
         lr_mults=[], wd_mults=[],  # (regex, multiplier) on "/"-joined param paths; wd_mults [] = ndim >= 2 decayed
         frozen=[], frozen_early=[], frozen_early_steps=0,
-        layer_decay=1.0, layer_decay_scope="", layer_decay_embed=r"(^|/)(patch_embed|pos_embed|cls_token|mask_token|register_tokens)(/|$)",
+        layer_decay=1.0, layer_decay_scope="", layer_decay_embed=LAYER_DECAY_EMBED,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp", num_devices=0))  # 0 = all devices
     c.kernels = ml_collections.ConfigDict(dict(impl="auto"))  # "auto" | "reference" | "pallas"

@@ -44,6 +44,8 @@ from medjax.params import path_string
 
 OPTIMIZERS = ("adamw", "sgd", "lion")
 SCHEDULES = ("cosine", "linear", "constant")
+# Layer 0 of layer-wise lr decay: the ViT embeddings and tokens (BEiT / DINOv2 `get_vit_lr_decay_rate`).
+LAYER_DECAY_EMBED = r"(^|/)(patch_embed|pos_embed|cls_token|mask_token|register_tokens)(/|$)"
 
 
 def warmup_steps(optim_cfg, total_steps: int) -> int:
@@ -132,7 +134,7 @@ def layer_decay_multipliers(optim_cfg, params) -> dict[str, Any]:
         return {}
     scope = re.compile(str(optim_cfg.get("layer_decay_scope", "")))
     embed = re.compile(str(optim_cfg.get(
-        "layer_decay_embed", r"(^|/)(patch_embed|pos_embed|cls_token|mask_token|register_tokens)(/|$)")))
+        "layer_decay_embed", LAYER_DECAY_EMBED)))
     block = re.compile(r"(^|/)blocks_(\d+)/")
     stacked = re.compile(r"(^|/)blocks/")
     leaves = [(path_string(p), np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)]
