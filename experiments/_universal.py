@@ -15,11 +15,12 @@ Paper / original numbers:
   its scheduler once per epoch; medjax steps it per update (the same curve, not piecewise constant).
   Stated difference: each of our 32 crops comes from its own volume draw; the original takes 4 crops
   from each of 8 volumes.
-- inference: sliding window 96^3, overlap 0.5, Gaussian weighting, sigmoid > 0.5, post-processing.
+- inference: sliding window 96^3, overlap 0.5, Gaussian weighting, sigmoid > 0.5, post-processing
+  (`eval` block -> `medjax.inference.universal_predictor.InferenceSettings`, for evaluate and predict).
 Our choice (the paper gives none): NSD tolerance 1.5 mm (one voxel at the training spacing).
 
 Class text embeddings: the full variants need `model.class_embeddings` (a (32, 512) .npy made by
-`python -m medjax.models.universal embed-classes --clip CLIP_DIR --out emb.npy`) and fail with that
+`python -m medjax.convert embed-classes --clip CLIP_DIR --out emb.npy`) and fail with that
 instruction when it is empty; demo and tiny learn a `rand_embedding` (the original's ablation) since
 no CLIP model is available offline.
 """

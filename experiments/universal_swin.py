@@ -2,7 +2,7 @@
 for Organ Segmentation and Tumor Detection", ICCV 2023): 32 classes, partial labels, 96^3 crops.
 
     python -m medjax.train --exp universal_swin                       # demo variant on CT demo data
-    python -m medjax.models.universal embed-classes --clip CLIP_DIR --out emb.npy
+    python -m medjax.convert embed-classes --clip CLIP_DIR --out emb.npy
     python -m medjax.train --exp universal_swin --data DIR --set model.class_embeddings=emb.npy
     python -m medjax.evaluate --exp universal_swin --checkpoint runs/x --data DIR
     python -m medjax.train --exp universal_swin --variant tiny        # the test-sized code path

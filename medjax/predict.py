@@ -2,11 +2,10 @@
     [--variant V] [--per-class] [--batch-size N] [--overlap F] [--set k=v ...]
 
 Segments a CT with the CLIP-Driven Universal Model (Liu et al., ICCV 2023, arXiv 2301.00785), as the
-original's `pred_pseudo.py`: the NIfTI is read to RAS at the experiment's spacing and HU window
-(`medjax.data.ct.load_ct`), cropped to its foreground (scaled intensity > 0, MONAI CropForeground),
-predicted by sliding windows (the model's crop size, overlap 0.5, Gaussian weighting, windows
-batched under one jit), thresholded (sigmoid > 0.5) and post-processed for all 32 classes
-(`medjax.inference.postprocess`). The class-id label map (0 background, 1..32 in
+original's `pred_pseudo.py`: the NIfTI is preprocessed as for training (`medjax.data.ct_preprocess`: RAS,
+the experiment's spacing and HU window, cropped to its foreground), predicted by
+`medjax.inference.universal_predictor` (sliding windows of the model's crop size, overlap 0.5, Gaussian
+weighting, sigmoid > eval.threshold, post-processing for all 32 classes). The class-id label map (0 background, 1..32 in
 `medjax.ontology.universal_classes.CLASS_NAMES` order; tumours over their organs) is resampled, nearest
 neighbour, from the RAS grid back onto the input's own voxel grid and written with the input's shape
 and affine. `--per-class` also writes one 0/1 mask per class beside it: OUT_<class>.nii.gz.
@@ -52,32 +51,31 @@ def _stem(path: str) -> tuple[str, str]:
 
 def segment_file(input_path: str, out_path: str, masks_fn: Callable[[np.ndarray], np.ndarray], *,
                  spacing: Sequence[float], hu_range: Sequence[float], per_class: bool = False) -> list[str]:
-    """Read `input_path`, predict bool (X, Y, Z, 32) masks of its foreground crop with `masks_fn`
-    (preprocessed RAS volume (X, Y, Z) -> post-processed masks), write the class-id label map on the
-    input's grid to `out_path` (and per-class masks); returns the paths written."""
-    from medjax.ontology import universal_classes as templates
-    from medjax.data.ct import load_ct, read_nifti_header, resample, save_nifti
-    from medjax.data.ct_pipeline import foreground_box
-    from medjax.inference.postprocess import merge_labels
+    """Preprocess `input_path` (`medjax.data.ct_preprocess.preprocess_ct`, as the training cache), predict
+    bool (X, Y, Z, 32) masks of its foreground crop with `masks_fn` (e.g. `UniversalPredictor.masks`),
+    write the class-id label map on the input's grid to `out_path` (and per-class masks); returns the
+    paths written."""
+    from medjax.data.ct import read_nifti_header, resample, save_nifti
+    from medjax.data.ct_preprocess import CTPreprocessing, preprocess_ct
+    from medjax.inference.postprocess import NUM_CLASSES, merge_labels
     from medjax.inference.universal_eval import CLASS_KEYS
 
     stem, suffix = _stem(out_path)
     shape, affine = read_nifti_header(input_path)
-    volume, ras_affine = load_ct(input_path, spacing=spacing, hu_range=hu_range)
-    box = foreground_box(volume)
-    masks = np.zeros(volume.shape + (templates.NUM_CLASSES,), dtype=bool)
-    crop = np.asarray(masks_fn(volume[box]))
-    if crop.shape != volume[box].shape + (templates.NUM_CLASSES,):
-        raise ValueError(f"{input_path}: the model gave masks {crop.shape} for a crop of {volume[box].shape}")
-    masks[box] = crop
+    pre = preprocess_ct(input_path, preprocessing=CTPreprocessing(spacing, hu_range))
+    crop = np.asarray(masks_fn(pre.image))
+    if crop.shape != pre.image.shape + (NUM_CLASSES,):
+        raise ValueError(f"{input_path}: the model gave masks {crop.shape} for a crop of {pre.image.shape}")
+    masks = np.zeros(pre.grid_shape + (NUM_CLASSES,), dtype=bool)
+    masks[pre.box] = crop
 
     def to_input_grid(array: np.ndarray) -> np.ndarray:
-        return resample(array, ras_affine, shape, affine, order=0)
+        return resample(array, pre.grid_affine, shape, affine, order=0)
 
     written = [out_path]
     save_nifti(out_path, to_input_grid(merge_labels(masks)), affine)
     if per_class:
-        for c in range(1, templates.NUM_CLASSES + 1):
+        for c in range(1, NUM_CLASSES + 1):
             path = f"{stem}_{CLASS_KEYS[c - 1]}{suffix}"
             save_nifti(path, to_input_grid(masks[..., c - 1].astype(np.uint8)), affine)
             written.append(path)
@@ -86,20 +84,22 @@ def segment_file(input_path: str, out_path: str, masks_fn: Callable[[np.ndarray]
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import jax
+
     from medjax import config as config_lib
     from medjax.data.ct import CTDataError
+    from medjax.inference.universal_predictor import InferenceSettings, UniversalPredictor
 
     try:
         _stem(args.out)
         if not os.path.isfile(args.input):
             raise CTDataError(f"{args.input}: --input file not found")
         config = config_lib.get_config(args.exp, args.variant, args.overrides)
-        batch_size = int(config.eval.sw_batch_size) if args.batch_size is None else args.batch_size
-        overlap = float(config.eval.overlap) if args.overlap is None else args.overlap
-        if batch_size < 1 or not 0.0 <= overlap < 1.0:
-            raise ValueError(f"--batch-size must be >= 1 and --overlap in [0, 1), got {batch_size}, {overlap}")
-        masks_fn = universal_masks_fn(config, args.params, batch_size=batch_size, overlap=overlap)
-        written = segment_file(args.input, args.out, masks_fn, spacing=tuple(config.data.spacing),
+        model, variables = load_universal(config, args.params)
+        overrides = {k: v for k, v in (("batch_size", args.batch_size), ("overlap", args.overlap)) if v is not None}
+        settings = InferenceSettings.from_config(config, **overrides)
+        predictor = UniversalPredictor(model.apply, (jax.device_put(variables),), settings)
+        written = segment_file(args.input, args.out, predictor.masks, spacing=tuple(config.data.spacing),
                                hu_range=tuple(config.data.hu_range), per_class=args.per_class)
     except (config_lib.ConfigError, CTDataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -111,11 +111,12 @@ def main(argv=None) -> int:
 def load_universal(config, params_dir: str):
     """(model, variables) of a Universal Model experiment config and its weights: params from
     `restore_params(params_dir)` (a params tree, or a whole variables tree {"params", "constants"});
-    for encoding "word_embedding" the frozen class text embeddings from the tree's "constants", else from
-    `model.class_embeddings` (.npy)."""
+    for encoding "word_embedding" the frozen class text embeddings from the tree's "constants", else
+    `tasks.universal.class_embedding_constants` (`model.class_embeddings`, or the .npy beside the weights)."""
     from medjax.checkpoint import restore_params
     from medjax.models import universal as universal_lib
     from medjax.tasks.base import model_config
+    from medjax.tasks.universal import class_embedding_constants
 
     if config.get("task") != "universal":
         raise ValueError(f"--exp {config.exp}: medjax.predict segments CT with Universal Model experiments "
@@ -129,33 +130,9 @@ def load_universal(config, params_dir: str):
         variables = dict(tree)  # a whole variables tree (e.g. converted weights with their constants)
     else:
         variables = {"params": tree}
-    if config.model.encoding == "word_embedding" and universal_lib.CONSTANTS not in variables:
-        path = config.model.class_embeddings
-        beside = os.path.join(params_dir, "class_embeddings.npy")  # written by `python -m medjax.convert universal`
-        if not path and os.path.isfile(beside):
-            path = beside
-        if not path:
-            raise ValueError(f"--exp {config.exp}: encoding 'word_embedding' needs the class text embeddings: "
-                             "--set model.class_embeddings=emb.npy (`python -m medjax.convert "
-                             "embed-classes`)")
-        embedding = universal_lib.load_class_embeddings(path, int(config.model.num_classes))
-        variables[universal_lib.CONSTANTS] = {"organ_embedding": embedding}
+    if universal_lib.CONSTANTS not in variables:
+        variables.update(class_embedding_constants(config.model, params_dir, log=lambda *_: None))
     return model, variables
-
-
-def universal_masks_fn(config, params_dir: str, *, batch_size: int, overlap: float):
-    """volume (X, Y, Z) -> bool (X, Y, Z, 32) post-processed masks: sliding windows of the experiment's
-    crop size, Gaussian weighting, sigmoid > eval.threshold, all 32 classes post-processed."""
-    import jax
-
-    from medjax.inference.universal_eval import predict_masks
-
-    model, variables = load_universal(config, params_dir)
-    variables = jax.device_put(variables)
-    window = tuple(int(s) for s in config.data.crop_size)
-    threshold = float(config.eval.threshold)
-    return lambda volume: predict_masks(model.apply, volume, variables, window=window, overlap=overlap,
-                                        batch_size=batch_size, threshold=threshold)
 
 
 if __name__ == "__main__":

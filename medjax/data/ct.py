@@ -52,10 +52,8 @@ class CTDataError(ValueError):
     """A CT file is missing or malformed; the message names the file and what was expected."""
 
 
-def read_nifti(path: str, dtype: np.dtype | type | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The voxel array (scaling applied, as `dtype` if given, else nibabel's; trailing singleton axes
-    dropped) and the 4x4 voxel->world affine (nibabel's `img.affine`: sform, else qform, else the
-    pixdims) of a NIfTI file."""
+def _open_nifti(path: str) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
+    """(lazy image, spatial shape, affine) of a NIfTI file, every bad case a CTDataError naming it."""
     if not os.path.isfile(path):
         raise CTDataError(f"{path}: file not found")
     try:
@@ -64,9 +62,16 @@ def read_nifti(path: str, dtype: np.dtype | type | None = None) -> tuple[np.ndar
         raise CTDataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise CTDataError(f"{path}: a {type(image).__name__}, expected a NIfTI-1/2 image (.nii or .nii.gz)")
-    shape = _spatial_shape(image.shape, path)
     affine = np.asarray(image.affine, dtype=np.float64)
     _check_affine(affine, path)
+    return image, _spatial_shape(image.shape, path), affine
+
+
+def read_nifti(path: str, dtype: np.dtype | type | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel array (scaling applied, as `dtype` if given, else nibabel's; trailing singleton axes
+    dropped) and the 4x4 voxel->world affine (nibabel's `img.affine`: sform, else qform, else the
+    pixdims) of a NIfTI file."""
+    image, shape, affine = _open_nifti(path)
     try:
         data = np.asanyarray(image.dataobj) if dtype is None else np.asarray(image.dataobj, dtype=dtype)
     except Exception as e:  # truncated or corrupt payload
@@ -76,15 +81,7 @@ def read_nifti(path: str, dtype: np.dtype | type | None = None) -> tuple[np.ndar
 
 def read_nifti_header(path: str) -> tuple[tuple[int, int, int], np.ndarray]:
     """(spatial shape, affine) of a NIfTI file without reading its voxels."""
-    if not os.path.isfile(path):
-        raise CTDataError(f"{path}: file not found")
-    try:
-        image = nib.load(path)
-    except Exception as e:
-        raise CTDataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from e
-    affine = np.asarray(image.affine, dtype=np.float64)
-    _check_affine(affine, path)
-    return _spatial_shape(image.shape, path), affine
+    return _open_nifti(path)[1:]
 
 
 def _spatial_shape(shape: Sequence[int], path: str) -> tuple[int, int, int]:
@@ -242,21 +239,26 @@ def check_label_on_body(hu: np.ndarray, label: np.ndarray, image_path: str, labe
         f"[{float(hu.min()):g}, {float(hu.max()):g}])")
 
 
+def check_label_grid(label_path: str, image_path: str) -> None:
+    """CTDataError unless a label's stored shape and affine equal its image's (affine within
+    LABEL_AFFINE_TOL); reads the headers only."""
+    shape, affine = read_nifti_header(label_path)
+    ref_shape, ref_affine = read_nifti_header(image_path)
+    if shape != ref_shape:
+        raise CTDataError(f"{label_path}: label shape {shape} does not match its image {image_path} shape {ref_shape}")
+    if not np.allclose(affine, ref_affine, atol=LABEL_AFFINE_TOL, rtol=0):
+        raise CTDataError(f"{label_path}: label affine {np.round(affine, 4).tolist()} does not match its image "
+                          f"{image_path} affine {np.round(ref_affine, 4).tolist()} (tolerance {LABEL_AFFINE_TOL} mm)")
+
+
 def load_ct_label(path: str, *, spacing: Sequence[float] = DEFAULT_SPACING,
                   reference: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(label uint8 [x, y, z], affine) of a label NIfTI file on the grid `load_ct` gives its image
     (nearest-neighbour resampling keeps the label values). With `reference` (the image's path) the
     label's stored shape and affine must equal the image's."""
-    data, affine = read_nifti(path)
     if reference is not None:
-        ref_shape, ref_affine = read_nifti_header(reference)
-        if tuple(data.shape) != ref_shape:
-            raise CTDataError(f"{path}: label shape {tuple(data.shape)} does not match its image {reference} "
-                              f"shape {ref_shape}")
-        if not np.allclose(affine, ref_affine, atol=LABEL_AFFINE_TOL, rtol=0):
-            raise CTDataError(f"{path}: label affine {np.round(affine, 4).tolist()} does not match its image "
-                              f"{reference} affine {np.round(ref_affine, 4).tolist()} "
-                              f"(tolerance {LABEL_AFFINE_TOL} mm)")
+        check_label_grid(path, reference)
+    data, affine = read_nifti(path)
     label = _label_values(data, path)
     label, affine = reorient_to_ras(label, affine)
     shape, new_affine = spacing_grid(label.shape, affine, spacing)

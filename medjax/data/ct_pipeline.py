@@ -3,7 +3,7 @@
 
 List files hold `image<TAB>label` lines, paths relative to a data root; the case's dataset id (two
 characters, "10_NN" for Decathlon tasks; `medjax.ontology.universal_classes`) selects its label template. Per case, once:
-`load_ct_pair` (RAS, spacing, HU window), crop to the image foreground (> 0), split the label into
+`ct_preprocess.preprocess_ct` (RAS, spacing, HU window, crop to the image foreground > 0), split the label into
 an organ map (tumour voxels carry their organ, nearest kidney for kidney lesions) and a tumour map,
 save as .npy in the cache dir. Per training sample (seeded by the passed np.random.Generator):
 virtual symmetric zero-pad to the crop size; for Decathlon sets a random zoom (p 0.3, factor
@@ -34,11 +34,11 @@ import numpy as np
 from scipy import ndimage
 
 from medjax.ontology import universal_classes as templates
-from medjax.data.ct import (DEFAULT_HU_RANGE, DEFAULT_SPACING, LABEL_AFFINE_TOL, CTDataError, load_ct_pair,
-                            read_nifti_header)
+from medjax.data.ct import DEFAULT_HU_RANGE, DEFAULT_SPACING, CTDataError, check_label_grid
+from medjax.data.ct_preprocess import PREPROCESS_VERSION, CTPreprocessing, foreground_box, preprocess_ct
 from medjax.data.pipeline import global_batch_dataset
 
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # the entry layout and label split (split_tumours, _counts); preprocessing: PREPROCESS_VERSION
 _MSD_TASK = re.compile(r"Task(\d\d)")
 
 
@@ -86,23 +86,15 @@ def read_ct_list(list_path: str, root: str, *, check_headers: bool = True) -> li
             for field, path in (("image", image), ("label", label)):
                 if not os.path.isfile(path):
                     raise CTDataError(f"{where}: {field} file {path} not found")
-            case = CTCase(image, label, key, where)
             if check_headers:
-                _check_pair_headers(case)
-            cases.append(case)
+                try:
+                    check_label_grid(label, image)
+                except CTDataError as e:
+                    raise CTDataError(f"{where}: {e}") from e
+            cases.append(CTCase(image, label, key, where))
     if not cases:
         raise CTDataError(f"{list_path}: no cases (expected 'image<TAB>label' lines)")
     return cases
-
-
-def _check_pair_headers(case: CTCase) -> None:
-    image_shape, image_affine = read_nifti_header(case.image)
-    label_shape, label_affine = read_nifti_header(case.label)
-    if label_shape != image_shape:
-        raise CTDataError(f"{case.where}: label {case.label} shape {label_shape} does not match image "
-                          f"{case.image} shape {image_shape}")
-    if not np.allclose(label_affine, image_affine, atol=LABEL_AFFINE_TOL, rtol=0):
-        raise CTDataError(f"{case.where}: label {case.label} affine does not match image {case.image} affine")
 
 
 def split_tumours(label: np.ndarray, dataset_id: str, path: str = "label") -> tuple[np.ndarray, np.ndarray]:
@@ -149,29 +141,20 @@ def label_channels(organ: np.ndarray, tumour: np.ndarray, dataset_id: str) -> tu
     return channels, mask
 
 
-def foreground_box(image: np.ndarray) -> tuple[slice, slice, slice]:
-    """Bounding box of image > 0 (MONAI CropForeground, margin 0); the whole volume if none."""
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(np.any(image > 0, axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, image.shape[axis]))
-    return tuple(box)  # type: ignore[return-value]
-
-
 class CTVolumeCache:
-    """Preprocessed cases as .npy files under `cache_dir`, made on first use. A case's entry is keyed
-    by its paths, file sizes and modification times, the spacing and the HU window, so a changed
-    file or setting makes a new entry. Writes are atomic (safe with several loader threads)."""
+    """Preprocessed cases (`ct_preprocess.preprocess_ct`) as .npy files under `cache_dir`, made on first use.
+    A case's entry is keyed by CACHE_VERSION, the preprocessing fingerprint (settings + PREPROCESS_VERSION)
+    and the case's paths, file sizes and modification times, so a changed file, setting or preprocessing
+    code makes a new entry. Writes are atomic (safe with several loader threads)."""
 
     def __init__(self, cache_dir: str, *, spacing: Sequence[float] = DEFAULT_SPACING,
                  hu_range: Sequence[float] = DEFAULT_HU_RANGE):
         self.cache_dir = cache_dir
-        self.spacing = tuple(float(s) for s in spacing)
-        self.hu_range = tuple(float(h) for h in hu_range)
+        self.preprocessing = CTPreprocessing(spacing, hu_range)  # type: ignore[arg-type]
 
     def entry_dir(self, case: CTCase) -> str:
         stats = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in (case.image, case.label)]
-        key = json.dumps([CACHE_VERSION, stats, self.spacing, self.hu_range])
+        key = json.dumps([CACHE_VERSION, self.preprocessing.fingerprint(), stats])
         stem = os.path.basename(case.image).split(".")[0]
         return os.path.join(self.cache_dir, f"{case.dataset_id}-{stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
 
@@ -188,21 +171,18 @@ class CTVolumeCache:
 
     def _write(self, case: CTCase, entry: str) -> None:
         try:
-            image, label, affine = load_ct_pair(case.image, case.label, spacing=self.spacing, hu_range=self.hu_range)
+            pre = preprocess_ct(case.image, case.label, preprocessing=self.preprocessing)
         except CTDataError as e:  # name the list file's line too
             raise CTDataError(f"{case.where}: {e}") from e
-        box = foreground_box(image)
-        image, label = image[box], label[box]
-        organ, tumour = split_tumours(label, case.dataset_id, case.label)
-        affine = affine.copy()
-        affine[:3, 3] += affine[:3, :3] @ np.array([s.start for s in box], dtype=np.float64)
-        valid = image > 0
-        meta = {"image": case.image, "label": case.label, "dataset_id": case.dataset_id, "affine": affine.tolist(),
-                "box": [[s.start, s.stop] for s in box], "counts": _counts(organ, tumour, valid)}
+        organ, tumour = split_tumours(pre.label, case.dataset_id, case.label)
+        meta = {"image": case.image, "label": case.label, "dataset_id": case.dataset_id,
+                "affine": pre.affine.tolist(), "box": [[s.start, s.stop] for s in pre.box],
+                "preprocessing": {**dataclasses.asdict(self.preprocessing), "version": PREPROCESS_VERSION},
+                "counts": _counts(organ, tumour, pre.image > 0)}
         os.makedirs(self.cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.cache_dir)
         try:
-            for name, array in (("image", image), ("organ", organ), ("tumour", tumour)):
+            for name, array in (("image", pre.image), ("organ", organ), ("tumour", tumour)):
                 np.save(os.path.join(tmp, f"{name}.npy"), np.ascontiguousarray(array))
             with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
                 json.dump(meta, f)

@@ -1,6 +1,6 @@
-"""Post-processing of the CLIP-Driven Universal Model's 32 sigmoid outputs (Liu et al., ICCV 2023,
-arXiv 2301.00785, Sec. 3.4 / the original's `utils/utils.py` `organ_post_process`, `threshold_organ`,
-`merge_label`), in numpy/scipy on the host.
+"""Post-processing of the CLIP-Driven Universal Model's 32 thresholded sigmoid outputs (Liu et al., ICCV
+2023, arXiv 2301.00785, Sec. 3.4 / the original's `utils/utils.py` `organ_post_process`, `merge_label`; its
+`threshold_organ`, sigmoid > 0.5, is `UniversalPredictor.masks`'), in numpy/scipy on the host.
 
 Masks are bool (X, Y, Z, 32) in RAS (x grows towards the patient's right); channel c - 1 is class c
 (`medjax.ontology.universal_classes`). For the classes of `classes` (the original's `organ_list`: a dataset's
@@ -30,6 +30,7 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
+from medjax.data.ct_preprocess import foreground_box
 from medjax.ontology import universal_classes as templates
 
 NUM_CLASSES = templates.NUM_CLASSES
@@ -41,11 +42,6 @@ ORGAN_REGION_CUBE = 5  # closing + dilation structure edge (voxels), original `o
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 
-def threshold(probabilities: np.ndarray, level: float = 0.5) -> np.ndarray:
-    """bool masks: sigmoid probability > level (the original's THRESHOLD_DIC, 0.5 for every class)."""
-    return np.asarray(probabilities) > level
-
-
 def largest_components(mask: np.ndarray, k: int = 1, *, min_size: int = 0) -> np.ndarray:
     """The k largest 26-connected components of a 3D bool mask with more than `min_size` voxels
     (original `extract_topk_largest_candidates`)."""
@@ -53,9 +49,9 @@ def largest_components(mask: np.ndarray, k: int = 1, *, min_size: int = 0) -> np
     if mask.ndim != 3:
         raise ValueError(f"largest_components needs a 3D mask, got shape {mask.shape}")
     out = np.zeros(mask.shape, dtype=bool)
-    box = bounding_box(mask)
-    if box is None:
+    if not mask.any():
         return out
+    box = foreground_box(mask)
     labels, count = ndimage.label(mask[box], structure=_CONNECTIVITY_26)  # same raster order as uncropped
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     order = np.argsort(-sizes, kind="stable")[:k]  # ties: the lower label (first in raster order)
@@ -63,17 +59,6 @@ def largest_components(mask: np.ndarray, k: int = 1, *, min_size: int = 0) -> np
     keep[order[sizes[order] > min_size] + 1] = True
     out[box] = keep[labels]
     return out
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The smallest box holding every set voxel of a 3D mask; None when it is empty."""
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not hit.size:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)  # type: ignore[return-value]
 
 
 def split_lungs(right: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +88,7 @@ def organ_region(organ_masks: Iterable[np.ndarray], *, cube: int = ORGAN_REGION_
     # Work in the region's bounding box grown by two cube edges (closing + dilation reach less), clipped
     # to the volume: the same result as on the whole volume, whose outside also counts as background.
     margin = 2 * cube
-    box = tuple(slice(max(b.start - margin, 0), b.stop + margin) for b in bounding_box(region))
+    box = tuple(slice(max(b.start - margin, 0), b.stop + margin) for b in foreground_box(region))
     structure = np.ones((cube,) * 3, dtype=bool)
     closed = ndimage.binary_closing(region[box], structure=structure)
     out[box] = ndimage.binary_dilation(closed, structure=structure)

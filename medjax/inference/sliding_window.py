@@ -123,7 +123,7 @@ def _make_forward(apply_fn: Callable) -> Callable:
 
 def compiled_forward(apply_fn: Callable) -> Callable:
     """The jitted batch forward for `apply_fn`, shared by every call with an equal `apply_fn`
-    (e.g. `model.apply` of equal Flax modules), so the model compiles once per window/batch shape."""
+    (e.g. `model.apply` of one Flax module instance), so the model compiles once per window/batch shape."""
     try:
         return _cached_forward(apply_fn)
     except TypeError:  # unhashable callable: no sharing across calls

@@ -1,6 +1,6 @@
-"""Whole-volume prediction and evaluation of the CLIP-Driven Universal Model (Liu et al., ICCV 2023,
-arXiv 2301.00785): sliding window 96^3, overlap 0.5, Gaussian weighting, sigmoid > 0.5, the
-original's post-processing (original `test.py`), then per-organ Dice and NSD laid out like the
+"""Evaluation of the CLIP-Driven Universal Model (Liu et al., ICCV 2023, arXiv 2301.00785): the masks of
+`medjax.inference.universal_predictor` (sliding window 96^3, overlap 0.5, Gaussian weighting, sigmoid > 0.5,
+the original's post-processing; original `test.py`) scored by per-organ Dice and NSD, laid out like the
 paper's BTCV table (Table 2) and Medical Segmentation Decathlon table (Table 3).
 
 Results are flat `{name: float}`: `dice/<class>`, `nsd/<class>` (mean over the cases whose dataset
@@ -16,16 +16,15 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from medjax.ontology import universal_classes as templates
-from medjax.inference.postprocess import organ_post_process
-from medjax.inference.sliding_window import sliding_window_inference
+from medjax.inference.universal_predictor import ALL_CLASSES, predict_masks
 from medjax.metrics.segmentation import per_class_scores
+from medjax.ontology import universal_classes as templates
 
+__all__ = ["ALL_CLASSES", "CLASS_KEYS", "btcv_table", "cases_from_cache", "evaluate_cases", "msd_table",
+           "predict_masks", "universal_results_table"]  # predict_masks: re-exported from universal_predictor
 CLASS_KEYS = tuple(name.lower().replace(" ", "_") for name in templates.CLASS_NAMES)
-ALL_CLASSES = tuple(range(1, templates.NUM_CLASSES + 1))
 
 # Paper Table 2 (BTCV): column header -> class id; "Avg" is the mean of the row's organs.
 BTCV_COLUMNS = (("Spleen", 1), ("R Kidney", 2), ("L Kidney", 3), ("Gall Bladder", 4), ("Esophagus", 5),
@@ -39,23 +38,6 @@ MSD_TASKS = (("Liver", "10_03", (("Organ", 6), ("Tumor", 27))),
              ("Hepatic Vessel", "10_08", (("Vessel", 15), ("Tumor", 29))),
              ("Spleen", "10_09", (("Organ", 1),)),
              ("Colon", "10_10", (("Tumor", 31),)))
-
-
-def predict_masks(apply_fn: Callable, volume: np.ndarray, *args: Any, classes: Iterable[int] = ALL_CLASSES,
-                  window: Sequence[int] = (96, 96, 96), overlap: float = 0.5, mode: str = "gaussian",
-                  sigma_scale: float = 0.125, batch_size: int = 4, threshold: float = 0.5) -> np.ndarray:
-    """bool (X, Y, Z, 32) post-processed masks of one preprocessed volume (X, Y, Z) or (X, Y, Z, 1):
-    `apply_fn(*args, windows)` -> logits (b, wx, wy, wz, 32) blended over sliding windows, sigmoid >
-    `threshold` on device, then `organ_post_process` for `classes` on the host."""
-    volume = np.asarray(volume)
-    if volume.ndim == 3:
-        volume = volume[..., None]
-    if volume.ndim != 4:
-        raise ValueError(f"volume must be (X, Y, Z) or (X, Y, Z, 1), got shape {volume.shape}")
-    logits = sliding_window_inference(apply_fn, volume, *args, window=window, overlap=overlap, mode=mode,
-                                      sigma_scale=sigma_scale, batch_size=batch_size)
-    masks = np.asarray(jax.device_get(jax.nn.sigmoid(logits) > threshold))
-    return organ_post_process(masks, classes)
 
 
 def cases_from_cache(ct_cases: Iterable[Any], cache: Any) -> Iterator[dict]:

@@ -1,8 +1,8 @@
 """CLIP-Driven Universal Model task: partial-label CT segmentation of 32 classes (Liu et al., ICCV 2023,
 arXiv 2301.00785). Training: random crops from `medjax.data.ct_pipeline`, BCE + Dice over each
-sample's labelled classes (`medjax.losses.segmentation`). Evaluation: per validation case, sliding-
-window logits over the whole preprocessed volume (`medjax.inference.sliding_window`), sigmoid > 0.5,
-the original's post-processing (`medjax.inference.postprocess`), then Dice and NSD per labelled class
+sample's labelled classes (`medjax.losses.segmentation`). Evaluation: per validation case, the masks of
+`medjax.inference.universal_predictor` over the whole preprocessed volume (sliding windows, sigmoid > 0.5,
+the original's post-processing), then Dice and NSD per labelled class
 (`medjax.metrics.segmentation`), averaged over cases (cases whose ground truth lacks a class are
 skipped for it, as the original's `test.py`).
 
@@ -23,9 +23,8 @@ import numpy as np
 
 from medjax.data import demo as demo_lib
 from medjax.data.ct_pipeline import CTAugment, CTVolumeCache, ct_train_dataset, read_ct_list
-from medjax.inference.postprocess import organ_post_process, threshold
-from medjax.inference.sliding_window import sliding_window_inference
 from medjax.inference.universal_eval import cases_from_cache, evaluate_cases, universal_results_table
+from medjax.inference.universal_predictor import InferenceSettings, UniversalPredictor
 from medjax.losses.segmentation import partial_label_bce_dice
 from medjax.models import universal as universal_lib
 from medjax.params import merge_params
@@ -40,36 +39,37 @@ def _in_root(root: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
+def class_embedding_constants(model_cfg, weights_dir: str = "", log=print) -> dict:
+    """{"constants": {"organ_embedding": (32, 512)}} for encoding word_embedding, else {} (module docstring):
+    from `model.class_embeddings`, else the converter's CLASS_EMBEDDINGS_FILE beside `weights_dir`
+    (training's init=, predict's --params)."""
+    if model_cfg.encoding != "word_embedding":
+        return {}
+    path = model_cfg.class_embeddings
+    beside = os.path.join(weights_dir, CLASS_EMBEDDINGS_FILE) if weights_dir else ""
+    if not path and beside and os.path.isfile(beside):  # written by the weight converter
+        log(f"class embeddings: {beside} (beside the weights {weights_dir})")
+        path = beside
+    if not path:
+        raise ValueError(
+            f"{_WHERE}: model.encoding='word_embedding' (the paper's setup) needs model.class_embeddings, the "
+            f"(32, 512) CLIP text embeddings as .npy; make them with `python -m medjax.convert "
+            f"embed-classes --clip CLIP_DIR --out emb.npy` and pass --set model.class_embeddings=emb.npy, or "
+            f"train without text with --set model.encoding=rand_embedding (converted weights bring theirs as "
+            f"{CLASS_EMBEDDINGS_FILE} beside them: init= for training, --params for predict)")
+    embedding = universal_lib.load_class_embeddings(path, int(model_cfg.num_classes))
+    return {universal_lib.CONSTANTS: {"organ_embedding": jnp.asarray(embedding)}}
+
+
 class UniversalTask(TaskBase):
     def __init__(self, config, log=print, run=None):
         super().__init__(config, log, run)
         self.root = data_root(config.data, log)
         self.model = universal_lib.universal_from_config(model_config(config))
         self.crop_size = tuple(int(s) for s in config.data.crop_size)
-        self.constants = self._constants()
+        self.constants = class_embedding_constants(config.model, self.run.init, log)
         self.cache_dir = config.data.cache_dir or os.path.join(demo_lib.cache_dir(), "ct_cache")
-        self._apply_windows = lambda variables, windows: self.model.apply(variables, windows)  # one jit per shape
-
-    def _constants(self) -> dict:
-        """{"constants": {"organ_embedding": (32, 512)}} for word_embedding, else {} (module docstring)."""
-        m = self.config.model
-        if m.encoding != "word_embedding":
-            return {}
-        path = m.class_embeddings
-        init = self.run.init
-        beside_init = os.path.join(init, CLASS_EMBEDDINGS_FILE) if init else ""
-        if not path and beside_init and os.path.isfile(beside_init):  # written by the weight converter
-            self.log(f"class embeddings: {beside_init} (beside init={init})")
-            path = beside_init
-        if not path:
-            raise ValueError(
-                f"{_WHERE}: model.encoding='word_embedding' (the paper's setup) needs model.class_embeddings, the "
-                f"(32, 512) CLIP text embeddings as .npy; make them with `python -m medjax.convert "
-                f"embed-classes --clip CLIP_DIR --out emb.npy` and pass --set model.class_embeddings=emb.npy, or "
-                f"train without text with --set model.encoding=rand_embedding (init= converted weights bring "
-                f"theirs as {CLASS_EMBEDDINGS_FILE})")
-        embedding = universal_lib.load_class_embeddings(path, int(m.num_classes))
-        return {universal_lib.CONSTANTS: {"organ_embedding": jnp.asarray(embedding)}}
+        self.inference = InferenceSettings.from_config(config)
 
     def variables(self, params) -> dict:
         return {"params": params, **self.constants}
@@ -118,24 +118,17 @@ class UniversalTask(TaskBase):
         limit = int(self.config.eval.max_cases)
         return cases[:limit] if limit > 0 else cases
 
-    def predict_masks(self, params, image: np.ndarray, classes) -> np.ndarray:
-        """bool (X, Y, Z, 32): sliding-window logits of a preprocessed volume (X, Y, Z), sigmoid > 0.5,
-        post-processed for `classes` (config eval.post_process)."""
-        e = self.config.eval
-        logits = sliding_window_inference(self._apply_windows, image[..., None], self.variables(params),
-                                          window=self.crop_size, overlap=float(e.overlap), mode="gaussian",
-                                          batch_size=int(e.sw_batch_size))
-        masks = threshold(np.asarray(jax.device_get(jax.nn.sigmoid(logits))), float(e.threshold))
-        return organ_post_process(masks, classes) if e.post_process else masks
+    def predictor(self, params) -> UniversalPredictor:
+        """Whole-volume prediction with `params` (medjax.inference.universal_predictor, config eval.*)."""
+        return UniversalPredictor(self.model.apply, (self.variables(params),), self.inference)
 
     def evaluate(self, params) -> dict[str, float]:
         """Dice and NSD per class over the evaluation list (medjax.inference.universal_eval: `dice/<class>`,
         `nsd/<class>`, per dataset `dice/<id>/<class>`, `dice/mean`, `nsd/mean`, `cases`)."""
         d, e = self.config.data, self.config.eval
         cache = CTVolumeCache(self.cache_dir, spacing=tuple(d.spacing), hu_range=tuple(d.hu_range))
-        return evaluate_cases(lambda image, classes: self.predict_masks(params, image, classes),
-                              cases_from_cache(self.eval_cases, cache), spacing=tuple(d.spacing),
-                              nsd_tolerance_mm=float(e.nsd_tolerance_mm))
+        return evaluate_cases(self.predictor(params).masks, cases_from_cache(self.eval_cases, cache),
+                              spacing=tuple(d.spacing), nsd_tolerance_mm=float(e.nsd_tolerance_mm))
 
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """The paper's BTCV (per-organ Dice) and MSD (Dice / NSD per task) layouts, whichever has data."""

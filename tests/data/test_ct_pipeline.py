@@ -83,7 +83,7 @@ def test_list_file_errors_name_the_file_and_line(ct_demo, tmp_path):
     os.symlink(os.path.join(ct_demo, "05_KiTS/label/label0001.nii.gz"), tmp_path / "01_x" / "label.nii.gz")
     os.symlink(os.path.join(ct_demo, image_rel), tmp_path / "01_x" / "image.nii.gz")
     (tmp_path / "pair.txt").write_text("01_x/image.nii.gz\t01_x/label.nii.gz\n")
-    with pytest.raises(ct.CTDataError, match=r"pair.txt: line 1: label .*label.nii.gz shape \(32, 48, 48\) does not"):
+    with pytest.raises(ct.CTDataError, match=r"pair.txt: line 1: .*label.nii.gz: label shape \(32, 48, 48\) does not"):
         cp.read_ct_list(str(tmp_path / "pair.txt"), str(tmp_path))
 
 
@@ -227,8 +227,8 @@ def test_rotate_and_shift_augmentations():
 
 def test_training_batches_cache_and_determinism(ct_demo, tmp_path, monkeypatch):
     calls = []
-    original = cp.load_ct_pair
-    monkeypatch.setattr(cp, "load_ct_pair", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    original = cp.preprocess_ct
+    monkeypatch.setattr(cp, "preprocess_ct", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
     list_path = os.path.join(ct_demo, "train.txt")
     cache = str(tmp_path / "cache")
     make = lambda seed: cp.ct_train_dataset(list_path, root=ct_demo, cache_dir=cache, global_batch=2, seed=seed,
@@ -267,3 +267,45 @@ def test_labels_outside_the_template_fail_naming_the_file(ct_demo, tmp_path):
     cache = cp.CTVolumeCache(str(tmp_path / "cache"))
     with pytest.raises(ct.CTDataError, match=r"04_LiTS_label.nii.gz: label values \[1\] are not classes of dataset 04"):
         cache.load(cp.CTCase(case.image, bad_label, "04", "test"))
+
+
+def _small_pair(root):
+    hu = np.full((12, 10, 8), -1000, np.int16)
+    hu[2:10, 2:8, 1:7] = 60
+    hu[4:7, 3:6, 2:5] = 150
+    label = np.zeros(hu.shape, np.uint8)
+    label[4:7, 3:6, 2:5] = 6  # liver
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    ct.save_nifti(str(root / "img.nii.gz"), hu, affine)
+    ct.save_nifti(str(root / "lab.nii.gz"), label, affine)
+    return cp.CTCase(str(root / "img.nii.gz"), str(root / "lab.nii.gz"), "04", "test")
+
+
+def test_cache_key_follows_the_preprocessing(tmp_path, monkeypatch):
+    """Unchanged preprocessing reuses the entry; a changed spacing, HU window or PREPROCESS_VERSION writes a
+    new one instead of reading the stale entry."""
+    from medjax.data import ct_preprocess
+
+    case, cache_dir, calls = _small_pair(tmp_path), str(tmp_path / "cache"), []
+    original = cp.preprocess_ct
+    monkeypatch.setattr(cp, "preprocess_ct", lambda *a, **k: calls.append(k["preprocessing"]) or original(*a, **k))
+    load = lambda **kw: cp.CTVolumeCache(cache_dir, **kw).load(case)  # noqa: E731
+    first = load()
+    again = load(spacing=[1.5, 1.5, 1.5], hu_range=(-175, 250))  # the defaults, spelled otherwise: a hit
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert first["image"].shape == (8, 6, 6)  # the foreground crop
+    assert first["meta"]["preprocessing"] == {"spacing": [1.5, 1.5, 1.5], "hu_range": [-175.0, 250.0],
+                                              "version": ct_preprocess.PREPROCESS_VERSION}
+    coarse = load(spacing=(3.0, 3.0, 3.0))
+    assert len(calls) == 2 and coarse["image"].shape == (4, 3, 3)
+    window = load(hu_range=(-100.0, 200.0))
+    assert len(calls) == 3
+    for volume, (low, high) in ((first, (-175, 250)), (window, (-100, 200))):  # 60 and 150 HU, scaled
+        np.testing.assert_allclose([volume["image"].min(), volume["image"].max()],
+                                   [(60 - low) / (high - low), (150 - low) / (high - low)], rtol=1e-6)
+    monkeypatch.setattr(ct_preprocess, "PREPROCESS_VERSION", ct_preprocess.PREPROCESS_VERSION + 1)
+    load()
+    assert len(calls) == 4 and len(os.listdir(cache_dir)) == 4
+    load()
+    assert len(calls) == 4

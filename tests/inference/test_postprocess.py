@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from medjax.inference.postprocess import (largest_components, merge_labels, organ_post_process, split_lungs,
-                                          threshold)
+from medjax.inference.postprocess import largest_components, merge_labels, organ_post_process, split_lungs
 
 SHAPE = (24, 16, 16)
 
@@ -16,10 +15,6 @@ def box(x0, x1, y0, y1, z0, z1):
     m = np.zeros(SHAPE, dtype=bool)
     m[x0:x1, y0:y1, z0:z1] = True
     return m
-
-
-def test_threshold_is_strictly_above_half():
-    np.testing.assert_array_equal(threshold(np.array([0.2, 0.5, 0.5001])), [False, False, True])
 
 
 def test_largest_components_uses_26_connectivity():

@@ -1,12 +1,10 @@
 """Universal Model evaluation: per-class Dice / NSD aggregation over cases and the paper-layout tables."""
 import math
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax.inference.universal_eval import (CLASS_KEYS, evaluate_cases, predict_masks,
-                                             universal_results_table)
+from medjax.inference.universal_eval import CLASS_KEYS, evaluate_cases, universal_results_table
 
 SHAPE = (10, 10, 10)
 
@@ -77,24 +75,6 @@ def test_results_tables_follow_the_paper_layout():
     assert "95.00" in msd_row  # spleen Dice from the dataset-free key
     plain = universal_results_table("x", [("", {"dice/kidney_cyst": 0.25, "nsd/kidney_cyst": 0.5})])
     assert "Kidney Cyst DSC" in plain and "25.00 | 50.00" in plain
-
-
-def test_predict_masks_thresholds_and_post_processes():
-    # a "model" whose liver logit is +5 inside a box and -5 elsewhere, plus a stray positive voxel
-    volume = np.zeros((12, 12, 12), np.float32)
-    volume[2:8, 2:8, 2:8] = 1.0
-    volume[11, 11, 11] = 1.0
-
-    def apply_fn(scale, x):
-        logits = jnp.full(x.shape[:4] + (32,), -5.0)
-        return logits.at[..., 5].set(scale * (2 * x[..., 0] - 1))
-
-    masks = predict_masks(apply_fn, volume, jnp.float32(5.0), classes=(6,), window=(8, 8, 8), batch_size=2)
-    assert masks.shape == (12, 12, 12, 32) and masks.dtype == bool
-    expected = np.zeros((12, 12, 12), bool)
-    expected[2:8, 2:8, 2:8] = True
-    np.testing.assert_array_equal(masks[..., 5], expected)
-    assert masks.sum() == expected.sum()
 
 
 def test_cases_from_cache_reads_nifti_pairs(tmp_path):
