@@ -5,10 +5,10 @@ Segments a CT with the CLIP-Driven Universal Model (Liu et al., ICCV 2023, arXiv
 original's `pred_pseudo.py`: the NIfTI is preprocessed as for training (`medjax.data.ct_preprocess`: RAS,
 the experiment's spacing and HU window, cropped to its foreground), predicted by
 `medjax.inference.universal_predictor` (sliding windows of the model's crop size, overlap 0.5, Gaussian
-weighting, sigmoid > eval.threshold, post-processing for all 32 classes). The class-id label map (0 background, 1..32 in
-`medjax.ontology.universal_classes.CLASS_NAMES` order; tumours over their organs) is resampled, nearest
-neighbour, from the RAS grid back onto the input's own voxel grid and written with the input's shape
-and affine. `--per-class` also writes one 0/1 mask per class beside it: OUT_<class>.nii.gz.
+weighting, sigmoid > eval.threshold, post-processing for all 32 classes). The class-id label map (0
+background, 1..32 in `medjax.ontology.universal_classes.CLASS_NAMES` order; tumours over their organs) is
+resampled, nearest neighbour, from the RAS grid back onto the input's own voxel grid and written with the
+input's shape and affine. `--per-class` also writes one 0/1 mask per class beside it: OUT_<class>.nii.gz.
 
 --params: a directory written by `medjax.checkpoint.save_params` (e.g. `python -m medjax.convert
 universal --out DIR`) or a training workdir (its latest checkpoint).
