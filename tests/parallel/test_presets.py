@@ -6,7 +6,6 @@ Regenerate the snapshot after an intended change of a model's params or of the r
 
     python -m tests.parallel.test_presets --regenerate
 """
-import functools
 import json
 import os
 import sys
