@@ -15,23 +15,20 @@ from experiments import ptunifier
 from experiments._common import base_config
 
 
-def finetune_config(variant: str, kind: str, *, file: str, demo_file: str, max_text_len: int, batch_size: int,
+def finetune_config(variant: str, task: str, *, file: str, demo_file: str, max_text_len: int, batch_size: int,
                     steps: int, head_multiplier: float, multi_modal_multiplier: float,
                     **finetune) -> ml_collections.ConfigDict:
-    """The config for `kind` at `variant` ("full" or a named paper dataset variant: the given settings;
-    "demo" / "tiny": the demo dataset and the demo / tiny backbone)."""
+    """The config of the registered fine-tuning `task` (medjax.tasks.TASKS, e.g. "ptunifier_vqa") at
+    `variant` ("full" or a named paper dataset variant: the given settings; "demo" / "tiny": the demo
+    dataset and the demo / tiny backbone); `finetune` (the task's own settings) becomes the `finetune`
+    block when given."""
     size = variant if variant in ("demo", "tiny") else "full"
     pretrain = ptunifier.get_config(size)
     c = base_config()
-    c.task = "ptunifier_finetune"
+    c.task = task
     c.variant = variant
-    c.finetune = ml_collections.ConfigDict(dict(
-        kind=kind,
-        num_answers=0,  # VQA from the original's Arrow files: its answer-vocabulary size (JSONL: from the data)
-        num_negatives=15,  # retrieval: texts per image besides the true one (the original's draw_false_text)
-        retrieval_score="itm",  # retrieval evaluation: "itm" (the paper), "itc" or "both"
-    ))
-    c.finetune.update(finetune)
+    if finetune:
+        c.finetune = ml_collections.ConfigDict(finetune)
     c.data = ml_collections.ConfigDict(dict(
         dir="",  # the folder holding `file` (and tokenizer/); "" = the image-report demo dataset in the cache
         kind="image_report",
@@ -53,12 +50,10 @@ def finetune_config(variant: str, kind: str, *, file: str, demo_file: str, max_t
     c.optim.wd_mults = ptunifier.PTUNIFIER_WD_MULTS
     if variant == "demo":
         c.data.update(dict(file=demo_file, image_size=pretrain.model.image_size, max_text_len=pretrain.data.max_length))
-        c.finetune.num_negatives = 7
         c.train.update(dict(steps=80, batch_size=16, log_every=10, checkpoint_every=40, eval_batch_size=32))
         c.optim.lr = 1e-4
     elif variant == "tiny":
         c.data.update(dict(file=demo_file, image_size=pretrain.model.image_size, max_text_len=pretrain.data.max_length))
-        c.finetune.num_negatives = 3
         c.train.update(dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8))
         c.optim.lr = 1e-3
     return c

@@ -16,9 +16,12 @@ from __future__ import annotations
 from experiments._ptunifier_finetune import finetune_config
 
 
-
 def get_config(variant: str = "full"):
     if variant not in ("full", "demo", "tiny"):
         raise ValueError(f"ptunifier_retrieval: unknown variant {variant!r}; choose full, demo or tiny")
-    return finetune_config(variant, "retrieval", file="irtr_roco_{split}.arrow", demo_file="manifest.jsonl",
-                           max_text_len=40, batch_size=256, steps=2557, head_multiplier=5, multi_modal_multiplier=5)
+    # num_negatives: texts per image besides the true one (the original's draw_false_text: 15);
+    # retrieval_score: how evaluation scores the pairs, "itm" (the paper), "itc" or "both"
+    negatives = {"demo": 7, "tiny": 3}.get(variant, 15)
+    return finetune_config(variant, "ptunifier_retrieval", file="irtr_roco_{split}.arrow", demo_file="manifest.jsonl",
+                           max_text_len=40, batch_size=256, steps=2557, head_multiplier=5, multi_modal_multiplier=5,
+                           num_negatives=negatives, retrieval_score="itm")

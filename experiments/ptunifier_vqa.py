@@ -26,6 +26,7 @@ def get_config(variant: str = "full"):
     if variant not in DATASETS and variant not in ("demo", "tiny"):
         raise ValueError(f"ptunifier_vqa: unknown variant {variant!r}; choose {', '.join(DATASETS)}, demo or tiny")
     file, answers, batch, steps = DATASETS.get(variant, DATASETS["full"])
-    c = finetune_config(variant, "vqa", file=file, demo_file="vqa.jsonl", max_text_len=32, batch_size=batch,
-                        steps=steps, head_multiplier=50, multi_modal_multiplier=5, num_answers=answers)
-    return c
+    # num_answers: the original's answer-vocabulary size for its Arrow files (JSONL: from the data)
+    return finetune_config(variant, "ptunifier_vqa", file=file, demo_file="vqa.jsonl", max_text_len=32,
+                           batch_size=batch, steps=steps, head_multiplier=50, multi_modal_multiplier=5,
+                           num_answers=answers)

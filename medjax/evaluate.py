@@ -1,7 +1,8 @@
 """python -m medjax.evaluate --exp NAME --checkpoint DIR [DIR ...] [--variant V] [--data DIR] [--set k=v]
 
 Loads each checkpoint's params, runs the task's evaluation and prints the metrics as a markdown
-table laid out like the paper's (one column group per checkpoint), writing CSV and JSON beside it.
+table laid out like the paper's (one column group per checkpoint, labelled by the task's `column_label`),
+writing CSV and JSON beside it.
 """
 from __future__ import annotations
 
@@ -32,11 +33,6 @@ def saved_config(workdir: str) -> dict:
     return {}
 
 
-def column_label(saved: dict, path: str) -> str:
-    fraction = saved.get("data", {}).get("label_fraction")
-    return f"{fraction * 100:g}%" if fraction is not None else os.path.basename(os.path.normpath(path))
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from medjax import checkpoint as checkpoint_lib
@@ -58,7 +54,7 @@ def main(argv=None) -> int:
         task = build_task(config)
         params = checkpoint_lib.restore_params(path)
         results = task.evaluate(params)
-        columns.append((column_label(saved, path), results))
+        columns.append((task.column_label(saved, path), results))
     table = task.results_table(args.exp, columns)
     print(table)
     out = args.out or args.checkpoint[0]

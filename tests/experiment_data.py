@@ -37,6 +37,6 @@ def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
         return [f"data.dir={root('ct')}", f"data.cache_dir={os.path.join(tmp_dir, 'ct_cache')}"]
     if task == "dinov2":
         return [f"data.dir={root('wsi')}"]
-    if task in ("ptunifier", "ptunifier_finetune"):
+    if task in ("ptunifier", "ptunifier_vqa", "ptunifier_classification", "ptunifier_retrieval", "ptunifier_nli"):
         return [f"data.dir={root('image_report')}"]
     raise ValueError(f"tests/conftest.py: no test data for task {task!r}; add it to tiny_data_overrides")

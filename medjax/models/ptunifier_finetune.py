@@ -18,8 +18,6 @@ import jax.numpy as jnp
 from medjax.models.ptunifier import PTUNIFIER_FULL, PTUnifier
 from medjax.nn.clip_vit import layer_norm
 
-KINDS = ("vqa", "classification", "retrieval", "nli")
-
 
 class ClassifierHead(nn.Module):
     """Linear(2H, 2H) -> LayerNorm -> GELU (exact) -> Linear(2H, C)."""
@@ -43,18 +41,17 @@ class ClassifierHead(nn.Module):
 
 
 class PTUnifierFinetune(PTUnifier):
-    """PTUnifier + the head of `kind` (vqa | classification | nli: `num_outputs` classes; retrieval: none)."""
+    """PTUnifier + a task head of `num_outputs` classes (VQA answers, labels, NLI classes); 0 = no task head
+    (retrieval scores with the ITM head)."""
 
-    kind: str = "vqa"
     num_outputs: int = 0
 
     def setup(self):
         super().setup()
-        if self.kind not in KINDS:
-            raise ValueError(f"medjax/models/ptunifier_finetune.py: finetune.kind={self.kind!r}; expected one of {KINDS}")
-        if self.kind != "retrieval":
-            if self.num_outputs < 1:
-                raise ValueError(f"medjax/models/ptunifier_finetune.py: kind {self.kind!r} needs num_outputs >= 1")
+        if self.num_outputs < 0:
+            raise ValueError(f"medjax/models/ptunifier_finetune.py: num_outputs={self.num_outputs}; expected >= 0 "
+                             "(0 = no task head)")
+        if self.num_outputs:
             self.task_head = ClassifierHead(self.num_outputs, self.dtype, self.param_dtype)
 
     def vqa_logits(self, images, input_ids, attention_mask, *, train: bool = False) -> jax.Array:
@@ -97,15 +94,15 @@ class PTUnifierFinetune(PTUnifier):
     def __call__(self, images, input_ids, attention_mask, *, train: bool = False):
         """Every backbone path and head (creates all params at init), plus the task head."""
         out = super().__call__(images, input_ids, attention_mask, train=train)
-        if self.kind != "retrieval":
+        if self.num_outputs:
             out["task_logits"] = self.task_head(jnp.zeros((images.shape[0], 2 * self.hidden_size), self.dtype))
         return out
 
 
-def finetune_model_from_config(cfg, kind: str, num_outputs: int, dtype=jnp.float32) -> PTUnifierFinetune:
-    """The fine-tuning model from a `model` block with PTUNIFIER_FULL's keys."""
+def finetune_model_from_config(cfg, num_outputs: int, dtype=jnp.float32) -> PTUnifierFinetune:
+    """The fine-tuning model from a `model` block with PTUNIFIER_FULL's keys and a task head of `num_outputs`
+    classes (0: none)."""
     missing = sorted(k for k in PTUNIFIER_FULL if k not in cfg)
     if missing:
         raise ValueError(f"medjax/models/ptunifier_finetune.py: model config lacks {missing}")
-    return PTUnifierFinetune(**{k: cfg[k] for k in PTUNIFIER_FULL}, kind=kind, num_outputs=int(num_outputs),
-                             dtype=dtype)
+    return PTUnifierFinetune(**{k: cfg[k] for k in PTUNIFIER_FULL}, num_outputs=int(num_outputs), dtype=dtype)

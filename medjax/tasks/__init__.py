@@ -9,7 +9,10 @@ TASKS = {
     "universal": "medjax.tasks.universal:UniversalTask",
     "dinov2": "medjax.tasks.dinov2:DINOv2Task",
     "ptunifier": "medjax.tasks.ptunifier:PTUnifierTask",
-    "ptunifier_finetune": "medjax.tasks.ptunifier_finetune:PTUnifierFinetuneTask",
+    "ptunifier_vqa": "medjax.tasks.ptunifier_vqa:PTUnifierVQATask",
+    "ptunifier_classification": "medjax.tasks.ptunifier_classification:PTUnifierClassificationTask",
+    "ptunifier_retrieval": "medjax.tasks.ptunifier_retrieval:PTUnifierRetrievalTask",
+    "ptunifier_nli": "medjax.tasks.ptunifier_nli:PTUnifierNLITask",
 }
 
 

@@ -4,6 +4,7 @@ here, so callers call methods and never probe a task with hasattr/getattr."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
@@ -43,14 +44,14 @@ class RunSettings:
                    total_steps=int(train.steps), init=str(config.get("init", "") or ""))
 
 
-def markdown_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
-    """One row, one column group per evaluated checkpoint: every metric evaluate returned (AUC, kappa and
-    accuracy in percent)."""
+def markdown_table(exp: str, columns: list[tuple[str, dict[str, float]]], percent: tuple[str, ...] = ()) -> str:
+    """One row, one column group per evaluated checkpoint: every metric evaluate returned (those named in
+    `percent`, fractions, shown in percent)."""
     metrics = [k for k in columns[0][1] if k != "examples"]
     header = "| Method | " + " | ".join(f"{label} {m}" for label, _ in columns for m in metrics) + " |"
     rule = "|---|" + "---|" * (len(columns) * len(metrics))
     row = f"| medjax {exp} | " + " | ".join(
-        f"{100 * r[m]:.2f}" if m in ("auc", "kappa", "accuracy") else f"{r[m]:.4f}" for _, r in columns for m in metrics) + " |"
+        f"{100 * r[m]:.2f}" if m in percent else f"{r[m]:.4f}" for _, r in columns for m in metrics) + " |"
     return "\n".join([header, rule, row])
 
 
@@ -123,3 +124,9 @@ class TaskBase:
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """A markdown table in the paper's layout, one column group per evaluated checkpoint."""
         return markdown_table(exp, columns)
+
+    def column_label(self, saved_config: dict, path: str) -> str:
+        """The results-table label of the checkpoint at `path`, whose run saved `saved_config` (its
+        config.json, {} if none): the checkpoint folder's name; a task whose paper labels columns by a
+        run setting (e.g. the label fraction) overrides this."""
+        return os.path.basename(os.path.normpath(path))

@@ -1,4 +1,5 @@
-"""Helpers every task family shares: where the data is, and a view on a subset of a dataset's rows."""
+"""Helpers every task family shares: where the data is, a view on a subset of a dataset's rows, and the
+label-fraction column label of label-efficiency tables."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -30,3 +31,10 @@ class Subset:
 
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
+
+
+def label_fraction_label(saved_config: dict) -> str | None:
+    """"10%" for a run saved with `data.label_fraction` 0.1 (the label-efficiency columns of e.g. MRM Tab. 1
+    and PTUnifier's classification table); None when its saved config has no label fraction."""
+    fraction = saved_config.get("data", {}).get("label_fraction")
+    return f"{fraction * 100:g}%" if fraction is not None else None

@@ -18,8 +18,8 @@ from medjax.data.pipeline import eval_batches, global_batch_dataset
 from medjax.metrics import classification as M
 from medjax.models.vit_classifier import ViTClassifier
 from medjax.params import merge_params
-from medjax.tasks.base import TaskBase
-from medjax.tasks.common import Subset, data_root
+from medjax.tasks.base import TaskBase, markdown_table
+from medjax.tasks.common import Subset, data_root, label_fraction_label
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int, num_classes: int) -> np.ndarray:
@@ -136,3 +136,11 @@ class FundusClassificationTask(TaskBase):
         if mismatched:
             raise ValueError("init: the pretrained encoder does not match the model config: " + ", ".join(mismatched[:8]))
         return dict(params, encoder=encoder)
+
+    def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
+        """MRM Tab. 1's metrics: AUC, kappa and accuracy in percent."""
+        return markdown_table(exp, columns, percent=("auc", "kappa", "accuracy"))
+
+    def column_label(self, saved_config: dict, path: str) -> str:
+        """The run's label fraction ("1%", "10%", "100%"), as MRM Tab. 1's columns."""
+        return label_fraction_label(saved_config) or super().column_label(saved_config, path)

@@ -1,59 +1,72 @@
-"""PTUnifier fine-tuning (Chen et al., ICCV 2023, Sec. 4, Tables 1-4): `finetune.kind` picks
+"""What the PTUnifier fine-tuning tasks share (Chen et al., ICCV 2023, Sec. 4, Tables 1-4): the tokenizer,
+the `model` block checked against it, the backbone + task head model, pretrained loading, the training
+pipeline and the eval-batch loop. One task per downstream kind, each registered in `medjax.tasks.TASKS`:
 
-* vqa            image + question -> closed-set answer classification, BCE x C (the original's
-                 `compute_vqa`); open / closed / overall accuracy (VQA-RAD, SLAKE, MedVQA-2019);
-* classification image only (textual prompts stand in for the text) -> multi-label BCE; macro AUROC
-                 and F1 (CheXpert 5 labels, RSNA pneumonia) at a label fraction (1 / 10 / 100%);
-* retrieval      image <-> text with the ITM "matched" logit as the score, trained with CE over the
-                 true text and `num_negatives` other texts of the batch (the original: 15 false texts);
-                 R@1/5/10 both ways (ROCO), zero-shot straight from a pretraining checkpoint;
-* nli            text pair only (visual prompts stand in for the image) -> 3-way CE; accuracy
-                 (RadNLI, trained with MedNLI).
-Optimisation as the original: AdamW (0.9, 0.98), wd 0.01 except biases/norms, lr 5e-6 with x`head`
-for the heads and x`multi_modal` for the fusion, projections, poolers and prompt pools, linear warmup
-over 10% of the steps then linear decay to 0.
+* `ptunifier_vqa`            medjax/tasks/ptunifier_vqa.py             (VQA-RAD, SLAKE, MedVQA-2019)
+* `ptunifier_classification` medjax/tasks/ptunifier_classification.py  (CheXpert, RSNA pneumonia)
+* `ptunifier_retrieval`      medjax/tasks/ptunifier_retrieval.py       (ROCO)
+* `ptunifier_nli`            medjax/tasks/ptunifier_nli.py             (RadNLI)
+
+Optimisation as the original (configuration, experiments/_ptunifier_finetune.py): AdamW (0.9, 0.98), wd
+0.01 except biases/norms, lr 5e-6 with x`head` for the heads and x`multi_modal` for the fusion,
+projections, poolers and prompt pools, linear warmup over 10% of the steps then linear decay to 0.
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from sklearn.metrics import f1_score
 
-from medjax.data import ptunifier_finetune_data as D
-from medjax.data.image_report import ImageReportDataset, clip_transform, load_tokenizer, pick_sentence, tokenize
+from medjax.data import ptunifier_finetune_data as finetune_data
+from medjax.data.image_report import load_tokenizer, tokenize
 from medjax.data.pipeline import eval_batches, global_batch_dataset
-from medjax.metrics.classification import accuracy, macro_auc
-from medjax.metrics.retrieval import retrieval_recall
-from medjax.metrics.vqa import vqa_accuracy
-from medjax.models.ptunifier_finetune import KINDS, finetune_model_from_config
+from medjax.models.ptunifier_finetune import finetune_model_from_config
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase
-from medjax.tasks.common import Subset, data_root
+from medjax.tasks.common import data_root
+
 
 class PTUnifierFinetuneTask(TaskBase):
+    """The shared base of the fine-tuning tasks. A subclass implements `dataset(split)`, `num_outputs()`
+    (task-head classes, 0 for none), `example`, `init_batch`, `loss_fn` and `evaluate`, and names its
+    paper-table columns in `TABLE` (label, metric key) with the factor `TABLE_SCALE` that turns them into
+    percent."""
+
+    TABLE: ClassVar[tuple[tuple[str, str], ...]] = ()
+    TABLE_SCALE: ClassVar[float] = 1.0
+
     def __init__(self, config, log=print, run=None):
         super().__init__(config, log, run)
-        self.kind = config.finetune.kind
-        if self.kind not in KINDS:
-            raise ValueError(f"finetune.kind={self.kind!r}; expected one of {KINDS}")
         self.root = data_root(config.data, log)
         self.tokenizer = load_tokenizer(config.data.tokenizer or os.path.join(self.root, "tokenizer"))
         self.image_size, self.max_length = int(config.data.image_size), int(config.data.max_text_len)
-        self.train_set = self._dataset(config.data.train_split)
-        num_outputs = {"vqa": lambda: self.train_set.num_answers, "classification": lambda: self.train_set.num_labels,
-                       "nli": lambda: len(D.NLI_LABELS), "retrieval": lambda: 0}[self.kind]()
-        if self.kind == "classification" and float(config.data.label_fraction) < 1.0:
-            self.train_set = _subset(self.train_set, float(config.data.label_fraction), int(config.data.label_seed))
-        log(f"ptunifier fine-tuning ({self.kind}): {len(self.train_set)} training examples")
+        self.train_set = self.training_set()
+        log(f"ptunifier fine-tuning ({config.task}): {len(self.train_set)} training examples")
         self.model_cfg = self._model_config()
-        self.model = finetune_model_from_config(self.model_cfg, self.kind, num_outputs, jnp.dtype(config.dtype))
+        self.model = finetune_model_from_config(self.model_cfg, self.num_outputs(), jnp.dtype(config.dtype))
 
-    # ---- data ----------------------------------------------------------------------------------
+    # ---- what a kind defines -------------------------------------------------------------------
+    def dataset(self, split: str):
+        """The random-access dataset of `split` (examples as dicts)."""
+        raise NotImplementedError(f"{type(self).__name__}.dataset")
+
+    def num_outputs(self) -> int:
+        """Classes of the task head (from `self.train_set`); 0 = no task head."""
+        raise NotImplementedError(f"{type(self).__name__}.num_outputs")
+
+    def example(self, ex: dict, rng=None) -> dict:
+        """Arrays of one example; no augmentation (the original fine-tunes with the plain `clip` transform)."""
+        raise NotImplementedError(f"{type(self).__name__}.example")
+
+    def training_set(self):
+        """The training rows: the whole `data.train_split` unless a kind subsamples it."""
+        return self.dataset(self.config.data.train_split)
+
+    # ---- shared --------------------------------------------------------------------------------
     def _model_config(self):
         """The `model` block with vocab_size (0 = the tokenizer's size) and the special token ids checked
         against / taken from the tokenizer, as the pretraining task does."""
@@ -72,46 +85,27 @@ class PTUnifierFinetuneTask(TaskBase):
                              f"{self.config.data.max_text_len} (needs >= {longest})")
         return cfg
 
-    def _path(self, split: str) -> str:
-        return D.resolve(self.root, self.config.data.file, split)
-
-    def _dataset(self, split: str):
-        path = self._path(split)
-        if self.kind == "vqa":
-            answers = None
-            if not path.endswith(".arrow"):  # one vocabulary over the train and eval manifests (all splits)
-                answers = D.answer_vocabulary(self._path(self.config.data.train_split))
-                eval_path = self._path(self.config.data.eval_split)
-                if eval_path != self._path(self.config.data.train_split):
-                    answers += [a for a in D.answer_vocabulary(eval_path) if a not in answers]
-            return D.VQADataset(path, split, answers=answers, num_answers=int(self.config.finetune.num_answers))
-        if self.kind == "classification":
-            return D.MultiLabelDataset(path, split, label_column=self.config.data.label_column)
-        if self.kind == "nli":
-            return D.NLIDataset(path, split)
-        return ImageReportDataset(path, split=split)
+    def path(self, split: str) -> str:
+        """The manifest / Arrow file of `split` (`data.file` with `{split}` filled in)."""
+        return finetune_data.resolve(self.root, self.config.data.file, split)
 
     @functools.cached_property
     def eval_set(self):
-        return self._dataset(self.config.data.eval_split)
+        return self.dataset(self.config.data.eval_split)
 
-    def _text(self, text) -> dict:
+    def text(self, text) -> dict:
+        """Token ids and mask of a text (or a text pair) at `data.max_text_len`."""
         enc = tokenize(self.tokenizer, text, self.max_length)
         return {"text_ids": enc["input_ids"], "text_mask": enc["attention_mask"]}
 
-    def example(self, ex: dict, rng=None) -> dict:
-        """Arrays of one example (or of its image / caption alone, for retrieval evaluation); no
-        augmentation (the original fine-tunes with the plain `clip` transform)."""
-        if self.kind == "nli":
-            return dict(self._text((ex["text_a"], ex["text_b"])), label=ex["label"])
-        out = {"image": clip_transform(ex["image"], self.image_size)} if "image" in ex else {}
-        if self.kind == "vqa":
-            out.update(self._text(ex["question"]), target=ex["target"], answer_type=ex["answer_type"])
-        elif self.kind == "classification":
-            out["labels"] = ex["labels"]
-        elif "caption" in ex:
-            out.update(self._text(pick_sentence(ex["caption"], None)))
-        return out
+    def image_batch(self) -> np.ndarray:
+        """Zero images of a global batch, for `init_batch`."""
+        return np.zeros((self.global_batch, self.image_size, self.image_size, 3), np.float32)
+
+    def text_batch(self) -> dict:
+        """Zero token ids and an all-ones mask of a global batch, for `init_batch`."""
+        b, length = self.global_batch, self.max_length
+        return {"text_ids": np.zeros((b, length), np.int32), "text_mask": np.ones((b, length), np.int32)}
 
     def train_data(self):
         return global_batch_dataset(self.train_set, global_batch=self.global_batch, seed=int(self.config.seed),
@@ -121,19 +115,6 @@ class PTUnifierFinetuneTask(TaskBase):
     def work_per_example(self) -> tuple[int, str]:
         return (self.image_size // self.model_cfg.patch_size) ** 2 + 1 + self.max_length, "tokens"
 
-    def init_batch(self) -> dict:
-        b, s, length = self.global_batch, self.image_size, self.max_length
-        image = np.zeros((b, s, s, 3), np.float32)
-        text = {"text_ids": np.zeros((b, length), np.int32), "text_mask": np.ones((b, length), np.int32)}
-        if self.kind == "nli":
-            return dict(text, label=np.zeros((b,), np.int32))
-        if self.kind == "classification":
-            return {"image": image, "labels": np.zeros((b, self.model.num_outputs), np.float32)}
-        if self.kind == "vqa":
-            return dict(text, image=image, target=np.zeros((b, self.model.num_outputs), np.float32),
-                        answer_type=np.zeros((b,), np.int32))
-        return dict(text, image=image)
-
     def init_params(self, rng):
         size, m = self.model_cfg.image_size, self.model
         images = jnp.zeros((2, size, size, 3), jnp.float32)
@@ -141,59 +122,15 @@ class PTUnifierFinetuneTask(TaskBase):
         params_rng, dropout_rng = jax.random.split(rng)
         return m.init({"params": params_rng, "dropout": dropout_rng}, images, ids, mask, train=False)["params"]
 
-    # ---- training ------------------------------------------------------------------------------
-    def loss_fn(self, params, batch, rng, train):
-        variables, rngs, m = {"params": params}, {"dropout": rng}, self.model
-        if self.kind == "vqa":
-            logits = m.apply(variables, batch["image"], batch["text_ids"], batch["text_mask"], train=train,
-                             rngs=rngs, method=m.vqa_logits).astype(jnp.float32)
-            # The original: BCE-with-logits mean over (batch, answers), times the number of answers.
-            loss = optax.sigmoid_binary_cross_entropy(logits, batch["target"]).mean() * logits.shape[-1]
-            hit = jnp.take_along_axis(batch["target"], jnp.argmax(logits, -1)[:, None], -1)[:, 0]
-            return loss, {"vqa_loss": loss, "train_vqa_score": hit.mean()}
-        if self.kind == "classification":
-            logits = m.apply(variables, batch["image"], train=train, rngs=rngs, method=m.image_logits)
-            loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), batch["labels"]).mean()
-            return loss, {"mlc_loss": loss}
-        if self.kind == "nli":
-            logits = m.apply(variables, batch["text_ids"], batch["text_mask"], train=train, rngs=rngs,
-                             method=m.text_logits).astype(jnp.float32)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-            return loss, {"cls_loss": loss, "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
-        return self._retrieval_loss(params, batch, rng, train)
+    def apply(self, params, method, *args, rng: jax.Array, train: bool) -> Any:
+        """`method` of the model on `args` with dropout from `rng` (a loss_fn's forward pass)."""
+        return self.model.apply({"params": params}, *args, train=train, rngs={"dropout": rng}, method=method)
 
-    def _retrieval_loss(self, params, batch, rng, train):
-        """CE over [own text, K other texts of the batch] per image, scored by the ITM "matched" logit.
-        Unimodal streams are computed once per image and text; only the fusion runs per pair."""
-        b, k = batch["image"].shape[0], int(self.config.finetune.num_negatives)
-        if not 0 < k < b:
-            raise ValueError(f"finetune.num_negatives={k} must be in [1, train.batch_size - 1 = {b - 1}]")
-        neg_rng, dropout_rng = jax.random.split(rng)
-        shifts = jax.vmap(lambda key: jax.random.permutation(key, b - 1)[:k] + 1)(jax.random.split(neg_rng, b))
-        texts = jnp.concatenate([jnp.arange(b)[:, None], (jnp.arange(b)[:, None] + shifts) % b], 1).reshape(-1)
+    def jitted(self, method):
+        """jax.jit of (params, *args) -> `method` of the model, for evaluation."""
+        return jax.jit(lambda p, *a: self.model.apply({"params": p}, *a, method=method))
 
-        def scores(module, images, ids, mask):
-            image_tokens = jnp.repeat(module.image_tokens(images, train=train), k + 1, axis=0)
-            text_tokens = module.text_tokens(ids, mask, train=train)[texts]
-            return module.fused_score(image_tokens, text_tokens, mask[texts], train=train).reshape(b, k + 1)
-
-        s = self.model.apply({"params": params}, batch["image"], batch["text_ids"], batch["text_mask"],
-                             rngs={"dropout": dropout_rng}, method=scores).astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(s, jnp.zeros((b,), jnp.int32)).mean()
-        return loss, {"irtr_loss": loss, "train_rank1": jnp.mean(jnp.argmax(s, -1) == 0)}
-
-    # ---- evaluation ----------------------------------------------------------------------------
-    @functools.cached_property
-    def _jit(self):
-        m = self.model
-        apply = lambda method: jax.jit(lambda p, *a: m.apply({"params": p}, *a, method=method))  # noqa: E731
-        fused = jax.jit(lambda p, image, text, mask: m.apply(
-            {"params": p}, jnp.broadcast_to(image, (text.shape[0],) + image.shape), text, mask, method=m.fused_score))
-        return {"vqa": apply(m.vqa_logits), "image": apply(m.image_logits), "text": apply(m.text_logits),
-                "image_tokens": apply(m.image_tokens), "text_tokens": apply(m.text_tokens), "fused": fused,
-                "itc_image": apply(m.itc_image), "itc_text": apply(m.itc_text)}
-
-    def _outputs(self, params, dataset, fn, keys, extra=()) -> tuple[np.ndarray, dict]:
+    def outputs(self, params, dataset, fn, keys, extra=()) -> tuple[np.ndarray, dict]:
         """Run jitted `fn` on `keys` of every eval batch; (outputs, {extra key: stacked values})."""
         outs, kept = [], {k: [] for k in extra}
         for batch in eval_batches(dataset, self.run.eval_batch_size, self.example):
@@ -202,48 +139,6 @@ class PTUnifierFinetuneTask(TaskBase):
             for k in extra:
                 kept[k].append(batch[k][valid])
         return np.concatenate(outs), {k: np.concatenate(v) for k, v in kept.items()}
-
-    def evaluate(self, params) -> dict[str, float]:
-        j, ds = self._jit, self.eval_set
-        if self.kind == "vqa":
-            logits, kept = self._outputs(params, ds, j["vqa"], ("image", "text_ids", "text_mask"), ("target", "answer_type"))
-            return dict(vqa_accuracy(logits, kept["target"], kept["answer_type"]), examples=float(len(logits)))
-        if self.kind == "classification":
-            logits, kept = self._outputs(params, ds, j["image"], ("image",), ("labels",))
-            probs, labels = 1 / (1 + np.exp(-logits.astype(np.float64))), kept["labels"]
-            return {"auc": macro_auc(labels, probs),
-                    "f1": float(f1_score(labels, probs > 0.5, average="macro", zero_division=0)),
-                    "examples": float(len(labels))}
-        if self.kind == "nli":
-            logits, kept = self._outputs(params, ds, j["text"], ("text_ids", "text_mask"), ("label",))
-            return {"accuracy": accuracy(kept["label"], logits.argmax(-1)), "examples": float(len(logits))}
-        return self._evaluate_retrieval(params, ds)
-
-    def _evaluate_retrieval(self, params, ds: ImageReportDataset) -> dict[str, float]:
-        j, e = self._jit, self.run.eval_batch_size
-        images, texts = _ImagesOf(ds), _TextsOf(ds)
-        text_image = np.array([i for i, _ in ds.index])
-        out = {}
-        if self.config.finetune.retrieval_score in ("itm", "both"):
-            image_tokens, _ = self._outputs(params, images, j["image_tokens"], ("image",))
-            text_tokens, kept = self._outputs(params, texts, j["text_tokens"], ("text_ids", "text_mask"), ("text_mask",))
-            scores = np.zeros((len(image_tokens), len(text_tokens)), np.float32)
-            pad = (-len(text_tokens)) % e
-            text_tokens = np.concatenate([text_tokens, np.repeat(text_tokens[-1:], pad, 0)])
-            masks = np.concatenate([kept["text_mask"], np.repeat(kept["text_mask"][-1:], pad, 0)])
-            for i, image in enumerate(image_tokens):
-                row = [np.asarray(j["fused"](params, image, text_tokens[s:s + e], masks[s:s + e]))
-                       for s in range(0, len(text_tokens), e)]
-                scores[i] = np.concatenate(row)[:scores.shape[1]]
-            out.update(retrieval_recall(scores, text_image))
-        if self.config.finetune.retrieval_score in ("itc", "both"):
-            image_emb, _ = self._outputs(params, images, j["itc_image"], ("image",))
-            text_emb, _ = self._outputs(params, texts, j["itc_text"], ("text_ids", "text_mask"))
-            prefix = "itc_" if out else ""
-            out.update({prefix + k: v for k, v in retrieval_recall(image_emb @ text_emb.T, text_image).items()})
-        if not out:
-            raise ValueError(f"finetune.retrieval_score={self.config.finetune.retrieval_score!r}; expected itm, itc or both")
-        return dict(out, examples=float(len(text_image)))
 
     def load_pretrained(self, params, pretrained):
         """A pretraining (or fine-tuning) run's PTUnifier params: every leaf of the same path and shape."""
@@ -254,50 +149,9 @@ class PTUnifierFinetuneTask(TaskBase):
         return merged
 
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
-        """The paper's layouts: VQA Open/Closed/Overall; classification AUC/F1 per label fraction;
-        retrieval Image->Text and Text->Image R@1/5/10; NLI accuracy."""
-        metrics = {"vqa": [("Open", "open"), ("Closed", "closed"), ("Overall", "overall")],
-                   "classification": [("AUC", "auc"), ("F1", "f1")], "nli": [("Accuracy", "accuracy")],
-                   "retrieval": [("I2T R@1", "tr_r1"), ("I2T R@5", "tr_r5"), ("I2T R@10", "tr_r10"),
-                                 ("T2I R@1", "ir_r1"), ("T2I R@5", "ir_r5"), ("T2I R@10", "ir_r10")]}[self.kind]
-        scale = 100.0 if self.kind in ("classification", "nli") else 1.0  # vqa / retrieval are already in %
-        header = "| Method | " + " | ".join(f"{label} {name}" for label, _ in columns for name, _ in metrics) + " |"
-        rule = "|---|" + "---|" * (len(columns) * len(metrics))
-        row = f"| medjax {exp} | " + " | ".join(f"{scale * r[key]:.2f}" for _, r in columns for _, key in metrics) + " |"
+        """The paper's layout: the kind's `TABLE` columns, in percent, one group per checkpoint."""
+        header = "| Method | " + " | ".join(f"{label} {name}" for label, _ in columns for name, _ in self.TABLE) + " |"
+        rule = "|---|" + "---|" * (len(columns) * len(self.TABLE))
+        row = f"| medjax {exp} | " + " | ".join(
+            f"{self.TABLE_SCALE * r[key]:.2f}" for _, r in columns for _, key in self.TABLE) + " |"
         return "\n".join([header, rule, row])
-
-
-class _ImagesOf:
-    """The distinct images of an image-report set, as examples {"image"} for retrieval evaluation."""
-
-    def __init__(self, ds: ImageReportDataset):
-        self.ds = ds
-
-    def __len__(self):
-        return self.ds.num_images
-
-    def __getitem__(self, i):
-        return {"image": self.ds.load_image(i)}
-
-
-class _TextsOf:
-    """The captions of an image-report set (one per sample), as examples {"caption"}."""
-
-    def __init__(self, ds: ImageReportDataset):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, k):
-        i, c = self.ds.index[k]
-        return {"caption": self.ds.captions[i][c]}
-
-
-def _subset(dataset, fraction: float, seed: int) -> Subset:
-    """A seeded random `fraction` of the rows (the original's 1% / 10% CheXpert training files)."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
-    n = len(dataset)
-    keep = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, int(round(fraction * n)))])
-    return Subset(dataset, keep)

@@ -6,7 +6,6 @@ Regenerate the snapshot after an intended change of a model's params or of the r
 
     python -m tests.parallel.test_presets --regenerate
 """
-import functools
 import json
 import os
 import sys
@@ -24,7 +23,8 @@ from jax.sharding import PartitionSpec
 from medjax import config as config_lib
 from medjax.parallel import mesh as mesh_lib
 from medjax.parallel import rules as rules_lib
-from medjax.tasks import build_task
+from medjax.tasks import build_task, task_class
+from medjax.tasks.base import TaskBase
 from medjax.trainer import global_batch
 from tests.experiment_data import make_test_demo, tiny_data_overrides
 
@@ -34,11 +34,17 @@ PRESETS = sorted(rules_lib.PRESETS)
 EXPERIMENTS = config_lib.available_experiments()
 
 
+def _family(task_name: str) -> type:
+    """A task's model family: the direct TaskBase subclass it derives from (PTUnifier's fine-tuning tasks
+    share PTUnifierFinetuneTask)."""
+    return next(c for c in task_class(task_name).__mro__ if TaskBase in c.__bases__)
+
+
 def _one_per_family() -> list[str]:
-    """The first experiment of each task (model family): the loss-equality cases compile 4 programs each."""
+    """The first experiment of each model family: the loss-equality cases compile 4 programs each."""
     first = {}
     for exp in EXPERIMENTS:
-        first.setdefault(config_lib.get_config(exp, "tiny").task, exp)
+        first.setdefault(_family(config_lib.get_config(exp, "tiny").task), exp)
     return sorted(first.values())
 
 

@@ -1,4 +1,4 @@
-"""PTUnifier fine-tuning, every kind at the tiny size on a small demo set: two optimizer steps change the
+"""PTUnifier fine-tuning, every task (one per kind) at the tiny size on a small demo set: two optimizer steps change the
 params with a finite loss, evaluation gives metrics in range, the paper-layout table, pretrained loading,
 and the optimizer's lr groups."""
 import flax.linen as nn
@@ -12,6 +12,8 @@ from medjax.tasks import build_task
 from medjax import optim as optim_lib
 
 EXPERIMENTS = ("ptunifier_vqa", "ptunifier_cls", "ptunifier_retrieval", "ptunifier_nli")
+TASK_OF = {"ptunifier_vqa": "ptunifier_vqa", "ptunifier_cls": "ptunifier_classification",
+           "ptunifier_retrieval": "ptunifier_retrieval", "ptunifier_nli": "ptunifier_nli"}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,9 @@ def trained(demo_root):
 
     def get(exp):
         if exp not in cache:
-            overrides = [f"data.dir={demo_root}", "model.fusion_layers=1", "finetune.retrieval_score=both"]
+            overrides = [f"data.dir={demo_root}", "model.fusion_layers=1"]
+            if exp == "ptunifier_retrieval":
+                overrides.append("finetune.retrieval_score=both")
             if exp == "ptunifier_cls":
                 overrides.append("data.eval_split=train")  # 4 test images may miss a label's positives
             config = config_lib.get_config(exp, "tiny", overrides)
@@ -61,15 +65,16 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after))
     assert sum(changed) > len(changed) // 2
     results = task.evaluate(after)
-    kind = task.kind
-    if kind == "vqa":
+    kind = task.config.task
+    assert kind == TASK_OF[exp]
+    if kind == "ptunifier_vqa":
         assert results["num_closed"] + results["num_open"] == results["examples"] == 12  # 4 test images x 3 questions
         for key in ("overall", "closed", "open"):
             assert 0.0 <= results[key] <= 100.0
         assert task.model.num_outputs == task.train_set.num_answers >= 10
-    elif kind == "classification":
+    elif kind == "ptunifier_classification":
         assert 0.0 <= results["auc"] <= 1.0 and 0.0 <= results["f1"] <= 1.0 and results["examples"] == 32
-    elif kind == "nli":
+    elif kind == "ptunifier_nli":
         assert results["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and results["examples"] == 4
     else:
         for prefix in ("", "itc_"):
@@ -77,8 +82,8 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
                 r1, r5, r10 = (results[f"{prefix}{way}_r{k}"] for k in (1, 5, 10))
                 assert 25.0 <= r5 <= r10 == 100.0 and 0.0 <= r1 <= r5  # 4 test pairs: R@5 and R@10 are 100
     table = task.results_table(exp, [("demo", results)])
-    header = {"vqa": "demo Open | demo Closed | demo Overall", "classification": "demo AUC | demo F1",
-              "nli": "demo Accuracy", "retrieval": "demo I2T R@1"}[kind]
+    header = {"ptunifier_vqa": "demo Open | demo Closed | demo Overall", "ptunifier_classification": "demo AUC | demo F1",
+              "ptunifier_nli": "demo Accuracy", "ptunifier_retrieval": "demo I2T R@1"}[kind]
     assert header in table and table.count("\n") == 2
 
 
@@ -111,7 +116,7 @@ def test_every_config_variant_loads():
                           ("ptunifier_retrieval", ("full", "demo", "tiny")), ("ptunifier_nli", ("full", "demo", "tiny"))):
         for variant in variants:
             c = config_lib.get_config(exp, variant)
-            assert c.task == "ptunifier_finetune" and c.optim.lr == (5e-6 if variant not in ("demo", "tiny") else c.optim.lr)
+            assert c.task == TASK_OF[exp] and c.optim.lr == (5e-6 if variant not in ("demo", "tiny") else c.optim.lr)
             if variant not in ("demo", "tiny"):
                 assert c.data.image_size == 384 and c.model.vision_width == 768
     assert config_lib.get_config("ptunifier_vqa", "slake").finetune.num_answers == 222

@@ -17,7 +17,7 @@ from tests.experiment_data import tiny_data_overrides
 
 REQUIRED = ("init_batch", "init_params", "loss_fn", "train_data", "evaluate")
 HOOKS = ("load_pretrained", "initial_params", "post_update", "work_per_example", "results_table", "make_optimizer",
-         "optim_config")
+         "optim_config", "column_label")
 
 
 def _experiment_of(task_name: str) -> str:
@@ -51,6 +51,13 @@ def test_registered_task_builds_tiny_and_exposes_the_contract(name, demo_roots, 
     table = task.results_table(exp, [("a", {"auc": 0.5, "loss": 1.0})]) if type(task).results_table is \
         TaskBase.results_table else None
     assert table is None or "| medjax " in table
+    for hook in HOOKS:
+        assert callable(getattr(task, hook)), f"{cls.__name__}.{hook}"
+    checkpoint = os.path.join(str(tmp_path), "run_a") + os.sep
+    assert task.column_label({}, checkpoint) == "run_a"  # the default: the checkpoint folder's name
+    if "label_fraction" in config.data:  # label-efficiency tables label columns by the run's fraction
+        assert task.column_label({"data": {"label_fraction": 0.1}}, checkpoint) == "10%"
+        assert task.column_label({"data": {"label_fraction": 1.0}}, checkpoint) == "100%"
 
 
 def test_callers_never_probe_a_task():
