@@ -46,23 +46,11 @@ def _qkv_names(i: int) -> dict[str, str]:
             "out": f"blocks.{i}.attn.proj"}
 
 
-def unrolled_shapes(shapes, depth: int) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """`param_shapes` of a scanned encoder (`encoder/blocks/...`, leading layer axis) -> those of the unrolled
-    one (`encoder/blocks_{i}/...`); unrolled shapes are returned unchanged."""
-    out = {}
-    for path, shape in shapes.items():
-        if path[:2] == ("encoder", transformer.SCAN_NAME):
-            out |= {("encoder", f"{transformer.SCAN_NAME}_{i}") + path[2:]: tuple(shape[1:]) for i in range(depth)}
-        else:
-            out[path] = tuple(shape)
-    return out
-
-
 def timm_vit_map(model: UNIEncoder, shapes) -> dict[str, ParamMap]:
     """timm VisionTransformer state-dict keys (fused qkv split into q / k / v) -> Flax param paths of the
     unrolled layout (`encoder/blocks_{i}`; `load` stacks them on axis 0 into `encoder/blocks` for a scanned
     model). `shapes`: `param_shapes(model)`, either layout."""
-    shapes = unrolled_shapes(shapes, model.depth)
+    shapes = transformer.unrolled_shapes(shapes)
     enc = ("encoder",)
     p = model.patch_size
     kernel = enc + ("patch_embed", "proj", "kernel")
@@ -112,7 +100,7 @@ def load_with_report(path: str, *, dtype: Dtype = jnp.float32, param_dtype: Dtyp
     """`load`, also returning the key report (its `ignored` lists the checkpoint keys not used)."""
     model = uni_model(dtype=dtype, param_dtype=param_dtype, **overrides)
     state = read_state_dict(path)
-    shapes = unrolled_shapes(param_shapes(model), model.depth)  # timm's blocks.{i} -> blocks_{i}; stacked below
+    shapes = transformer.unrolled_shapes(param_shapes(model))  # timm's blocks.{i} -> blocks_{i}; stacked below
     mapping = timm_vit_map(model, shapes)
     report = check_keys(timm_checkpoint_shapes(model, mapping), {k: tuple(v.shape) for k, v in state.items()},
                         ignore=_IGNORED)
