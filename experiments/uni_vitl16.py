@@ -22,7 +22,7 @@ from medjax.tasks.uni_eval import uni_eval_config
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c = base_config()
-    c.task = "dinov2"
+    c.task = "uni_pretrain"
     c.variant = variant
     c.data = ml_collections.ConfigDict(dict(
         dir="",  # <dir>/slides + <dir>/coords; "" = the WSI demo (tiled once into its coords/)

@@ -35,7 +35,7 @@ def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
         return [f"data.dir={os.path.join(root('fundus_genome'), config.data.get('demo_subdir', '') or '')}"]
     if task == "universal":
         return [f"data.dir={root('ct')}", f"data.cache_dir={os.path.join(tmp_dir, 'ct_cache')}"]
-    if task == "dinov2":
+    if task == "uni_pretrain":
         return [f"data.dir={root('wsi')}"]
     if task in ("ptunifier", "ptunifier_vqa", "ptunifier_classification", "ptunifier_retrieval", "ptunifier_nli"):
         return [f"data.dir={root('image_report')}"]

@@ -13,7 +13,7 @@ from medjax.checkpoint import restore_params
 from medjax.data.demo_wsi import make_wsi_demo
 from medjax.data.tiling import tile_slides
 from medjax.data.wsi import list_slides
-from medjax.tasks.dinov2 import DINOv2Task
+from medjax.tasks.uni_pretrain import UNIPretrainTask
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_tiny_trains_and_teacher_follows_student_by_ema(wsi_tiles, tmp_path):
     assert rows[0]["teacher_temp"] == pytest.approx(0.04) and rows[1]["teacher_temp"] == pytest.approx(0.07)
 
     config = config_lib.get_config("uni_vitl16", "tiny", [f"data.dir={wsi_tiles}", *overrides])
-    task = DINOv2Task(config, log=lambda *_: None)
+    task = UNIPretrainTask(config, log=lambda *_: None)
     ckpt = lambda step: restore_params(os.path.join(workdir, "checkpoints", str(step)))  # noqa: E731
     p2, p3 = ckpt(2), ckpt(3)
     # The update of step index 2: teacher_3 = m_2 teacher_2 + (1 - m_2) student_3, leaf by leaf.

@@ -16,9 +16,12 @@ The directory's `config.json` `model_type` selects the family:
 - `bert`, `roberta` (BertModel, RobertaModel, or a *For... model whose `bert.` / `roberta.` part is used)
     -> `BertEncoder`
 A projection (pooler) is part of the model exactly when the checkpoint holds its weights. Config
-fields absent from `config.json` take transformers 5.23's defaults. Every missing or unexpected
-checkpoint key and every shape mismatch is reported by name; keys of other heads / the other CLIP
-tower and legacy buffers (`position_ids`) are skipped and listed in the returned `KeyReport.ignored`.
+fields absent from `config.json` take transformers 5.23's defaults. `scan=True` (or None: auto, >= 12
+layers) builds the model with its layers under one `nn.scan` (`medjax.nn.transformer`): the checkpoint's
+`layer.{i}` tensors are mapped onto `layers_{i}` and stacked into `layers/...` with a leading layer axis.
+Every missing or unexpected checkpoint key and every shape mismatch is reported by name; keys of other
+heads / the other CLIP tower and legacy buffers (`position_ids`) are skipped and listed in the returned
+`KeyReport.ignored`.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from flax import traverse_util
 
 from medjax.convert.torch_io import (KeyReport, ParamMap, apply_mapping, attention_params, copy_param,
                                      layer_norm_params, linear_params, read_state_dict, weight_file)
+from medjax.nn import transformer
 from medjax.nn.bert import BertEncoder
 from medjax.nn.clip_text import CLIPTextTransformer
 from medjax.nn.clip_vit import ACTIVATIONS, CLIPVisionTransformer
@@ -43,6 +47,7 @@ from medjax.nn.clip_vit import ACTIVATIONS, CLIPVisionTransformer
 Dtype = Any
 SUPPORTED_MODEL_TYPES = ("clip_vision_model", "clip_text_model", "clip", "bert", "roberta")
 CLIP_TOWERS = ("vision", "text")
+STACK = "layers"  # the layer stack of CLIPVisionTransformer, CLIPTextTransformer and BertEncoder
 _BUFFERS = (r".*\.position_ids", r".*\.token_type_ids")  # non-persistent buffers older versions saved
 _log = logging.getLogger(__name__)
 
@@ -104,29 +109,33 @@ def read_config(path: str) -> dict:
 # ---- Model construction from configs ---------------------------------------------------------------
 
 def clip_vision_from_config(values: Mapping[str, Any], source: str, *, projection_dim: int | None,
-                            dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> CLIPVisionTransformer:
+                            scan: bool | str | None = False, dtype: Dtype = jnp.float32,
+                            param_dtype: Dtype = jnp.float32) -> CLIPVisionTransformer:
     field = _Config(values, CLIP_VISION_DEFAULTS, source)
     return CLIPVisionTransformer(
         image_size=field("image_size"), patch_size=field("patch_size"), width=field("hidden_size"),
         depth=field("num_hidden_layers"), num_heads=field("num_attention_heads"),
         mlp_dim=field("intermediate_size"), num_channels=field("num_channels"), hidden_act=field("hidden_act"),
         layer_norm_eps=field("layer_norm_eps"), attention_dropout=field("attention_dropout"),
-        projection_dim=projection_dim, dtype=dtype, param_dtype=param_dtype)
+        projection_dim=projection_dim, scan=scan, dtype=dtype, param_dtype=param_dtype)
 
 
 def clip_text_from_config(values: Mapping[str, Any], source: str, *, projection_dim: int | None,
-                          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> CLIPTextTransformer:
+                          scan: bool | str | None = False, dtype: Dtype = jnp.float32,
+                          param_dtype: Dtype = jnp.float32) -> CLIPTextTransformer:
     field = _Config(values, CLIP_TEXT_DEFAULTS, source)
     return CLIPTextTransformer(
         vocab_size=field("vocab_size"), width=field("hidden_size"), depth=field("num_hidden_layers"),
         num_heads=field("num_attention_heads"), mlp_dim=field("intermediate_size"),
         max_length=field("max_position_embeddings"), hidden_act=field("hidden_act"),
         layer_norm_eps=field("layer_norm_eps"), attention_dropout=field("attention_dropout"),
-        eos_token_id=field("eos_token_id"), projection_dim=projection_dim, dtype=dtype, param_dtype=param_dtype)
+        eos_token_id=field("eos_token_id"), projection_dim=projection_dim, scan=scan, dtype=dtype,
+        param_dtype=param_dtype)
 
 
 def bert_from_config(values: Mapping[str, Any], source: str, *, roberta: bool, add_pooling_layer: bool,
-                     dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> BertEncoder:
+                     scan: bool | str | None = False, dtype: Dtype = jnp.float32,
+                     param_dtype: Dtype = jnp.float32) -> BertEncoder:
     field = _Config(values, ROBERTA_DEFAULTS if roberta else BERT_DEFAULTS, source)
     for flag in ("is_decoder", "add_cross_attention"):
         if values.get(flag, False):
@@ -142,13 +151,14 @@ def bert_from_config(values: Mapping[str, Any], source: str, *, roberta: bool, a
         hidden_act=field("hidden_act"), layer_norm_eps=field("layer_norm_eps"),
         hidden_dropout=field("hidden_dropout_prob"), attention_dropout=field("attention_probs_dropout_prob"),
         position_padding_idx=field("pad_token_id") if roberta else None, add_pooling_layer=add_pooling_layer,
-        dtype=dtype, param_dtype=param_dtype)
+        scan=scan, dtype=dtype, param_dtype=param_dtype)
 
 
 # ---- Checkpoint name -> Flax param mapping -----------------------------------------------------------
 
 def _clip_layers(prefix: str, depth: int, shapes) -> dict[str, ParamMap]:
-    """HF `CLIPEncoderLayer`s -> medjax `CLIPEncoderLayer`s (layers_i/ln_1, attn, ln_2, fc1, fc2)."""
+    """HF `CLIPEncoderLayer`s -> medjax blocks of the unrolled layout (layers_i/ln_1, attn, ln_2, fc1, fc2);
+    `shapes`: `transformer.unrolled_shapes` of the model's."""
     entries = {}
     for i in range(depth):
         src, dst = f"{prefix}encoder.layers.{i}", (f"layers_{i}",)
@@ -216,7 +226,8 @@ def bert_map(model: BertEncoder, shapes, prefix: str = "") -> dict[str, ParamMap
 # ---- Conversion ------------------------------------------------------------------------------------
 
 def param_shapes(model: nn.Module) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flattened param path -> shape of `model.init`, computed abstractly (no arrays allocated)."""
+    """Flattened param path -> shape of `model.init` in the model's layout (scanned: `layers/...` with a
+    leading layer axis), computed abstractly (no arrays allocated)."""
     if isinstance(model, CLIPVisionTransformer):
         args = (jnp.zeros((1, model.image_size, model.image_size, model.num_channels), jnp.float32),)
     else:
@@ -237,8 +248,8 @@ def _key_prefix(state: Mapping[str, np.ndarray], prefix: str) -> str:
     return prefix if any(key.startswith(prefix) for key in state) else ""
 
 
-def load_with_report(path: str, tower: str | None = None, *, dtype: Dtype = jnp.float32,
-                     param_dtype: Dtype = jnp.float32) -> tuple[nn.Module, dict, KeyReport]:
+def load_with_report(path: str, tower: str | None = None, *, scan: bool | str | None = False,
+                     dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> tuple[nn.Module, dict, KeyReport]:
     """`load`, also returning the key report (its `ignored` lists the checkpoint keys not used)."""
     config = read_config(path)
     source = os.path.join(path, "config.json")
@@ -267,20 +278,20 @@ def load_with_report(path: str, tower: str | None = None, *, dtype: Dtype = jnp.
     weights = weight_file(path)
     state = _rename_legacy(read_state_dict(weights))
     ignore = _BUFFERS
-    kinds = dict(dtype=dtype, param_dtype=param_dtype)
+    kinds = dict(scan=scan, dtype=dtype, param_dtype=param_dtype)
     if tower == "vision":
         if model_type == "clip":  # the text tower and the contrastive temperature
             ignore += (r"text_model\..*", r"text_projection\.weight", r"logit_scale")
         projection = projection_dim if "visual_projection.weight" in state else None
         model = clip_vision_from_config(sub_config, sub_source, projection_dim=projection, **kinds)
-        shapes = param_shapes(model)
+        shapes = transformer.unrolled_shapes(param_shapes(model), STACK)
         mapping = clip_vision_map(model, shapes, _key_prefix(state, "vision_model."))
     elif tower == "text":
         if model_type == "clip":
             ignore += (r"vision_model\..*", r"visual_projection\.weight", r"logit_scale")
         projection = projection_dim if "text_projection.weight" in state else None
         model = clip_text_from_config(sub_config, sub_source, projection_dim=projection, **kinds)
-        shapes = param_shapes(model)
+        shapes = transformer.unrolled_shapes(param_shapes(model), STACK)
         mapping = clip_text_map(model, shapes, _key_prefix(state, "text_model."))
     else:
         prefix = _key_prefix(state, f"{model_type}.")
@@ -288,21 +299,24 @@ def load_with_report(path: str, tower: str | None = None, *, dtype: Dtype = jnp.
             ignore += (rf"(?!{re.escape(prefix)}).*",)  # heads of BertFor* / RobertaFor* models
         model = bert_from_config(config, source, roberta=model_type == "roberta",
                                  add_pooling_layer=f"{prefix}pooler.dense.weight" in state, **kinds)
-        shapes = param_shapes(model)
+        shapes = transformer.unrolled_shapes(param_shapes(model), STACK)
         mapping = bert_map(model, shapes, prefix)
     params, report = apply_mapping(shapes, mapping, state, weights, ignore=ignore, param_dtype=param_dtype)
+    if transformer.resolve_scan(model.scan, model.depth):
+        params = transformer.stack_layers(params, STACK)  # layers_{i}/... -> layers/... (axis 0: the layer)
     if report.ignored:
         _log.info("%s: ignored %d checkpoint tensors not part of the %s model: %s", weights, len(report.ignored),
                   type(model).__name__, ", ".join(report.ignored))
     return model, {"params": params}, report
 
 
-def load(path: str, tower: str | None = None, *, dtype: Dtype = jnp.float32,
+def load(path: str, tower: str | None = None, *, scan: bool | str | None = False, dtype: Dtype = jnp.float32,
          param_dtype: Dtype = jnp.float32) -> tuple[nn.Module, dict]:
     """(model, variables) from a local Hugging Face directory (config.json + weights); see the module doc.
 
-    `tower` ("vision" | "text") is required for a full CLIP directory and rejected otherwise. `dtype` is
-    the modules' compute dtype, `param_dtype` the dtype of the returned params.
+    `tower` ("vision" | "text") is required for a full CLIP directory and rejected otherwise. `scan`: the
+    model's layer layout (False: `layers_{i}`; True, or None for >= 12 layers: one scanned `layers` with a
+    leading layer axis). `dtype` is the modules' compute dtype, `param_dtype` the dtype of the returned params.
     """
-    model, variables, _ = load_with_report(path, tower, dtype=dtype, param_dtype=param_dtype)
+    model, variables, _ = load_with_report(path, tower, scan=scan, dtype=dtype, param_dtype=param_dtype)
     return model, variables

@@ -13,7 +13,9 @@ pool size, image size) are read from the tensors; head counts and the rest come 
 or keyword overrides. A vision position table of another grid is resized bicubically to the model's
 image size, as the original's `adapt_position_encoding`. Every missing or unexpected key and every shape
 mismatch is reported by name; tensors the model does not use (CLIP's text-side leftovers, the RoBERTa
-pooler, buffers, fine-tuning heads) are skipped and listed in the report's `ignored`.
+pooler, buffers, fine-tuning heads) are skipped and listed in the report's `ignored`. The layers are
+mapped onto the unrolled layout (`vision/layers_{i}`, `text/layers_{i}`) and stacked into `layers/...`
+(leading layer axis) for a tower that the model's `scan` field (a keyword override here) scans.
 
 Reading a Lightning `.ckpt` uses `torch.load(weights_only=True)`; when its pickled hyper-parameters hold
 classes that mode refuses (e.g. sacred's ReadOnlyDict), pass `trust_pickle=True` (`--trust-pickle`)
@@ -36,11 +38,13 @@ from medjax.convert import hf
 from medjax.convert.torch_io import (KeyReport, ParamMap, apply_mapping, attention_params, check_keys, copy_param,
                                      layer_norm_params, linear_params, read_state_dict)
 from medjax.models.ptunifier import PTUNIFIER_FULL, PTUnifier
+from medjax.nn import transformer
 from medjax.nn.clip_vit import resize_position_embedding
 
 Dtype = Any
 _log = logging.getLogger(__name__)
 _VISUAL = "vision_encoder.visual."
+_LAYOUT_FIELDS = ("scan",)  # how the towers' layers run (nn.scan), not the architecture
 _IGNORED = (
     r"vision_encoder\.(token_embedding\.weight|positional_embedding|ln_final\.(weight|bias))",  # CLIP text side
     r"language_encoder\.pooler\.dense\.(weight|bias)",  # RoBERTa's pooler: PTUnifier pools after fusion
@@ -178,7 +182,7 @@ def ptunifier_map(model: PTUnifier, shapes) -> dict[str, ParamMap]:
 
 
 def param_shapes(model: PTUnifier) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flattened param path -> shape of `model.init`, computed abstractly."""
+    """Flattened param path -> shape of `model.init` in the model's layout, computed abstractly."""
     images = jax.ShapeDtypeStruct((2, model.image_size, model.image_size, 3), jnp.float32)
     ids = jax.ShapeDtypeStruct((2, 4), jnp.int32)
     abstract = jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t, t), images, ids)
@@ -219,23 +223,25 @@ def convert_state_dict(state: Mapping[str, np.ndarray], model: PTUnifier, source
                        param_dtype: Dtype = jnp.float32) -> tuple[dict, KeyReport]:
     """A PTUnifier Lightning state dict -> params of `model`; raises naming every key problem."""
     state = _resize_positions(dict(state), model)
-    shapes = param_shapes(model)
+    layout = param_shapes(model)
+    shapes = transformer.unrolled_shapes(layout, hf.STACK)  # the checkpoint's layer i -> layers_{i}
     mapping = ptunifier_map(model, shapes)
     report = check_keys(_fused_shapes(model, mapping), {k: tuple(v.shape) for k, v in state.items()}, ignore=_IGNORED)
     report.raise_if_problems(source)
     used = _split_in_proj({k: v for k, v in state.items() if k not in report.ignored}, model.vision_depth)
     params, _ = apply_mapping(shapes, mapping, used, source, param_dtype=param_dtype)
-    return params, report
+    # layers_{i} -> one scanned `layers` (axis 0: the layer) in each tower the model scans
+    return transformer.match_layer_layout(params, traverse_util.unflatten_dict(layout), hf.STACK), report
 
 
 def load_with_report(path: str, *, trust_pickle: bool = False, dtype: Dtype = jnp.float32,
                      param_dtype: Dtype = jnp.float32, **overrides) -> tuple[PTUnifier, dict, KeyReport]:
     """`load`, also returning the key report."""
     state = read_lightning_state_dict(path, trust_pickle=trust_pickle)
-    unknown = sorted(set(overrides) - set(PTUNIFIER_FULL))
+    unknown = sorted(set(overrides) - set(PTUNIFIER_FULL) - set(_LAYOUT_FIELDS))
     if unknown:
         raise ValueError(f"medjax/convert/ptunifier.py: unknown model field(s) {unknown}; "
-                         f"fields: {sorted(PTUNIFIER_FULL)}")
+                         f"fields: {sorted(PTUNIFIER_FULL) + list(_LAYOUT_FIELDS)}")
     fields = {**PTUNIFIER_FULL, **config_from_state_dict(state, path), **overrides}
     model = PTUnifier(**fields, dtype=dtype, param_dtype=param_dtype)
     params, report = convert_state_dict(state, model, path, param_dtype=param_dtype)
@@ -248,7 +254,7 @@ def load_with_report(path: str, *, trust_pickle: bool = False, dtype: Dtype = jn
 def load(path: str, *, trust_pickle: bool = False, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
          **overrides) -> tuple[PTUnifier, dict]:
     """(model, variables) from a PTUnifier Lightning checkpoint; `overrides` of PTUNIFIER_FULL's fields
-    (e.g. image_size=384 resizes the position table for fine-tuning)."""
+    (e.g. image_size=384 resizes the position table for fine-tuning) and `scan` (the towers' layer layout)."""
     model, variables, _ = load_with_report(path, trust_pickle=trust_pickle, dtype=dtype, param_dtype=param_dtype,
                                            **overrides)
     return model, variables
@@ -280,13 +286,18 @@ def _take_tower(ours: dict, theirs: dict, source: str, tower: str) -> tuple[dict
 
 def init_towers_from_hf(params: dict, *, vision: str = "", text: str = "") -> tuple[dict, list[str]]:
     """Unboxed PTUnifier `params` with the "vision" tower from a local HF CLIP (vision) directory and/or the
-    "text" tower from a local HF RoBERTa/BERT directory (`medjax.convert.hf.load`); also the skipped leaves."""
+    "text" tower from a local HF RoBERTa/BERT directory (`medjax.convert.hf.load`); also the skipped leaves.
+    A scanned tower (`layers/...`) is filled layer by layer and stacked again."""
     params, notes = dict(params), []
     for tower, path in (("vision", vision), ("text", text)):
         if not path:
             continue
         config = hf.read_config(path)
         _, variables = hf.load(path, tower="vision" if config.get("model_type") == "clip" else None)
-        params[tower], skipped = _take_tower(jax.device_get(params[tower]), variables["params"], path, tower)
+        ours = jax.device_get(params[tower])
+        scanned = hf.STACK in ours
+        ours = transformer.unstack_layers(ours, hf.STACK) if scanned else ours
+        taken, skipped = _take_tower(ours, variables["params"], path, tower)
+        params[tower] = transformer.stack_layers(taken, hf.STACK) if scanned else taken
         notes += [f"{path}: {s} (not used)" for s in skipped]
     return params, notes

@@ -45,7 +45,7 @@ def _classes() -> dict[str, Any]:
     """The torch module classes, defined once torch and monai are imported."""
     import torch
     import torch.nn as tnn
-    import torch.nn.functional as F
+    from torch.nn import functional
     from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR
 
     _ensure_rearrange()
@@ -63,8 +63,8 @@ def _classes() -> dict[str, Any]:
 
     class ContBatchNorm3d(tnn.modules.batchnorm._BatchNorm):
         def forward(self, x):
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
-                                self.momentum, self.eps)
+            return functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
+                                         self.momentum, self.eps)
 
     class LUConv(tnn.Module):
         def __init__(self, cin, cout):
@@ -169,7 +169,7 @@ def _classes() -> dict[str, Any]:
             if self.encoding == "rand_embedding":
                 task = self.organ_embedding.weight[:, :, None, None, None]
             else:
-                task = F.relu(self.text_to_vision(self.organ_embedding))[:, :, None, None, None]
+                task = functional.relu(self.text_to_vision(self.organ_embedding))[:, :, None, None, None]
             x_feat = self.GAP(dec4)
             logits = []
             for i in range(x_feat.shape[0]):
@@ -184,9 +184,9 @@ def _classes() -> dict[str, Any]:
                     out_ch = 8 if layer < 2 else 1
                     weight = splits[layer].reshape(n * out_ch, -1, 1, 1, 1)
                     bias = splits[3 + layer].reshape(n * out_ch)
-                    y = F.conv3d(y, weight, bias=bias, groups=n)
+                    y = functional.conv3d(y, weight, bias=bias, groups=n)
                     if layer < 2:
-                        y = F.relu(y)
+                        y = functional.relu(y)
                 logits.append(y.reshape(1, -1, d, h, w))
             return torch.cat(logits, 0)
 

@@ -4,14 +4,11 @@ pathology", Nat. Med. 2024; mahmoodlab/UNI) -> a medjax Flax model.
     model, variables = medjax.convert.uni.load("UNI/pytorch_model.bin")    # or a .safetensors file / directory
     features = model.apply(variables, images)   # images (batch, 224, 224, 3), ImageNet-normalised -> (batch, 1024)
 
-UNI is timm's `vit_large_patch16_224` created with `init_values=1e-5` (LayerScale), `num_classes=0`:
-ViT-L/16 (width 1024, 24 blocks, 16 heads, MLP 4096, GELU, qkv bias), a class token, learned position
-embeddings for 14 x 14 + 1 tokens, pre-norm blocks x + ls1 * attn(LN(x)), x + ls2 * mlp(LN(x)),
-LayerNorm eps 1e-6, and its feature is the class token after the final norm (timm's
-`forward_features` + `forward_head(pre_logits)` with global_pool="token"). The model is built from
-`medjax.nn.vit.ViTEncoder` (submodule "encoder"), so converted weights also initialise the library's
-ViT (e.g. for DINOv2 continued pretraining). Keyword overrides of `UNI_VIT_L16` convert other timm ViTs
-with the same layout (e.g. the tiny ones of the parity test). Every missing or unexpected key and
+The model, `medjax.models.uni.UNIEncoder` (timm's `vit_large_patch16_224` as UNI creates it, on
+`medjax.nn.vit.ViTEncoder`; re-exported here with `uni_model` and `UNI_VIT_L16`), is filled from timm's
+state dict, in the scanned layout (`encoder/blocks`, leading layer axis) or the unrolled one
+(`encoder/blocks_{i}`) as the model's `scan` says. Keyword overrides of `UNI_VIT_L16` convert other timm
+ViTs with the same layout (e.g. the tiny ones of the parity test). Every missing or unexpected key and
 every shape mismatch is reported by name; a classifier `head.*` is skipped (listed in the report).
 """
 from __future__ import annotations
@@ -27,53 +24,13 @@ from flax import traverse_util
 
 from medjax.convert.torch_io import (KeyReport, ParamMap, apply_mapping, attention_params, check_keys, copy_param,
                                      layer_norm_params, linear_params, read_state_dict)
+from medjax.models.uni import UNI_VIT_L16, UNIEncoder, uni_model  # noqa: F401 (re-exported: the public names)
 from medjax.nn import transformer
-from medjax.nn.vit import ViTEncoder
 
 Dtype = Any
 _log = logging.getLogger(__name__)
 
-# timm vit_large_patch16_224 as UNI creates it (UNI README: img_size=224, patch_size=16, init_values=1e-5,
-# num_classes=0).
-UNI_VIT_L16 = dict(image_size=224, patch_size=16, width=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-                   layerscale_init=1e-5)
 _IGNORED = (r"head\.(weight|bias)",)  # a classifier on top of the feature, not part of it
-_LAYOUT_FIELDS = ("scan", "remat")  # how the blocks run (nn.scan / nn.remat), not the architecture
-
-
-class UNIEncoder(nn.Module):
-    """Images (batch, H, W, 3), ImageNet-normalised -> the class token after the final LayerNorm
-    (batch, width): UNI's tile feature (1024-d for ViT-L/16)."""
-
-    image_size: int = 224
-    patch_size: int = 16
-    width: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    layerscale_init: float | None = 1e-5
-    scan: bool | str | None = None  # ViTEncoder.scan: None scans 24 blocks (params under encoder/blocks)
-    remat: bool | str = "none"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        tokens = ViTEncoder(self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
-                            self.mlp_ratio, class_token=True, layerscale_init=self.layerscale_init,
-                            remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name="encoder")(images, train=train)
-        return tokens[:, 0]
-
-
-def uni_model(*, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, **overrides) -> UNIEncoder:
-    """UNIEncoder with UNI_VIT_L16's fields, `overrides` replacing some (unknown names are an error), plus
-    the layout fields `scan` and `remat`."""
-    unknown = sorted(set(overrides) - set(UNI_VIT_L16) - set(_LAYOUT_FIELDS))
-    if unknown:
-        raise ValueError(f"medjax/convert/uni.py: unknown model field(s) {unknown}; fields: "
-                         f"{sorted(UNI_VIT_L16) + list(_LAYOUT_FIELDS)}")
-    return UNIEncoder(**{**UNI_VIT_L16, **overrides}, dtype=dtype, param_dtype=param_dtype)
 
 
 def param_shapes(model: UNIEncoder) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -89,23 +46,11 @@ def _qkv_names(i: int) -> dict[str, str]:
             "out": f"blocks.{i}.attn.proj"}
 
 
-def unrolled_shapes(shapes, depth: int) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """`param_shapes` of a scanned encoder (`encoder/blocks/...`, leading layer axis) -> those of the unrolled
-    one (`encoder/blocks_{i}/...`); unrolled shapes are returned unchanged."""
-    out = {}
-    for path, shape in shapes.items():
-        if path[:2] == ("encoder", transformer.SCAN_NAME):
-            out |= {("encoder", f"{transformer.SCAN_NAME}_{i}") + path[2:]: tuple(shape[1:]) for i in range(depth)}
-        else:
-            out[path] = tuple(shape)
-    return out
-
-
 def timm_vit_map(model: UNIEncoder, shapes) -> dict[str, ParamMap]:
     """timm VisionTransformer state-dict keys (fused qkv split into q / k / v) -> Flax param paths of the
     unrolled layout (`encoder/blocks_{i}`; `load` stacks them on axis 0 into `encoder/blocks` for a scanned
     model). `shapes`: `param_shapes(model)`, either layout."""
-    shapes = unrolled_shapes(shapes, model.depth)
+    shapes = transformer.unrolled_shapes(shapes)
     enc = ("encoder",)
     p = model.patch_size
     kernel = enc + ("patch_embed", "proj", "kernel")
@@ -155,7 +100,7 @@ def load_with_report(path: str, *, dtype: Dtype = jnp.float32, param_dtype: Dtyp
     """`load`, also returning the key report (its `ignored` lists the checkpoint keys not used)."""
     model = uni_model(dtype=dtype, param_dtype=param_dtype, **overrides)
     state = read_state_dict(path)
-    shapes = unrolled_shapes(param_shapes(model), model.depth)  # timm's blocks.{i} -> blocks_{i}; stacked below
+    shapes = transformer.unrolled_shapes(param_shapes(model))  # timm's blocks.{i} -> blocks_{i}; stacked below
     mapping = timm_vit_map(model, shapes)
     report = check_keys(timm_checkpoint_shapes(model, mapping), {k: tuple(v.shape) for k, v in state.items()},
                         ignore=_IGNORED)

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from medjax.data import arrow_ipc as A
+from medjax.data import arrow_ipc
 
 METADATA_V5 = 4
 
@@ -115,28 +115,28 @@ def _infer(values: Sequence[Any], where: str) -> tuple[int, list]:
     """(type id, child types) for a column of Python values, as pyarrow infers them."""
     present = [v for v in values if v is not None]
     if not present:
-        return A.NULL, []
+        return arrow_ipc.NULL, []
     kinds = {type(v) for v in present}
     if kinds <= {bytes, bytearray}:
-        return A.BINARY, []
+        return arrow_ipc.BINARY, []
     if kinds == {str}:
-        return A.UTF8, []
+        return arrow_ipc.UTF8, []
     if kinds == {bool}:
-        return A.BOOL, []
+        return arrow_ipc.BOOL, []
     if kinds <= {int, np.int64, np.int32}:
-        return A.INT, []
+        return arrow_ipc.INT, []
     if kinds <= {int, float, np.float64, np.float32}:
-        return A.FLOAT, []
+        return arrow_ipc.FLOAT, []
     if kinds <= {list, tuple}:
-        return A.LIST, [_infer([x for v in present for x in v], where + "[]")]
+        return arrow_ipc.LIST, [_infer([x for v in present for x in v], where + "[]")]
     raise TypeError(f"{where}: cannot store values of types {sorted(k.__name__ for k in kinds)} in an Arrow column")
 
 
 def _field_obj(name: str, inferred: tuple[int, list]) -> _Obj:
     type_id, children = inferred
-    if type_id == A.INT:
+    if type_id == arrow_ipc.INT:
         type_table = _table([("i", 64), ("B", 1)])
-    elif type_id == A.FLOAT:
+    elif type_id == arrow_ipc.FLOAT:
         type_table = _table([("h", 2)])
     else:
         type_table = _table([])
@@ -148,20 +148,20 @@ def _encode(values: Sequence[Any], inferred: tuple[int, list], nodes: list, buff
     type_id, children = inferred
     n, null = len(values), [v is None for v in values]
     nodes.append((n, sum(null)))
-    if type_id == A.NULL:
+    if type_id == arrow_ipc.NULL:
         return
     buffers.append(np.packbits(~np.array(null, bool), bitorder="little").tobytes() if any(null) else b"")
-    if type_id == A.INT:
+    if type_id == arrow_ipc.INT:
         buffers.append(np.array([0 if v is None else int(v) for v in values], "<i8").tobytes())
-    elif type_id == A.FLOAT:
+    elif type_id == arrow_ipc.FLOAT:
         buffers.append(np.array([0.0 if v is None else float(v) for v in values], "<f8").tobytes())
-    elif type_id == A.BOOL:
+    elif type_id == arrow_ipc.BOOL:
         buffers.append(np.packbits(np.array([bool(v) for v in values], bool), bitorder="little").tobytes())
-    elif type_id in (A.BINARY, A.UTF8):
+    elif type_id in (arrow_ipc.BINARY, arrow_ipc.UTF8):
         data = [b"" if v is None else (v.encode("utf-8") if isinstance(v, str) else bytes(v)) for v in values]
         buffers.append(np.cumsum([0] + [len(d) for d in data], dtype=np.int64).astype("<i4").tobytes())
         buffers.append(b"".join(data))
-    elif type_id == A.LIST:
+    elif type_id == arrow_ipc.LIST:
         items = [[] if v is None else list(v) for v in values]
         buffers.append(np.cumsum([0] + [len(x) for x in items], dtype=np.int64).astype("<i4").tobytes())
         _encode([x for v in items for x in v], children[0], nodes, buffers)
@@ -170,7 +170,7 @@ def _encode(values: Sequence[Any], inferred: tuple[int, list], nodes: list, buff
 def _message(header_type: int, header: _Obj, body_length: int) -> bytes:
     """An encapsulated IPC message prefix: continuation, metadata length, the padded Message."""
     meta = flatbuffer(_table([("h", METADATA_V5), ("B", header_type), ("off", header), ("q", body_length)]))
-    return struct.pack("<Ii", A.CONTINUATION, len(meta)) + meta
+    return struct.pack("<Ii", arrow_ipc.CONTINUATION, len(meta)) + meta
 
 
 def write_arrow(path: str, columns: Mapping[str, Sequence[Any]]) -> None:
@@ -192,14 +192,14 @@ def write_arrow(path: str, columns: Mapping[str, Sequence[Any]]) -> None:
         _pad_to(body, 8)
     batch = _table([("q", num_rows), ("off", _structs("qq", nodes)), ("off", _structs("qq", spans))])
 
-    out = bytearray(A.MAGIC + b"\0\0")
-    out += _message(A.SCHEMA_MESSAGE, schema, 0)
+    out = bytearray(arrow_ipc.MAGIC + b"\0\0")
+    out += _message(arrow_ipc.SCHEMA_MESSAGE, schema, 0)
     batch_offset = len(out)
-    batch_meta = _message(A.RECORD_BATCH_MESSAGE, batch, len(body))
+    batch_meta = _message(arrow_ipc.RECORD_BATCH_MESSAGE, batch, len(body))
     out += batch_meta + body
-    out += struct.pack("<Ii", A.CONTINUATION, 0)  # end of stream
+    out += struct.pack("<Ii", arrow_ipc.CONTINUATION, 0)  # end of stream
     footer = flatbuffer(_table([("h", METADATA_V5), ("off", schema), ("off", _structs("qi4xq", [])),
                                 ("off", _structs("qi4xq", [(batch_offset, len(batch_meta), len(body))]))]))
-    out += footer + struct.pack("<i", len(footer)) + A.MAGIC
+    out += footer + struct.pack("<i", len(footer)) + arrow_ipc.MAGIC
     with open(path, "wb") as f:
         f.write(out)

@@ -8,21 +8,18 @@ the layer layout of CLAM's `Attn_Net_Gated`, Lu et al., Nat. Biomed. Eng. 2021).
     z = sum_i alpha_i h_i,   logits = W_c z + b_c                        Eq. 5 / 6 (attention MIL pooling)
 
 UNI's setting: FC 512 + ReLU + dropout 0.25, gated attention with a 384-wide hidden layer (dropout 0.25 on
-both branches, as CLAM), a linear classifier; AdamW, lr 1e-4 with cosine decay, weight decay 1e-5, 20
-epochs, one slide per step (these optimiser numbers are from UNI's Methods as we recall them; the
-reference file does not list them). Bags of different sizes are padded to one length with a mask, so the
-train step compiles once.
+both branches, as CLAM), a linear classifier. Bags of different sizes are padded to one length with a mask
+(`pad_bags`), so a jitted step compiles once. UNI's training and evaluation protocol (AdamW, one slide per
+step, cross-validation) is `medjax.tasks.uni_slide_classification`.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 Dtype = Any
 UNI_HIDDEN = 512
@@ -92,79 +89,3 @@ def pad_bags(features_by_slide: Sequence[np.ndarray], length: int | None = None,
         features[i, :len(bag)] = bag
         mask[i, :len(bag)] = True
     return features, mask
-
-
-def _check_labels(labels: Sequence[int], count: int, num_classes: int) -> np.ndarray:
-    labels = np.asarray(labels).ravel()
-    if len(labels) != count or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 \
-            or labels.max() >= num_classes:
-        raise ValueError(f"ABMIL: need {count} integer slide labels in [0, {num_classes}), got {labels[:10]}")
-    return labels.astype(np.int32)
-
-
-# AdamW whose lr and weight decay live in the optimizer state (set per step from the host), so one jitted
-# step serves every training run of a model configuration.
-_ADAMW = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0)
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _init(model: GatedABMIL, key, bag, bag_mask):
-    params = nn.unbox(model.init({"params": key}, bag, bag_mask)["params"])
-    return params, _ADAMW.init(params)
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _train_step(model: GatedABMIL, params, opt_state, bag, bag_mask, label, key, step, lr, weight_decay):
-    opt_state.hyperparams.update(learning_rate=lr, weight_decay=weight_decay)  # traced: no recompiles
-    rng = jax.random.fold_in(key, step)
-
-    def loss_fn(params):
-        logits, _ = model.apply({"params": params}, bag, bag_mask, train=True, rngs={"dropout": rng})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = _ADAMW.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _predict_step(model: GatedABMIL, params, bag, bag_mask):
-    logits, attention = model.apply({"params": params}, bag, bag_mask, train=False)
-    return jax.nn.softmax(logits, axis=-1), attention
-
-
-def train_abmil(model: GatedABMIL, features_by_slide: Sequence[np.ndarray], labels: Sequence[int], *,
-                epochs: int = 20, lr: float = 1e-4, weight_decay: float = 1e-5, seed: int = 0,
-                length: int | None = None) -> Any:
-    """Train `model` on the bags (one (instances, D) array per slide) and slide labels: cross-entropy, AdamW
-    with lr cosine-decayed to 0 over all steps, one slide per step in a seeded shuffled order per epoch
-    (UNI's setting, module doc); returns the params (unboxed). Bags are padded to `length` (default: the
-    largest, rounded up), so the step compiles once per (model, length, D)."""
-    features, mask = pad_bags(features_by_slide, length)
-    labels = _check_labels(labels, len(features), model.num_classes)
-    key = jax.random.key(seed)
-    params, opt_state = _init(model, key, features[:1], mask[:1])
-    total = max(epochs * len(features), 1)
-    order_rng = np.random.default_rng(seed)
-    dropout_key = jax.random.fold_in(key, 1)
-    step = 0
-    for _ in range(epochs):
-        for i in order_rng.permutation(len(features)):
-            step_lr = np.float32(0.5 * lr * (1 + np.cos(np.pi * step / total)))  # cosine decay to 0
-            params, opt_state, _ = _train_step(model, params, opt_state, features[i:i + 1], mask[i:i + 1],
-                                               labels[i:i + 1], dropout_key, np.int32(step), step_lr,
-                                               np.float32(weight_decay))
-            step += 1
-    return params
-
-
-def predict_abmil(model: GatedABMIL, params: Any, features_by_slide: Sequence[np.ndarray], *,
-                  length: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(class probabilities (S, C), per-slide attention weights (instances,)) in eval mode (no dropout)."""
-    features, mask = pad_bags(features_by_slide, length)
-    probs, attention = [], []
-    for i in range(len(features)):
-        slide_probs, weights = _predict_step(model, params, features[i:i + 1], mask[i:i + 1])
-        probs.append(np.asarray(slide_probs)[0])
-        attention.append(np.asarray(weights)[0, :int(mask[i].sum())])
-    return np.stack(probs), attention

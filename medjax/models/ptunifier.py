@@ -85,6 +85,9 @@ class PTUnifier(nn.Module):
     num_visual_prompts: int = 49
     num_textual_prompts: int = 32
     prompts_trainable: bool = True
+    # Layout, not architecture: nn.scan over each tower's layers (params under vision/layers, text/layers with
+    # a leading layer axis); None: towers of >= 12 layers. medjax.convert.ptunifier maps either layout.
+    scan: bool | str | None = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -94,13 +97,13 @@ class PTUnifier(nn.Module):
                              f"{self.text_width} must agree (each pool is queried by the other modality's embeddings)")
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.vision = CLIPVisionTransformer(self.image_size, self.patch_size, self.vision_width, self.vision_depth,
-                                            self.vision_heads, self.vision_mlp_dim, **kinds)
+                                            self.vision_heads, self.vision_mlp_dim, scan=self.scan, **kinds)
         self.text = BertEncoder(self.vocab_size, self.text_width, self.text_depth, self.text_heads, self.text_mlp_dim,
                                 self.max_positions, type_vocab_size=1 if self.roberta_positions else 2,
                                 layer_norm_eps=self.text_layer_norm_eps, hidden_dropout=self.dropout,
                                 attention_dropout=self.dropout,
                                 position_padding_idx=self.pad_token_id if self.roberta_positions else None,
-                                add_pooling_layer=False, **kinds)
+                                add_pooling_layer=False, scan=self.scan, **kinds)
         self.text_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype)
         self.image_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype)
         self.modality_type = nn.Embed(2, self.hidden_size, embedding_init=nn.with_logical_partitioning(

@@ -14,7 +14,8 @@
   one `nn.scan` over the layers (submodule `blocks`, every param with a leading layer axis of logical
   name "layers"), so a 24-layer ViT compiles one block; each with an `nn.remat` policy. Per-layer
   values (the drop-path schedule) are scanned inputs; intermediate layer outputs are the scan's outputs.
-- `stack_layers` / `unstack_layers` / `match_layer_layout`: move params between the two layouts.
+- `stack_layers` / `unstack_layers` / `match_layer_layout`: move params between the two layouts;
+  `unrolled_shapes` gives a model's param shapes in the unrolled one (what converters map onto).
 
 The projections are `HeadsDense` rather than `nn.DenseGeneral`: DenseGeneral initialises a multi-axis
 kernel through its flattened 2-D shape, and a logically partitioned initialiser then applies its 3-name
@@ -25,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -466,6 +467,23 @@ def match_layer_layout(source: Any, target: Any, name: str = SCAN_NAME) -> Any:
     elif name not in target_keys and f"{name}_0" in target_keys and isinstance(source.get(name), dict):
         source = _unstack_node(dict(source), name)
     return {k: (match_layer_layout(v, target[k], name) if k in target_keys else v) for k, v in source.items()}
+
+
+def unrolled_shapes(shapes: Mapping[tuple[str, ...], tuple[int, ...]], name: str = SCAN_NAME
+                    ) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat param path -> shape of a model in either layout -> those of its unrolled layout: a path through a
+    scanned stack `name` (leading layer axis of size n) becomes the n paths through `name_0`, ...,
+    `name_{n-1}` without that axis. What a converter maps checkpoint layers onto before `match_layer_layout`
+    (or `stack_layers`) brings the converted params to the model's layout."""
+    out = {}
+    for path, shape in shapes.items():
+        if name not in path:
+            out[path] = tuple(shape)
+            continue
+        at = path.index(name)
+        for i in range(shape[0]):
+            out[path[:at] + (f"{name}_{i}",) + path[at + 1:]] = tuple(shape[1:])
+    return out
 
 
 def layer_count(params: dict, name: str = SCAN_NAME) -> int:

@@ -7,7 +7,7 @@ TASKS = {
     "mrm": "medjax.tasks.mrm:MRMTask",
     "fundus_classification": "medjax.tasks.fundus_classification:FundusClassificationTask",
     "universal": "medjax.tasks.universal:UniversalTask",
-    "dinov2": "medjax.tasks.dinov2:DINOv2Task",
+    "uni_pretrain": "medjax.tasks.uni_pretrain:UNIPretrainTask",
     "ptunifier": "medjax.tasks.ptunifier:PTUnifierTask",
     "ptunifier_vqa": "medjax.tasks.ptunifier_vqa:PTUnifierVQATask",
     "ptunifier_classification": "medjax.tasks.ptunifier_classification:PTUnifierClassificationTask",

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.data import image_transforms as T
+from medjax.data.image_transforms import fundus_eval_transform, fundus_train_transform
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
-from medjax.metrics import classification as M
+from medjax.metrics.classification import accuracy, macro_auc, quadratic_weighted_kappa
 from medjax.models.vit_classifier import ViTClassifier
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase, markdown_table
@@ -86,8 +86,8 @@ class FundusClassificationTask(TaskBase):
         return loss, {"bce": loss, "train_accuracy": jnp.mean(grade == batch["label"])}
 
     def _train_transform(self, example, rng):
-        image = T.fundus_train_transform(example["image"], rng, rotation=self.config.data.rotation,
-                                         hflip=self.config.data.hflip)
+        image = fundus_train_transform(example["image"], rng, rotation=self.config.data.rotation,
+                                       hflip=self.config.data.hflip)
         return {"image": image, "label": np.int32(example["label"])}
 
     def train_data(self):
@@ -108,7 +108,7 @@ class FundusClassificationTask(TaskBase):
     def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, class probabilities (N, num_classes)) over a split."""
         dataset = self.split_dataset(split)
-        transform = lambda ex: {"image": T.fundus_eval_transform(ex["image"]), "label": np.int32(ex["label"])}
+        transform = lambda ex: {"image": fundus_eval_transform(ex["image"]), "label": np.int32(ex["label"])}
         labels, probs = [], []
         for batch in eval_batches(dataset, self.run.eval_batch_size, transform):
             valid = batch["valid"]
@@ -121,9 +121,9 @@ class FundusClassificationTask(TaskBase):
         grades = probs.argmax(-1)
         onehot = np.eye(self.num_classes)[labels]
         return {
-            "auc": M.macro_auc(onehot, probs),
-            "kappa": M.quadratic_weighted_kappa(labels, grades, self.num_classes),
-            "accuracy": M.accuracy(labels, grades),
+            "auc": macro_auc(onehot, probs),
+            "kappa": quadratic_weighted_kappa(labels, grades, self.num_classes),
+            "accuracy": accuracy(labels, grades),
             "examples": float(len(labels)),
         }
 

@@ -7,7 +7,7 @@ import functools
 import jax
 import numpy as np
 
-from medjax.data import image_transforms as T
+from medjax.data.image_transforms import fundus_eval_transform, fundus_train_transform
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
 from medjax.losses.mrm import mrm_loss
@@ -49,8 +49,8 @@ class MRMTask(TaskBase):
                                 lam=m.lam, norm_pix_loss=m.norm_pix_loss)
 
     def _train_transform(self, example, rng):
-        image = T.fundus_train_transform(example["image"], rng, rotation=self.config.data.rotation,
-                                         hflip=self.config.data.hflip)
+        image = fundus_train_transform(example["image"], rng, rotation=self.config.data.rotation,
+                                       hflip=self.config.data.hflip)
         return {"image": image, "genome": example["genome"]}
 
     def train_data(self):
@@ -83,7 +83,7 @@ class MRMTask(TaskBase):
     def evaluate(self, params) -> dict[str, float]:
         """Mean loss and its parts (no dropout, no augmentation) over the evaluation rows."""
         dataset = self.eval_dataset
-        transform = lambda ex: {"image": T.fundus_eval_transform(ex["image"]), "genome": ex["genome"]}
+        transform = lambda ex: {"image": fundus_eval_transform(ex["image"]), "genome": ex["genome"]}
         totals, count = {}, 0
         for batch in eval_batches(dataset, self.run.eval_batch_size, transform):
             n = int(batch.pop("valid").sum())

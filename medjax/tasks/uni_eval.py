@@ -15,7 +15,7 @@ Data (`uni_eval.dir`, else `data.dir`, else the WSI demo of `python -m medjax.da
 - `slides.csv` (optional): `slide_id,label[,file][,split]`, slide labels for ABMIL. Bags are every tissue
   tile of a slide (CLAM's recipe: `<dir>/coords/<slide_id>.h5` when `python -m medjax.data tile` wrote
   them, else tiled now); with a `split` column train / test, else stratified k-fold cross-validation over
-  slides with predictions pooled over folds (our choice for small sets such as the demo's 4 slides).
+  slides with predictions pooled over folds (medjax.tasks.uni_slide_classification).
 Tiles are read at 20x, resized to `image_size` (UNI's eval transform: Resize 224 + CenterCrop 224 of a
 256-px tile) and ImageNet-normalised.
 """
@@ -39,9 +39,8 @@ from medjax.data.wsi import SLIDE_EXTENSIONS
 from medjax.data.wsi_source import WSITileSource
 from medjax.metrics.knn import knn_evaluate
 from medjax.metrics.linear_probe import linear_probe_evaluate
-from medjax.metrics.multiclass import classification_metrics, multiclass_auc
-from medjax.models.abmil import GatedABMIL, predict_abmil, train_abmil
-from medjax.nn.transformer import layer_count
+from medjax.models.uni import uni_fields_from_params, uni_model
+from medjax.tasks.uni_slide_classification import slide_level_eval
 
 FeatureFn = Callable[[np.ndarray], Any]
 # UNI ViT-L/16 in the paper (balanced accuracy), for the table's footnote.
@@ -171,16 +170,6 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
     return test
 
 
-def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold index per row: per class, a seeded shuffle dealt round-robin over `folds` folds."""
-    rng = np.random.default_rng(seed)
-    fold = np.zeros(len(labels), np.int32)
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        fold[rows] = np.arange(len(rows)) % folds
-    return fold
-
-
 def _slides_dir(root: str) -> str:
     return os.path.join(root, "slides") if os.path.isdir(os.path.join(root, "slides")) else root
 
@@ -242,37 +231,6 @@ def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, 
     return results | {"tiles/train": float(train.sum()), "tiles/test": float(test.sum())}
 
 
-def slide_level_eval(bags: list[np.ndarray], labels: np.ndarray, test: np.ndarray | None, settings,
-                     where: str = "slides.csv") -> dict[str, float]:
-    """ABMIL (`abmil/...`): trained on train slides and scored on test slides, or, without a split, k-fold
-    cross-validated with the held-out predictions of all folds pooled."""
-    cfg = settings.abmil
-    num_classes = int(labels.max()) + 1
-    if test is not None:
-        folds = [(~test, test)]
-    else:
-        smallest = min(np.bincount(labels, minlength=num_classes))
-        k = min(int(cfg.folds), int(smallest))
-        if k < 2:
-            raise ValueError(f"{where}: ABMIL cross-validation needs >= 2 slides of every class, got counts "
-                             f"{np.bincount(labels, minlength=num_classes).tolist()}; add slides or a split column")
-        fold = stratified_folds(labels, k, cfg.seed)
-        folds = [(fold != f, fold == f) for f in range(k)]
-    model = GatedABMIL(num_classes, cfg.hidden_dim, cfg.attention_dim, cfg.dropout)
-    length = -(-max(len(b) for b in bags) // 64) * 64
-    probs = np.zeros((len(bags), num_classes), np.float32)
-    scored = np.zeros(len(bags), bool)
-    for train, held_out in folds:
-        params = train_abmil(model, [bags[i] for i in np.flatnonzero(train)], labels[train], epochs=cfg.epochs,
-                             lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed, length=length)
-        probs[held_out], _ = predict_abmil(model, params, [bags[i] for i in np.flatnonzero(held_out)], length=length)
-        scored |= held_out
-    results = {f"abmil/{k}": v for k, v in classification_metrics(labels[scored], probs[scored].argmax(1)).items()}
-    if len(np.unique(labels[scored])) == num_classes:
-        results["abmil/auc"] = multiclass_auc(labels[scored], probs[scored])
-    return results | {"abmil/slides": float(scored.sum())}
-
-
 def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> dict[str, float]:
     """UNI's tile-level (kNN, linear probe) and slide-level (ABMIL) metrics of `feature_fn` (module doc);
     `config` is an experiment config whose optional `uni_eval` block overrides `uni_eval_config()`."""
@@ -307,26 +265,10 @@ def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> di
 
 # ---- the converted UNI model ------------------------------------------------------------------------------
 
-def uni_fields_from_params(params: Any) -> dict:
-    """UNIEncoder fields read off a converted params tree {"encoder": ...} (ViT shapes; LayerScale if present)."""
-    enc = params["encoder"]
-    width = enc["pos_embed"].shape[-1]
-    patch = enc["patch_embed"]["proj"]["kernel"].shape[0]
-    grid = int(round((enc["pos_embed"].shape[1] - 1) ** 0.5))
-    scanned = "blocks" in enc  # one nn.scan'd "blocks" (leading layer axis) or blocks_0, blocks_1, ...
-    block = enc["blocks"] if scanned else enc["blocks_0"]
-    return dict(image_size=grid * patch, patch_size=patch, width=width, depth=layer_count(enc),
-                num_heads=block["attn"]["query"]["kernel"].shape[-2],
-                mlp_ratio=block["mlp"]["fc1"]["kernel"].shape[-1] / width,
-                layerscale_init=1e-5 if "ls1" in block else None, scan=scanned)
-
-
 def uni_feature_fn(params: Any, *, dtype: Any = jnp.float32, **overrides) -> FeatureFn:
-    """feature_fn of UNI's encoder (`medjax.convert.uni`) for converted params ({"encoder": ...}, optionally
-    under "params", as `medjax.checkpoint.restore_params` returns them): images -> the 1024-d CLS feature.
-    The architecture is read off the params' shapes; `overrides` replace fields."""
-    from medjax.convert.uni import uni_model
-
+    """feature_fn of UNI's encoder (`medjax.models.uni.UNIEncoder`) for params converted by `medjax.convert.uni`
+    ({"encoder": ...}, optionally under "params", as `medjax.checkpoint.restore_params` returns them): images
+    -> the 1024-d CLS feature. The architecture is read off the params' shapes; `overrides` replace fields."""
     params = nn.unbox(params.get("params", params))
     if "encoder" not in params:
         raise ValueError(f"uni_feature_fn: expected converted UNI params with an 'encoder' subtree, got keys "

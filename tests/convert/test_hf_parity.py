@@ -190,6 +190,34 @@ def test_roberta_matches_hf_with_padding_positions(tmp_path):
     close(pooled, out.pooler_output)
 
 
+def test_scanned_roberta_gets_stacked_layers_and_matches_hf(tmp_path):
+    """scan=True: the checkpoint's layer.{i} tensors land in one `layers` stack (leading layer axis), the
+    unrolled conversion's layers_{i} row by row, and the outputs still match transformers."""
+    ref = seeded(transformers.RobertaModel, transformers.RobertaConfig(**TINY_BERT, type_vocab_size=1), seed=6)
+    directory = save_hf(ref, tmp_path)
+    model, variables = hf.load(directory, scan=True)
+    unrolled_model, unrolled = hf.load(directory)
+    assert model.scan is True and unrolled_model.scan is False
+    params, flat = variables["params"], unrolled["params"]
+    assert "layers" in params and not any(k.startswith("layers_") for k in params)
+    assert sorted(params) == sorted([k for k in flat if not k.startswith("layers_")] + ["layers"])
+    for i in range(2):
+        for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x, i=i: x[i], params["layers"])),
+                             jax.tree.leaves(flat[f"layers_{i}"]), strict=True):
+            np.testing.assert_array_equal(got, want)
+    kernel = params["layers"]["attention"]["query"]["kernel"]
+    assert kernel.shape == (2,) + flat["layers_0"]["attention"]["query"]["kernel"].shape
+    ids, mask = padded_ids(np.random.default_rng(8), 40, [10, 4], 12, pad=1)
+    ids[:, 0] = 0
+    with torch.no_grad():
+        out = ref(torch.from_numpy(ids), torch.from_numpy(mask))
+    last, pooled = run(model, variables, ids, mask, method=bert_outputs)
+    close(last, out.last_hidden_state)
+    close(pooled, out.pooler_output)
+    _, auto = hf.load(directory, scan=None)  # auto: 2 layers (< SCAN_MIN_DEPTH) stay unrolled
+    assert "layers_0" in auto["params"] and "layers" not in auto["params"]
+
+
 def test_legacy_bert_for_masked_lm_bin_uses_the_encoder_and_ignores_heads(tmp_path):
     """A `bert.`-prefixed BertForMaskedLM pytorch_model.bin with TF-era `LayerNorm.gamma/beta` names."""
     ref = seeded(transformers.BertForMaskedLM, transformers.BertConfig(**TINY_BERT), seed=7)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax.linen import unbox
 from torch import nn
 from transformers.models.bert import modeling_bert as hf_bert
 
@@ -197,12 +198,19 @@ def checkpoint(tmp_path_factory):
     return model, str(path)
 
 
-def test_converted_checkpoint_matches_the_torch_restatement(checkpoint):
+@pytest.mark.parametrize("scan", [False, True])
+def test_converted_checkpoint_matches_the_torch_restatement(checkpoint, scan):
     torch_model, path = checkpoint
     model, variables, report = convert.load_with_report(path, vision_heads=HEADS, text_heads=HEADS,
                                                         fusion_heads=HEADS, num_visual_prompts=KV,
-                                                        num_textual_prompts=KT)
+                                                        num_textual_prompts=KT, scan=scan)
     assert (model.vision_depth, model.text_depth, model.fusion_layers, model.pool_size) == (CLIP_LAYERS - 1, 2, 2, POOL)
+    for tower, depth, mlp in (("vision", CLIP_LAYERS - 1, 4 * W), ("text", TEXT_LAYERS, MLP)):
+        layers = variables["params"][tower]
+        if scan:  # one stack per tower, the layer on axis 0
+            assert "layers_0" not in layers and layers["layers"]["fc1"]["kernel"].shape == (depth, W, mlp)
+        else:
+            assert "layers" not in layers and layers[f"layers_{depth - 1}"]["fc1"]["kernel"].shape == (W, mlp)
     assert model.roberta_positions and model.image_size == IMAGE and model.vocab_size == VOCAB
     assert "language_encoder.pooler.dense.weight" in report.ignored
     assert "vision_encoder.ln_final.weight" in report.ignored
@@ -251,3 +259,38 @@ def test_key_problems_are_reported_by_name(checkpoint):
     assert "missing (1): multi_modal_vision_layers.1.crossattention.self.key.weight" in message
     assert "unexpected (1): itm_head.extra" in message
     assert f"mlm_head.bias has shape ({VOCAB + 1},), expected ({VOCAB},)" in message
+
+
+def test_hf_towers_fill_a_scanned_ptunifier_layer_by_layer(tmp_path):
+    """init_towers_from_hf into scanned towers: the same values as into unrolled ones, stacked on axis 0;
+    the HF CLIP's extra 3rd layer (the tower keeps 2) is skipped."""
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=W, intermediate_size=MLP, num_hidden_layers=CLIP_LAYERS, num_attention_heads=HEADS,
+        image_size=IMAGE, patch_size=PATCH))
+    roberta = transformers.RobertaModel(transformers.RobertaConfig(
+        hidden_size=W, intermediate_size=MLP, num_hidden_layers=TEXT_LAYERS, num_attention_heads=HEADS,
+        vocab_size=VOCAB, max_position_embeddings=20, type_vocab_size=1))
+    clip.save_pretrained(str(tmp_path / "clip"))
+    roberta.save_pretrained(str(tmp_path / "roberta"))
+    fields = dict(convert.PTUNIFIER_FULL, image_size=IMAGE, patch_size=PATCH, vision_width=W,
+                  vision_depth=CLIP_LAYERS - 1, vision_heads=HEADS, vision_mlp_dim=MLP, vocab_size=VOCAB, text_width=W,
+                  text_depth=TEXT_LAYERS, text_heads=HEADS, text_mlp_dim=MLP, max_positions=20, hidden_size=W,
+                  fusion_layers=1, fusion_heads=HEADS, fusion_mlp_dim=MLP, pool_size=POOL, num_visual_prompts=KV,
+                  num_textual_prompts=KT)
+    images, ids = np.zeros((2, IMAGE, IMAGE, 3), np.float32), np.ones((2, 4), np.int32)
+    filled = {}
+    for scan in (False, True):
+        model = convert.PTUnifier(**fields, scan=scan)
+        params = jax.device_get(unbox(jax.jit(model.init)(jax.random.key(0), images, ids, ids)["params"]))
+        filled[scan], notes = convert.init_towers_from_hf(params, vision=str(tmp_path / "clip"),
+                                                          text=str(tmp_path / "roberta"))
+        assert any(f"layers_{CLIP_LAYERS - 1}" in note for note in notes)
+    for tower, depth in (("vision", CLIP_LAYERS - 1), ("text", TEXT_LAYERS)):
+        stacked, unrolled = filled[True][tower], filled[False][tower]
+        assert sorted(stacked) == sorted([k for k in unrolled if not k.startswith("layers_")] + ["layers"])
+        for i in range(depth):
+            for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x, i=i: x[i], stacked["layers"])),
+                                 jax.tree.leaves(unrolled[f"layers_{i}"]), strict=True):
+                np.testing.assert_array_equal(got, want)
+    word = roberta.embeddings.word_embeddings.weight.detach().numpy()
+    np.testing.assert_array_equal(filled[True]["text"]["word_embeddings"]["embedding"], word)

@@ -19,6 +19,7 @@ from torch import nn as tnn
 from torch.nn import functional as F
 
 from medjax.convert import uni
+from medjax.nn import transformer
 
 TOL = 1e-4
 TINY = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
@@ -216,7 +217,7 @@ def test_vit_l16_layout_matches_timm_vit_large_patch16_224():
     assert enc[("encoder", "blocks", "mlp", "fc1", "kernel")] == (24, 1024, 4096)
     assert enc[("encoder", "blocks", "ls2")] == (24, 1024)
     assert not any(name.startswith("blocks_") for _, name, *_ in enc)
-    unrolled = uni.unrolled_shapes(shapes, 24)
+    unrolled = transformer.unrolled_shapes(shapes)
     assert unrolled[("encoder", "blocks_23", "attn", "query", "kernel")] == (1024, 16, 64)
     assert ("encoder", "blocks_24", "ls1") not in unrolled
     # The state dict of UNI's timm model (vit_large_patch16_224, init_values=1e-5, num_classes=0), on the

@@ -13,12 +13,12 @@ import pytest
 from medjax import config as config_lib
 from medjax import optim as optim_lib
 from medjax.models.dinov2 import DINOHead, ema_update, masked_token_index
-from medjax.tasks.dinov2 import DINOv2Task, cosine_schedule
+from medjax.tasks.uni_pretrain import UNIPretrainTask, cosine_schedule
 
 
 @pytest.fixture(scope="module")
 def task():
-    return DINOv2Task(config_lib.get_config("uni_vitl16", "tiny"), log=lambda *_: None)  # no data is read
+    return UNIPretrainTask(config_lib.get_config("uni_vitl16", "tiny"), log=lambda *_: None)  # no data is read
 
 
 def gelu(x):

@@ -49,7 +49,7 @@ def universal_optimizer(o, total_steps):
     return optax.chain(*parts), schedule
 
 
-# ---- DINOv2 (medjax/tasks/dinov2.py, medjax/models/dinov2.py) ----
+# ---- DINOv2 (medjax/tasks/uni_pretrain.py, medjax/models/dinov2.py) ----
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0,
                     freeze_steps: int = 0) -> optax.Schedule:
     """DINOv2 `CosineScheduler`: 0 for `freeze_steps`, then linspace(warmup_start, base, warmup_steps), then

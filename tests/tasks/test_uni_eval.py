@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from medjax.data.demo_wsi import make_wsi_demo
-from medjax.tasks.uni_eval import (_split_flags, evaluate_uni, extract_features, stratified_folds, stratified_holdout,
-                                   uni_eval_config, uni_feature_fn, uni_fields_from_params, uni_results_table)
+from medjax.models.uni import uni_fields_from_params, uni_model
+from medjax.tasks.uni_eval import (_split_flags, evaluate_uni, extract_features, stratified_holdout, uni_eval_config,
+                                   uni_feature_fn, uni_results_table)
+from medjax.tasks.uni_slide_classification import stratified_folds
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +74,6 @@ def test_extract_features_pads_to_one_batch_shape():
 
 
 def test_uni_feature_fn_on_converted_params():
-    from medjax.convert.uni import uni_model
-
     fields = dict(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, mlp_ratio=2.0, layerscale_init=1e-5)
     model = uni_model(**fields)
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)

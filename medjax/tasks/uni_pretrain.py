@@ -1,5 +1,6 @@
-"""DINOv2 pretraining on whole-slide-image tiles: UNI (Chen et al., Nat. Med. 2024) = DINOv2 (Oquab et al.,
-TMLR 2024) "ViT-L/16 short" on Mass-100K.
+"""UNI pretraining (task `uni_pretrain`): DINOv2 on whole-slide-image tiles. UNI (Chen et al., Nat. Med. 2024)
+= DINOv2 (Oquab et al., TMLR 2024) "ViT-L/16 short" on Mass-100K; the networks are medjax.models.dinov2
+(DINOv2 is the method), the evaluation medjax.tasks.uni_eval.
 
 Params: {"student": net, "teacher": net, "teacher_temp": (), ["center": (1, K), "ibot_center": (1, K)]}.
 Only the student is trained (`optim.frozen` in the config: every param outside `student/` is
@@ -122,7 +123,9 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
         ibot_out_dim=config.ibot.out_dim, dtype=dtype)
 
 
-class DINOv2Task(TaskBase):
+class UNIPretrainTask(TaskBase):
+    """UNI's DINOv2 pretraining (module doc): student and teacher networks, DINO + iBOT + KoLeo loss, EMA teacher."""
+
     def __init__(self, config, log=print, run=None):
         super().__init__(config, log, run)
         self.model = network_from_config(config)
@@ -264,7 +267,7 @@ class DINOv2Task(TaskBase):
         return uni_results_table(exp, columns)
 
     def load_pretrained(self, params, pretrained):
-        """Another DINOv2 run's params (every leaf of the same path and shape), or converted UNI weights
+        """Another UNI pretraining run's params (every leaf of the same path and shape), or converted UNI weights
         ({"encoder": ...}: put into both student and teacher backbones)."""
         pretrained = pretrained.get("params", pretrained) if isinstance(pretrained, dict) else pretrained
         if isinstance(pretrained, dict) and "encoder" in pretrained and "student" not in pretrained:
