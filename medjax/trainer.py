@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from medjax import checkpoint as checkpoint_lib
+from medjax.config import ConfigError
 from medjax import train_state as state_lib
 from medjax.metric_writer import MetricWriter
 from medjax.parallel import mesh as mesh_lib
@@ -75,20 +76,20 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
 
 
 def validate_run_config(config) -> None:
-    """Refuse run settings that would crash later or lose work, naming the key (issue: keep_checkpoints=0
+    """Refuse run settings that would crash later or lose work, naming the key (ConfigError; issue: keep_checkpoints=0
     deleted every checkpoint; log_every=0 divided by zero; a NaN or non-positive lr trained garbage)."""
     train = config.train
     positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
                 "eval_batch_size")
     for key in positive:
         if int(train[key]) < 1:
-            raise ValueError(f"config train.{key}={train[key]}: expected an integer >= 1")
+            raise ConfigError(f"config train.{key}={train[key]}: expected an integer >= 1")
     for key in ("stop_at", "eval_every"):
         if int(train.get(key, 0)) < 0:
-            raise ValueError(f"config train.{key}={train[key]}: expected an integer >= 0 (0 = off)")
+            raise ConfigError(f"config train.{key}={train[key]}: expected an integer >= 0 (0 = off)")
     lr = float(config.optim.lr)
     if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"config optim.lr={config.optim.lr}: expected a finite learning rate > 0")
+        raise ConfigError(f"config optim.lr={config.optim.lr}: expected a finite learning rate > 0")
 
 
 class Trainer:
@@ -104,9 +105,9 @@ class Trainer:
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         dp = mesh_lib.data_parallel_size(self.mesh)
         if train.batch_size % dp:
-            raise ValueError(f"train.batch_size={train.batch_size} does not divide over {dp} data-parallel devices")
+            raise ConfigError(f"train.batch_size={train.batch_size} does not divide over {dp} data-parallel devices")
         if train.batch_size % int(train.grad_accum):
-            raise ValueError(f"train.batch_size={train.batch_size} does not divide into train.grad_accum={train.grad_accum} microbatches")
+            raise ConfigError(f"train.batch_size={train.batch_size} does not divide into train.grad_accum={train.grad_accum} microbatches")
         self.tx, self.schedule = task.make_optimizer(int(train.steps))
         rng = jax.random.PRNGKey(int(config.seed))
         self.state, self.state_shardings = state_lib.create_sharded_state(

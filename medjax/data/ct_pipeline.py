@@ -37,6 +37,7 @@ from medjax.ontology import universal_classes as templates
 from medjax.data.ct import (DEFAULT_HU_RANGE, DEFAULT_SPACING, LABEL_AFFINE_TOL, CTDataError, load_ct_pair,
                             read_nifti_header)
 from medjax.data.pipeline import global_batch_dataset
+from medjax.data.text_io import open_text
 
 CACHE_VERSION = 1
 _MSD_TASK = re.compile(r"Task(\d\d)")
@@ -66,7 +67,7 @@ def read_ct_list(list_path: str, root: str, *, check_headers: bool = True) -> li
     if not os.path.isfile(list_path):
         raise CTDataError(f"{list_path}: list file not found")
     cases = []
-    with open(list_path, encoding="utf-8") as f:
+    with open_text(list_path, "list file (image<TAB>label lines)") as f:
         for number, line in enumerate(f, start=1):
             text = line.rstrip("\n").rstrip("\r")
             if not text.strip():

@@ -41,6 +41,7 @@ from medjax.data import image_transforms
 from medjax.data.errors import DataError, DataWarning
 from medjax.data.image_io import read_image
 from medjax.data.plink import PlinkFormatError, read_plink
+from medjax.data.text_io import open_text
 
 REQUIRED_COLUMNS = ("participant_id", "eye", "image_path")
 EYES = ("left", "right")
@@ -179,7 +180,7 @@ class FundusGenomeDataset:
         if not os.path.isfile(path):
             raise DataError(f"{path}: manifest not found")
         rows = []
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open_text(path, "CSV manifest") as f:
             reader = csv.DictReader(f)
             header = [c.strip() for c in (reader.fieldnames or [])]
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
