@@ -32,7 +32,7 @@ def finetune_config(variant: str, kind: str, *, file: str, demo_file: str, max_t
         retrieval_score="itm",  # retrieval evaluation: "itm" (the paper), "itc" or "both"
     ))
     c.finetune.update(finetune)
-    c.data = ml_collections.ConfigDict(dict(
+    c.data.update(dict(
         dir="",  # the folder holding `file` (and tokenizer/); "" = the image-report demo dataset in the cache
         kind="image_report",
         file=file,  # JSONL manifest or the original's Arrow file; "{split}" is replaced by the split

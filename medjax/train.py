@@ -58,6 +58,7 @@ def _run(args) -> int:
 
     from medjax import config as config_lib
     from medjax.tasks import build_task
+    from medjax.tasks.base import RunSettings
     from medjax.trainer import NonFiniteLossError, Trainer
 
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)  # only process 0 logs
@@ -69,7 +70,7 @@ def _run(args) -> int:
     config = config_lib.get_config(args.exp, variant, overrides)  # a ConfigError: one line, exit 2 (medjax.cli)
     workdir = args.workdir or os.path.join("runs", f"{args.exp}-{config.variant}")
     say(f"workdir: {os.path.abspath(workdir)}")
-    task = build_task(config, log=say)
+    task = build_task(config, log=say, run=RunSettings.from_config(config, workdir=workdir))  # caches the data check
     trainer = Trainer(config, task, workdir)
     start = time.time()
     try:

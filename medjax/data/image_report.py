@@ -306,6 +306,13 @@ class ImageReportDataset:
         f, k = self._image_ref[image_index]
         return self.files[f].row(k)
 
+    def describe(self, i: int) -> str:
+        """Sample `i`'s manifest line or Arrow row and image (for errors, `medjax.data.bad_examples`)."""
+        image_index = self.index[i][0]
+        f, k = self._image_ref[image_index]
+        rows = self.files[f]
+        return rows.where(k) + (f" ({rows.images[k]})" if rows.arrow is None else "")
+
     def load_image(self, image_index: int) -> Image.Image:
         f, k = self._image_ref[image_index]
         return self.files[f].load_image(k)

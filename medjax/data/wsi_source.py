@@ -186,6 +186,10 @@ class WSITileSource:
             example["label"] = np.int32(self.labels[index])
         return example
 
+    def describe(self, index: int) -> str:
+        """Tile `index`'s slide file and level-0 corner (for errors, `medjax.data.bad_examples`)."""
+        return f"{self.slide_paths[int(self.slide_index[index])]}: tile {index} at (x, y) = {self.coords[index].tolist()}"
+
     def _slide(self, s: int):
         cache = getattr(self._local, "slides", None)
         if cache is None:

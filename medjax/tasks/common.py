@@ -30,3 +30,9 @@ class Subset:
 
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
+
+    def describe(self, i: int) -> str:
+        """The base's description of row i (medjax.data.bad_examples)."""
+        from medjax.data.bad_examples import describe
+
+        return describe(self.base, int(self.indices[i]))

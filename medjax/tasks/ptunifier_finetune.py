@@ -27,6 +27,7 @@ from sklearn.metrics import f1_score
 from medjax.data import ptunifier_finetune_data as D
 from medjax.data.image_report import ImageReportDataset, clip_transform, load_tokenizer, pick_sentence, tokenize
 from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.data.verify import image_report_checks
 from medjax.metrics.classification import accuracy, macro_auc
 from medjax.metrics.retrieval import retrieval_recall
 from medjax.metrics.vqa import vqa_accuracy
@@ -76,6 +77,15 @@ class PTUnifierFinetuneTask(TaskBase):
         return D.resolve(self.root, self.config.data.file, split)
 
     def _dataset(self, split: str):
+        """The split's dataset, its images checked at build (data.verify, medjax.data.verify)."""
+        dataset = self._read_dataset(split)
+        if isinstance(dataset, (D.VQADataset, D.MultiLabelDataset)):  # their images: an ImageReportDataset
+            self.verify_data(image_report_checks(dataset.images))
+        elif isinstance(dataset, ImageReportDataset):
+            self.verify_data(image_report_checks(dataset))
+        return dataset
+
+    def _read_dataset(self, split: str):
         path = self._path(split)
         if self.kind == "vqa":
             answers = None
@@ -116,7 +126,7 @@ class PTUnifierFinetuneTask(TaskBase):
     def train_data(self):
         return global_batch_dataset(self.train_set, global_batch=self.global_batch, seed=int(self.config.seed),
                                     transform=self.example, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(), on_bad_example=self.on_bad_example)
 
     def work_per_example(self) -> tuple[int, str]:
         return (self.image_size // self.model_cfg.patch_size) ** 2 + 1 + self.max_length, "tokens"

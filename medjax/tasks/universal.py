@@ -23,6 +23,7 @@ import numpy as np
 
 from medjax.data import demo as demo_lib
 from medjax.data.ct_pipeline import CTAugment, CTVolumeCache, ct_train_dataset, read_ct_list
+from medjax.data.verify import ct_checks
 from medjax.inference.postprocess import organ_post_process, threshold
 from medjax.inference.sliding_window import sliding_window_inference
 from medjax.inference.universal_eval import cases_from_cache, evaluate_cases, universal_results_table
@@ -49,6 +50,8 @@ class UniversalTask(TaskBase):
         self.constants = self._constants()
         self.cache_dir = config.data.cache_dir or os.path.join(demo_lib.cache_dir(), "ct_cache")
         self._apply_windows = lambda variables, windows: self.model.apply(variables, windows)  # one jit per shape
+        train_list = _in_root(self.root, config.data.train_list)
+        self.verify_data(ct_checks(read_ct_list(train_list, self.root, check_headers=False)))  # data.verify
 
     def _constants(self) -> dict:
         """{"constants": {"organ_embedding": (32, 512)}} for word_embedding, else {} (module docstring)."""
@@ -109,14 +112,17 @@ class UniversalTask(TaskBase):
             _in_root(self.root, d.train_list), root=self.root, cache_dir=self.cache_dir,
             global_batch=self.global_batch, seed=int(self.config.seed), augment=self._augment(),
             spacing=tuple(d.spacing), hu_range=tuple(d.hu_range), process_index=jax.process_index(),
-            process_count=jax.process_count(), prefetch_threads=int(d.prefetch_threads))
+            process_count=jax.process_count(), prefetch_threads=int(d.prefetch_threads),
+            check_headers=str(d.get("verify", "full")) == "none", on_bad_example=self.on_bad_example)
 
     # ----- evaluation -----
     @functools.cached_property
     def eval_cases(self):
-        cases = read_ct_list(_in_root(self.root, self.config.data.val_list), self.root)
+        cases = read_ct_list(_in_root(self.root, self.config.data.val_list), self.root, check_headers=False)
         limit = int(self.config.eval.max_cases)
-        return cases[:limit] if limit > 0 else cases
+        cases = cases[:limit] if limit > 0 else cases
+        self.verify_data(ct_checks(cases))
+        return cases
 
     def predict_masks(self, params, image: np.ndarray, classes) -> np.ndarray:
         """bool (X, Y, Z, 32): sliding-window logits of a preprocessed volume (X, Y, Z), sigmoid > 0.5,
