@@ -4,7 +4,7 @@
     def main(argv=None) -> int: ...
 
 A `medjax.errors.MedjaxInputError` (a data file, a config value) raised by `main` - directly, as the
-cause or context of another exception, or re-raised from a Grain worker thread - is printed as one line
+cause of another exception (`raise ... from error`), or re-raised from a Grain worker thread - is printed as one line
 `error: FILE: line N: field F: what was expected` on stderr and `main` returns `EXIT_INPUT_ERROR` (2)
 instead of printing a traceback. `MEDJAX_DEBUG=1` re-raises it (the whole traceback). Other exceptions
 propagate unchanged. In a multi-process run the process exits at once with status 2 (the others would
@@ -30,13 +30,15 @@ def debug_enabled() -> bool:
 
 
 def find_input_error(error: BaseException) -> MedjaxInputError | None:
-    """`error` itself or the first MedjaxInputError in its chain of causes / contexts, else None."""
+    """`error` itself or the first MedjaxInputError in its chain of causes (`raise X from input_error`), else
+    None. Implicit contexts are not followed: an exception raised while handling an input error is a bug of
+    its own and keeps its traceback."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, MedjaxInputError):
             return error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return None
 
 

@@ -50,8 +50,6 @@ class UniversalTask(TaskBase):
         self.constants = self._constants()
         self.cache_dir = config.data.cache_dir or os.path.join(demo_lib.cache_dir(), "ct_cache")
         self._apply_windows = lambda variables, windows: self.model.apply(variables, windows)  # one jit per shape
-        train_list = _in_root(self.root, config.data.train_list)
-        self.verify_data(ct_checks(read_ct_list(train_list, self.root, check_headers=False)))  # data.verify
 
     def _constants(self) -> dict:
         """{"constants": {"organ_embedding": (32, 512)}} for word_embedding, else {} (module docstring)."""
@@ -107,13 +105,17 @@ class UniversalTask(TaskBase):
                          zoom_prob=float(d.zoom_prob), zoom_range=tuple(float(z) for z in d.zoom_range))
 
     def train_data(self):
+        """Training crops (medjax.data.ct_pipeline), every pair's headers and voxel-data sizes checked first
+        (data.verify, medjax.data.verify)."""
         d = self.config.data
+        train_list = _in_root(self.root, d.train_list)
+        self.verify_data(ct_checks(read_ct_list(train_list, self.root, check_headers=False)))
         return ct_train_dataset(
-            _in_root(self.root, d.train_list), root=self.root, cache_dir=self.cache_dir,
+            train_list, root=self.root, cache_dir=self.cache_dir,
             global_batch=self.global_batch, seed=int(self.config.seed), augment=self._augment(),
             spacing=tuple(d.spacing), hu_range=tuple(d.hu_range), process_index=jax.process_index(),
             process_count=jax.process_count(), prefetch_threads=int(d.prefetch_threads),
-            check_headers=str(d.get("verify", "full")) == "none", on_bad_example=self.on_bad_example)
+            check_headers=False, on_bad_example=self.on_bad_example)
 
     # ----- evaluation -----
     @functools.cached_property

@@ -64,6 +64,15 @@ def test_chained_input_error_is_found_and_printed_on_one_line(capsys):
     with pytest.raises(KeyError):  # anything else is not swallowed
         cli.report_input_errors(lambda: {}["x"])
 
+    def bug_in_a_handler():
+        try:
+            raise DataError("a.csv: line 2: field 'x': expected an integer")
+        except DataError:
+            return {}["y"]  # a KeyError during handling: a bug, its traceback kept
+
+    with pytest.raises(KeyError):
+        cli.report_input_errors(bug_in_a_handler)
+
 
 def test_error_in_a_grain_worker_thread_is_the_original_error(capsys):
     class Source:

@@ -169,3 +169,20 @@ def test_task_verify_data_uses_the_config_and_caches_in_the_workdir(tmp_path):
         _task(tmp_path, **{"verify": "fast"}).verify_data(checks)
     with pytest.raises(ConfigError, match=r"config data.on_bad_example='ignore': expected one of error, skip"):
         _task(tmp_path, **{"on_bad_example": "ignore"}).on_bad_example
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = verify._Progress(4, stream)
+    for _ in range(4):
+        progress.step()
+    assert stream.getvalue().endswith("\rverifying data [" + "#" * 30 + "] 4/4\n")
+    plain = io.StringIO()
+    verify._Progress(4, plain).step()
+    assert plain.getvalue() == ""  # not a terminal: only the summary line (log)
