@@ -33,4 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp", num_devices=0))  # 0 = all devices
     c.kernels = ml_collections.ConfigDict(dict(impl="auto"))  # "auto" | "reference" | "pallas"
+    # Every family's data block starts with these (experiments add theirs with c.data.update(...)):
+    c.data = ml_collections.ConfigDict(dict(
+        verify="full",  # start-up check of every data file: full (decode) | headers | none (medjax.data.verify)
+        on_bad_example="error",  # a file failing mid-run: error (stop, naming it) | skip (deterministic replacement)
+    ))
     return c

@@ -29,7 +29,7 @@ def finetune_config(variant: str, task: str, *, file: str, demo_file: str, max_t
     c.variant = variant
     if finetune:
         c.finetune = ml_collections.ConfigDict(finetune)
-    c.data = ml_collections.ConfigDict(dict(
+    c.data.update(dict(
         dir="",  # the folder holding `file` (and tokenizer/); "" = the image-report demo dataset in the cache
         kind="image_report",
         file=file,  # JSONL manifest or the original's Arrow file; "{split}" is replaced by the split

@@ -42,7 +42,7 @@ def universal_config(variant: str, backbone: str, exp: str) -> ml_collections.Co
     c = base_config()
     c.task = "universal"
     c.variant = variant
-    c.data = ml_collections.ConfigDict(dict(
+    c.data.update(dict(
         dir="",  # list files + NIfTI under this root; "" = the CT demo collection in the cache
         kind="ct",
         train_list="train.txt", val_list="val.txt",  # image<TAB>label lines, relative to dir

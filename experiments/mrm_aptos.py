@@ -21,7 +21,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c = base_config()
     c.task = "fundus_classification"
     c.variant = variant
-    c.data = ml_collections.ConfigDict(dict(
+    c.data.update(dict(
         allow_duplicates=False,  # True: keep repeated manifest rows / participant+eye (with a warning)
         dir="",  # <dir>/manifest.csv with `label` = grade 0..4; "" = the demo's aptos/ set
         kind="fundus_genome",

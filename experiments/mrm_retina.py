@@ -20,7 +20,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c = base_config()
     c.task = "mrm"
     c.variant = variant
-    c.data = ml_collections.ConfigDict(dict(
+    c.data.update(dict(
         drop_missing_snps=False,  # True: drop SNPs whose every call is missing (always reported)
         allow_duplicates=False,  # True: keep repeated manifest rows / participant+eye (with a warning)
         dir="",  # <dir>/manifest.csv + genotypes.bed/.bim/.fam; "" = the demo dataset in the cache

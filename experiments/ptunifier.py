@@ -39,7 +39,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.task = "ptunifier"
     c.variant = variant
     c.reproduce_released_code = False
-    c.data = ml_collections.ConfigDict(dict(
+    c.data.update(dict(
         dir="",  # folder holding the files below (and tokenizer/); "" = the demo dataset in the cache
         kind="image_report",
         train_files="manifest.jsonl",  # comma-separated JSONL manifests or the original's .arrow files, under dir

@@ -24,7 +24,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c = base_config()
     c.task = "uni_pretrain"
     c.variant = variant
-    c.data = ml_collections.ConfigDict(dict(
+    c.data.update(dict(
         dir="",  # <dir>/slides + <dir>/coords; "" = the WSI demo (tiled once into its coords/)
         slides_subdir="slides", coords_subdir="coords",
         patch_size=256, magnification=20.0,  # UNI: 256 px tiles at 20x (demo tiling)

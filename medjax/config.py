@@ -10,9 +10,10 @@ from typing import Any, Sequence
 import ml_collections
 
 import experiments
+from medjax.errors import MedjaxInputError
 
 
-class ConfigError(ValueError):
+class ConfigError(MedjaxInputError):
     """A config name, key or value that does not fit the experiment's config."""
 
 

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from medjax.cli import entry_point
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medjax.evaluate", description=__doc__,
@@ -33,6 +35,7 @@ def saved_config(workdir: str) -> dict:
     return {}
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from medjax import checkpoint as checkpoint_lib
@@ -46,11 +49,7 @@ def main(argv=None) -> int:
         overrides = list(args.overrides) + ([f"data.dir={args.data}"] if args.data else [])
         if not args.data and saved.get("data", {}).get("dir"):
             overrides.append(f"data.dir={saved['data']['dir']}")
-        try:
-            config = config_lib.get_config(args.exp, variant, overrides)
-        except config_lib.ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        config = config_lib.get_config(args.exp, variant, overrides)  # a ConfigError: one line, exit 2 (medjax.cli)
         task = build_task(config)
         params = checkpoint_lib.restore_params(path)
         results = task.evaluate(params)

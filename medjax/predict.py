@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from medjax.cli import EXIT_INPUT_ERROR, entry_point, error_line
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -82,6 +84,7 @@ def segment_file(input_path: str, out_path: str, masks_fn: Callable[[np.ndarray]
     return written
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax
@@ -102,8 +105,8 @@ def main(argv=None) -> int:
         written = segment_file(args.input, args.out, predictor.masks, spacing=tuple(config.data.spacing),
                                hu_range=tuple(config.data.hu_range), per_class=args.per_class)
     except (config_lib.ConfigError, CTDataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(error_line(err), file=sys.stderr)
+        return EXIT_INPUT_ERROR
     print(f"wrote {written[0]}" + (f" and {len(written) - 1} per-class masks" if len(written) > 1 else ""))
     return 0
 

@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from medjax.cli import entry_point, report_input_errors
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medjax.train", description=__doc__,
@@ -37,6 +39,7 @@ def resolve_variant(exp: str, variant: str | None, data: str | None) -> str | No
     return variant
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from medjax.parallel import multihost
@@ -46,8 +49,8 @@ def main(argv=None) -> int:
     except ValueError as err:  # an incomplete or malformed process layout
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with multihost.exit_on_failure():
-        return _run(args)
+    with multihost.exit_on_failure():  # input errors: one line and exit 2 on every process (medjax.cli)
+        return report_input_errors(_run, args)
 
 
 def _run(args) -> int:
@@ -55,22 +58,19 @@ def _run(args) -> int:
 
     from medjax import config as config_lib
     from medjax.tasks import build_task
+    from medjax.tasks.base import RunSettings
     from medjax.trainer import NonFiniteLossError, Trainer
 
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)  # only process 0 logs
-    try:
-        variant = resolve_variant(args.exp, args.variant, args.data)
-        if variant is not None and args.variant is None:
-            say(f"no --data given: training the `{variant}` variant of {args.exp} on demo data "
-                f"(pass --data DIR for the paper's setup on your data)")
-        overrides = list(args.overrides) + ([f"data.dir={args.data}"] if args.data else [])
-        config = config_lib.get_config(args.exp, variant, overrides)
-    except config_lib.ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    variant = resolve_variant(args.exp, args.variant, args.data)
+    if variant is not None and args.variant is None:
+        say(f"no --data given: training the `{variant}` variant of {args.exp} on demo data "
+            f"(pass --data DIR for the paper's setup on your data)")
+    overrides = list(args.overrides) + ([f"data.dir={args.data}"] if args.data else [])
+    config = config_lib.get_config(args.exp, variant, overrides)  # a ConfigError: one line, exit 2 (medjax.cli)
     workdir = args.workdir or os.path.join("runs", f"{args.exp}-{config.variant}")
     say(f"workdir: {os.path.abspath(workdir)}")
-    task = build_task(config, log=say)
+    task = build_task(config, log=say, run=RunSettings.from_config(config, workdir=workdir))  # caches the data check
     trainer = Trainer(config, task, workdir)
     start = time.time()
     try:

@@ -17,6 +17,8 @@ import numpy as np
 import optax
 
 from medjax import checkpoint as checkpoint_lib
+from medjax.config import ConfigError
+from medjax.data.bad_examples import SKIPPED_KEY
 from medjax import train_state as state_lib
 from medjax.metric_writer import MetricWriter
 from medjax.parallel import mesh as mesh_lib
@@ -29,6 +31,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 FINITE_CHECKED = ("loss", "grad_norm", "update_norm", "param_norm")
+SKIPPED_METRIC = "data/skipped"  # examples replaced (data.on_bad_example=skip), summed over the logged interval
 
 
 def global_batch(local_batch: dict, sharding, process_count: int) -> dict:
@@ -48,6 +51,8 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
     def train_step(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
         params = state["params"]
+        batch = dict(batch)
+        skipped = batch.pop(SKIPPED_KEY, None)  # data.on_bad_example=skip: replaced examples per element
         if grad_accum == 1:
             (loss, metrics), grads = loss_and_grad(params, batch, rng)
         else:
@@ -68,6 +73,8 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(new_params), update_norm=optax.tree.norm(updates),
                        lr=schedule(state["step"]))
+        if skipped is not None:
+            metrics[SKIPPED_METRIC] = jnp.sum(skipped).astype(jnp.float32)
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
 
@@ -75,20 +82,20 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
 
 
 def validate_run_config(config) -> None:
-    """Refuse run settings that would crash later or lose work, naming the key (issue: keep_checkpoints=0
+    """Refuse run settings that would crash later or lose work, naming the key (ConfigError; issue: keep_checkpoints=0
     deleted every checkpoint; log_every=0 divided by zero; a NaN or non-positive lr trained garbage)."""
     train = config.train
     positive = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints",
                 "eval_batch_size")
     for key in positive:
         if int(train[key]) < 1:
-            raise ValueError(f"config train.{key}={train[key]}: expected an integer >= 1")
+            raise ConfigError(f"config train.{key}={train[key]}: expected an integer >= 1")
     for key in ("stop_at", "eval_every"):
         if int(train.get(key, 0)) < 0:
-            raise ValueError(f"config train.{key}={train[key]}: expected an integer >= 0 (0 = off)")
+            raise ConfigError(f"config train.{key}={train[key]}: expected an integer >= 0 (0 = off)")
     lr = float(config.optim.lr)
     if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"config optim.lr={config.optim.lr}: expected a finite learning rate > 0")
+        raise ConfigError(f"config optim.lr={config.optim.lr}: expected a finite learning rate > 0")
 
 
 class Trainer:
@@ -104,9 +111,9 @@ class Trainer:
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         dp = mesh_lib.data_parallel_size(self.mesh)
         if train.batch_size % dp:
-            raise ValueError(f"train.batch_size={train.batch_size} does not divide over {dp} data-parallel devices")
+            raise ConfigError(f"train.batch_size={train.batch_size} does not divide over {dp} data-parallel devices")
         if train.batch_size % int(train.grad_accum):
-            raise ValueError(f"train.batch_size={train.batch_size} does not divide into train.grad_accum={train.grad_accum} microbatches")
+            raise ConfigError(f"train.batch_size={train.batch_size} does not divide into train.grad_accum={train.grad_accum} microbatches")
         self.tx, self.schedule = task.make_optimizer(int(train.steps))
         rng = jax.random.PRNGKey(int(config.seed))
         self.state, self.state_shardings = state_lib.create_sharded_state(
@@ -190,7 +197,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
         losses, last_good_step, compiled = [], step, None
         pending: list[tuple[int, Any]] = []  # (step, metrics on device) since the last host sync
-        interval_start, interval_examples = time.perf_counter(), 0
+        interval_start, interval_examples, interval_skipped = time.perf_counter(), 0, 0.0
         log_every, eval_every = int(train.log_every), int(train.get("eval_every", 0))
         end = min(stop_at, total_steps)
         try:
@@ -211,11 +218,15 @@ class Trainer:
                 if sync:  # one host sync per log / checkpoint step (big_vision): check, then log
                     values = self._check_finite(pending)
                     losses.extend(v["loss"] for v in values)
+                    interval_skipped += sum(v.get(SKIPPED_METRIC, 0.0) for v in values)
                     pending, last_good_step = [], step
                     if step % log_every == 0 or final:
                         elapsed = time.perf_counter() - interval_start
-                        writer.write(step, dict(values[-1], examples_per_sec=interval_examples / max(elapsed, 1e-9)))
-                        interval_start, interval_examples = time.perf_counter(), 0
+                        row = dict(values[-1], examples_per_sec=interval_examples / max(elapsed, 1e-9))
+                        if SKIPPED_METRIC in row:
+                            row[SKIPPED_METRIC] = interval_skipped
+                        writer.write(step, row)
+                        interval_start, interval_examples, interval_skipped = time.perf_counter(), 0, 0.0
                 if saving:
                     self.checkpointer.save(step, self.state, data_iterator, force=final)
                 if eval_every and step % eval_every == 0:

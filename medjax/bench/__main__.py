@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from medjax.cli import entry_point
+
 BENCHES = {
     "step": "medjax.bench.step",
     "relation_mask": "medjax.bench.relation_mask",
@@ -18,6 +20,7 @@ BENCHES = {
 }
 
 
+@entry_point
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from medjax.cli import EXIT_INPUT_ERROR, entry_point, error_line
 from medjax.convert.torch_io import KeyReport
 
 
@@ -91,6 +92,7 @@ def _embed_classes(args) -> int:
     return 0
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -133,8 +135,8 @@ def main(argv=None) -> int:
     try:
         params, report, extra = args.run(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        print(error_line(error), file=sys.stderr)
+        return EXIT_INPUT_ERROR
     print(format_report(source, report))
     out = save_params(args.out, params)
     print(f"wrote params to {out}{extra}")

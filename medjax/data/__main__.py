@@ -10,6 +10,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from medjax.cli import entry_point
 from medjax.data.demo import DEMO_MAKERS
 from medjax.data.tiling import add_tile_arguments, run_tile
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "tile":

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medjax.errors import MedjaxInputError
+
 MAGIC = b"ARROW1"
 CONTINUATION = 0xFFFFFFFF
 # Type union tags of Schema.fbs.
@@ -31,7 +33,7 @@ _NAMES = {NULL: "null", INT: "int", FLOAT: "floatingpoint", BINARY: "binary", UT
 SCHEMA_MESSAGE, DICTIONARY_MESSAGE, RECORD_BATCH_MESSAGE = 1, 2, 3
 
 
-class ArrowFormatError(ValueError):
+class ArrowFormatError(MedjaxInputError):
     """The file is not an Arrow IPC file/stream this reader handles; the message names the file."""
 
 

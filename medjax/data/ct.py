@@ -39,6 +39,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medjax.errors import MedjaxInputError
+
 DEFAULT_SPACING = (1.5, 1.5, 1.5)  # mm, the paper's isotropic resampling
 DEFAULT_HU_RANGE = (-175.0, 250.0)  # HU window of the paper, scaled to [0, 1]
 AFFINE_TOL = 1e-3  # MONAI's AFFINE_TOL: spacing / grid equality tolerance (mm)
@@ -48,7 +50,7 @@ AIR_LABEL_FRACTION = 0.5  # more labelled voxels than this on air: a mismatched 
 AIR_FILLED_CLASSES = (16, 17)  # right / left lung (ct_templates): labelled air, not checked
 
 
-class CTDataError(ValueError):
+class CTDataError(MedjaxInputError):
     """A CT file is missing or malformed; the message names the file and what was expected."""
 
 

@@ -37,6 +37,7 @@ from medjax.ontology import universal_classes as templates
 from medjax.data.ct import DEFAULT_HU_RANGE, DEFAULT_SPACING, CTDataError, check_label_grid
 from medjax.data.ct_preprocess import PREPROCESS_VERSION, CTPreprocessing, foreground_box, preprocess_ct
 from medjax.data.pipeline import global_batch_dataset
+from medjax.data.text_io import open_text
 
 CACHE_VERSION = 1  # the entry layout and label split (split_tumours, _counts); preprocessing: PREPROCESS_VERSION
 _MSD_TASK = re.compile(r"Task(\d\d)")
@@ -66,7 +67,7 @@ def read_ct_list(list_path: str, root: str, *, check_headers: bool = True) -> li
     if not os.path.isfile(list_path):
         raise CTDataError(f"{list_path}: list file not found")
     cases = []
-    with open(list_path, encoding="utf-8") as f:
+    with open_text(list_path, "list file (image<TAB>label lines)") as f:
         for number, line in enumerate(f, start=1):
             text = line.rstrip("\n").rstrip("\r")
             if not text.strip():
@@ -340,14 +341,22 @@ class CTVolumeSource(Sequence):
         case = self.cases[index]
         return {**self.cache.load(case), "dataset_id": case.dataset_id}
 
+    def describe(self, index: int) -> str:
+        """Case `index`'s list-file line and files (for errors, `medjax.data.bad_examples`)."""
+        case = self.cases[index]
+        return f"{case.where}: {case.image} / {case.label}"
+
 
 def ct_train_dataset(list_path: str, *, root: str, cache_dir: str, global_batch: int, seed: int,
                      augment: CTAugment = CTAugment(), spacing: Sequence[float] = DEFAULT_SPACING,
                      hu_range: Sequence[float] = DEFAULT_HU_RANGE, process_index: int = 0, process_count: int = 1,
-                     num_epochs: int | None = None, prefetch_threads: int = 2) -> grain.IterDataset:
+                     num_epochs: int | None = None, prefetch_threads: int = 2, check_headers: bool = True,
+                     on_bad_example: str = "error") -> grain.IterDataset:
     """Per-process batches of training crops from a list file (`medjax.data.pipeline`: seeded
-    shuffle per epoch, element augmentation seeded by (seed, stream position), checkpointable)."""
-    source = CTVolumeSource(read_ct_list(list_path, root), CTVolumeCache(cache_dir, spacing=spacing, hu_range=hu_range))
+    shuffle per epoch, element augmentation seeded by (seed, stream position), checkpointable).
+    `check_headers=False` when the caller has checked the pairs already (`medjax.data.verify`)."""
+    cases = read_ct_list(list_path, root, check_headers=check_headers)
+    source = CTVolumeSource(cases, CTVolumeCache(cache_dir, spacing=spacing, hu_range=hu_range))
     return global_batch_dataset(source, global_batch=global_batch, seed=seed, transform=CTTrainTransform(augment),
                                 process_index=process_index, process_count=process_count, num_epochs=num_epochs,
-                                prefetch_threads=prefetch_threads)
+                                prefetch_threads=prefetch_threads, on_bad_example=on_bad_example)

@@ -1,9 +1,15 @@
 """The error type of every dataset reader in medjax.data (fundus + genome, image-report, images)."""
 from __future__ import annotations
 
+from medjax.errors import MedjaxInputError
 
-class DataError(ValueError):
+
+class DataError(MedjaxInputError):
     """A dataset file is missing or malformed; the message names file, line and field."""
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A dataset file or directory that does not exist (also a FileNotFoundError, as before)."""
 
 
 class DataWarning(UserWarning):

@@ -41,6 +41,7 @@ from medjax.data import image_transforms
 from medjax.data.errors import DataError, DataWarning
 from medjax.data.image_io import read_image
 from medjax.data.plink import PlinkFormatError, read_plink
+from medjax.data.text_io import open_text
 
 REQUIRED_COLUMNS = ("participant_id", "eye", "image_path")
 EYES = ("left", "right")
@@ -130,11 +131,14 @@ class FundusGenomeDataset:
     `PlinkWarning`); config key `data.drop_missing_snps`.
     allow_duplicates: keep duplicate manifest rows (module docstring) with a warning instead of
     failing; config key `data.allow_duplicates`.
+    check_images: open every image (PIL verify) while reading the manifest; tasks pass False and run
+    the start-up check instead (`medjax.data.verify`, decoding every image, in parallel) over
+    `image_paths` / `image_wheres` (the manifest line of each).
     """
 
     def __init__(self, root: str, *, image_size: int, snp_stride: int = 1, genotypes: str | None = "genotypes",
                  manifest: str = "manifest.csv", label_arity: int | None = None, split: str | None = None,
-                 drop_missing_snps: bool = False, allow_duplicates: bool = False):
+                 drop_missing_snps: bool = False, allow_duplicates: bool = False, check_images: bool = True):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if label_arity is not None and label_arity < 1:
@@ -145,6 +149,7 @@ class FundusGenomeDataset:
         self.image_size = image_size
         self.label_arity = label_arity
         self.split = split
+        self.check_images = check_images
         manifest_path = os.path.join(root, manifest)
         rows = self._read_manifest(manifest_path)
         _check_duplicates(rows, manifest_path, allow_duplicates)
@@ -166,6 +171,8 @@ class FundusGenomeDataset:
         self.participant_ids = [row["participant_id"] for row in kept_rows]
         self.eyes = [row["eye"] for row in kept_rows]
         self.image_paths = [os.path.join(root, row["image_path"]) for row in kept_rows]
+        self.image_wheres = [f"{manifest_path}: line {line}: field 'image_path'"
+                             for (line, _), k in zip(rows, keep) if k]
         self._labels = None if labels is None else np.stack([y for y, k in zip(labels, keep) if k])
         self._genomes = None
         self._genome_row = None
@@ -179,7 +186,7 @@ class FundusGenomeDataset:
         if not os.path.isfile(path):
             raise DataError(f"{path}: manifest not found")
         rows = []
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open_text(path, "CSV manifest") as f:
             reader = csv.DictReader(f)
             header = [c.strip() for c in (reader.fieldnames or [])]
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -199,7 +206,11 @@ class FundusGenomeDataset:
                     raise DataError(f"{where}: field 'eye' = {row['eye']!r}, expected one of {EYES}")
                 if "split" in row and row["split"] not in SPLITS:
                     raise DataError(f"{where}: field 'split' = {row['split']!r}, expected one of {SPLITS}")
-                _check_image(os.path.join(self.root, row["image_path"]), where)
+                if self.check_images:
+                    _check_image(os.path.join(self.root, row["image_path"]), where)
+                elif not os.path.isfile(os.path.join(self.root, row["image_path"])):
+                    raise DataError(f"{where}: field 'image_path': image file "
+                                    f"{os.path.join(self.root, row['image_path'])} not found")
                 rows.append((reader.line_num, row))
         return rows
 
@@ -240,6 +251,10 @@ class FundusGenomeDataset:
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+    def describe(self, index: int) -> str:
+        """Item `index`'s image file (for errors, `medjax.data.bad_examples`)."""
+        return self.image_paths[int(index)]
 
     def load_image(self, index: int) -> np.ndarray:
         """The item's image as uint8 (image_size, image_size, 3): RGB, circle-cropped, resized."""

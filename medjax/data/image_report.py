@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image
 
 from medjax.data.arrow_ipc import ArrowFormatError, read_arrow
-from medjax.data.errors import DataError
+from medjax.data.errors import DataError, DataFileNotFoundError
 from medjax.data.image_io import decode
+from medjax.data.text_io import open_text, read_json
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
@@ -73,13 +74,31 @@ def pick_sentence(caption: str, rng: np.random.Generator | None) -> str:
     return sents[int(rng.integers(len(sents)))] if rng is not None else " ".join(sents)
 
 
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+
+
 def load_tokenizer(path: str):
-    """A Hugging Face tokenizer from a local directory (never downloads)."""
+    """A Hugging Face tokenizer from a local directory (never downloads). Its JSON files are read first, so
+    a corrupt or non-UTF-8 `tokenizer.json` is a DataError naming the file, line and column; a directory
+    transformers cannot load is a DataError naming it and what was expected."""
     if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory {path!r} not found (model.tokenizer / data.tokenizer must be a "
-                                "local Hugging Face tokenizer directory, e.g. one saved by save_pretrained)")
+        raise DataFileNotFoundError(
+            f"tokenizer directory {path!r} not found (model.tokenizer / data.tokenizer must be a local Hugging "
+            "Face tokenizer directory, e.g. one saved by save_pretrained)")
+    for name in TOKENIZER_JSON_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            content = read_json(file, f"Hugging Face {name}")
+            if not isinstance(content, dict):
+                raise DataError(f"{file}: line 1: expected a JSON object (a Hugging Face {name}), got "
+                                f"{type(content).__name__}")
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers / tokenizers raise many types for unusable files
+        raise DataError(f"{path}: not a loadable Hugging Face tokenizer directory ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); expected tokenizer.json or "
+                        "the vocabulary files save_pretrained writes") from e
 
 
 def tokenize(tokenizer, text: str | tuple[str, str], max_length: int) -> dict[str, np.ndarray]:
@@ -147,7 +166,7 @@ def read_jsonl(path: str, required: Sequence[str] = ()) -> list[tuple[int, dict]
     if not os.path.isfile(path):
         raise DataError(f"manifest {path} not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path, "JSONL manifest (one JSON object per line)") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -286,6 +305,13 @@ class ImageReportDataset:
     def row(self, image_index: int) -> dict:
         f, k = self._image_ref[image_index]
         return self.files[f].row(k)
+
+    def describe(self, i: int) -> str:
+        """Sample `i`'s manifest line or Arrow row and image (for errors, `medjax.data.bad_examples`)."""
+        image_index = self.index[i][0]
+        f, k = self._image_ref[image_index]
+        rows = self.files[f]
+        return rows.where(k) + (f" ({rows.images[k]})" if rows.arrow is None else "")
 
     def load_image(self, image_index: int) -> Image.Image:
         f, k = self._image_ref[image_index]

@@ -65,9 +65,9 @@ class PretrainingTransform:
 
 def pretraining_train_data(dataset: Sequence[dict], transform: PretrainingTransform, *, global_batch: int, seed: int,
                            process_index: int = 0, process_count: int = 1,
-                           prefetch_threads: int = 2) -> grain.IterDataset:
+                           prefetch_threads: int = 2, on_bad_example: str = "error") -> grain.IterDataset:
     """This process's share of each global batch (dicts of stacked arrays), shuffled per epoch,
     repeated forever, checkpointable (the Grain iterator's state is its position)."""
     return global_batch_dataset(dataset, global_batch=global_batch, seed=seed, transform=transform,
                                 process_index=process_index, process_count=process_count,
-                                prefetch_threads=prefetch_threads)
+                                prefetch_threads=prefetch_threads, on_bad_example=on_bad_example)

@@ -6,6 +6,10 @@ holds stream positions [t*B, (t+1)*B); process p of P loads only the contiguous 
 order) is the same batch a single process would load. Each element's augmentation is seeded by
 (seed, stream position), never by the process or worker, so 1 or N processes train the same
 thing. The iterator is a Grain `DatasetIterator` whose state (a position) is checkpointed.
+
+An example that fails to load names its file (`medjax.data.bad_examples`); with
+`on_bad_example="skip"` (config `data.on_bad_example`) it is replaced by a seeded rule of (seed,
+position), so batches stay a pure function of (seed, step), and each element carries a skip count.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
+
+from medjax.data import bad_examples
 
 Example = dict[str, Any]
 Transform = Callable[[Example, np.random.Generator], Example]
@@ -38,14 +44,22 @@ class _ProcessPositions(Sequence[int]):
 
 
 class _LoadAndTransform:
-    """Picklable map: stream position -> transformed example, seeded by (seed, position)."""
+    """Picklable map: stream position -> transformed example, seeded by (seed, position); a failure names
+    the file, or with on_bad_example="skip" the example is replaced (medjax.data.bad_examples)."""
 
-    def __init__(self, source, order, transform: Transform, seed: int):
+    def __init__(self, source, order, transform: Transform, seed: int, on_bad_example: str = "error"):
         self.source, self.order, self.transform, self.seed = source, order, transform, seed
+        self.on_bad_example = bad_examples.check_policy(on_bad_example)
 
     def __call__(self, position: int) -> Example:
-        example = self.source[int(self.order[position])]
-        return self.transform(example, np.random.default_rng([self.seed, position]))
+        index = int(self.order[position])
+
+        def load(example: Example) -> Example:  # a fresh generator per attempt: a failed one consumes nothing
+            return self.transform(example, np.random.default_rng([self.seed, position]))
+
+        if self.on_bad_example == "skip":
+            return bad_examples.load_or_replace(self.source, index, position, self.seed, load)
+        return bad_examples.load_naming_the_file(self.source, index, load)
 
 
 def process_batch_size(global_batch: int, process_count: int) -> int:
@@ -59,9 +73,10 @@ def process_batch_size(global_batch: int, process_count: int) -> int:
 def global_batch_dataset(
     source: Sequence[Example], *, global_batch: int, seed: int, transform: Transform,
     process_index: int = 0, process_count: int = 1, shuffle: bool = True, num_epochs: int | None = None,
-    prefetch_threads: int = 2,
+    prefetch_threads: int = 2, on_bad_example: str = "error",
 ) -> grain.IterDataset:
-    """Per-process batches (dicts of stacked numpy arrays) of `global_batch // process_count` examples."""
+    """Per-process batches (dicts of stacked numpy arrays) of `global_batch // process_count` examples;
+    with `on_bad_example="skip"` each batch also holds `bad_examples.SKIPPED_KEY` (int32 per example)."""
     if len(source) < global_batch:
         raise ValueError(f"the dataset has {len(source)} examples, fewer than one global batch of {global_batch}")
     local_batch = process_batch_size(global_batch, process_count)
@@ -70,7 +85,7 @@ def global_batch_dataset(
         order = order.shuffle(seed=seed)
     order = order.repeat(num_epochs)
     positions = _ProcessPositions(len(order), global_batch, process_index, process_count)
-    ds = grain.MapDataset.source(positions).map(_LoadAndTransform(source, order, transform, seed))
+    ds = grain.MapDataset.source(positions).map(_LoadAndTransform(source, order, transform, seed, on_bad_example))
     ds = ds.batch(local_batch, drop_remainder=True)
     options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=2 * max(prefetch_threads, 1))
     return ds.to_iter_dataset(read_options=options)

@@ -40,6 +40,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medjax.data.text_io import open_text
+from medjax.errors import MedjaxInputError
+
 BED_MAGIC = bytes((0x6C, 0x1B))
 SNP_MAJOR = 0x01
 MISSING = -1
@@ -52,7 +55,7 @@ _BYTE_TO_DOSAGES = _CODE_TO_DOSAGE[(np.arange(256, dtype=np.uint16)[:, None] >> 
 _DECODE_CHUNK_SNPS = 1024
 
 
-class PlinkFormatError(ValueError):
+class PlinkFormatError(MedjaxInputError):
     """A PLINK file is missing or does not follow the format; the message names the file."""
 
 
@@ -85,7 +88,7 @@ def _read_table(path: str, what: str, columns: str) -> list[list[str]]:
     if not os.path.isfile(path):
         raise PlinkFormatError(f"{path}: {what} file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path, f"PLINK {what} file") as f:
         for line_number, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:

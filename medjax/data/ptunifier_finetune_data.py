@@ -110,6 +110,10 @@ class VQADataset:
         return {"image": self.images.load_image(i), "question": question, "target": target,
                 "answer_type": np.int32(answer_type)}
 
+    def describe(self, k: int) -> str:
+        """Question `k`'s manifest line and image (medjax.data.bad_examples)."""
+        return self.images.describe(self.questions[k][0])
+
 
 class MultiLabelDataset:
     """Images with multi-hot labels. Items: {"image": PIL, "labels": float32 (num_labels,)}."""
@@ -134,6 +138,10 @@ class MultiLabelDataset:
 
     def __getitem__(self, i: int) -> dict:
         return {"image": self.images.load_image(i), "labels": self.labels[i]}
+
+    def describe(self, i: int) -> str:
+        """Row `i`'s manifest line and image (medjax.data.bad_examples)."""
+        return self.images.describe(i)
 
 
 class NLIDataset:

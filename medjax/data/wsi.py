@@ -26,6 +26,9 @@ from typing import Protocol
 
 import numpy as np
 
+from medjax.data.errors import DataFileNotFoundError
+from medjax.errors import MedjaxInputError
+
 # Vendor formats OpenSlide reads; of these, tifffile also reads the TIFF-based .svs, .ndpi and .bif.
 OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 TIFFFILE_EXTENSIONS = (".tif", ".tiff", ".svs", ".ndpi", ".bif")
@@ -39,7 +42,7 @@ _OME_UNIT_X = re.compile(r'PhysicalSizeXUnit="([^"]*)"')
 _OME_MICRONS = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3}
 
 
-class SlideError(ValueError):
+class SlideError(MedjaxInputError):
     """A slide that cannot be used; the message starts with the slide's path."""
 
 
@@ -333,7 +336,7 @@ def open_slide(path: str, backend: str = "auto") -> Slide:
 def list_slides(directory: str) -> list[str]:
     """The slide files directly in `directory` (by extension, sorted)."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory}: slide directory not found")
+        raise DataFileNotFoundError(f"{directory}: slide directory not found")
     return sorted(os.path.join(directory, name) for name in os.listdir(directory)
                   if name.lower().endswith(SLIDE_EXTENSIONS) and os.path.isfile(os.path.join(directory, name)))
 

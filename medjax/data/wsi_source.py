@@ -37,15 +37,17 @@ from PIL import Image
 from scipy import ndimage
 
 from medjax.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
+from medjax.data.text_io import open_text
 from medjax.data.tiling import integer_coords, read_coords, tile_geometry
 from medjax.data.wsi import SLIDE_EXTENSIONS, open_slide
+from medjax.errors import MedjaxInputError
 
 Example = dict[str, Any]
 DINOV2_CODE_BLUR_PROBS = (0.0, 0.9, 0.5)
 _GRAY_WEIGHTS = np.array((0.2989, 0.587, 0.114), np.float32)  # torchvision rgb_to_grayscale
 
 
-class TileCoordsError(ValueError):
+class TileCoordsError(MedjaxInputError):
     """A tile corner that is not a pixel of its slide; the message names the coordinates file and row."""
 
 
@@ -184,6 +186,10 @@ class WSITileSource:
             example["label"] = np.int32(self.labels[index])
         return example
 
+    def describe(self, index: int) -> str:
+        """Tile `index`'s slide file and level-0 corner (for errors, `medjax.data.bad_examples`)."""
+        return f"{self.slide_paths[int(self.slide_index[index])]}: tile {index} at (x, y) = {self.coords[index].tolist()}"
+
     def _slide(self, s: int):
         cache = getattr(self._local, "slides", None)
         if cache is None:
@@ -228,7 +234,7 @@ def _find_slide(slides_dir: str, sid: str, referenced_by: str) -> str:
 
 def _read_label_rows(path: str) -> list[tuple[str, int, int, int]]:
     rows = []
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open_text(path, "CSV of labelled tiles (slide_id,x,y,label)") as handle:
         reader = csv.DictReader(handle)
         missing = {"slide_id", "x", "y", "label"} - set(reader.fieldnames or ())
         if missing:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import grain
 import jax
 
 from medjax import optim as optim_lib
+from medjax.config import ConfigError
+from medjax.data.bad_examples import POLICIES
+from medjax.data.verify import MODES as VERIFY_MODES
+from medjax.data.verify import FileCheck, verify_files
 from medjax.params import merge_params
 
 Batch = Mapping[str, Any]
@@ -29,19 +33,21 @@ def model_config(config):
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-    """What a task needs from the run (the `train` block and `init`), passed in so that tasks read only
-    their own config blocks."""
+    """What a task needs from the run (the `train` block, `init` and the workdir), passed in so that tasks
+    read only their own config blocks. `workdir`: where the start-up data check caches its results
+    (`medjax.data.verify`); None (evaluate, bench, tests) = no cache."""
 
     global_batch: int
     eval_batch_size: int
     total_steps: int
     init: str = ""
+    workdir: str | None = None
 
     @classmethod
-    def from_config(cls, config) -> "RunSettings":
+    def from_config(cls, config, workdir: str | None = None) -> "RunSettings":
         train = config.train
         return cls(global_batch=int(train.batch_size), eval_batch_size=int(train.eval_batch_size),
-                   total_steps=int(train.steps), init=str(config.get("init", "") or ""))
+                   total_steps=int(train.steps), init=str(config.get("init", "") or ""), workdir=workdir)
 
 
 def markdown_table(exp: str, columns: list[tuple[str, dict[str, float]]], percent: tuple[str, ...] = ()) -> str:
@@ -87,6 +93,25 @@ class TaskBase:
     def evaluate(self, params: Any) -> dict[str, float]:
         """The paper's metrics on the evaluation split."""
         raise NotImplementedError(f"{type(self).__name__}.evaluate")
+
+    # ---- data checks (issue #15), for the tasks' dataset builders -------------------------------------
+    @property
+    def on_bad_example(self) -> str:
+        """`data.on_bad_example` ("error" | "skip", medjax.data.bad_examples), checked; pass it to the
+        pipeline (`global_batch_dataset(..., on_bad_example=)`)."""
+        value = str(self.config.get("data", {}).get("on_bad_example", "error"))
+        if value not in POLICIES:
+            raise ConfigError(f"config data.on_bad_example={value!r}: expected one of {', '.join(POLICIES)}")
+        return value
+
+    def verify_data(self, checks: Sequence[FileCheck]) -> None:
+        """The start-up check of these data files (medjax.data.verify) by `data.verify` (full | headers |
+        none), cached in the run's workdir; with data.on_bad_example=skip failures are a warning."""
+        mode = str(self.config.get("data", {}).get("verify", "full"))
+        if mode not in VERIFY_MODES:
+            raise ConfigError(f"config data.verify={mode!r}: expected one of {', '.join(VERIFY_MODES)}")
+        verify_files(checks, mode=mode, cache_dir=self.run.workdir, log=self.log,
+                     skip_bad=self.on_bad_example == "skip")
 
     # ---- optional hooks ------------------------------------------------------------------------------
     def load_pretrained(self, params: Any, pretrained: Any) -> Any:

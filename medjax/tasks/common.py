@@ -32,6 +32,11 @@ class Subset:
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
 
+    def describe(self, i: int) -> str:
+        """The base's description of row i (medjax.data.bad_examples)."""
+        from medjax.data.bad_examples import describe
+
+        return describe(self.base, int(self.indices[i]))
 
 def label_fraction_label(saved_config: dict) -> str | None:
     """"10%" for a run saved with `data.label_fraction` 0.1 (the label-efficiency columns of e.g. MRM Tab. 1

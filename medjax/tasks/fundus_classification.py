@@ -15,6 +15,7 @@ import optax
 from medjax.data.image_transforms import fundus_eval_transform, fundus_train_transform
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.data.verify import image_checks
 from medjax.metrics.classification import accuracy, macro_auc, quadratic_weighted_kappa
 from medjax.models.vit_classifier import ViTClassifier
 from medjax.params import merge_params
@@ -53,7 +54,9 @@ class FundusClassificationTask(TaskBase):
         self.num_classes = int(config.model.num_classes)
         size = config.model.image_size
         train = FundusGenomeDataset(self.root, image_size=size, genotypes=None, label_arity=1,
-                                    split=config.data.train_split, allow_duplicates=bool(config.data.allow_duplicates))
+                                    split=config.data.train_split, allow_duplicates=bool(config.data.allow_duplicates),
+                                    check_images=False)
+        self.verify_data(image_checks(train.image_paths, train.image_wheres))  # data.verify (medjax.data.verify)
         keep = label_subset(np.asarray(train.labels), float(config.data.label_fraction),
                             int(config.data.label_seed), self.num_classes)
         self.train_set = Subset(train, keep)
@@ -93,7 +96,8 @@ class FundusClassificationTask(TaskBase):
     def train_data(self):
         return global_batch_dataset(
             self.train_set, global_batch=self.global_batch, seed=int(self.config.seed),
-            transform=self._train_transform, process_index=jax.process_index(), process_count=jax.process_count())
+            transform=self._train_transform, process_index=jax.process_index(), process_count=jax.process_count(),
+            on_bad_example=self.on_bad_example)
 
     @functools.cached_property
     def _predict(self):
@@ -102,8 +106,11 @@ class FundusClassificationTask(TaskBase):
 
     @functools.lru_cache(maxsize=4)
     def split_dataset(self, split: str) -> FundusGenomeDataset:
-        return FundusGenomeDataset(self.root, image_size=self.config.model.image_size, genotypes=None,
-                                   label_arity=1, split=split, allow_duplicates=bool(self.config.data.allow_duplicates))
+        dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size, genotypes=None,
+                                      label_arity=1, split=split, allow_duplicates=bool(self.config.data.allow_duplicates),
+                                      check_images=False)
+        self.verify_data(image_checks(dataset.image_paths, dataset.image_wheres))
+        return dataset
 
     def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(labels, class probabilities (N, num_classes)) over a split."""

@@ -10,6 +10,7 @@ import numpy as np
 from medjax.data.image_transforms import fundus_eval_transform, fundus_train_transform
 from medjax.data.fundus_genome import FundusGenomeDataset
 from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.data.verify import image_checks
 from medjax.losses.mrm import mrm_loss
 from medjax.models import mrm as mrm_lib
 from medjax.tasks.base import TaskBase, model_config
@@ -57,7 +58,7 @@ class MRMTask(TaskBase):
         return global_batch_dataset(
             self.dataset, global_batch=self.global_batch, seed=int(self.config.seed),
             transform=self._train_transform, process_index=jax.process_index(),
-            process_count=jax.process_count())
+            process_count=jax.process_count(), on_bad_example=self.on_bad_example)
 
     @functools.cached_property
     def _eval_loss(self):
@@ -76,9 +77,11 @@ class MRMTask(TaskBase):
 
     def _dataset(self, split) -> FundusGenomeDataset:
         d = self.config.data
-        return FundusGenomeDataset(self.root, image_size=self.config.model.image_size, snp_stride=d.snp_stride,
-                                   split=split, drop_missing_snps=bool(d.drop_missing_snps),
-                                   allow_duplicates=bool(d.allow_duplicates))
+        dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size, snp_stride=d.snp_stride,
+                                      split=split, drop_missing_snps=bool(d.drop_missing_snps),
+                                      allow_duplicates=bool(d.allow_duplicates), check_images=False)
+        self.verify_data(image_checks(dataset.image_paths, dataset.image_wheres))  # data.verify (medjax.data.verify)
+        return dataset
 
     def evaluate(self, params) -> dict[str, float]:
         """Mean loss and its parts (no dropout, no augmentation) over the evaluation rows."""

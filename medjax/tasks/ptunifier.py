@@ -21,6 +21,7 @@ import numpy as np
 from medjax.data.image_report import ImageReportDataset, load_tokenizer
 from medjax.data.image_report_pipeline import PretrainingTransform, pretraining_train_data
 from medjax.data.pipeline import eval_batches
+from medjax.data.verify import image_report_checks
 from medjax.losses.contrastive import contrastive_loss, l2_normalize
 from medjax.losses.itm import itm_accuracy, itm_loss, itm_pairs
 from medjax.losses.mlm import IGNORE_INDEX, mlm_accuracy, mlm_loss
@@ -56,6 +57,7 @@ class PTUnifierTask(TaskBase):
             resized_crop=data.resized_crop, sent_level=data.sent_level, mlm_probability=data.mlm_probability,
             eval_seed=int(config.seed))
         self.dataset = ImageReportDataset(_files(self.root, data.train_files), split=data.split or None)
+        self.verify_data(image_report_checks(self.dataset))  # data.verify (medjax.data.verify)
         w = config.loss
         self.weights = {"mlm": float(w.mlm), "itm": float(w.itm), "itc": 0.0 if self.released else float(w.itc)}
 
@@ -138,12 +140,14 @@ class PTUnifierTask(TaskBase):
     def train_data(self):
         return pretraining_train_data(self.dataset, self.transform, global_batch=self.global_batch,
                                       seed=int(self.config.seed), process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+                                      process_count=jax.process_count(), on_bad_example=self.on_bad_example)
 
     @functools.cached_property
     def eval_dataset(self) -> ImageReportDataset:
         data = self.config.data
-        return ImageReportDataset(_files(self.root, data.eval_files or data.train_files), split=data.eval_split or None)
+        dataset = ImageReportDataset(_files(self.root, data.eval_files or data.train_files), split=data.eval_split or None)
+        self.verify_data(image_report_checks(dataset))
+        return dataset
 
     @functools.cached_property
     def _eval_step(self):

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.data import ptunifier_finetune_data as finetune_data
-from medjax.data.image_report import load_tokenizer, tokenize
+from medjax.data.image_report import ImageReportDataset, load_tokenizer, tokenize
 from medjax.data.pipeline import eval_batches, global_batch_dataset
 from medjax.models.ptunifier_finetune import finetune_model_from_config
+from medjax.data.verify import image_report_checks
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase
 from medjax.tasks.common import data_root
@@ -64,7 +65,7 @@ class PTUnifierFinetuneTask(TaskBase):
 
     def training_set(self):
         """The training rows: the whole `data.train_split` unless a kind subsamples it."""
-        return self.dataset(self.config.data.train_split)
+        return self.checked_dataset(self.config.data.train_split)
 
     # ---- shared --------------------------------------------------------------------------------
     def _model_config(self):
@@ -89,9 +90,18 @@ class PTUnifierFinetuneTask(TaskBase):
         """The manifest / Arrow file of `split` (`data.file` with `{split}` filled in)."""
         return finetune_data.resolve(self.root, self.config.data.file, split)
 
+    def checked_dataset(self, split: str):
+        """`dataset(split)` with its images checked at build (data.verify, medjax.data.verify)."""
+        dataset = self.dataset(split)
+        if isinstance(dataset, (finetune_data.VQADataset, finetune_data.MultiLabelDataset)):
+            self.verify_data(image_report_checks(dataset.images))  # their images: an ImageReportDataset
+        elif isinstance(dataset, ImageReportDataset):
+            self.verify_data(image_report_checks(dataset))
+        return dataset
+
     @functools.cached_property
     def eval_set(self):
-        return self.dataset(self.config.data.eval_split)
+        return self.checked_dataset(self.config.data.eval_split)
 
     def text(self, text) -> dict:
         """Token ids and mask of a text (or a text pair) at `data.max_text_len`."""
@@ -110,7 +120,7 @@ class PTUnifierFinetuneTask(TaskBase):
     def train_data(self):
         return global_batch_dataset(self.train_set, global_batch=self.global_batch, seed=int(self.config.seed),
                                     transform=self.example, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(), on_bad_example=self.on_bad_example)
 
     def work_per_example(self) -> tuple[int, str]:
         return (self.image_size // self.model_cfg.patch_size) ** 2 + 1 + self.max_length, "tokens"

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from medjax.data.image_transforms import normalize_imagenet, resize
+from medjax.data.text_io import open_text
 from medjax.data.tiling import read_coords, tile_slide
 from medjax.data.wsi import SLIDE_EXTENSIONS
 from medjax.data.wsi_source import WSITileSource
@@ -141,7 +142,7 @@ def source_features(feature_fn: FeatureFn, source: Sequence[dict], settings) -> 
 # ---- data -----------------------------------------------------------------------------------------------
 
 def _read_csv(path: str, required: tuple[str, ...]) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open_text(path, f"CSV ({','.join(required)})") as handle:
         reader = csv.DictReader(handle)
         missing = set(required) - set(reader.fieldnames or ())
         if missing:

@@ -35,6 +35,7 @@ from medjax.data import demo as demo_lib
 from medjax.data.masking import MaskingGenerator, max_masked_patches, sample_masks
 from medjax.data.pipeline import global_batch_dataset
 from medjax.data.tiling import tile_slides
+from medjax.data.verify import slide_checks
 from medjax.data.wsi import list_slides
 from medjax.data.wsi_source import DinoMultiCrop, WSITileSource
 from medjax.losses import dino as dino_losses
@@ -225,7 +226,9 @@ class UNIPretrainTask(TaskBase):
     @functools.cached_property
     def tile_source(self) -> WSITileSource:
         slides, coords = tile_dirs(self.config, self.log)
-        return WSITileSource.from_coords_dir(slides, coords, tile_size=int(self.config.data.tile_size))
+        source = WSITileSource.from_coords_dir(slides, coords, tile_size=int(self.config.data.tile_size))
+        self.verify_data(slide_checks(source.slide_paths, f"{coords} (tile coordinates)"))  # data.verify
+        return source
 
     def transform(self) -> DinoTransform:
         c, ib = self.config.crops, self.config.ibot
@@ -238,7 +241,7 @@ class UNIPretrainTask(TaskBase):
         return global_batch_dataset(
             self.tile_source, global_batch=self.global_batch, seed=int(self.config.seed), transform=self.transform(),
             process_index=jax.process_index(), process_count=jax.process_count(),
-            prefetch_threads=int(self.config.data.prefetch_threads))
+            prefetch_threads=int(self.config.data.prefetch_threads), on_bad_example=self.on_bad_example)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def feature_fn(self, params):

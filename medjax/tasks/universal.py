@@ -23,6 +23,7 @@ import numpy as np
 
 from medjax.data import demo as demo_lib
 from medjax.data.ct_pipeline import CTAugment, CTVolumeCache, ct_train_dataset, read_ct_list
+from medjax.data.verify import ct_checks
 from medjax.inference.universal_eval import cases_from_cache, evaluate_cases, universal_results_table
 from medjax.inference.universal_predictor import InferenceSettings, UniversalPredictor
 from medjax.losses.segmentation import partial_label_bce_dice
@@ -104,19 +105,26 @@ class UniversalTask(TaskBase):
                          zoom_prob=float(d.zoom_prob), zoom_range=tuple(float(z) for z in d.zoom_range))
 
     def train_data(self):
+        """Training crops (medjax.data.ct_pipeline), every pair's headers and voxel-data sizes checked first
+        (data.verify, medjax.data.verify)."""
         d = self.config.data
+        train_list = _in_root(self.root, d.train_list)
+        self.verify_data(ct_checks(read_ct_list(train_list, self.root, check_headers=False)))
         return ct_train_dataset(
-            _in_root(self.root, d.train_list), root=self.root, cache_dir=self.cache_dir,
+            train_list, root=self.root, cache_dir=self.cache_dir,
             global_batch=self.global_batch, seed=int(self.config.seed), augment=self._augment(),
             spacing=tuple(d.spacing), hu_range=tuple(d.hu_range), process_index=jax.process_index(),
-            process_count=jax.process_count(), prefetch_threads=int(d.prefetch_threads))
+            process_count=jax.process_count(), prefetch_threads=int(d.prefetch_threads),
+            check_headers=False, on_bad_example=self.on_bad_example)
 
     # ----- evaluation -----
     @functools.cached_property
     def eval_cases(self):
-        cases = read_ct_list(_in_root(self.root, self.config.data.val_list), self.root)
+        cases = read_ct_list(_in_root(self.root, self.config.data.val_list), self.root, check_headers=False)
         limit = int(self.config.eval.max_cases)
-        return cases[:limit] if limit > 0 else cases
+        cases = cases[:limit] if limit > 0 else cases
+        self.verify_data(ct_checks(cases))
+        return cases
 
     def predictor(self, params) -> UniversalPredictor:
         """Whole-volume prediction with `params` (medjax.inference.universal_predictor, config eval.*)."""

@@ -104,7 +104,7 @@ def test_backbone_prefix_and_torch_file_and_cli(swin_torch, tmp_path):
     np.testing.assert_array_equal(kernel[:, 1, 2], qkv[12 + 8:12 + 12].T)  # k projection, head 2
     embedding = np.load(tmp_path / "out" / "class_embeddings.npy")
     np.testing.assert_array_equal(embedding, swin_torch.organ_embedding.numpy())
-    assert cli.main(["universal", "--torch", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o2")]) == 1
+    assert cli.main(["universal", "--torch", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o2")]) == 2
 
 
 def test_backbone_only_checkpoint_with_initialised_head():
