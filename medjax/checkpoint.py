@@ -162,8 +162,12 @@ class Checkpointer:
             return restored["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        self._seal(list(self._unsealed))
+        """Wait for the background save; record the checksums of every finished step (also when the save
+        failed: the steps finished before it are complete)."""
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self._seal(list(self._unsealed))
 
     def close(self) -> None:
         try:

@@ -282,6 +282,10 @@ class Trainer:
         """The newest checkpoint step on disk that is complete (its checksums recorded after its save)."""
         from medjax import checkpoint_integrity as integrity
 
+        try:
+            self.checkpointer.wait()  # steps saved before the failure are complete: record them
+        except Exception:  # the failure itself, already being reported
+            pass
         complete = [s for s in self.checkpointer.manager.all_steps() if integrity.has_checksums(self.checkpointer.step_dir(s))]
         return max(complete, default=None)
 
