@@ -102,6 +102,8 @@ def _killed_run(workdir: str, point: str) -> None:
 
 
 if __name__ == "__main__":
-    import tests.conftest  # noqa: F401  (the same XLA flags and compilation cache as the test process)
+    import importlib
+
+    importlib.import_module("tests.conftest")  # the same XLA flags and compilation cache as the test process
 
     _killed_run(sys.argv[1], sys.argv[2])
