@@ -35,11 +35,35 @@ def saved_config(workdir: str) -> dict:
     return {}
 
 
+def restore_checked(path: str, config, task):
+    """The params in `path` (medjax.checkpoint.restore_params) after checking they were written for this
+    experiment: a provenance record of another task, or a training run's params whose tree does not fit
+    `task`'s model, is refused naming the file and what was expected (medjax.provenance)."""
+    import flax.linen as nn
+    import jax
+
+    from medjax import checkpoint as checkpoint_lib
+    from medjax import provenance
+
+    directory = checkpoint_lib.params_dir(path)
+    record = provenance.check_record(directory, config, what="--checkpoint")
+    params = checkpoint_lib.restore_params(directory)
+    if record is not None and record.get("exp"):  # a training run's params: its tree is its task's init_params
+        expected = nn.unbox(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+        differences = provenance.tree_differences(params, expected)
+        if differences:
+            raise provenance.mismatch_error(directory, record, config, ", ".join(differences), what="--checkpoint")
+    return directory, record, params
+
+
 @entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import flax
+
     from medjax import checkpoint as checkpoint_lib
     from medjax import config as config_lib
+    from medjax import provenance
     from medjax.tasks import build_task
 
     columns = []
@@ -51,8 +75,16 @@ def main(argv=None) -> int:
             overrides.append(f"data.dir={saved['data']['dir']}")
         config = config_lib.get_config(args.exp, variant, overrides)  # a ConfigError: one line, exit 2 (medjax.cli)
         task = build_task(config)
-        params = checkpoint_lib.restore_params(path)
-        results = task.evaluate(params)
+        try:
+            directory, record, params = restore_checked(path, config, task)
+            try:
+                results = task.evaluate(params)
+            except flax.errors.FlaxError as err:  # converted or unrecorded params that do not fit the model
+                raise provenance.mismatch_error(directory, record, config, str(err).splitlines()[0],
+                                                what="--checkpoint") from err
+        except (provenance.ProvenanceError, checkpoint_lib.CheckpointError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         columns.append((task.column_label(saved, path), results))
     table = task.results_table(args.exp, columns)
     print(table)

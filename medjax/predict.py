@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     import jax
 
     from medjax import config as config_lib
+    from medjax.checkpoint import CheckpointError
     from medjax.data.ct import CTDataError
     from medjax.inference.universal_predictor import InferenceSettings, UniversalPredictor
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
         predictor = UniversalPredictor(model.apply, (jax.device_put(variables),), settings)
         written = segment_file(args.input, args.out, predictor.masks, spacing=tuple(config.data.spacing),
                                hu_range=tuple(config.data.hu_range), per_class=args.per_class)
-    except (config_lib.ConfigError, CTDataError, FileNotFoundError, ValueError) as err:
+    except (config_lib.ConfigError, CTDataError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(error_line(err), file=sys.stderr)
         return EXIT_INPUT_ERROR
     print(f"wrote {written[0]}" + (f" and {len(written) - 1} per-class masks" if len(written) > 1 else ""))
@@ -116,6 +117,12 @@ def load_universal(config, params_dir: str):
     `restore_params(params_dir)` (a params tree, or a whole variables tree {"params", "constants"});
     for encoding "word_embedding" the frozen class text embeddings from the tree's "constants", else
     `tasks.universal.class_embedding_constants` (`model.class_embeddings`, or the .npy beside the weights)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from medjax import provenance
+    from medjax.checkpoint import params_dir as resolve_params_dir
     from medjax.checkpoint import restore_params
     from medjax.models import universal as universal_lib
     from medjax.tasks.base import model_config
@@ -128,11 +135,18 @@ def load_universal(config, params_dir: str):
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"--params {params_dir}: no such directory (expected converted weights or a "
                                 "training workdir)")
-    tree = restore_params(params_dir)
+    directory = resolve_params_dir(params_dir)
+    record = provenance.check_record(directory, config, what="--params")
+    tree = restore_params(directory)
     if isinstance(tree, dict) and "params" in tree and set(tree) <= {"params", universal_lib.CONSTANTS, "batch_stats"}:
         variables = dict(tree)  # a whole variables tree (e.g. converted weights with their constants)
     else:
         variables = {"params": tree}
+    window = tuple(int(s) for s in config.data.crop_size)
+    expected = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *window, 1), jnp.float32)))
+    differences = provenance.tree_differences(variables["params"], expected["params"])
+    if differences:  # another variant or backbone: refused here rather than as a flax scope error
+        raise provenance.mismatch_error(directory, record, config, ", ".join(differences), what="--params")
     if universal_lib.CONSTANTS not in variables:
         variables.update(class_embedding_constants(config.model, params_dir, log=lambda *_: None))
     return model, variables

@@ -59,7 +59,10 @@ def _run(args) -> int:
     from medjax import config as config_lib
     from medjax.tasks import build_task
     from medjax.tasks.base import RunSettings
+    from medjax.checkpoint import CheckpointError
+    from medjax.disk_full import DiskFullError
     from medjax.trainer import NonFiniteLossError, Trainer
+    from medjax.workdir_lock import WorkdirLockedError
 
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)  # only process 0 logs
     variant = resolve_variant(args.exp, args.variant, args.data)
@@ -78,6 +81,9 @@ def _run(args) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except (WorkdirLockedError, DiskFullError, CheckpointError) as err:  # one line each (issue #15)
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     say(f"done: step {result['step']} in {time.time() - start:.0f}s" +
         (" (stopped by SIGTERM; rerun with the same --workdir to resume)" if result.get("preempted") else ""))
     return 0

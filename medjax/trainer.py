@@ -19,10 +19,13 @@ import optax
 from medjax import checkpoint as checkpoint_lib
 from medjax.config import ConfigError
 from medjax.data.bad_examples import SKIPPED_KEY
+from medjax import provenance as provenance_lib
 from medjax import train_state as state_lib
+from medjax.disk_full import DiskFullError, disk_full_cause, disk_full_message
 from medjax.metric_writer import MetricWriter
 from medjax.parallel import mesh as mesh_lib
 from medjax.parallel import rules as rules_lib
+from medjax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -119,7 +122,8 @@ class Trainer:
         self.state, self.state_shardings = state_lib.create_sharded_state(
             task.init_params, self.tx, rng, self.mesh, self.rules)
         self.checkpointer = checkpoint_lib.Checkpointer(
-            self.workdir, interval=int(train.checkpoint_every), keep=int(train.keep_checkpoints))
+            self.workdir, interval=int(train.checkpoint_every), keep=int(train.keep_checkpoints),
+            provenance=provenance_lib.run_record(config))
         step_fn = make_train_step(task, self.tx, self.schedule, int(train.grad_accum))
         replicated = mesh_lib.replicated(self.mesh)
         self.train_step = jax.jit(
@@ -131,10 +135,9 @@ class Trainer:
     # ----- state sources: workdir checkpoint > config.init > scratch -----
     def restore_or_init(self, data_iterator) -> str:
         if self.checkpointer.latest_step() is not None:
-            step = self.checkpointer.latest_step()
             target = state_lib.abstract_state(self.state_shardings, self.state)
-            self.state = self.checkpointer.restore(target, data_iterator)
-            return f"resumed from {self.checkpointer.directory} at step {step}"
+            self.state = self.checkpointer.restore(target, data_iterator)  # the newest step that verifies
+            return f"resumed from {self.checkpointer.directory} at step {self.checkpointer.restored_step}"
         init = self.config.get("init", "")
         if init:
             pretrained = checkpoint_lib.restore_params(init)
@@ -178,17 +181,44 @@ class Trainer:
         self._stop_signal = self._stop_signal or agreed  # a signal arriving meanwhile counts next time
         return agreed
 
+    def _lock_workdir(self) -> WorkdirLock:
+        """Process 0 takes the workdir lock; every process learns whether it did and refuses alike."""
+        lock, error = WorkdirLock(self.workdir), ""
+        if jax.process_index() == 0:
+            try:
+                lock.acquire()
+            except WorkdirLockedError as err:
+                error = str(err)
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            if not bool(multihost_utils.broadcast_one_to_all(np.asarray(not error))):
+                error = error or f"{self.workdir}: process 0 could not lock the workdir (see its output)"
+        if error:
+            self.checkpointer.close()
+            raise WorkdirLockedError(error)
+        return lock
+
     def run(self) -> dict[str, Any]:
+        lock = self._lock_workdir()
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> dict[str, Any]:
         config, train = self.config, self.config.train
         total_steps = int(train.steps)
         stop_at = int(train.stop_at) or total_steps
         writer = MetricWriter(self.workdir, total_steps)
+        self.checkpointer.log = writer.log
         if jax.process_index() == 0:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
         data_iterator = iter(self.task.train_data())
         writer.log(self.restore_or_init(data_iterator))
         step = int(jax.device_get(self.state["step"]))
+        writer.resume_from(step)  # drop metrics rows a previous run logged past the restored step
         if step >= min(stop_at, total_steps):
             writer.log(f"nothing to do: checkpoint at step {step}, train.steps={total_steps}")
             writer.close()
@@ -210,6 +240,7 @@ class Trainer:
                 with jax.set_mesh(self.mesh):
                     self.state, metrics = compiled(self.state, batch)
                 step += 1
+                self.checkpointer.seal_finished()  # checksums of a background save that has finished
                 interval_examples += int(train.batch_size)
                 pending.append((step, metrics))
                 final = step == end
@@ -240,12 +271,34 @@ class Trainer:
                     if self.checkpointer.latest_step() != step:
                         self.checkpointer.save(step, self.state, data_iterator, force=True)
                     break
+            self.checkpointer.wait()  # a full disk surfaces here at the latest, still inside the try
+        except Exception as err:
+            cause = disk_full_cause(err)
+            if cause is None:
+                raise
+            raise DiskFullError(disk_full_message(
+                cause, step=step, last_checkpoint=self._last_complete_step(), directory=self.checkpointer.directory)) from None
         finally:
-            self.checkpointer.close()
+            try:
+                self.checkpointer.close()
+            except Exception as err:  # the failed save surfaces again; already reported above
+                if disk_full_cause(err) is None:
+                    raise
             writer.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         return {"step": last_good_step, "losses": losses, "preempted": self._stop_signal}
+
+    def _last_complete_step(self) -> int | None:
+        """The newest checkpoint step on disk that is complete (its checksums recorded after its save)."""
+        from medjax import checkpoint_integrity as integrity
+
+        try:
+            self.checkpointer.wait()  # steps saved before the failure are complete: record them
+        except Exception:  # the failure itself, already being reported
+            pass
+        complete = [s for s in self.checkpointer.manager.all_steps() if integrity.has_checksums(self.checkpointer.step_dir(s))]
+        return max(complete, default=None)
 
     def _check_finite(self, pending: list[tuple[int, Any]]) -> list[dict[str, float]]:
         """The metrics of `pending` steps as floats, after one device_get; raises NonFiniteLossError naming

@@ -10,12 +10,19 @@ Each writes the params with `medjax.checkpoint.save_params(OUT, params)` (read b
 missing, unexpected or ignored checkpoint key and every shape mismatch. The Universal Model's frozen class
 text embeddings (a buffer, not a param) go to OUT/class_embeddings.npy: `init=OUT` and `medjax.predict --params OUT`
 find them there; for `medjax.evaluate` pass `--set model.class_embeddings=OUT/class_embeddings.npy`.
+
+OUT is checked before anything is written (it must not exist, or be an empty directory); everything is
+written into a temporary directory beside it that is renamed into place once complete, so a failed or
+refused conversion leaves no partial OUT and never touches an existing one (issue #15). Beside the params
+goes `medjax_provenance.json` naming the converter and its source (medjax.provenance).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -33,23 +40,27 @@ def format_report(source: str, report: KeyReport) -> str:
     return "\n".join(lines)
 
 
+def check_destination(out: str) -> None:
+    """Refuse an `--out` that exists (other than an empty directory), before anything is converted."""
+    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise FileExistsError(f"--out {out} already exists; choose another --out or remove it (nothing was written)")
+
+
 def _universal(args) -> tuple[dict, KeyReport, str]:
     from medjax.convert import universal
 
     model, variables, report = universal.load_with_report(
         args.torch, args.backbone, norm_groups=args.norm_groups, legacy_merging=not args.fixed_merging,
         allow_missing_head=args.allow_missing_head)
-    extra = ""
-    constants = variables.get("constants", {})
-    if "organ_embedding" in constants:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "class_embeddings.npy")
-        np.save(path, np.asarray(constants["organ_embedding"], np.float32))
-        extra = f"\nwrote the class text embeddings {constants['organ_embedding'].shape} to {path}"
     if "batch_stats" in variables:
         raise ValueError("medjax/convert/__main__.py: running BatchNorm statistics are not written; the converter "
                          "keeps the original's batch-statistics BatchNorm (batch_stats_always=True)")
-    return variables["params"], report, extra
+    constants = variables.get("constants", {})
+    if "organ_embedding" in constants:  # written beside the params by main()
+        args.extra_files = {"class_embeddings.npy": np.asarray(constants["organ_embedding"], np.float32)}
+        return variables["params"], report, (f"\nwrote the class text embeddings {constants['organ_embedding'].shape} "
+                                             f"to {os.path.join(args.out, 'class_embeddings.npy')}")
+    return variables["params"], report, ""
 
 
 def _ptunifier(args) -> tuple[dict, KeyReport, str]:
@@ -78,7 +89,7 @@ def _embed_classes(args) -> int:
     """The Universal Model's (32, 512) class text embeddings as .npy (not params: written as they are)."""
     from medjax.convert.class_embeddings import embed_class_prompts
 
-    if os.path.exists(args.out):
+    if os.path.lexists(args.out):
         print(f"error: {args.out} already exists; choose another --out or remove it", file=sys.stderr)
         return 1
     try:
@@ -86,7 +97,14 @@ def _embed_classes(args) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    np.save(args.out, embeddings)
+    directory = os.path.dirname(os.path.abspath(args.out))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(args.out)}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file object: np.save adds no ".npy" to the name
+            np.save(f, embeddings)
+        os.link(tmp, args.out)  # fails rather than replaces if --out appeared meanwhile
+    finally:
+        os.remove(tmp)
     norms = np.linalg.norm(embeddings, axis=1)
     print(f"wrote {args.out}: {embeddings.shape} float32, row norms {norms.min():.2f}..{norms.max():.2f}")
     return 0
@@ -129,18 +147,39 @@ def main(argv=None) -> int:
     if args.kind == "embed-classes":
         return _embed_classes(args)
 
-    from medjax.checkpoint import save_params
-
     source = getattr(args, "torch", None) or args.path
     try:
+        check_destination(args.out)
         params, report, extra = args.run(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(error_line(error), file=sys.stderr)
         return EXIT_INPUT_ERROR
     print(format_report(source, report))
-    out = save_params(args.out, params)
+    record = {"converted_by": f"python -m medjax.convert {args.kind}", "source": os.path.abspath(source),
+              "options": {k: v for k, v in vars(args).items() if k not in ("run", "extra_files", "out", "kind")}}
+    out = write_atomically(args.out, params, getattr(args, "extra_files", {}), record)
     print(f"wrote params to {out}{extra}")
     return 0
+
+
+def write_atomically(out: str, params, extra_files: dict, record: dict) -> str:
+    """Params (`save_params`), `extra_files` ({name: array} as .npy) and the provenance `record` written into a
+    temporary directory beside `out`, renamed to `out` when complete (an empty `out` directory is replaced)."""
+    from medjax.checkpoint import save_params
+
+    out = os.path.abspath(out)
+    check_destination(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
+    try:
+        for name, array in extra_files.items():
+            np.save(os.path.join(tmp, name), array)
+        save_params(tmp, params, provenance=record)
+        os.rename(tmp, out)  # atomic; replaces only an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 if __name__ == "__main__":
