@@ -10,6 +10,7 @@ TASKS = {
     "dinov2": "medjax.tasks.dinov2:DINOv2Task",
     "ptunifier": "medjax.tasks.ptunifier:PTUnifierTask",
     "ptunifier_finetune": "medjax.tasks.ptunifier_finetune:PTUnifierFinetuneTask",
+    "unimedi": "medjax.tasks.unimedi:UniMedITask",
 }
 
 
