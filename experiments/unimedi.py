@@ -27,7 +27,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c = base_config()
     c.task = "unimedi"
     c.variant = variant
-    c.data = ml_collections.ConfigDict(dict(
+    c.data.update(dict(
         dir="",  # "" = the xray_ct_reports demo in the cache
         xray_manifest="xray/manifest.jsonl",  # "" = no 2D data
         ct_manifest="ct/manifest.jsonl",  # "" = no 3D data
