@@ -25,6 +25,10 @@ def make_test_demo(kind: str, out: str) -> str:
         from medjax.data.demo_image_report import make_image_report_demo
 
         return make_image_report_demo(out, num_images=40, image_size=32)
+    if kind == "xray_ct_reports":
+        from medjax.data.demo_xray_ct_reports import make_xray_ct_reports_demo
+
+        return make_xray_ct_reports_demo(out, num_xrays=24, num_cts=16, image_size=32, ct_shape=(24, 24, 16))
     raise ValueError(f"no test demo of kind {kind!r}")
 
 
@@ -39,4 +43,6 @@ def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
         return [f"data.dir={root('wsi')}"]
     if task in ("ptunifier", "ptunifier_vqa", "ptunifier_classification", "ptunifier_retrieval", "ptunifier_nli"):
         return [f"data.dir={root('image_report')}"]
+    if task == "unimedi":
+        return [f"data.dir={root('xray_ct_reports')}"]
     raise ValueError(f"tests/conftest.py: no test data for task {task!r}; add it to tiny_data_overrides")

@@ -13,6 +13,7 @@ DEMO_MAKERS = {
     "ct": "medjax.data.demo_ct:make_ct_demo",
     "wsi": "medjax.data.demo_wsi:make_wsi_demo",
     "image_report": "medjax.data.demo_image_report:make_image_report_demo",
+    "xray_ct_reports": "medjax.data.demo_xray_ct_reports:make_xray_ct_reports_demo",
 }
 
 

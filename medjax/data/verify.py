@@ -96,22 +96,33 @@ def nifti_data_size(path: str) -> tuple[int, int | None]:
     return expected, (isize if expected < 2 ** 32 else None)
 
 
+def _nifti_header_and_size(path: str, field: str, where: str):
+    """(shape, affine) of a NIfTI file whose voxel data is as long as its header says (CTDataError otherwise)."""
+    from medjax.data.ct import CTDataError, read_nifti_header
+
+    header = read_nifti_header(path)
+    try:
+        expected, actual = nifti_data_size(path)
+    except (OSError, gzip.BadGzipFile, struct.error) as e:
+        raise CTDataError(f"{where}: {field} {path}: cannot read its size ({type(e).__name__}: {e})") from e
+    if actual is not None and actual < expected:
+        raise CTDataError(f"{where}: {field} {path}: truncated: the header describes voxel data ending at "
+                          f"byte {expected}, the {'uncompressed ' if path.endswith('.gz') else ''}file has {actual}")
+    return header
+
+
+def check_ct_volume(check: FileCheck, mode: str) -> None:
+    """One CT NIfTI (no label): a readable header and voxel data as long as it says."""
+    _nifti_header_and_size(check.paths[0], "volume", check.where)
+
+
 def check_ct_pair(check: FileCheck, mode: str) -> None:
     """A CT image and its label: readable NIfTI headers, voxel data as long as each header says, the
     label's shape and affine equal to the image's (either mode: the voxels are read when the run caches them)."""
-    from medjax.data.ct import LABEL_AFFINE_TOL, CTDataError, read_nifti_header
+    from medjax.data.ct import LABEL_AFFINE_TOL, CTDataError
 
-    headers = []
-    for field, path in zip(("image", "label"), check.paths):
-        headers.append(read_nifti_header(path))
-        try:
-            expected, actual = nifti_data_size(path)
-        except (OSError, gzip.BadGzipFile, struct.error) as e:
-            raise CTDataError(f"{check.where}: {field} {path}: cannot read its size ({type(e).__name__}: {e})") from e
-        if actual is not None and actual < expected:
-            raise CTDataError(f"{check.where}: {field} {path}: truncated: the header describes voxel data ending at "
-                              f"byte {expected}, the {'uncompressed ' if path.endswith('.gz') else ''}file has {actual}")
-    (image_shape, image_affine), (label_shape, label_affine) = headers
+    (image_shape, image_affine), (label_shape, label_affine) = [
+        _nifti_header_and_size(path, field, check.where) for field, path in zip(("image", "label"), check.paths)]
     if label_shape != image_shape:
         raise CTDataError(f"{check.where}: label {check.paths[1]} shape {label_shape} does not match image "
                           f"{check.paths[0]} shape {image_shape}")
@@ -155,7 +166,7 @@ def check_arrow_images(check: FileCheck, mode: str) -> None:
 
 
 CHECKERS: dict[str, Callable[[FileCheck, str], None]] = {
-    "image": check_image, "ct_pair": check_ct_pair, "slide": check_slide, "arrow_images": check_arrow_images,
+    "image": check_image, "ct_pair": check_ct_pair, "ct_volume": check_ct_volume, "slide": check_slide, "arrow_images": check_arrow_images,
 }
 
 
@@ -179,6 +190,12 @@ def image_report_checks(dataset) -> list[FileCheck]:
 def ct_checks(cases) -> list[FileCheck]:
     """`medjax.data.ct_pipeline.CTCase`s: each image/label pair."""
     return [FileCheck("ct_pair", (case.image, case.label), case.where) for case in cases]
+
+
+def volume_report_checks(dataset) -> list[FileCheck]:
+    """`medjax.data.volume_report.VolumeReportDataset`: each row's CT volume."""
+    return [FileCheck("ct_volume", (path,), f"{dataset.path}: line {line}: field 'volume'")
+            for path, line in zip(dataset.volumes, dataset.lines)]
 
 
 def slide_checks(slide_paths: Sequence[str], where: str) -> list[FileCheck]:

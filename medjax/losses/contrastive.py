@@ -52,3 +52,17 @@ def contrastive_accuracy(image_embeds: jax.Array, text_embeds: jax.Array) -> tup
     target = jnp.arange(logits.shape[0])
     return (jnp.mean(jnp.argmax(logits, axis=1) == target).astype(jnp.float32),
             jnp.mean(jnp.argmax(logits, axis=0) == target).astype(jnp.float32))
+
+
+def clip_contrastive_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array) -> jax.Array:
+    """CLIP's symmetric InfoNCE with a LEARNED temperature (Radford et al., 2021, Fig. 3; ConVIRT): S = s *
+    normalize(image) normalize(text)^T with `logit_scale` s = exp(learned log-scale), already clamped by the
+    caller (CLIP: at 100); the mean of the image->text and text->image cross-entropies on the diagonal."""
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"medjax/losses/contrastive.py clip_contrastive_loss: expected matched (batch, dim) image and "
+                         f"text embeddings, got {image_embeds.shape} and {text_embeds.shape}")
+    logits = jnp.einsum("id,jd->ij", l2_normalize(image_embeds), l2_normalize(text_embeds),
+                        precision=jax.lax.Precision.HIGHEST) * jnp.asarray(logit_scale, jnp.float32)
+    image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
+    text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
+    return 0.5 * (image_to_text + text_to_image)

@@ -46,3 +46,25 @@ def retrieval_recall(scores: np.ndarray, text_image: np.ndarray | None = None,
     out["tr_mean"] = float(np.mean([out[f"tr_r{k}"] for k in ks]))
     out["rsum"] = float(sum(out[f"ir_r{k}"] + out[f"tr_r{k}"] for k in ks))
     return out
+
+
+def report_retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, reports: list[str],
+                            ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Image<->report recall@K when several images share one report text (templated or normal studies):
+    the candidates are the distinct reports (the first embedding of each), an image's hit is its own report
+    text in its top K, a report's hit is any of its images in its top K (cosine similarity, in %)."""
+    unique, first, image_report = np.unique(np.asarray(reports, dtype=object).astype(str), return_index=True,
+                                            return_inverse=True)
+    del unique
+    image = np.asarray(image_embeds, np.float64)
+    text = np.asarray(text_embeds, np.float64)[first]
+    image = image / np.maximum(np.linalg.norm(image, axis=1, keepdims=True), 1e-12)
+    text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+    scores = image @ text.T  # (images, distinct reports)
+    out = {}
+    for k in ks:
+        top_reports = _top_k(scores, k, axis=1)
+        out[f"tr_r{k}"] = 100.0 * float(np.mean((top_reports == image_report[:, None]).any(1)))
+        top_images = _top_k(scores, k, axis=0)  # (k, reports)
+        out[f"ir_r{k}"] = 100.0 * float(np.mean((image_report[top_images] == np.arange(len(first))[None, :]).any(0)))
+    return out

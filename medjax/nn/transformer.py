@@ -138,6 +138,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0  # on the attention probabilities, in training
     fused: bool = True  # jax.nn.dot_product_attention; False: `softmax_attention` (the definition)
     implementation: str | None = None  # jax.nn.dot_product_attention's: None = cuDNN where it applies, else XLA
+    sow_query_logits: bool = False  # sow the first query token's logits q_0 K^T / sqrt(d) (intermediates)
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -165,6 +166,9 @@ class MultiHeadAttention(nn.Module):
         q = proj(heads, ("embed", "heads", "kv"), 1, "query")(x_q)  # (batch, q_tokens, heads, head_dim)
         k = proj(heads, ("embed", "heads", "kv"), 1, "key")(x_kv)
         v = proj(heads, ("embed", "heads", "kv"), 1, "value")(x_kv)
+        if self.sow_query_logits:  # (batch, heads, kv_tokens) float32, e.g. [CLS]'s attention (UniMedI Sec. 3.2)
+            logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k).astype(jnp.float32) / math.sqrt(head_dim)
+            self.sow("intermediates", "query_logits", logits)
         if self.relation_mask_ratio > 0.0:
             if mask is not None:
                 raise ValueError("medjax/nn/transformer.py MultiHeadAttention: relation masking takes no mask")
@@ -248,6 +252,7 @@ class TransformerBlock(nn.Module):
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # dropout on each branch before its residual sum, in training (BERT)
     fused_attention: bool = True
+    sow_query_logits: bool = False  # MultiHeadAttention.sow_query_logits
     norm_names: tuple[str, str, str] = ("norm1", "norm2", "norm_kv")
     mlp_name: str | None = "mlp"
     attention_name: str = "attn"
@@ -275,8 +280,8 @@ class TransformerBlock(nn.Module):
             self.dtype, self.param_dtype, self.norm_names[i], eps=self.layer_norm_eps)
         attention = MultiHeadAttention(self.num_heads, relation_mask_ratio=self.relation_mask_ratio,
                                        kernel_impl=self.kernel_impl, dropout_rate=self.attention_dropout,
-                                       fused=self.fused_attention, dtype=self.dtype, param_dtype=self.param_dtype,
-                                       name=self.attention_name)
+                                       fused=self.fused_attention, sow_query_logits=self.sow_query_logits,
+                                       dtype=self.dtype, param_dtype=self.param_dtype, name=self.attention_name)
 
         def drop(y, i):
             y = DropPath(self.drop_path, name=f"drop_path{i}")(self._layer_scale(y, f"ls{i}"), train=train,
@@ -355,7 +360,7 @@ def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, *
         block = _remat(_StackBlock, remat, prevent_cse=True)
         return [block(drop_path=float(rate), **block_fields) for rate in rates]
     block = _remat(_StackBlock, remat, prevent_cse=False)  # scan already keeps the recomputation apart
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+    scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
                       metadata_params={nn.PARTITION_NAME: LAYERS})
     uniform = len(set(float(r) for r in rates)) <= 1
@@ -492,3 +497,43 @@ def layer_count(params: dict, name: str = SCAN_NAME) -> int:
         leaf = jax.tree.leaves(params[name], is_leaf=_is_box)[0]
         return int(_value(leaf).shape[0])
     return len(_layer_keys(params, name))
+
+
+def _sown_value(node: Any, key: str) -> jax.Array | None:
+    """The value sowed under `key` anywhere below `node` (flax keeps sowed values as a 1-tuple)."""
+    if not hasattr(node, "items"):
+        return None
+    for k, v in node.items():
+        if k == key:
+            return v[0] if isinstance(v, tuple) else v
+        found = _sown_value(v, key)
+        if found is not None:
+            return found
+    return None
+
+
+def layer_intermediates(intermediates: Any, key: str, name: str = SCAN_NAME) -> jax.Array:
+    """The values every block of a stack sowed under `key` (e.g. "query_logits"), stacked (depth, ...): from
+    the scanned `name` entry (already stacked by nn.scan) or from `name_0`, `name_1`, ... in layer order.
+    `intermediates` is the "intermediates" collection of an apply with mutable=["intermediates"]; it must
+    hold exactly one stack."""
+    stacks = []
+
+    def walk(node):
+        if not hasattr(node, "items"):
+            return
+        if name in node and hasattr(node[name], "items"):
+            stacks.append(_sown_value(node[name], key))
+            return
+        keys = _layer_keys(node, name)
+        if keys:
+            stacks.append(jnp.stack([_sown_value(node[k], key) for k in keys]))
+            return
+        for value in node.values():
+            walk(value)
+    walk(intermediates)
+    if len(stacks) != 1 or stacks[0] is None:
+        raise ValueError(f"medjax/nn/transformer.py layer_intermediates: expected one layer stack {name!r} that "
+                         f"sowed {key!r}, found {len(stacks)} (was the model applied with mutable=['intermediates'] "
+                         f"and the sowing switch on?)")
+    return stacks[0]

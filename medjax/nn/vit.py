@@ -202,6 +202,7 @@ class ViTEncoder(nn.Module):
     interpolate_offset: float = 0.1  # DINOv2 `interpolate_offset` (0: plain resize to the grid)
     interpolate_antialias: bool = False  # DINOv2 `interpolate_antialias` (timm uses True)
     mlp_activation: str = "gelu"  # or "swiglu" (DINOv2 ViT-g's SwiGLU FFN), ... (transformer.ACTIVATIONS)
+    sow_cls_logits: bool = False  # every block sows [CLS]'s attention logits ("intermediates"; cls_attention_logits)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -238,7 +239,8 @@ class ViTEncoder(nn.Module):
         self.blocks = transformer.block_stack(
             self.depth, self.drop_path_rates(), scan=self.scanned, remat=transformer.resolve_remat(self.remat),
             num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, layerscale_init=self.layerscale_init,
-            activation=self.mlp_activation, dtype=self.dtype, param_dtype=self.param_dtype)
+            activation=self.mlp_activation, sow_query_logits=self.sow_cls_logits, dtype=self.dtype,
+            param_dtype=self.param_dtype)
         self.norm = layer_norm(self.dtype, self.param_dtype)
 
     @property

@@ -13,6 +13,7 @@ TASKS = {
     "ptunifier_classification": "medjax.tasks.ptunifier_classification:PTUnifierClassificationTask",
     "ptunifier_retrieval": "medjax.tasks.ptunifier_retrieval:PTUnifierRetrievalTask",
     "ptunifier_nli": "medjax.tasks.ptunifier_nli:PTUnifierNLITask",
+    "unimedi": "medjax.tasks.unimedi:UniMedITask",
 }
 
 
