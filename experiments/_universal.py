@@ -4,7 +4,7 @@ original's `train.py` defaults and README command), shared by universal_swin and
 Paper / original numbers:
 - data: RAS, spacing 1.5 mm, HU [-175, 250] -> [0, 1], foreground crop, 96^3 crops positive:negative
   2:1 (class ratios 1:1:5 for tumour sets), RandRotate90 p 0.1, intensity shift 0.1 p 0.2, zoom p 0.3
-  x1.3-1.5 for MSD sets (`medjax.data.ct_pipeline` holds these defaults).
+  x1.3-1.5 for MSD sets (`medjax.data.pipelines.ct` holds these defaults).
 - loss: BCE + Dice 1:1 over each sample's labelled classes.
 - optimiser: AdamW lr 1e-4, weight decay 1e-5 (torch.optim.AdamW: betas 0.9/0.999, eps 1e-8, decay on
   every param, no gradient clipping), linear warmup from 0 for 100 epochs then cosine to 0 at 2000.

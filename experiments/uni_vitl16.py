@@ -62,7 +62,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.crops = ml_collections.ConfigDict(dict(
         global_size=224, local_size=96, num_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
         # Gaussian blur on (global 1, global 2, local): the intended BYOL/DINO recipe. DINOv2's code
-        # passes 1 - p and so blurs with (0.0, 0.9, 0.5) (medjax.data.wsi_source.DINOV2_CODE_BLUR_PROBS).
+        # passes 1 - p and so blurs with (0.0, 0.9, 0.5) (medjax.data.pipelines.wsi_tiles.DINOV2_CODE_BLUR_PROBS).
         blur_probs=(1.0, 0.1, 0.5),
     ))
     c.schedule = ml_collections.ConfigDict(dict(epoch_length=1250))  # DINOv2 OFFICIAL_EPOCH_LENGTH

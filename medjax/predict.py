@@ -2,7 +2,7 @@
     [--variant V] [--per-class] [--batch-size N] [--overlap F] [--set k=v ...]
 
 Segments a CT with the CLIP-Driven Universal Model (Liu et al., ICCV 2023, arXiv 2301.00785), as the
-original's `pred_pseudo.py`: the NIfTI is preprocessed as for training (`medjax.data.ct_preprocess`: RAS,
+original's `pred_pseudo.py`: the NIfTI is preprocessed as for training (`medjax.data.transforms.ct_preprocess`: RAS,
 the experiment's spacing and HU window, cropped to its foreground), predicted by
 `medjax.inference.universal_predictor` (sliding windows of the model's crop size, overlap 0.5, Gaussian
 weighting, sigmoid > eval.threshold, post-processing for all 32 classes). The class-id label map (0
@@ -53,12 +53,12 @@ def _stem(path: str) -> tuple[str, str]:
 
 def segment_file(input_path: str, out_path: str, masks_fn: Callable[[np.ndarray], np.ndarray], *,
                  spacing: Sequence[float], hu_range: Sequence[float], per_class: bool = False) -> list[str]:
-    """Preprocess `input_path` (`medjax.data.ct_preprocess.preprocess_ct`, as the training cache), predict
+    """Preprocess `input_path` (`medjax.data.transforms.ct_preprocess.preprocess_ct`, as the training cache), predict
     bool (X, Y, Z, 32) masks of its foreground crop with `masks_fn` (e.g. `UniversalPredictor.masks`),
     write the class-id label map on the input's grid to `out_path` (and per-class masks); returns the
     paths written."""
-    from medjax.data.ct import read_nifti_header, resample, save_nifti
-    from medjax.data.ct_preprocess import CTPreprocessing, preprocess_ct
+    from medjax.data.readers.ct import read_nifti_header, resample, save_nifti
+    from medjax.data.transforms.ct_preprocess import CTPreprocessing, preprocess_ct
     from medjax.inference.postprocess import NUM_CLASSES, merge_labels
     from medjax.inference.universal_eval import CLASS_KEYS
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
     from medjax import config as config_lib
     from medjax.checkpoint import CheckpointError
-    from medjax.data.ct import CTDataError
+    from medjax.data.readers.ct import CTDataError
     from medjax.inference.universal_predictor import InferenceSettings, UniversalPredictor
 
     try:

@@ -18,7 +18,7 @@ import optax
 
 from medjax import checkpoint as checkpoint_lib
 from medjax.config import ConfigError
-from medjax.data.bad_examples import SKIPPED_KEY
+from medjax.data.pipelines.bad_examples import SKIPPED_KEY
 from medjax import provenance as provenance_lib
 from medjax import train_state as state_lib
 from medjax.disk_full import DiskFullError, disk_full_cause, disk_full_message

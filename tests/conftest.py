@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def fundus_demo(tmp_path_factory):
     """A small fundus + genotype demo dataset in the real formats (PNG, CSV, PLINK), made once."""
-    from medjax.data.demo_fundus_genome import make_fundus_genome_demo
+    from medjax.data.demo.fundus_genome import make_fundus_genome_demo
 
     root = tmp_path_factory.mktemp("fundus_demo")
     make_fundus_genome_demo(str(root), participants=24, image_size=48, num_snps=200, seed=0)

@@ -5,28 +5,28 @@ import os
 def make_test_demo(kind: str, out: str) -> str:
     """The tests' small demo of `kind` in `out` (the golden partition specs are made from these too)."""
     if kind == "fundus_genome":
-        from medjax.data.demo_fundus_genome import make_fundus_genome_demo
+        from medjax.data.demo.fundus_genome import make_fundus_genome_demo
 
         make_fundus_genome_demo(out, participants=24, image_size=48, num_snps=200, seed=0)
         return out
     if kind == "ct":
-        from medjax.data.demo_ct import make_ct_demo
+        from medjax.data.demo.ct import make_ct_demo
 
         return make_ct_demo(out, cases_per_dataset=2, shape=(40, 40, 28), seed=1)
     if kind == "wsi":
-        from medjax.data.demo_wsi import make_wsi_demo
-        from medjax.data.tiling import list_slides, tile_slides
+        from medjax.data.demo.wsi import make_wsi_demo
+        from medjax.data.tiling.coords import list_slides, tile_slides
 
         make_wsi_demo(out, num_slides=1, size=1536)
         with open(os.devnull, "w") as quiet:
             tile_slides(list_slides(os.path.join(out, "slides")), os.path.join(out, "coords"), stream=quiet)
         return out
     if kind == "image_report":
-        from medjax.data.demo_image_report import make_image_report_demo
+        from medjax.data.demo.image_report import make_image_report_demo
 
         return make_image_report_demo(out, num_images=40, image_size=32)
     if kind == "xray_ct_reports":
-        from medjax.data.demo_xray_ct_reports import make_xray_ct_reports_demo
+        from medjax.data.demo.xray_ct_reports import make_xray_ct_reports_demo
 
         return make_xray_ct_reports_demo(out, num_xrays=24, num_cts=16, image_size=32, ct_shape=(24, 24, 16))
     raise ValueError(f"no test demo of kind {kind!r}")

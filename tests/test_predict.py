@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medjax import predict
-from medjax.data.ct import save_nifti
+from medjax.data.readers.ct import save_nifti
 
 SHAPE = (30, 26, 20)
 

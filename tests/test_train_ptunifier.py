@@ -10,7 +10,7 @@ import transformers
 
 from medjax import config as config_lib
 from medjax import optim as optim_lib
-from medjax.data.demo_image_report import make_image_report_demo
+from medjax.data.demo.image_report import make_image_report_demo
 from medjax.tasks import build_task
 from medjax.tasks.ptunifier import PTUnifierTask
 from medjax.trainer import Trainer

@@ -10,9 +10,9 @@ import pytest
 
 from medjax import config as config_lib
 from medjax.checkpoint import restore_params
-from medjax.data.demo_wsi import make_wsi_demo
-from medjax.data.tiling import tile_slides
-from medjax.data.wsi import list_slides
+from medjax.data.demo.wsi import make_wsi_demo
+from medjax.data.tiling.coords import tile_slides
+from medjax.data.readers.wsi import list_slides
 from medjax.tasks.uni_pretrain import UNIPretrainTask
 
 

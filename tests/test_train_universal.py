@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medjax import config as config_lib
-from medjax.data.demo_ct import make_ct_demo
+from medjax.data.demo.ct import make_ct_demo
 from medjax.tasks import build_task
 from medjax.trainer import Trainer
 

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from experiments._common import base_config
-from medjax.data.pipeline import global_batch_dataset
+from medjax.data.pipelines.global_batches import global_batch_dataset
 from medjax.tasks.base import TaskBase
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from medjax.cli import entry_point
 from medjax.data.demo import DEMO_MAKERS
-from medjax.data.tiling import add_tile_arguments, run_tile
+from medjax.data.tiling.coords import add_tile_arguments, run_tile
 
 
 def load_maker(kind: str) -> Callable[..., str]:

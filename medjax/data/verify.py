@@ -15,7 +15,7 @@ A passed check is cached in `<workdir>/data_verified.json` by (kind, absolute pa
 the mode it passed in ("full" covers "headers"), so a rerun does not repeat it; a changed file is checked
 again. Failures are collected over all files: the error names the first (with its manifest line) and
 counts the rest. With `data.on_bad_example=skip` the failures are a `DataWarning` instead (the pipeline
-then skips those files deterministically, `medjax.data.pipeline`).
+then skips those files deterministically, `medjax.data.pipelines.global_batches`).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def check_image(check: FileCheck, mode: str) -> None:
     """full: `medjax.data.read_image` (every pixel decoded); headers: PIL open + verify (format, size, PNG CRCs)."""
     from PIL import Image
 
-    from medjax.data.image_io import decode
+    from medjax.data.readers.image_io import decode
 
     (path,) = check.paths
     name = f"{check.where}: {path}"
@@ -98,7 +98,7 @@ def nifti_data_size(path: str) -> tuple[int, int | None]:
 
 def _nifti_header_and_size(path: str, field: str, where: str):
     """(shape, affine) of a NIfTI file whose voxel data is as long as its header says (CTDataError otherwise)."""
-    from medjax.data.ct import CTDataError, read_nifti_header
+    from medjax.data.readers.ct import CTDataError, read_nifti_header
 
     header = read_nifti_header(path)
     try:
@@ -119,7 +119,7 @@ def check_ct_volume(check: FileCheck, mode: str) -> None:
 def check_ct_pair(check: FileCheck, mode: str) -> None:
     """A CT image and its label: readable NIfTI headers, voxel data as long as each header says, the
     label's shape and affine equal to the image's (either mode: the voxels are read when the run caches them)."""
-    from medjax.data.ct import LABEL_AFFINE_TOL, CTDataError
+    from medjax.data.readers.ct import LABEL_AFFINE_TOL, CTDataError
 
     (image_shape, image_affine), (label_shape, label_affine) = [
         _nifti_header_and_size(path, field, check.where) for field, path in zip(("image", "label"), check.paths)]
@@ -133,7 +133,7 @@ def check_ct_pair(check: FileCheck, mode: str) -> None:
 def check_slide(check: FileCheck, mode: str) -> None:
     """The slide's pyramid (every level's size and segment table); full: also the first and last segment of
     every level decoded."""
-    from medjax.data.wsi import SlideError, open_slide
+    from medjax.data.readers.wsi import SlideError, open_slide
 
     (path,) = check.paths
     try:
@@ -153,8 +153,8 @@ def check_slide(check: FileCheck, mode: str) -> None:
 def check_arrow_images(check: FileCheck, mode: str) -> None:
     """Every record of an Arrow image-report file (already parsed when the dataset was built); full: every
     image cell decoded."""
-    from medjax.data.arrow_ipc import read_arrow
-    from medjax.data.image_io import decode
+    from medjax.data.readers.arrow_ipc import read_arrow
+    from medjax.data.readers.image_io import decode
 
     (path,) = check.paths
     table = read_arrow(path)
@@ -177,7 +177,7 @@ def image_checks(paths: Sequence[str], wheres: Sequence[str]) -> list[FileCheck]
 
 
 def image_report_checks(dataset) -> list[FileCheck]:
-    """`medjax.data.image_report.ImageReportDataset`: each JSONL row's image, each Arrow file's images."""
+    """`medjax.data.readers.image_report.ImageReportDataset`: each JSONL row's image, each Arrow file's images."""
     checks = []
     for rows in dataset.files:
         if rows.arrow is not None:
@@ -188,12 +188,12 @@ def image_report_checks(dataset) -> list[FileCheck]:
 
 
 def ct_checks(cases) -> list[FileCheck]:
-    """`medjax.data.ct_pipeline.CTCase`s: each image/label pair."""
+    """`medjax.data.pipelines.ct.CTCase`s: each image/label pair."""
     return [FileCheck("ct_pair", (case.image, case.label), case.where) for case in cases]
 
 
 def volume_report_checks(dataset) -> list[FileCheck]:
-    """`medjax.data.volume_report.VolumeReportDataset`: each row's CT volume."""
+    """`medjax.data.readers.volume_report.VolumeReportDataset`: each row's CT volume."""
     return [FileCheck("ct_volume", (path,), f"{dataset.path}: line {line}: field 'volume'")
             for path, line in zip(dataset.volumes, dataset.lines)]
 

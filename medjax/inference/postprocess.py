@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
-from medjax.data.ct_preprocess import foreground_box
+from medjax.data.transforms.ct_preprocess import foreground_box
 from medjax.ontology import universal_classes as templates
 
 NUM_CLASSES = templates.NUM_CLASSES

@@ -44,7 +44,7 @@ def cases_from_cache(ct_cases: Iterable[Any], cache: Any) -> Iterator[dict]:
     """Evaluation cases for `evaluate_cases` from `ct_pipeline.CTCase`s through a `CTVolumeCache`
     (preprocessed, foreground-cropped volumes): {"image" (X, Y, Z) float32, "label" (X, Y, Z, 32),
     "label_mask" (32,), "dataset_id", "name"}, one case in memory at a time."""
-    from medjax.data.ct_pipeline import label_channels
+    from medjax.data.pipelines.ct import label_channels
 
     for case in ct_cases:
         entry = cache.load(case)

@@ -13,7 +13,7 @@ import jax
 
 from medjax import optim as optim_lib
 from medjax.config import ConfigError
-from medjax.data.bad_examples import POLICIES
+from medjax.data.pipelines.bad_examples import POLICIES
 from medjax.data.verify import MODES as VERIFY_MODES
 from medjax.data.verify import FileCheck, verify_files
 from medjax.params import merge_params
@@ -97,7 +97,7 @@ class TaskBase:
     # ---- data checks (issue #15), for the tasks' dataset builders -------------------------------------
     @property
     def on_bad_example(self) -> str:
-        """`data.on_bad_example` ("error" | "skip", medjax.data.bad_examples), checked; pass it to the
+        """`data.on_bad_example` ("error" | "skip", medjax.data.pipelines.bad_examples), checked; pass it to the
         pipeline (`global_batch_dataset(..., on_bad_example=)`)."""
         value = str(self.config.get("data", {}).get("on_bad_example", "error"))
         if value not in POLICIES:

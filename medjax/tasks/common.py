@@ -33,8 +33,8 @@ class Subset:
         return self.base[int(self.indices[i])]
 
     def describe(self, i: int) -> str:
-        """The base's description of row i (medjax.data.bad_examples)."""
-        from medjax.data.bad_examples import describe
+        """The base's description of row i (medjax.data.pipelines.bad_examples)."""
+        from medjax.data.pipelines.bad_examples import describe
 
         return describe(self.base, int(self.indices[i]))
 

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.data.image_transforms import fundus_eval_transform, fundus_train_transform
-from medjax.data.fundus_genome import FundusGenomeDataset
-from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.data.transforms.image import fundus_eval_transform, fundus_train_transform
+from medjax.data.readers.fundus_genome import FundusGenomeDataset
+from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.data.verify import image_checks
 from medjax.metrics.classification import accuracy, macro_auc, quadratic_weighted_kappa
 from medjax.models.vit_classifier import ViTClassifier

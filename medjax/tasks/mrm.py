@@ -7,9 +7,9 @@ import functools
 import jax
 import numpy as np
 
-from medjax.data.image_transforms import fundus_eval_transform, fundus_train_transform
-from medjax.data.fundus_genome import FundusGenomeDataset
-from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.data.transforms.image import fundus_eval_transform, fundus_train_transform
+from medjax.data.readers.fundus_genome import FundusGenomeDataset
+from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.data.verify import image_checks
 from medjax.losses.mrm import mrm_loss
 from medjax.models import mrm as mrm_lib

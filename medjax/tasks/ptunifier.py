@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.data.image_report import ImageReportDataset, load_tokenizer
-from medjax.data.image_report_pipeline import PretrainingTransform, pretraining_train_data
-from medjax.data.pipeline import eval_batches
+from medjax.data.readers.image_report import ImageReportDataset, load_tokenizer
+from medjax.data.pipelines.image_report import PretrainingTransform, pretraining_train_data
+from medjax.data.pipelines.global_batches import eval_batches
 from medjax.data.verify import image_report_checks
 from medjax.losses.contrastive import contrastive_loss, l2_normalize
 from medjax.losses.itm import itm_accuracy, itm_loss, itm_pairs

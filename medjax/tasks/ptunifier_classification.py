@@ -11,8 +11,8 @@ import numpy as np
 import optax
 from sklearn.metrics import f1_score
 
-from medjax.data import ptunifier_finetune_data as finetune_data
-from medjax.data.image_report import clip_transform
+from medjax.tasks import ptunifier_finetune_data as finetune_data
+from medjax.data.readers.image_report import clip_transform
 from medjax.metrics.classification import macro_auc
 from medjax.tasks.common import Subset, label_fraction_label
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask

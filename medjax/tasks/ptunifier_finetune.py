@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.data import ptunifier_finetune_data as finetune_data
-from medjax.data.image_report import ImageReportDataset, load_tokenizer, tokenize
-from medjax.data.pipeline import eval_batches, global_batch_dataset
+from medjax.tasks import ptunifier_finetune_data as finetune_data
+from medjax.data.readers.image_report import ImageReportDataset, load_tokenizer, tokenize
+from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.models.ptunifier_finetune import finetune_model_from_config
 from medjax.data.verify import image_report_checks
 from medjax.params import merge_params

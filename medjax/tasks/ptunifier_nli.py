@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.data import ptunifier_finetune_data as finetune_data
+from medjax.tasks import ptunifier_finetune_data as finetune_data
 from medjax.metrics.classification import accuracy
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.data.image_report import ImageReportDataset, clip_transform, pick_sentence
+from medjax.data.readers.image_report import ImageReportDataset, clip_transform, pick_sentence
 from medjax.metrics.retrieval import retrieval_recall
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 

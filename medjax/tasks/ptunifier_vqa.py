@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.data import ptunifier_finetune_data as finetune_data
-from medjax.data.image_report import clip_transform
+from medjax.tasks import ptunifier_finetune_data as finetune_data
+from medjax.data.readers.image_report import clip_transform
 from medjax.metrics.vqa import vqa_accuracy
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 

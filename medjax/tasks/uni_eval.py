@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax.data.image_transforms import normalize_imagenet, resize
-from medjax.data.text_io import open_text
-from medjax.data.tiling import read_coords, tile_slide
-from medjax.data.wsi import SLIDE_EXTENSIONS
-from medjax.data.wsi_source import WSITileSource
+from medjax.data.transforms.image import normalize_imagenet, resize
+from medjax.data.readers.text_io import open_text
+from medjax.data.tiling.coords import read_coords, tile_slide
+from medjax.data.readers.wsi import SLIDE_EXTENSIONS
+from medjax.data.pipelines.wsi_tiles import WSITileSource
 from medjax.metrics.knn import knn_evaluate
 from medjax.metrics.linear_probe import linear_probe_evaluate
 from medjax.models.uni import uni_fields_from_params, uni_model

@@ -32,12 +32,12 @@ import numpy as np
 import optax
 
 from medjax.data import demo as demo_lib
-from medjax.data.masking import MaskingGenerator, max_masked_patches, sample_masks
-from medjax.data.pipeline import global_batch_dataset
-from medjax.data.tiling import tile_slides
+from medjax.data.transforms.block_masking import MaskingGenerator, max_masked_patches, sample_masks
+from medjax.data.pipelines.global_batches import global_batch_dataset
+from medjax.data.tiling.coords import tile_slides
 from medjax.data.verify import slide_checks
-from medjax.data.wsi import list_slides
-from medjax.data.wsi_source import DinoMultiCrop, WSITileSource
+from medjax.data.readers.wsi import list_slides
+from medjax.data.pipelines.wsi_tiles import DinoMultiCrop, WSITileSource
 from medjax.losses import dino as dino_losses
 from medjax.models import dinov2 as dinov2_lib
 from medjax.params import merge_params
@@ -71,7 +71,7 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
 
 class DinoTransform:
     """Picklable (example, rng) -> {"global_crops" (2, G, G, 3), "local_crops" (L, l, l, 3), "masks" (2, N) bool}:
-    DINOv2 multi-crop, then iBOT block masks for the two global crops (medjax.data.masking)."""
+    DINOv2 multi-crop, then iBOT block masks for the two global crops (medjax.data.transforms.block_masking)."""
 
     def __init__(self, multicrop: DinoMultiCrop, generator: MaskingGenerator, ratio_range, probability: float):
         self.multicrop, self.generator = multicrop, generator

@@ -33,10 +33,10 @@ from PIL import Image
 
 from medjax.data import demo as demo_lib
 from medjax.data.errors import DataError
-from medjax.data.image_report import ImageReportDataset, load_tokenizer, pick_sentence, tokenize
-from medjax.data.pipeline import global_batch_dataset, process_batch_size
+from medjax.data.readers.image_report import ImageReportDataset, load_tokenizer, pick_sentence, tokenize
+from medjax.data.pipelines.global_batches import global_batch_dataset, process_batch_size
 from medjax.data.verify import image_report_checks, volume_report_checks
-from medjax.data.volume_report import VolumeReportDataset
+from medjax.data.readers.volume_report import VolumeReportDataset
 from medjax.losses import dino as dino_losses
 from medjax.losses.contrastive import clip_contrastive_loss, l2_normalize
 from medjax.metrics.classification import macro_auc

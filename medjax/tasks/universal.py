@@ -1,5 +1,5 @@
 """CLIP-Driven Universal Model task: partial-label CT segmentation of 32 classes (Liu et al., ICCV 2023,
-arXiv 2301.00785). Training: random crops from `medjax.data.ct_pipeline`, BCE + Dice over each
+arXiv 2301.00785). Training: random crops from `medjax.data.pipelines.ct`, BCE + Dice over each
 sample's labelled classes (`medjax.losses.segmentation`). Evaluation: per validation case, the masks of
 `medjax.inference.universal_predictor` over the whole preprocessed volume (sliding windows, sigmoid > 0.5,
 the original's post-processing), then Dice and NSD per labelled class
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.data import demo as demo_lib
-from medjax.data.ct_pipeline import CTAugment, CTVolumeCache, ct_train_dataset, read_ct_list
+from medjax.data.pipelines.ct import CTAugment, CTVolumeCache, ct_train_dataset, read_ct_list
 from medjax.data.verify import ct_checks
 from medjax.inference.universal_eval import cases_from_cache, evaluate_cases, universal_results_table
 from medjax.inference.universal_predictor import InferenceSettings, UniversalPredictor
@@ -105,7 +105,7 @@ class UniversalTask(TaskBase):
                          zoom_prob=float(d.zoom_prob), zoom_range=tuple(float(z) for z in d.zoom_range))
 
     def train_data(self):
-        """Training crops (medjax.data.ct_pipeline), every pair's headers and voxel-data sizes checked first
+        """Training crops (medjax.data.pipelines.ct), every pair's headers and voxel-data sizes checked first
         (data.verify, medjax.data.verify)."""
         d = self.config.data
         train_list = _in_root(self.root, d.train_list)

@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medjax.data import ct
+from medjax.data.readers import ct
 
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 

@@ -6,9 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medjax.data import ct, ct_pipeline as cp
+from medjax.data.readers import ct
+from medjax.data.pipelines import ct as cp
 from medjax.ontology import universal_classes as templates
-from medjax.data.demo_ct import make_ct_demo
+from medjax.data.demo.ct import make_ct_demo
 
 CROP = cp.CTAugment(crop_size=(16, 16, 16))
 
@@ -284,7 +285,7 @@ def _small_pair(root):
 def test_cache_key_follows_the_preprocessing(tmp_path, monkeypatch):
     """Unchanged preprocessing reuses the entry; a changed spacing, HU window or PREPROCESS_VERSION writes a
     new one instead of reading the stale entry."""
-    from medjax.data import ct_preprocess
+    from medjax.data.transforms import ct_preprocess
 
     case, cache_dir, calls = _small_pair(tmp_path), str(tmp_path / "cache"), []
     original = cp.preprocess_ct

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from medjax.data import ct
-from medjax.data.ct_preprocess import CTPreprocessing, preprocess_ct
+from medjax.data.readers import ct
+from medjax.data.transforms.ct_preprocess import CTPreprocessing, preprocess_ct
 
 
 def test_preprocess_crops_the_foreground_and_keeps_the_grid(tmp_path):

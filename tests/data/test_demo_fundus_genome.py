@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from medjax.data import __main__ as cli
-from medjax.data.demo_fundus_genome import APTOS_GRADE_FRACTIONS, make_fundus_genome_demo, render_fundus
-from medjax.data.fundus_genome import DataError, FundusGenomeDataset
-from medjax.data.plink import read_plink
+from medjax.data.demo.fundus_genome import APTOS_GRADE_FRACTIONS, make_fundus_genome_demo, render_fundus
+from medjax.data.readers.fundus_genome import DataError, FundusGenomeDataset
+from medjax.data.readers.plink import read_plink
 
 SMALL = {"participants": 20, "image_size": 32, "num_snps": 100}
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax.data.fundus_genome import DataError, FundusGenomeDataset, participant_split
-from medjax.data.image_transforms import circle_crop, resize
-from medjax.data.plink import write_plink
+from medjax.data.readers.fundus_genome import DataError, FundusGenomeDataset, participant_split
+from medjax.data.transforms.image import circle_crop, resize
+from medjax.data.readers.plink import write_plink
 
 COLOURS = {"p0": (200, 80, 30), "p1": (180, 60, 40), "p2": (210, 90, 20), "p3": (190, 70, 50), "p4": (170, 100, 60)}
 GENOTYPES = np.array([  # rows follow the .fam order below (p4 first), 5 SNPs

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax.data.arrow_ipc import ArrowFormatError, read_arrow
-from medjax.data.arrow_write import write_arrow
-from medjax.data.fundus_genome import DataError
-from medjax.data.image_report import (CLIP_MEAN, CLIP_STD, ImageReportDataset, clip_transform, load_tokenizer,
+from medjax.data.readers.arrow_ipc import ArrowFormatError, read_arrow
+from medjax.data.readers.arrow_write import write_arrow
+from medjax.data.readers.fundus_genome import DataError
+from medjax.data.readers.image_report import (CLIP_MEAN, CLIP_STD, ImageReportDataset, clip_transform, load_tokenizer,
                                       pick_sentence, split_into_sents)
-from medjax.data.image_report_pipeline import PretrainingTransform, pretraining_train_data
+from medjax.data.pipelines.image_report import PretrainingTransform, pretraining_train_data
 
 CAPTIONS = [["A red circle is seen. No effusion. Heart size is normal."],
             ["There is a blue square in the upper left. The lungs are clear."],
@@ -36,7 +36,7 @@ def _png(i: int) -> bytes:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The same six image-report rows as a JSONL manifest + PNGs and as an Arrow file, plus a tokenizer."""
-    from medjax.data.demo_image_report import train_tokenizer
+    from medjax.data.demo.image_report import train_tokenizer
 
     root = tmp_path_factory.mktemp("image_report")
     os.makedirs(root / "images")
@@ -186,8 +186,8 @@ def test_pipeline_resumes_exactly(corpus):
 
 
 def test_demo_generator(tmp_path):
-    from medjax.data.demo_image_report import SHAPES, make_image_report_demo
-    from medjax.data.ptunifier_finetune_data import MultiLabelDataset, NLIDataset, VQADataset
+    from medjax.data.demo.image_report import SHAPES, make_image_report_demo
+    from medjax.tasks.ptunifier_finetune_data import MultiLabelDataset, NLIDataset, VQADataset
 
     root = make_image_report_demo(str(tmp_path / "demo"), num_images=20, image_size=32)
     assert os.path.isfile(os.path.join(root, ".complete"))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from medjax.data import image_transforms as T
+from medjax.data.transforms import image as T
 
 
 def _disk_canvas():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medjax.data.masking import MaskingGenerator, max_masked_patches, sample_masks
+from medjax.data.transforms.block_masking import MaskingGenerator, max_masked_patches, sample_masks
 
 
 def test_generator_masks_blocks_up_to_the_request():

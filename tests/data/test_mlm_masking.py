@@ -3,7 +3,7 @@ and padding never touched, labels -100 off the selected positions, reproducible 
 import numpy as np
 import pytest
 
-from medjax.data.mlm_masking import IGNORE_INDEX, mask_tokens
+from medjax.data.transforms.mlm_masking import IGNORE_INDEX, mask_tokens
 
 VOCAB, MASK = 1000, 4
 

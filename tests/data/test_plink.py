@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from medjax.data.plink import PlinkFormatError, PlinkWarning, impute_column_mode, read_plink, write_plink
+from medjax.data.readers.plink import PlinkFormatError, PlinkWarning, impute_column_mode, read_plink, write_plink
 
 
 def _write(tmp_path, genotypes, **kwargs):

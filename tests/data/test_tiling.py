@@ -10,11 +10,11 @@ import h5py
 import numpy as np
 import pytest
 
-from medjax.data import tiling
-from medjax.data.demo_wsi import TISSUE_CLASSES, make_wsi_demo
-from medjax.data.tissue import TissueParams, close_binary, label_tissue, otsu_threshold, rgb_to_saturation, tissue_mask
-from medjax.data.wsi import SlideError, list_slides, open_slide
-from medjax.data.wsi_write import write_pyramidal_tiff
+from medjax.data.tiling import coords as tiling
+from medjax.data.demo.wsi import TISSUE_CLASSES, make_wsi_demo
+from medjax.data.tiling.tissue import TissueParams, close_binary, label_tissue, otsu_threshold, rgb_to_saturation, tissue_mask
+from medjax.data.readers.wsi import SlideError, list_slides, open_slide
+from medjax.data.readers.wsi_write import write_pyramidal_tiff
 
 GLASS, PINK = (240, 240, 240), (230, 150, 200)
 # Level-0 rectangles (x0, y0, x1, y1) of the 20x (0.5 um/px) layout; edges on the 16-px mask grid.

@@ -10,13 +10,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from medjax.data import wsi
-from medjax.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
-from medjax.data.pipeline import global_batch_dataset
-from medjax.data.tiling import tile_geometry, write_coords
-from medjax.data.wsi import SlideError, TiffSlide, open_slide
-from medjax.data.wsi_write import downsample_mean, write_pyramidal_tiff
-from medjax.data.wsi_source import (DinoMultiCrop, WSITileSource, color_jitter, gaussian_blur, hsv_to_rgb,
+from medjax.data.readers import wsi
+from medjax.data.transforms.image import IMAGENET_MEAN, IMAGENET_STD
+from medjax.data.pipelines.global_batches import global_batch_dataset
+from medjax.data.tiling.coords import tile_geometry, write_coords
+from medjax.data.readers.wsi import SlideError, TiffSlide, open_slide
+from medjax.data.readers.wsi_write import downsample_mean, write_pyramidal_tiff
+from medjax.data.pipelines.wsi_tiles import (DinoMultiCrop, WSITileSource, color_jitter, gaussian_blur, hsv_to_rgb,
                                     random_resized_crop_box, rgb_to_hsv)
 
 

@@ -78,8 +78,8 @@ def test_results_tables_follow_the_paper_layout():
 
 
 def test_cases_from_cache_reads_nifti_pairs(tmp_path):
-    from medjax.data.ct import save_nifti
-    from medjax.data.ct_pipeline import CTCase, CTVolumeCache
+    from medjax.data.readers.ct import save_nifti
+    from medjax.data.pipelines.ct import CTCase, CTVolumeCache
     from medjax.inference.universal_eval import cases_from_cache
 
     hu = np.full((12, 10, 8), -1000, np.int16)

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from medjax.data.bad_examples import SKIPPED_KEY, replacement_index
+from medjax.data.pipelines.bad_examples import SKIPPED_KEY, replacement_index
 from medjax.data.errors import DataError
-from medjax.data.pipeline import global_batch_dataset
+from medjax.data.pipelines.global_batches import global_batch_dataset
 from medjax.trainer import SKIPPED_METRIC, Trainer
 from tests.toy_task import ToyTask, toy_config
 

@@ -14,9 +14,9 @@ from PIL import Image
 from medjax import cli
 from medjax.config import ConfigError
 from medjax.data.errors import DataError
-from medjax.data.pipeline import global_batch_dataset
+from medjax.data.pipelines.global_batches import global_batch_dataset
 from medjax.errors import MedjaxInputError
-from medjax.data.plink import PlinkFormatError, write_plink
+from medjax.data.readers.plink import PlinkFormatError, write_plink
 
 
 def _fundus_with_bad_bed(root):
@@ -43,10 +43,10 @@ def _one_error_line(err: str) -> str:
 
 
 def test_every_data_and_config_error_class_is_an_input_error():
-    from medjax.data.arrow_ipc import ArrowFormatError
-    from medjax.data.ct import CTDataError
-    from medjax.data.wsi import SlideError
-    from medjax.data.wsi_source import TileCoordsError
+    from medjax.data.readers.arrow_ipc import ArrowFormatError
+    from medjax.data.readers.ct import CTDataError
+    from medjax.data.readers.wsi import SlideError
+    from medjax.data.pipelines.wsi_tiles import TileCoordsError
 
     for kind in (DataError, ConfigError, CTDataError, SlideError, TileCoordsError, PlinkFormatError, ArrowFormatError):
         assert issubclass(kind, MedjaxInputError) and issubclass(kind, ValueError), kind

@@ -15,11 +15,11 @@ from PIL import Image
 
 from medjax.config import ConfigError
 from medjax.data import verify
-from medjax.data.ct import CTDataError
-from medjax.data.ct_pipeline import read_ct_list
+from medjax.data.readers.ct import CTDataError
+from medjax.data.pipelines.ct import read_ct_list
 from medjax.data.errors import DataError, DataWarning
-from medjax.data.fundus_genome import FundusGenomeDataset
-from medjax.data.wsi import SlideError
+from medjax.data.readers.fundus_genome import FundusGenomeDataset
+from medjax.data.readers.wsi import SlideError
 from medjax.tasks.base import RunSettings, TaskBase
 
 
@@ -120,7 +120,7 @@ def test_ct_headers_and_voxel_data_size(tmp_path):
 def test_slide_pyramid(tmp_path):
     import tifffile
 
-    from medjax.data.wsi_write import write_pyramidal_tiff
+    from medjax.data.readers.wsi_write import write_pyramidal_tiff
 
     good = str(tmp_path / "a.tif")
     pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)

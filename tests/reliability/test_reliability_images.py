@@ -14,7 +14,7 @@ from PIL import Image
 
 from medjax.data import read_image
 from medjax.data.errors import DataError
-from medjax.data.image_transforms import circle_crop, resize
+from medjax.data.transforms.image import circle_crop, resize
 
 RAMP16 = np.array([[0, 1, 128, 129, 257], [1000, 32767, 32768, 65534, 65535]], np.uint16)
 
@@ -145,7 +145,7 @@ def test_errors_name_the_file(tmp_path):
 
 
 def test_fundus_dataset_reads_16bit_images_scaled(tmp_path):
-    from medjax.data.fundus_genome import FundusGenomeDataset
+    from medjax.data.readers.fundus_genome import FundusGenomeDataset
 
     disk = np.zeros((24, 30), np.uint16)
     yy, xx = np.mgrid[:24, :30]
@@ -162,7 +162,7 @@ def test_fundus_dataset_reads_16bit_images_scaled(tmp_path):
 
 
 def test_image_report_dataset_reads_16bit_images_scaled(tmp_path):
-    from medjax.data.image_report import ImageReportDataset
+    from medjax.data.readers.image_report import ImageReportDataset
 
     Image.fromarray(RAMP16).save(tmp_path / "x.png")
     with open(tmp_path / "m.jsonl", "w") as f:

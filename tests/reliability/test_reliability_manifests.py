@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax.data import ct, ct_pipeline as cp
+from medjax.data.readers import ct
+from medjax.data.pipelines import ct as cp
 from medjax.data.errors import DataError, DataWarning
-from medjax.data.fundus_genome import FundusGenomeDataset
-from medjax.data.image_report import ImageReportDataset
+from medjax.data.readers.fundus_genome import FundusGenomeDataset
+from medjax.data.readers.image_report import ImageReportDataset
 
 
 # ---------------------------------------------------------------- fundus manifest duplicates
@@ -82,7 +83,7 @@ def test_image_only_sets_need_no_captions(tmp_path):
 
 
 def test_empty_caption_in_arrow_file(tmp_path):
-    from medjax.data.arrow_write import write_arrow
+    from medjax.data.readers.arrow_write import write_arrow
     import io
 
     buf = io.BytesIO()

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from medjax.data.errors import DataError
-from medjax.data.fundus_genome import FundusGenomeDataset
-from medjax.data.plink import PlinkFormatError, PlinkWarning, read_plink, write_plink
+from medjax.data.readers.fundus_genome import FundusGenomeDataset
+from medjax.data.readers.plink import PlinkFormatError, PlinkWarning, read_plink, write_plink
 
 
 def _write(tmp_path, genotypes, name="g"):

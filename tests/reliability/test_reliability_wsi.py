@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from medjax.data.tiling import read_coords, tile_geometry, write_coords
-from medjax.data.wsi import open_slide
-from medjax.data.wsi_source import TileCoordsError, WSITileSource
-from medjax.data.wsi_write import write_pyramidal_tiff
+from medjax.data.tiling.coords import read_coords, tile_geometry, write_coords
+from medjax.data.readers.wsi import open_slide
+from medjax.data.pipelines.wsi_tiles import TileCoordsError, WSITileSource
+from medjax.data.readers.wsi_write import write_pyramidal_tiff
 
 
 @pytest.fixture()

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax.data.ct_pipeline import read_ct_list
+from medjax.data.pipelines.ct import read_ct_list
 from medjax.data.errors import DataError
-from medjax.data.fundus_genome import FundusGenomeDataset
-from medjax.data.image_report import ImageReportDataset, load_tokenizer
-from medjax.data.plink import read_plink, write_plink
-from medjax.data.text_io import read_text
+from medjax.data.readers.fundus_genome import FundusGenomeDataset
+from medjax.data.readers.image_report import ImageReportDataset, load_tokenizer
+from medjax.data.readers.plink import read_plink, write_plink
+from medjax.data.readers.text_io import read_text
 
 LATIN1 = "participant_id,eye,image_path\np1,left,img/1.png\nJos\xe9,right,img/2.png\n".encode("latin-1")
 

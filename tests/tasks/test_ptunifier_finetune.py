@@ -18,7 +18,7 @@ TASK_OF = {"ptunifier_vqa": "ptunifier_vqa", "ptunifier_cls": "ptunifier_classif
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from medjax.data.demo_image_report import make_image_report_demo
+    from medjax.data.demo.image_report import make_image_report_demo
 
     return make_image_report_demo(str(tmp_path_factory.mktemp("ptunifier_demo")), num_images=40, image_size=32)
 

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medjax.data.demo_wsi import make_wsi_demo
+from medjax.data.demo.wsi import make_wsi_demo
 from medjax.models.uni import uni_fields_from_params, uni_model
 from medjax.tasks.uni_eval import (_split_flags, evaluate_uni, extract_features, stratified_holdout, uni_eval_config,
                                    uni_feature_fn, uni_results_table)

@@ -34,8 +34,8 @@ import warnings
 
 import numpy as np
 
-from medjax.data.tissue import TissueMask, TissueParams, tissue_mask
-from medjax.data.wsi import Slide, SlideError, list_slides, open_slide, slide_id
+from medjax.data.tiling.tissue import TissueMask, TissueParams, tissue_mask
+from medjax.data.readers.wsi import Slide, SlideError, list_slides, open_slide, slide_id
 
 STANDARD_OBJECTIVES = (5.0, 10.0, 20.0, 40.0, 60.0, 80.0)
 SNAP_TOLERANCE = 0.15

@@ -34,10 +34,10 @@ import numpy as np
 from scipy import ndimage
 
 from medjax.ontology import universal_classes as templates
-from medjax.data.ct import DEFAULT_HU_RANGE, DEFAULT_SPACING, CTDataError, check_label_grid
-from medjax.data.ct_preprocess import PREPROCESS_VERSION, CTPreprocessing, foreground_box, preprocess_ct
-from medjax.data.pipeline import global_batch_dataset
-from medjax.data.text_io import open_text
+from medjax.data.readers.ct import DEFAULT_HU_RANGE, DEFAULT_SPACING, CTDataError, check_label_grid
+from medjax.data.transforms.ct_preprocess import PREPROCESS_VERSION, CTPreprocessing, foreground_box, preprocess_ct
+from medjax.data.pipelines.global_batches import global_batch_dataset
+from medjax.data.readers.text_io import open_text
 
 CACHE_VERSION = 1  # the entry layout and label split (split_tumours, _counts); preprocessing: PREPROCESS_VERSION
 _MSD_TASK = re.compile(r"Task(\d\d)")
@@ -342,7 +342,7 @@ class CTVolumeSource(Sequence):
         return {**self.cache.load(case), "dataset_id": case.dataset_id}
 
     def describe(self, index: int) -> str:
-        """Case `index`'s list-file line and files (for errors, `medjax.data.bad_examples`)."""
+        """Case `index`'s list-file line and files (for errors, `medjax.data.pipelines.bad_examples`)."""
         case = self.cases[index]
         return f"{case.where}: {case.image} / {case.label}"
 
@@ -352,7 +352,7 @@ def ct_train_dataset(list_path: str, *, root: str, cache_dir: str, global_batch:
                      hu_range: Sequence[float] = DEFAULT_HU_RANGE, process_index: int = 0, process_count: int = 1,
                      num_epochs: int | None = None, prefetch_threads: int = 2, check_headers: bool = True,
                      on_bad_example: str = "error") -> grain.IterDataset:
-    """Per-process batches of training crops from a list file (`medjax.data.pipeline`: seeded
+    """Per-process batches of training crops from a list file (`medjax.data.pipelines.global_batches`: seeded
     shuffle per epoch, element augmentation seeded by (seed, stream position), checkpointable).
     `check_headers=False` when the caller has checked the pairs already (`medjax.data.verify`)."""
     cases = read_ct_list(list_path, root, check_headers=check_headers)

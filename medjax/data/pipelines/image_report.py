@@ -5,7 +5,7 @@ One example = one (image, caption) sample of `ImageReportDataset`: the image thr
 transform (RandomResizedCrop(scale 0.9-1) for training: the original's `clip_resizedcrop`), one
 random sentence of the caption (`sent_level=True`) tokenised to `max_length` (48 in the paper), and
 its MLM corruption (15%, 80/10/10). Every random choice comes from the element's generator, seeded
-by (seed, stream position) in `medjax.data.pipeline`, so the batches of a resumed run are identical.
+by (seed, stream position) in `medjax.data.pipelines.global_batches`, so the batches of a resumed run are identical.
 ITM negatives are drawn inside the loss from other samples of the global batch, so no "false"
 images are loaded here.
 """
@@ -16,9 +16,9 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from medjax.data.image_report import clip_transform, load_tokenizer, pick_sentence, tokenize
-from medjax.data.mlm_masking import mask_tokens
-from medjax.data.pipeline import global_batch_dataset
+from medjax.data.readers.image_report import clip_transform, load_tokenizer, pick_sentence, tokenize
+from medjax.data.transforms.mlm_masking import mask_tokens
+from medjax.data.pipelines.global_batches import global_batch_dataset
 
 
 class PretrainingTransform:

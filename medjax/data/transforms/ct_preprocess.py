@@ -1,5 +1,5 @@
 """The one CT preprocessing of the CLIP-Driven Universal Model (Liu et al., ICCV 2023, arXiv 2301.00785; the
-original's `dataset/dataloader.py` validation chain): `medjax.data.ct.load_ct` / `load_ct_pair` (RAS,
+original's `dataset/dataloader.py` validation chain): `medjax.data.readers.ct.load_ct` / `load_ct_pair` (RAS,
 spacing resample, HU clipped to `hu_range` and scaled to [0, 1]), then a crop to the image foreground
 (scaled intensity > 0, MONAI CropForeground, margin 0). The training/evaluation cache
 (`ct_pipeline.CTVolumeCache`) and `medjax.predict.segment_file` both call `preprocess_ct`.
@@ -15,10 +15,10 @@ import json
 
 import numpy as np
 
-from medjax.data.ct import DEFAULT_HU_RANGE, DEFAULT_SPACING, load_ct, load_ct_pair
+from medjax.data.readers.ct import DEFAULT_HU_RANGE, DEFAULT_SPACING, load_ct, load_ct_pair
 
 PREPROCESS_VERSION = 1  # bump when preprocess_ct's output changes for unchanged settings
-_WHERE = "medjax/data/ct_preprocess.py"
+_WHERE = "medjax/data/transforms/ct_preprocess.py"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ class MaskingGenerator:
                  min_aspect: float = 0.3, max_aspect: float | None = None):
         self.height, self.width = (grid, grid) if isinstance(grid, int) else tuple(grid)
         if self.height < 1 or self.width < 1 or min_num_patches < 1 or min_aspect <= 0:
-            raise ValueError(f"medjax/data/masking.py MaskingGenerator: need a positive grid, min_num_patches >= 1 and "
+            raise ValueError(f"medjax/data/transforms/block_masking.py MaskingGenerator: need a positive grid, min_num_patches >= 1 and "
                              f"min_aspect > 0, got grid {(self.height, self.width)}, {min_num_patches}, {min_aspect}")
         self.num_patches = self.height * self.width
         self.min_num_patches = min_num_patches
@@ -77,7 +77,7 @@ def sample_masks(rng: np.random.Generator, generator: MaskingGenerator, num_imag
                  ratio_range: tuple[float, float] = (0.1, 0.5), probability: float = 0.5) -> np.ndarray:
     """(num_images, patches) bool masks with DINOv2's collate rule (module doc)."""
     if not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0 or not 0.0 <= probability <= 1.0:
-        raise ValueError(f"medjax/data/masking.py sample_masks: need 0 <= ratio_range[0] <= ratio_range[1] <= 1 and "
+        raise ValueError(f"medjax/data/transforms/block_masking.py sample_masks: need 0 <= ratio_range[0] <= ratio_range[1] <= 1 and "
                          f"0 <= probability <= 1, got {ratio_range}, {probability}")
     n = generator.num_patches
     bins = _ratio_bins(num_images, ratio_range, probability)

@@ -9,10 +9,10 @@ per caption of each image, as the original's `index_mapper`:
   optional; other keys are kept (`dataset.row(i)`) for fine-tuning sets. Captions must be non-empty
   strings with some non-space text (an empty caption is a DataError naming file, line and field).
 * the original's Arrow files (`prepro/make_arrow.py`): columns `image` (encoded bytes), `caption`
-  (list of strings), `image_id`, `split`; read without pyarrow by `medjax.data.arrow_ipc`.
+  (list of strings), `image_id`, `split`; read without pyarrow by `medjax.data.readers.arrow_ipc`.
 
 Training text is one random sentence of the caption (the original's `sent_level=True`, with its
-`split_into_sents`), chosen from the per-element generator of `medjax.data.pipeline`, so a resumed run
+`split_into_sents`), chosen from the per-element generator of `medjax.data.pipelines.global_batches`, so a resumed run
 draws the same sentence. Images: PIL decode -> RGB -> CLIP transform (bicubic resize of the shorter
 side + centre crop, or RandomResizedCrop(scale 0.9-1) for pretraining) -> CLIP mean/std. Text: a
 Hugging Face tokenizer from a local directory, padded/truncated to `max_length`.
@@ -28,10 +28,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from medjax.data.arrow_ipc import ArrowFormatError, read_arrow
+from medjax.data.readers.arrow_ipc import ArrowFormatError, read_arrow
 from medjax.data.errors import DataError, DataFileNotFoundError
-from medjax.data.image_io import decode
-from medjax.data.text_io import open_text, read_json
+from medjax.data.readers.image_io import decode
+from medjax.data.readers.text_io import open_text, read_json
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
@@ -307,7 +307,7 @@ class ImageReportDataset:
         return self.files[f].row(k)
 
     def describe(self, i: int) -> str:
-        """Sample `i`'s manifest line or Arrow row and image (for errors, `medjax.data.bad_examples`)."""
+        """Sample `i`'s manifest line or Arrow row and image (for errors, `medjax.data.pipelines.bad_examples`)."""
         image_index = self.index[i][0]
         f, k = self._image_ref[image_index]
         rows = self.files[f]

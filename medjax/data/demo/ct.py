@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from medjax.data.demo import demo_is_current, mark_demo_complete
-from medjax.data.ct import save_nifti
+from medjax.data.readers.ct import save_nifti
 
 # (dataset dir, image dir, label dir, file stem, classes labelled, axis codes, tumours drawn)
 DATASETS = (

@@ -10,7 +10,7 @@ datasets), from JSONL manifests or the original's Arrow files.
   with the label list in `label_column` (the original's `chexpert` / `pnsa_pneumonia`).
 * NLI (RadNLI + MedNLI): JSONL {"text_a", "text_b", "label": name or index} or Arrow (text_a / text_b
   one-string lists, integer `label`); labels entailment 0, neutral 1, contradiction 2 by name.
-* retrieval (ROCO): the image-report data itself (`medjax.data.image_report`).
+* retrieval (ROCO): the image-report data itself (`medjax.data.readers.image_report`).
 
 A file name may hold `{split}` (the originals keep one Arrow file per split).
 """
@@ -22,8 +22,8 @@ import string
 
 import numpy as np
 
-from medjax.data.fundus_genome import DataError
-from medjax.data.image_report import ImageReportDataset, read_jsonl
+from medjax.data.readers.fundus_genome import DataError
+from medjax.data.readers.image_report import ImageReportDataset, read_jsonl
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 CLOSED, OPEN = 0, 1
@@ -111,7 +111,7 @@ class VQADataset:
                 "answer_type": np.int32(answer_type)}
 
     def describe(self, k: int) -> str:
-        """Question `k`'s manifest line and image (medjax.data.bad_examples)."""
+        """Question `k`'s manifest line and image (medjax.data.pipelines.bad_examples)."""
         return self.images.describe(self.questions[k][0])
 
 
@@ -140,7 +140,7 @@ class MultiLabelDataset:
         return {"image": self.images.load_image(i), "labels": self.labels[i]}
 
     def describe(self, i: int) -> str:
-        """Row `i`'s manifest line and image (medjax.data.bad_examples)."""
+        """Row `i`'s manifest line and image (medjax.data.pipelines.bad_examples)."""
         return self.images.describe(i)
 
 
@@ -150,7 +150,7 @@ class NLIDataset:
     def __init__(self, path: str, split: str):
         self.pairs: list[tuple[str, str, int]] = []
         if path.endswith(".arrow"):
-            from medjax.data.arrow_ipc import read_arrow
+            from medjax.data.readers.arrow_ipc import read_arrow
             table = read_arrow(path)
             for need in ("text_a", "text_b", "label"):
                 if need not in table.column_names:

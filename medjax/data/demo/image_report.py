@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from medjax.data.demo import demo_is_current, mark_demo_complete
-from medjax.data.arrow_write import write_arrow
+from medjax.data.readers.arrow_write import write_arrow
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (235, 220, 40)}

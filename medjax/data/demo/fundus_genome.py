@@ -1,6 +1,6 @@
 """Synthetic fundus + genotype demo data in the real file formats (MRM, Yang et al., ICCV 2023).
 
-`make_fundus_genome_demo(out_dir)` writes, in the `medjax.data.fundus_genome` layout:
+`make_fundus_genome_demo(out_dir)` writes, in the `medjax.data.readers.fundus_genome` layout:
 - `out_dir/`: a pretraining set (the UK Biobank stand-in): both eyes of every participant as PNG
   fundus pictures, PLINK `genotypes.bed/.bim/.fam`, and a manifest with a `label` (DR grade 0..4)
   and a `split` column (80/10/10 by participant);
@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from medjax.data.demo import demo_is_current, mark_demo_complete
-from medjax.data.plink import MISSING, write_plink
+from medjax.data.readers.plink import MISSING, write_plink
 
 NUM_GRADES = 5
 EXUDATES_PER_GRADE = (0, 2, 6, 12, 20)  # mean lesion counts (Poisson) per DR grade

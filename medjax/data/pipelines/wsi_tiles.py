@@ -1,7 +1,7 @@
 """A Grain random-access source of whole-slide-image tiles, and DINOv2's multi-crop augmentation.
 
     source = WSITileSource.from_coords_dir("slides/", "coords/")       # `python -m medjax.data tile` output
-    ds = grain.MapDataset.source(source).shuffle(seed=0).map(...)       # or medjax.data.pipeline
+    ds = grain.MapDataset.source(source).shuffle(seed=0).map(...)       # or medjax.data.pipelines.global_batches
     crops = DinoMultiCrop()(source[0], np.random.default_rng([seed, position]))
 
 `WSITileSource[i]` -> {"image": uint8 (tile, tile, 3), "slide": int32, "coords": int64 (2,) level-0
@@ -36,10 +36,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medjax.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
-from medjax.data.text_io import open_text
-from medjax.data.tiling import integer_coords, read_coords, tile_geometry
-from medjax.data.wsi import SLIDE_EXTENSIONS, open_slide
+from medjax.data.transforms.image import IMAGENET_MEAN, IMAGENET_STD
+from medjax.data.readers.text_io import open_text
+from medjax.data.tiling.coords import integer_coords, read_coords, tile_geometry
+from medjax.data.readers.wsi import SLIDE_EXTENSIONS, open_slide
 from medjax.errors import MedjaxInputError
 
 Example = dict[str, Any]
@@ -187,7 +187,7 @@ class WSITileSource:
         return example
 
     def describe(self, index: int) -> str:
-        """Tile `index`'s slide file and level-0 corner (for errors, `medjax.data.bad_examples`)."""
+        """Tile `index`'s slide file and level-0 corner (for errors, `medjax.data.pipelines.bad_examples`)."""
         return f"{self.slide_paths[int(self.slide_index[index])]}: tile {index} at (x, y) = {self.coords[index].tolist()}"
 
     def _slide(self, s: int):

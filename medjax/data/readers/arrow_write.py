@@ -3,7 +3,7 @@
 uncompressed, 8-byte aligned buffers, metadata version V5. Column types are inferred like pyarrow
 infers them from Python objects: bytes -> binary, str -> utf8, int -> int64, float -> double,
 bool -> bool, list -> list<inferred> (nested lists too), all None / empty -> null.
-`medjax.data.arrow_ipc.read_arrow` reads the result back (tests and the image-report demo use this).
+`medjax.data.readers.arrow_ipc.read_arrow` reads the result back (tests and the image-report demo use this).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from medjax.data import arrow_ipc
+from medjax.data.readers import arrow_ipc
 
 METADATA_V5 = 4
 

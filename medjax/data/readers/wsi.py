@@ -12,7 +12,7 @@ reduced-resolution pages alike); only the tiles / strips a region touches are re
 Every problem raises a `SlideError` naming the slide file: unreadable or truncated files (a
 segment past the end of the file), unsupported layouts, missing microns per pixel when asked for.
 
-`medjax.data.wsi_write.write_pyramidal_tiff` writes the layout this reader and OpenSlide's generic-TIFF
+`medjax.data.readers.wsi_write.write_pyramidal_tiff` writes the layout this reader and OpenSlide's generic-TIFF
 reader both read: tiled pages, level 0 first, each reduced level a following page with NewSubfileType 1, resolution
 tags in centimetres, an Aperio-style `MPP = ` in the description.
 """

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medjax.data.text_io import open_text
+from medjax.data.readers.text_io import open_text
 from medjax.errors import MedjaxInputError
 
 BED_MAGIC = bytes((0x6C, 0x1B))

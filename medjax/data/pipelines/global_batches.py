@@ -7,7 +7,7 @@ order) is the same batch a single process would load. Each element's augmentatio
 (seed, stream position), never by the process or worker, so 1 or N processes train the same
 thing. The iterator is a Grain `DatasetIterator` whose state (a position) is checkpointed.
 
-An example that fails to load names its file (`medjax.data.bad_examples`); with
+An example that fails to load names its file (`medjax.data.pipelines.bad_examples`); with
 `on_bad_example="skip"` (config `data.on_bad_example`) it is replaced by a seeded rule of (seed,
 position), so batches stay a pure function of (seed, step), and each element carries a skip count.
 """
@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from medjax.data import bad_examples
+from medjax.data.pipelines import bad_examples
 
 Example = dict[str, Any]
 Transform = Callable[[Example, np.random.Generator], Example]
@@ -45,7 +45,7 @@ class _ProcessPositions(Sequence[int]):
 
 class _LoadAndTransform:
     """Picklable map: stream position -> transformed example, seeded by (seed, position); a failure names
-    the file, or with on_bad_example="skip" the example is replaced (medjax.data.bad_examples)."""
+    the file, or with on_bad_example="skip" the example is replaced (medjax.data.pipelines.bad_examples)."""
 
     def __init__(self, source, order, transform: Transform, seed: int, on_bad_example: str = "error"):
         self.source, self.order, self.transform, self.seed = source, order, transform, seed

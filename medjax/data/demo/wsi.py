@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from medjax.data.demo import demo_is_current, mark_demo_complete
-from medjax.data.wsi_write import write_pyramidal_tiff
+from medjax.data.readers.wsi_write import write_pyramidal_tiff
 
 TISSUE_CLASSES = ("stroma", "tumor", "lymphocytes")
 GLASS = 255  # class-map value of glass

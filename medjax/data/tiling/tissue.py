@@ -28,7 +28,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from medjax.data.wsi import Slide, SlideError, best_level_for_downsample
+from medjax.data.readers.wsi import Slide, SlideError, best_level_for_downsample
 
 _EIGHT = np.ones((3, 3), bool)
 _FOUR = ndimage.generate_binary_structure(2, 1)

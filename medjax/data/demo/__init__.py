@@ -9,11 +9,11 @@ COMPLETE_MARKER = ".complete"  # written last by each maker, holding the maker's
 
 # kind -> "module:function(out_dir) -> path"; each writes a `.complete` marker when done.
 DEMO_MAKERS = {
-    "fundus_genome": "medjax.data.demo_fundus_genome:make_fundus_genome_demo",
-    "ct": "medjax.data.demo_ct:make_ct_demo",
-    "wsi": "medjax.data.demo_wsi:make_wsi_demo",
-    "image_report": "medjax.data.demo_image_report:make_image_report_demo",
-    "xray_ct_reports": "medjax.data.demo_xray_ct_reports:make_xray_ct_reports_demo",
+    "fundus_genome": "medjax.data.demo.fundus_genome:make_fundus_genome_demo",
+    "ct": "medjax.data.demo.ct:make_ct_demo",
+    "wsi": "medjax.data.demo.wsi:make_wsi_demo",
+    "image_report": "medjax.data.demo.image_report:make_image_report_demo",
+    "xray_ct_reports": "medjax.data.demo.xray_ct_reports:make_xray_ct_reports_demo",
 }
 
 

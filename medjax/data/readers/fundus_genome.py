@@ -37,11 +37,11 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from medjax.data import image_transforms
+from medjax.data.transforms import image as image_transforms
 from medjax.data.errors import DataError, DataWarning
-from medjax.data.image_io import read_image
-from medjax.data.plink import PlinkFormatError, read_plink
-from medjax.data.text_io import open_text
+from medjax.data.readers.image_io import read_image
+from medjax.data.readers.plink import PlinkFormatError, read_plink
+from medjax.data.readers.text_io import open_text
 
 REQUIRED_COLUMNS = ("participant_id", "eye", "image_path")
 EYES = ("left", "right")
@@ -253,7 +253,7 @@ class FundusGenomeDataset:
         return len(self.image_paths)
 
     def describe(self, index: int) -> str:
-        """Item `index`'s image file (for errors, `medjax.data.bad_examples`)."""
+        """Item `index`'s image file (for errors, `medjax.data.pipelines.bad_examples`)."""
         return self.image_paths[int(index)]
 
     def load_image(self, index: int) -> np.ndarray:

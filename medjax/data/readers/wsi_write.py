@@ -1,4 +1,4 @@
-"""Writing tiled pyramidal TIFF slides (the format medjax/data/wsi.py reads): each level the rounded block mean
+"""Writing tiled pyramidal TIFF slides (the format medjax/data/readers/wsi.py reads): each level the rounded block mean
 of level 0, resolution tags and an Aperio-style MPP description. Used by the WSI demo and the tests."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     {"volume": "volumes/0001.nii.gz", "captions": ["Report text."], "split": "train", "labels": [0, 1]}
 
 `volume` is relative to the manifest's folder; `split` (train / val / test) and `labels` (a list of 0/1 per
-class, for linear probing) are optional. A volume is read by the CT pipeline's reader (`medjax.data.ct.load_ct`:
+class, for linear probing) are optional. A volume is read by the CT pipeline's reader (`medjax.data.readers.ct.load_ct`:
 RAS, resampled to `spacing`, HU window scaled to [0, 1]), laid out (slices, H, W) = (z, y, x) (axial slices,
 the first slice the most inferior), and resized trilinearly to `volume_shape` (the ViT's fixed T_3D grid).
 Every bad row raises DataError naming the file, the line and the field.
@@ -16,9 +16,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from medjax.data.ct import CTDataError, DEFAULT_HU_RANGE, DEFAULT_SPACING, load_ct, read_nifti_header
+from medjax.data.readers.ct import CTDataError, DEFAULT_HU_RANGE, DEFAULT_SPACING, load_ct, read_nifti_header
 from medjax.data.errors import DataError
-from medjax.data.image_report import SPLITS, _check_captions, read_jsonl
+from medjax.data.readers.image_report import SPLITS, _check_captions, read_jsonl
 
 
 def resize_volume(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -88,7 +88,7 @@ class VolumeReportDataset:
         return f"{self.path}: line {self.lines[i]} ({self.volumes[i]})"
 
     def describe(self, i: int) -> str:
-        """Which file sample i is (medjax.data.bad_examples names it when it fails to load)."""
+        """Which file sample i is (medjax.data.pipelines.bad_examples names it when it fails to load)."""
         return self.where(i)
 
     def load_volume(self, i: int) -> np.ndarray:

@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medjax.data.ct import save_nifti
+from medjax.data.readers.ct import save_nifti
 from medjax.data.demo import demo_is_current, mark_demo_complete
-from medjax.data.demo_image_report import train_tokenizer
+from medjax.data.demo.image_report import train_tokenizer
 
 ZONES = [(v, h) for v in ("upper", "lower") for h in ("right", "left")]  # patient's right = image left
 XRAY_LABELS = ("opacity", "pleural effusion")

@@ -1,0 +1,1 @@
+"""Whole-slide-image preprocessing as CLAM does it: tissue segmentation and tile coordinates (HDF5)."""
