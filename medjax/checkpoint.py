@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from medjax import checkpoint_integrity as integrity
 from medjax import provenance as provenance_lib
+from medjax.errors import InputFileNotFoundError
 from medjax.params import merge_params  # noqa: F401  (re-exported; its home is medjax.params)
 
 
@@ -211,7 +212,8 @@ def params_dir(path: str, log: Callable[[str], None] | None = None) -> str:
                 raise CheckpointError(f"{root}: {problem}")
         return root
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
+        raise InputFileNotFoundError(f"{path}: no checkpoint directory (expected a training workdir, its "
+                                     f"checkpoints/ or a params directory)")
     steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
     for step in steps:
         step_dir = os.path.join(root, str(step))

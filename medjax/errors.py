@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class MedjaxInputError(ValueError):
     """A data file, config value or argument that does not fit; the message names where and what was expected."""
+
+
+class InputFileNotFoundError(MedjaxInputError, FileNotFoundError):
+    """A file or directory named on the command line or in a config does not exist (also a FileNotFoundError)."""

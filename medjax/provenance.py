@@ -13,10 +13,12 @@ import os
 import warnings
 from typing import Any
 
+from medjax.errors import MedjaxInputError
+
 PROVENANCE = "medjax_provenance.json"
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(MedjaxInputError):
     """Params were written by another experiment, variant or task than the one asked for."""
 
 
