@@ -55,7 +55,7 @@ class FundusClassificationTask(TaskBase):
         size = config.model.image_size
         train = FundusGenomeDataset(self.root, image_size=size, genotypes=None, label_arity=1,
                                     split=config.data.train_split, allow_duplicates=bool(config.data.allow_duplicates),
-                                    check_images=False)
+                                    check_images=False, num_classes=self.num_classes)
         self.verify_data(image_checks(train.image_paths, train.image_wheres))  # data.verify (medjax.data.verify)
         keep = label_subset(np.asarray(train.labels), float(config.data.label_fraction),
                             int(config.data.label_seed), self.num_classes)
@@ -108,7 +108,7 @@ class FundusClassificationTask(TaskBase):
     def split_dataset(self, split: str) -> FundusGenomeDataset:
         dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size, genotypes=None,
                                       label_arity=1, split=split, allow_duplicates=bool(self.config.data.allow_duplicates),
-                                      check_images=False)
+                                      check_images=False, num_classes=self.num_classes)
         self.verify_data(image_checks(dataset.image_paths, dataset.image_wheres))
         return dataset
 

@@ -51,6 +51,19 @@ def test_fundus_without_duplicates_is_silent(tmp_path):
         assert len(FundusGenomeDataset(root, image_size=8, genotypes=None)) == 3
 
 
+def test_fundus_label_outside_the_classes_is_refused(tmp_path):
+    os.makedirs(tmp_path / "img")
+    rows = [["p1", "left", "img/1l.png", "4"], ["p2", "left", "img/2l.png", "7"]]
+    for _, _, name, _ in rows:
+        Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / name)
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["participant_id", "eye", "image_path", "label"]] + rows)
+    assert len(FundusGenomeDataset(str(tmp_path), image_size=8, genotypes=None, label_arity=1)) == 2
+    with pytest.raises(DataError, match=r"manifest\.csv: line 3: field 'label' = '7': expected a class index in "
+                                        r"\[0, 5\)"):
+        FundusGenomeDataset(str(tmp_path), image_size=8, genotypes=None, label_arity=1, num_classes=5)
+
+
 def test_fundus_duplicate_count(tmp_path):
     root = _fundus(tmp_path, BASE + BASE + [["p2", "left", "img/x.png"]])
     with pytest.raises(DataError, match=r"line 5: repeats line 2 exactly \(4 duplicate row\(s\) in all\)"):

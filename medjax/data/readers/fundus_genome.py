@@ -66,7 +66,7 @@ def participant_split(participant_ids: list[str], split: str, *, seed: int = SPL
     return {unique[i] for i in chosen}
 
 
-def _parse_label(text: str, arity: int, where: str) -> np.ndarray:
+def _parse_label(text: str, arity: int, where: str, num_classes: int | None = None) -> np.ndarray:
     parts = text.split(";") if arity > 1 else [text]
     if len(parts) != arity:
         raise DataError(f"{where}: field 'label' = {text!r} has {len(parts)} entries, expected {arity} "
@@ -77,6 +77,9 @@ def _parse_label(text: str, arity: int, where: str) -> np.ndarray:
         raise DataError(f"{where}: field 'label' = {text!r} is not {'an integer' if arity == 1 else 'integers'}") from None
     if arity == 1 and values[0] < 0:
         raise DataError(f"{where}: field 'label' = {text!r} must be a class index >= 0")
+    if arity == 1 and num_classes is not None and values[0] >= num_classes:
+        raise DataError(f"{where}: field 'label' = {text!r}: expected a class index in [0, {num_classes}) "
+                        f"(model.num_classes={num_classes})")
     if arity > 1 and any(v not in (0, 1) for v in values):
         raise DataError(f"{where}: field 'label' = {text!r}: multi-hot entries must be 0 or 1")
     return np.asarray(values[0], np.int32) if arity == 1 else np.asarray(values, np.float32)
@@ -138,7 +141,8 @@ class FundusGenomeDataset:
 
     def __init__(self, root: str, *, image_size: int, snp_stride: int = 1, genotypes: str | None = "genotypes",
                  manifest: str = "manifest.csv", label_arity: int | None = None, split: str | None = None,
-                 drop_missing_snps: bool = False, allow_duplicates: bool = False, check_images: bool = True):
+                 drop_missing_snps: bool = False, allow_duplicates: bool = False, check_images: bool = True,
+                 num_classes: int | None = None):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if label_arity is not None and label_arity < 1:
@@ -156,7 +160,8 @@ class FundusGenomeDataset:
         # Labels and genotype ids are checked on every row, so a bad test row fails before training.
         labels = None
         if label_arity is not None:
-            labels = [_parse_label(row["label"], label_arity, f"{manifest_path}: line {line}") for line, row in rows]
+            labels = [_parse_label(row["label"], label_arity, f"{manifest_path}: line {line}", num_classes)
+                      for line, row in rows]
         all_participants = [row["participant_id"] for _, row in rows]
         keep = np.ones(len(rows), dtype=bool)
         if split is not None:
