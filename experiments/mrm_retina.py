@@ -25,7 +25,12 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         allow_duplicates=False,  # True: keep repeated manifest rows / participant+eye (with a warning)
         dir="",  # <dir>/manifest.csv + genotypes.bed/.bim/.fam; "" = the demo dataset in the cache
         kind="fundus_genome",
-        snp_stride=100,  # every 100th SNP of chromosomes 1-22 (ContIG loader the authors reused)
+        snp_stride=100,  # every 100th SNP within each chromosome's file (ContIG's slice(0, None, 100))
+        # PLINK prefix under dir: one merged file set, or "ukb_chr{c}_v2" for ContIG's one set per chromosome
+        genotypes="genotypes",
+        chromosomes=list(range(1, 23)),  # ContIG's chromosomes 1-22 (a merged file's X / Y / MT are dropped)
+        count_a1=False,  # dosages = copies of A2, as ContIG's pysnptools Bed(count_A1=False)
+        split_order="sorted",  # held-out participants: permutation of the sorted unique ids (ContIG)
         split="",  # "" = every manifest row (pretraining uses all participants)
         eval_split="",  # rows for `evaluate` (losses on held-out data); "" = all rows
         rotation=20.0,  # RandomRotation(20) + horizontal flip + ImageNet normalisation (ContIG)

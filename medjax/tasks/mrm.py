@@ -17,6 +17,12 @@ from medjax.tasks.base import TaskBase, model_config
 from medjax.tasks.common import data_root
 
 
+def genotype_chromosomes(data_cfg):
+    """`data.chromosomes` as strings (ContIG: 1-22), or None (every SNP of a single file) when empty."""
+    chromosomes = data_cfg.get("chromosomes", ()) or ()
+    return tuple(str(c) for c in chromosomes) or None
+
+
 class MRMTask(TaskBase):
     def __init__(self, config, log=print, run=None):
         super().__init__(config, log, run)
@@ -79,7 +85,10 @@ class MRMTask(TaskBase):
         d = self.config.data
         dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size, snp_stride=d.snp_stride,
                                       split=split, drop_missing_snps=bool(d.drop_missing_snps),
-                                      allow_duplicates=bool(d.allow_duplicates), check_images=False)
+                                      allow_duplicates=bool(d.allow_duplicates), check_images=False,
+                                      genotypes=str(d.get("genotypes", "genotypes")),
+                                      chromosomes=genotype_chromosomes(d), count_a1=bool(d.get("count_a1", False)),
+                                      split_order=str(d.get("split_order", "appearance")))
         self.verify_data(image_checks(dataset.image_paths, dataset.image_wheres))  # data.verify (medjax.data.verify)
         return dataset
 
