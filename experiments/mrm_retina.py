@@ -39,6 +39,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         # Image encoder: ViT-B/16 at 224 (paper).
         image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0, drop_path=0.0,
+        pos_embed="sincos",  # fixed 2D sin-cos as the authors' MAE code ("learned": trained N(0, 0.02) table)
         # Genome encoder: SNN with 2 layers (Klambauer et al. 2017); tokens of 64 SNPs (our choice).
         genome_token_size=64, genome_width=768, genome_heads=12, snn_layers=2, snn_dropout=0.1,
         # Decoders: MAE's 512-wide 8-block decoder (the authors' MAE code); genome decoder 2 blocks (our choice).
