@@ -91,3 +91,8 @@ def test_resized_crop_per_dataset_as_the_run_scripts():
     assert crops == {("ptunifier_vqa", "full"): False, ("ptunifier_vqa", "slake"): True,
                      ("ptunifier_vqa", "medvqa2019"): True, ("ptunifier_cls", "full"): True,
                      ("ptunifier_cls", "rsna"): True, ("ptunifier_retrieval", "full"): True}
+
+
+def test_retrieval_recall_on_val_as_the_original():
+    assert config_lib.get_config("ptunifier_retrieval", "full").data.eval_split == "val"
+    assert config_lib.get_config("ptunifier_retrieval", "full", ["data.eval_split=test"]).data.eval_split == "test"
