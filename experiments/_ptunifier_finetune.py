@@ -6,6 +6,12 @@ the pretraining run's `model` block (`experiments/ptunifier.py`), so `init=` a p
 Steps: the originals train for epochs; steps = epochs x training examples / batch (the counts used are
 stated in each experiment). The released configs set image_size=576 for VQA and CheXpert; the paper
 reports 384 for all fine-tuning, which we follow.
+
+The released protocol (reference ptunifier.md, "Fine-tuning protocol of the released code"):
+`freeze_prompt_pools=True` (the pools never train in fine-tuning; False trains them),
+`resize_position_table_at_load=True` (the table is resized once at load to the 384 grid, then trained;
+False keeps the pretraining table, resized at every forward), `data.resized_crop` per dataset
+(`clip_resizedcrop` for SLAKE, MedVQA-2019, CheXpert, RSNA, ROCO; VQA-RAD plain `clip`).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from experiments._common import base_config
 
 def finetune_config(variant: str, task: str, *, file: str, demo_file: str, max_text_len: int, batch_size: int,
                     steps: int, head_multiplier: float, multi_modal_multiplier: float,
-                    **finetune) -> ml_collections.ConfigDict:
+                    resized_crop: bool = True, **finetune) -> ml_collections.ConfigDict:
     """The config of the registered fine-tuning `task` (medjax.tasks.TASKS, e.g. "ptunifier_vqa") at
     `variant` ("full" or a named paper dataset variant: the given settings; "demo" / "tiny": the demo
     dataset and the demo / tiny backbone); `finetune` (the task's own settings) becomes the `finetune`
@@ -27,6 +33,8 @@ def finetune_config(variant: str, task: str, *, file: str, demo_file: str, max_t
     c = base_config()
     c.task = task
     c.variant = variant
+    c.freeze_prompt_pools = True  # released code: pools requires_grad=False outside pretraining
+    c.resize_position_table_at_load = True  # released code: adapt_position_encoding once, table then trained
     if finetune:
         c.finetune = ml_collections.ConfigDict(finetune)
     c.data.update(dict(
@@ -37,6 +45,7 @@ def finetune_config(variant: str, task: str, *, file: str, demo_file: str, max_t
         tokenizer="",  # a local Hugging Face tokenizer directory (BioMed-RoBERTa's); "" = <dir>/tokenizer
         image_size=384,  # fine-tuning resolution (paper)
         max_text_len=max_text_len,
+        resized_crop=bool(resized_crop),  # clip_resizedcrop (RandomResizedCrop 0.9-1) for training images
     ))
     c.model = pretrain.model.copy_and_resolve_references()
     c.train.update(dict(steps=steps, batch_size=batch_size, log_every=50, checkpoint_every=1000, eval_batch_size=64))

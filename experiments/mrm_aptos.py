@@ -29,13 +29,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         label_fraction=1.0,  # 0.01 / 0.1 / 1.0 in the paper's table
         label_seed=42,
         train_split="train", eval_split="test",
-        rotation=20.0, hflip=True,
+        rotation=0.0, hflip=True,  # ContIG's APTOS loader: horizontal flip only
     ))
     enc = pretrain.model
     c.model = ml_collections.ConfigDict(dict(
         image_size=enc.image_size, patch_size=enc.patch_size, width=enc.width, depth=enc.depth,
         num_heads=enc.num_heads, mlp_ratio=enc.mlp_ratio, drop_path=0.1,
-        num_classes=5, head="ordinal",  # 4 cumulative outputs: grade g -> [1]*g + [0]*(4-g)
+        num_classes=5, head="ordinal",  # ContIG: 5 cumulative outputs, grade g -> [1]*(g+1) + [0]*(4-g)
         pooling="mean",
         remat="none",  # encoder blocks: "none" | "full" | "dots_saveable" (recompute in backward)
         scan=None,  # nn.scan the encoder's blocks; None: when depth >= 12 (params under blocks/)

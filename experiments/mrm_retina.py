@@ -25,7 +25,12 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         allow_duplicates=False,  # True: keep repeated manifest rows / participant+eye (with a warning)
         dir="",  # <dir>/manifest.csv + genotypes.bed/.bim/.fam; "" = the demo dataset in the cache
         kind="fundus_genome",
-        snp_stride=100,  # every 100th SNP of chromosomes 1-22 (ContIG loader the authors reused)
+        snp_stride=100,  # every 100th SNP within each chromosome's file (ContIG's slice(0, None, 100))
+        # PLINK prefix under dir: one merged file set, or "ukb_chr{c}_v2" for ContIG's one set per chromosome
+        genotypes="genotypes",
+        chromosomes=list(range(1, 23)),  # ContIG's chromosomes 1-22 (a merged file's X / Y / MT are dropped)
+        count_a1=False,  # dosages = copies of A2, as ContIG's pysnptools Bed(count_A1=False)
+        split_order="sorted",  # held-out participants: permutation of the sorted unique ids (ContIG)
         split="",  # "" = every manifest row (pretraining uses all participants)
         eval_split="",  # rows for `evaluate` (losses on held-out data); "" = all rows
         rotation=20.0,  # RandomRotation(20) + horizontal flip + ImageNet normalisation (ContIG)
@@ -34,6 +39,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         # Image encoder: ViT-B/16 at 224 (paper).
         image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0, drop_path=0.0,
+        pos_embed="sincos",  # fixed 2D sin-cos as the authors' MAE code ("learned": trained N(0, 0.02) table)
         # Genome encoder: SNN with 2 layers (Klambauer et al. 2017); tokens of 64 SNPs (our choice).
         genome_token_size=64, genome_width=768, genome_heads=12, snn_layers=2, snn_dropout=0.1,
         # Decoders: MAE's 512-wide 8-block decoder (the authors' MAE code); genome decoder 2 blocks (our choice).

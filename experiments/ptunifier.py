@@ -51,6 +51,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         resized_crop=True,  # clip_resizedcrop: RandomResizedCrop(scale 0.9-1) for pretraining
         sent_level=True,  # one random caption sentence per sample
         mlm_probability=0.15,
+        whole_word_masking=False,  # True: mask whole words (BERT-family tokenizers; medjax.data.transforms.mlm_masking)
     ))
     c.model = ml_collections.ConfigDict(dict(
         PTUNIFIER_FULL,  # CLIP ViT-B/16 (11 blocks as METER's builder keeps) at 288, RoBERTa-base, 6 fusion layers

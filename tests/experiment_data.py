@@ -35,7 +35,7 @@ def make_test_demo(kind: str, out: str) -> str:
 def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
     """`--set` overrides pointing an experiment's tiny variant at the test demo of its data kind."""
     task = config.task
-    if task in ("mrm", "fundus_classification"):
+    if task in ("mrm", "mrm_mae", "fundus_classification"):
         return [f"data.dir={os.path.join(root('fundus_genome'), config.data.get('demo_subdir', '') or '')}"]
     if task == "universal":
         return [f"data.dir={root('ct')}", f"data.cache_dir={os.path.join(tmp_dir, 'ct_cache')}"]

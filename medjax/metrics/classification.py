@@ -88,3 +88,17 @@ def ordinal_to_grade(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     if probs.ndim != 2:
         raise ValueError(f"ordinal outputs must be (N, K-1), got shape {probs.shape}")
     return np.cumprod(probs > threshold, axis=1).sum(axis=1).astype(np.int32)
+
+
+def contig_grade_targets(grades: np.ndarray, num_classes: int) -> np.ndarray:
+    """ContIG's APTOS target: grade g of K classes -> K cumulative outputs [1]*(g+1) + [0]*(K-1-g) (the
+    first output is always on). float32 (N, K)."""
+    grades = _check_classes(grades, num_classes, "grades")
+    return (np.arange(num_classes)[None, :] <= grades[:, None]).astype(np.float32)
+
+
+def contig_grade(probs, threshold: float = 0.5):
+    """ContIG's APTOS decoding over the K cumulative outputs: (probs > threshold).sum() - 1, every output
+    counted (not only the leading ones). A row with every output off would give -1: our choice is grade 0
+    (the first output is trained always on). numpy or jax arrays (N, K) -> integer (N,)."""
+    return ((probs > threshold).sum(axis=-1) - 1).clip(0, None)

@@ -138,6 +138,9 @@ class MRM(nn.Module):
     tau_genome: float = 0.5
     tau_cross: float = 0.5
     drop_path: float = 0.0
+    # "sincos": the image encoder's position table is MAE's fixed 2D sin-cos (the authors' code; the task
+    # freezes it), "learned": N(0, 0.02) and trained
+    pos_embed: str = "learned"
     remat: bool | str = "none"  # the image encoder's blocks: "none" | "full" | "dots_saveable" (True = "full")
     scan: bool | str | None = None  # nn.scan the image encoder's blocks (None: depth >= 12; ViTEncoder.scan)
     kernel_impl: str = "auto"
@@ -145,6 +148,8 @@ class MRM(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _check_fields(self) -> None:
+        if self.pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"medjax/models/mrm.py MRM.pos_embed={self.pos_embed!r}; expected 'sincos' or 'learned'")
         for name in ("tau_image", "tau_genome", "tau_cross", "snn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"medjax/models/mrm.py MRM.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -165,7 +170,8 @@ class MRM(nn.Module):
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         image_encoder = ViTEncoder(self.image_size, self.patch_size, self.width, self.depth, self.num_heads,
                                    self.mlp_ratio, class_token=True, drop_path=self.drop_path, remat=self.remat,
-                                   scan=self.scan, **kinds, name="image_encoder")
+                                   scan=self.scan, pos_embed_init="sincos" if self.pos_embed == "sincos" else "normal",
+                                   **kinds, name="image_encoder")
         snn = SNN((self.genome_width,) * self.snn_layers, self.snn_dropout, **kinds, name="genome_snn")
         block = partial(EncoderBlock, mlp_ratio=self.mlp_ratio, kernel_impl=self.kernel_impl, **kinds)
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.nn import transformer
+from medjax.nn.sincos import sincos_2d
 from medjax.nn.transformer import TOKENS, DropPath, TransformerBlock
 
 Dtype = Any
@@ -197,6 +198,7 @@ class ViTEncoder(nn.Module):
     scan: bool | str | None = None  # nn.scan over the blocks (params under "blocks"); None: depth >= 12
     num_register_tokens: int = 0  # Darcet et al. 2024 "registers" (DINOv2 `num_register_tokens`)
     use_mask_token: bool = False  # a learned iBOT mask token (DINOv2 `mask_token`, zeros at init)
+    pos_embed_init: str = "normal"  # "sincos": MAE's fixed 2D sin-cos table as the value (medjax.nn.sincos)
     drop_path_uniform: bool = False  # DINOv2 `drop_path_uniform`: the same rate in every block
     dynamic_image_size: bool = False  # accept other image sizes, resizing the position embeddings
     interpolate_offset: float = 0.1  # DINOv2 `interpolate_offset` (0: plain resize to the grid)
@@ -233,7 +235,14 @@ class ViTEncoder(nn.Module):
         if self.use_mask_token:
             self.mask_token = self.param("mask_token", nn.with_logical_partitioning(
                 nn.initializers.zeros_init(), (None, "embed")), (1, self.width), self.param_dtype)
-        self.pos_embed = self.param("pos_embed", token_init(0.02),
+        if self.pos_embed_init not in ("normal", "sincos"):
+            raise ValueError(f"medjax/nn/vit.py ViTEncoder: pos_embed_init={self.pos_embed_init!r}; expected "
+                             "'normal' or 'sincos'")
+        pos_init = token_init(0.02) if self.pos_embed_init == "normal" else nn.with_logical_partitioning(
+            lambda key, shape, dtype: jnp.asarray(sincos_2d(self.width, self.image_size // self.patch_size,
+                                                            class_token=self.class_token)[None], dtype),
+            (None, None, "embed"))
+        self.pos_embed = self.param("pos_embed", pos_init,
                                     (1, self.num_patches + int(self.class_token), self.width), self.param_dtype)
         # Unrolled: blocks_0, blocks_1, ...; scanned: one "blocks" whose params have a leading layer axis.
         self.blocks = transformer.block_stack(

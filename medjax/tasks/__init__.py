@@ -5,6 +5,7 @@ import importlib
 
 TASKS = {
     "mrm": "medjax.tasks.mrm:MRMTask",
+    "mrm_mae": "medjax.tasks.mrm_mae:MRMMAETask",
     "fundus_classification": "medjax.tasks.fundus_classification:FundusClassificationTask",
     "universal": "medjax.tasks.universal:UniversalTask",
     "uni_pretrain": "medjax.tasks.uni_pretrain:UNIPretrainTask",

@@ -1,7 +1,10 @@
 """Fundus grading by fine-tuning a ViT encoder (MRM transfer, Yang et al., ICCV 2023, Tab. 1).
 
-APTOS 2019: 5 diabetic-retinopathy grades as cumulative ordinal multi-label (grade g -> g leading
-ones over 4 outputs), BCE; metrics AUC, quadratic-weighted kappa and accuracy on the test split.
+APTOS 2019 exactly as ContIG (the authors' downstream loader): 5 diabetic-retinopathy grades as 5
+cumulative outputs (grade g -> [1]*(g+1) + [0]*(4-g), the first always on), BCE; predicted grade =
+(sigmoid > 0.5).sum() - 1 over the 5 outputs (`medjax.metrics.classification.contig_grade`, the one helper
+used for the training accuracy and for evaluation); quadratic-weighted kappa and accuracy from it, AUC
+(an addition) from the class probabilities of outputs 2..5 read as P(grade >= g).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from medjax.data.transforms.image import fundus_eval_transform, fundus_train_tra
 from medjax.data.readers.fundus_genome import FundusGenomeDataset
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.data.verify import image_checks
-from medjax.metrics.classification import accuracy, macro_auc, quadratic_weighted_kappa
+from medjax.metrics.classification import accuracy, contig_grade, macro_auc, quadratic_weighted_kappa
 from medjax.models.vit_classifier import ViTClassifier
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase, markdown_table
@@ -65,7 +68,7 @@ class FundusClassificationTask(TaskBase):
         m = config.model
         self.model = ViTClassifier(
             image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
-            mlp_ratio=m.mlp_ratio, drop_path=m.drop_path, num_classes=self.num_classes - 1, pooling=m.pooling,
+            mlp_ratio=m.mlp_ratio, drop_path=m.drop_path, num_classes=self.num_classes, pooling=m.pooling,
             remat=m.remat, scan=m.get("scan"),
             dtype=jnp.dtype(config.dtype))
 
@@ -83,9 +86,9 @@ class FundusClassificationTask(TaskBase):
 
     def loss_fn(self, params, batch, rng, train):
         logits = self.model.apply({"params": params}, batch["image"], train=train, rngs={"dropout": rng})
-        targets = (jnp.arange(1, self.num_classes) <= batch["label"][:, None]).astype(jnp.float32)
+        targets = (jnp.arange(self.num_classes) <= batch["label"][:, None]).astype(jnp.float32)  # contig_grade_targets
         loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets).mean()
-        grade = jnp.sum(jax.nn.sigmoid(logits) > 0.5, axis=-1)
+        grade = contig_grade(jax.nn.sigmoid(logits.astype(jnp.float32)))
         return loss, {"bce": loss, "train_accuracy": jnp.mean(grade == batch["label"])}
 
     def _train_transform(self, example, rng):
@@ -101,8 +104,12 @@ class FundusClassificationTask(TaskBase):
 
     @functools.cached_property
     def _predict(self):
-        return jax.jit(lambda params, images: ordinal_class_probs(
-            self.model.apply({"params": params}, images, train=False)))
+        """(sigmoid of the K outputs, class probabilities) of a batch of images."""
+        def predict(params, images):
+            logits = self.model.apply({"params": params}, images, train=False).astype(jnp.float32)
+            return jax.nn.sigmoid(logits), ordinal_class_probs(logits[:, 1:])
+
+        return jax.jit(predict)
 
     @functools.lru_cache(maxsize=4)
     def split_dataset(self, split: str) -> FundusGenomeDataset:
@@ -112,20 +119,21 @@ class FundusClassificationTask(TaskBase):
         self.verify_data(image_checks(dataset.image_paths, dataset.image_wheres))
         return dataset
 
-    def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, class probabilities (N, num_classes)) over a split."""
+    def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labels, predicted grades (`contig_grade`), class probabilities (N, num_classes)) over a split."""
         dataset = self.split_dataset(split)
         transform = lambda ex: {"image": fundus_eval_transform(ex["image"]), "label": np.int32(ex["label"])}
-        labels, probs = [], []
+        labels, grades, probs = [], [], []
         for batch in eval_batches(dataset, self.run.eval_batch_size, transform):
             valid = batch["valid"]
-            probs.append(np.asarray(self._predict(params, batch["image"]))[valid])
+            sigmoid, class_probs = (np.asarray(a)[valid] for a in self._predict(params, batch["image"]))
+            grades.append(contig_grade(sigmoid))
+            probs.append(class_probs)
             labels.append(batch["label"][valid])
-        return np.concatenate(labels), np.concatenate(probs)
+        return np.concatenate(labels), np.concatenate(grades), np.concatenate(probs)
 
     def evaluate(self, params) -> dict[str, float]:
-        labels, probs = self.predict(params, self.config.data.eval_split)
-        grades = probs.argmax(-1)
+        labels, grades, probs = self.predict(params, self.config.data.eval_split)
         onehot = np.eye(self.num_classes)[labels]
         return {
             "auc": macro_auc(onehot, probs),

@@ -17,6 +17,15 @@ from medjax.tasks.base import TaskBase, model_config
 from medjax.tasks.common import data_root
 
 
+FIXED_POSITION_TABLE = r"^image_encoder/pos_embed$"
+
+
+def genotype_chromosomes(data_cfg):
+    """`data.chromosomes` as strings (ContIG: 1-22), or None (every SNP of a single file) when empty."""
+    chromosomes = data_cfg.get("chromosomes", ()) or ()
+    return tuple(str(c) for c in chromosomes) or None
+
+
 class MRMTask(TaskBase):
     def __init__(self, config, log=print, run=None):
         super().__init__(config, log, run)
@@ -24,6 +33,17 @@ class MRMTask(TaskBase):
         split = config.data.split or None
         self.dataset = self._dataset(split)
         self.model = mrm_lib.mrm_from_config(model_config(config), num_snps=self.dataset.num_snps)
+
+    def optim_config(self):
+        """`optim` plus, with `model.pos_embed="sincos"`, the image encoder's position table frozen (MAE keeps
+        its sin-cos table fixed: `requires_grad=False`)."""
+        optim = self.config.optim
+        if str(self.config.model.get("pos_embed", "learned")) != "sincos":
+            return optim
+        optim = optim.copy_and_resolve_references()
+        with optim.unlocked():
+            optim.frozen = list(optim.get("frozen", ()) or ()) + [FIXED_POSITION_TABLE]
+        return optim
 
     def work_per_example(self) -> tuple[int, str]:
         """Input tokens of one pair: image patches + class token + genome tokens (for throughput)."""
@@ -79,7 +99,10 @@ class MRMTask(TaskBase):
         d = self.config.data
         dataset = FundusGenomeDataset(self.root, image_size=self.config.model.image_size, snp_stride=d.snp_stride,
                                       split=split, drop_missing_snps=bool(d.drop_missing_snps),
-                                      allow_duplicates=bool(d.allow_duplicates), check_images=False)
+                                      allow_duplicates=bool(d.allow_duplicates), check_images=False,
+                                      genotypes=str(d.get("genotypes", "genotypes")),
+                                      chromosomes=genotype_chromosomes(d), count_a1=bool(d.get("count_a1", False)),
+                                      split_order=str(d.get("split_order", "appearance")))
         self.verify_data(image_checks(dataset.image_paths, dataset.image_wheres))  # data.verify (medjax.data.verify)
         return dataset
 

@@ -55,6 +55,7 @@ class PTUnifierTask(TaskBase):
         self.transform = PretrainingTransform(
             self.tokenizer_dir, image_size=self.model_cfg.image_size, max_length=data.max_length,
             resized_crop=data.resized_crop, sent_level=data.sent_level, mlm_probability=data.mlm_probability,
+            whole_word_masking=bool(data.get("whole_word_masking", False)),
             eval_seed=int(config.seed))
         self.dataset = ImageReportDataset(_files(self.root, data.train_files), split=data.split or None)
         self.verify_data(image_report_checks(self.dataset))  # data.verify (medjax.data.verify)

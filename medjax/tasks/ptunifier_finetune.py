@@ -10,6 +10,17 @@ pipeline and the eval-batch loop. One task per downstream kind, each registered 
 Optimisation as the original (configuration, experiments/_ptunifier_finetune.py): AdamW (0.9, 0.98), wd
 0.01 except biases/norms, lr 5e-6 with x`head` for the heads and x`multi_modal` for the fusion,
 projections, poolers and prompt pools, linear warmup over 10% of the steps then linear decay to 0.
+
+The released fine-tuning protocol (`main.py`, `ptunifier_module.py`, `run_scripts/finetune.sh`), each a
+config switch whose other value keeps the alternative:
+* `freeze_prompt_pools` (True): the pools get no gradient, no update and no weight decay (the original's
+  `requires_grad=False` outside pretraining); False trains them at the multi-modal lr.
+* `resize_position_table_at_load` (True): the model's position table is built at `data.image_size`
+  (384 -> 24x24 + CLS) and a checkpoint's table of another grid is resized bicubically ONCE when loaded
+  (the original's `adapt_position_encoding`), then trained; fine-tuned checkpoints carry the new table.
+  False keeps `model.image_size` (the pretraining grid) and resizes the table at every forward pass.
+* `data.resized_crop`: `clip_resizedcrop` (RandomResizedCrop scale 0.9-1) for training images, set per
+  dataset by the experiments (VQA-RAD plain `clip`).
 """
 from __future__ import annotations
 
@@ -22,13 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.tasks import ptunifier_finetune_data as finetune_data
-from medjax.data.readers.image_report import ImageReportDataset, load_tokenizer, tokenize
+from medjax.data.readers.image_report import ImageReportDataset, clip_transform, load_tokenizer, tokenize
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.models.ptunifier_finetune import finetune_model_from_config
 from medjax.data.verify import image_report_checks
+from medjax.nn.clip_vit import resize_position_embedding
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase
 from medjax.tasks.common import data_root
+
+PROMPT_POOL_PARAMS = r"^(visual_prompts|textual_prompts)(/|$)"  # frozen with freeze_prompt_pools
 
 
 class PTUnifierFinetuneTask(TaskBase):
@@ -60,7 +74,7 @@ class PTUnifierFinetuneTask(TaskBase):
         raise NotImplementedError(f"{type(self).__name__}.num_outputs")
 
     def example(self, ex: dict, rng=None) -> dict:
-        """Arrays of one example; no augmentation (the original fine-tunes with the plain `clip` transform)."""
+        """Arrays of one example; `rng` is given for training examples only (augmentation: `self.image`)."""
         raise NotImplementedError(f"{type(self).__name__}.example")
 
     def training_set(self):
@@ -74,6 +88,10 @@ class PTUnifierFinetuneTask(TaskBase):
         cfg, tok = self.config.model.copy_and_resolve_references(), self.tokenizer
         with cfg.unlocked():
             cfg.vocab_size = int(cfg.vocab_size) or len(tok)
+            if self.freeze_prompt_pools:
+                cfg.prompts_trainable = False  # selection without gradient to the pools, as the original
+            if self.config.get("resize_position_table_at_load", True):
+                cfg.image_size = self.image_size  # the table lives at the fine-tuning grid (load_pretrained)
             for name in ("pad_token_id", "cls_token_id", "sep_token_id"):
                 if getattr(tok, name) is None:
                     raise ValueError(f"the tokenizer has no {name}")
@@ -85,6 +103,25 @@ class PTUnifierFinetuneTask(TaskBase):
             raise ValueError(f"model.max_positions={cfg.max_positions} is too small for data.max_text_len="
                              f"{self.config.data.max_text_len} (needs >= {longest})")
         return cfg
+
+    @property
+    def freeze_prompt_pools(self) -> bool:
+        return bool(self.config.get("freeze_prompt_pools", True))
+
+    def optim_config(self):
+        """`optim` plus, with `freeze_prompt_pools`, the pools frozen (no update, no weight decay)."""
+        optim = self.config.optim
+        if not self.freeze_prompt_pools:
+            return optim
+        optim = optim.copy_and_resolve_references()
+        with optim.unlocked():
+            optim.frozen = list(optim.get("frozen", ()) or ()) + [PROMPT_POOL_PARAMS]
+        return optim
+
+    def image(self, image, rng=None) -> np.ndarray:
+        """A training (`rng` given) or evaluation image as float32 (size, size, 3): `clip_resizedcrop`
+        for training when `data.resized_crop`, else the plain `clip` transform."""
+        return clip_transform(image, self.image_size, rng, resized_crop=bool(self.config.data.get("resized_crop", False)))
 
     def path(self, split: str) -> str:
         """The manifest / Arrow file of `split` (`data.file` with `{split}` filled in)."""
@@ -151,12 +188,31 @@ class PTUnifierFinetuneTask(TaskBase):
         return np.concatenate(outs), {k: np.concatenate(v) for k, v in kept.items()}
 
     def load_pretrained(self, params, pretrained):
-        """A pretraining (or fine-tuning) run's PTUnifier params: every leaf of the same path and shape."""
+        """A pretraining (or fine-tuning) run's PTUnifier params: every leaf of the same path and shape; a
+        position table of another grid resized bicubically to the model's (once, here: the original's
+        `adapt_position_encoding`)."""
+        pretrained = self.adapt_position_table(params, pretrained)
         merged, skipped = merge_params(params, pretrained)
         missing = [s for s in skipped if not s.startswith("task_head")]
         if missing:
             raise ValueError("init: the checkpoint does not match the model config: " + ", ".join(missing[:8]))
         return merged
+
+    def adapt_position_table(self, params, pretrained):
+        """`pretrained` with its `vision/position_embedding` resized to the shape of `params`' (class position
+        kept, bicubic; medjax.nn.clip_vit.resize_position_embedding) when the two grids differ."""
+        have = pretrained.get("vision", {}).get("position_embedding") if isinstance(pretrained, dict) else None
+        want = params.get("vision", {}).get("position_embedding") if isinstance(params, dict) else None
+        if have is None or want is None or tuple(np.shape(have)) == tuple(np.shape(want)):
+            return pretrained
+        tokens, width = np.shape(want)
+        grid = int(round((tokens - 1) ** 0.5))
+        if grid * grid + 1 != tokens or np.shape(have)[1] != width:
+            return pretrained  # not a square-grid table of this width: merge_params reports the mismatch
+        resized = np.asarray(resize_position_embedding(jnp.asarray(have, jnp.float32), (grid, grid)), np.asarray(have).dtype)
+        self.log(f"init: position table resized {tuple(np.shape(have))} -> {resized.shape} "
+                 f"({grid}x{grid} patches + CLS at image size {self.image_size})")
+        return dict(pretrained, vision=dict(pretrained["vision"], position_embedding=resized))
 
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """The paper's layout: the kind's `TABLE` columns, in percent, one group per checkpoint."""

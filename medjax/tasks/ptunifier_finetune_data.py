@@ -9,7 +9,8 @@ datasets), from JSONL manifests or the original's Arrow files.
 * multi-label classification (CheXpert, RSNA pneumonia): JSONL {"image", "labels": [0/1, ...]} or Arrow
   with the label list in `label_column` (the original's `chexpert` / `pnsa_pneumonia`).
 * NLI (RadNLI + MedNLI): JSONL {"text_a", "text_b", "label": name or index} or Arrow (text_a / text_b
-  one-string lists, integer `label`); labels entailment 0, neutral 1, contradiction 2 by name.
+  one-string lists, integer `label`); classes in the original's order (its Arrow files and `cls_head`):
+  contradiction 0, entailment 1, neutral 2, whether given by name or by index, in either format.
 * retrieval (ROCO): the image-report data itself (`medjax.data.readers.image_report`).
 
 A file name may hold `{split}` (the originals keep one Arrow file per split).
@@ -23,16 +24,28 @@ import string
 import numpy as np
 
 from medjax.data.readers.fundus_genome import DataError
-from medjax.data.readers.image_report import ImageReportDataset, read_jsonl
+from medjax.data.readers.image_report import SPLITS, ImageReportDataset, read_jsonl
 
-NLI_LABELS = ("entailment", "neutral", "contradiction")
+NLI_LABELS = ("contradiction", "entailment", "neutral")  # the original's label ids (make_arrow_nli)
 CLOSED, OPEN = 0, 1
 _ARTICLES = {"a", "an", "the"}
 
 
 def resolve(root: str, name: str, split: str) -> str:
-    """`root/name` with `{split}` filled in."""
+    """`root/name` with `{split}` filled in; a split other than train/val/test that names a file in `root`
+    (`mlc_chexpert_train_01` -> root/mlc_chexpert_train_01.arrow, the original's fixed label-fraction
+    subsets) is that file."""
+    if split not in SPLITS:
+        for candidate in (split, split + ".arrow", split + ".jsonl"):
+            if os.path.isfile(os.path.join(root, candidate)):
+                return os.path.join(root, candidate)
     return os.path.join(root, name.format(split=split))
+
+
+def row_split(split: str) -> str | None:
+    """The rows of `split` to keep in its file: train/val/test filter by the file's `split` field; any other
+    split name is a file of its own (a fixed subset) and keeps every row (None)."""
+    return split if split in SPLITS else None
 
 
 def normalize_answer(answer) -> str:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.data.readers.image_report import ImageReportDataset, clip_transform, pick_sentence
+from medjax.data.readers.image_report import ImageReportDataset, pick_sentence
 from medjax.metrics.retrieval import retrieval_recall
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 
@@ -32,7 +32,7 @@ class PTUnifierRetrievalTask(PTUnifierFinetuneTask):
 
     def example(self, ex: dict, rng=None) -> dict:
         """Arrays of a pair, or of its image / caption alone (retrieval evaluation encodes them apart)."""
-        out = {"image": clip_transform(ex["image"], self.image_size)} if "image" in ex else {}
+        out = {"image": self.image(ex["image"], rng)} if "image" in ex else {}
         if "caption" in ex:
             out.update(self.text(pick_sentence(ex["caption"], None)))
         return out

@@ -11,7 +11,6 @@ import numpy as np
 import optax
 
 from medjax.tasks import ptunifier_finetune_data as finetune_data
-from medjax.data.readers.image_report import clip_transform
 from medjax.metrics.vqa import vqa_accuracy
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 
@@ -36,7 +35,7 @@ class PTUnifierVQATask(PTUnifierFinetuneTask):
         return self.train_set.num_answers
 
     def example(self, ex: dict, rng=None) -> dict:
-        return dict(self.text(ex["question"]), image=clip_transform(ex["image"], self.image_size),
+        return dict(self.text(ex["question"]), image=self.image(ex["image"], rng),
                     target=ex["target"], answer_type=ex["answer_type"])
 
     def init_batch(self) -> dict:

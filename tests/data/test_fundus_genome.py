@@ -107,6 +107,35 @@ def test_participant_split_without_column(tmp_path):
     assert parts["val"].participant_ids == ["p0", "p0"] and parts["test"].participant_ids == ["p3", "p3"]
 
 
+def test_participant_split_of_sorted_ids_as_contig():
+    # ContIG's UK Biobank split permutes the sorted unique ids: sorted = [a, b, c, d, e] whatever the row order
+    rows = ["e", "c", "a", "d", "b", "e"]
+    assert participant_split(rows, "train", order="sorted") == {"b", "e", "c"}
+    assert participant_split(rows, "train") == {"c", "b", "a"}  # appearance order [e, c, a, d, b]
+
+
+def test_manifest_without_eye_column_loads(tmp_path):
+    """APTOS manifests have no eye column (ContIG's loader needs none)."""
+    root = _make_root(tmp_path)
+    _rewrite_manifest(root, lambda rows: [r.pop(1) for r in rows])
+    ds = FundusGenomeDataset(root, image_size=8, label_arity=1, genotypes=None)
+    assert len(ds) == 10 and ds.eyes == [""] * 10 and int(ds.labels[3]) == 1
+
+
+def test_per_chromosome_genotypes_and_autosome_filter(tmp_path):
+    root = _make_root(tmp_path)
+    iids = FAM_ORDER
+    merged = np.asarray(GENOTYPES)
+    n_snps = merged.shape[1]
+    half = n_snps // 2
+    for c, cols in ((1, slice(0, half)), (2, slice(half, None))):
+        write_plink(os.path.join(root, f"ukb_chr{c}_v2"), merged[:, cols], iids, chromosomes=[c] * len(range(n_snps)[cols]))
+    ds = FundusGenomeDataset(root, image_size=8, genotypes="ukb_chr{c}_v2", chromosomes=("1", "2"), snp_stride=2)
+    whole = FundusGenomeDataset(root, image_size=8, snp_stride=1)
+    expected = np.concatenate([whole[3]["genome"][:half][::2], whole[3]["genome"][half:][::2]])
+    np.testing.assert_array_equal(ds[3]["genome"], expected)
+
+
 def test_pickles(tmp_path):
     ds = FundusGenomeDataset(_make_root(tmp_path), image_size=8, label_arity=1)
     clone = pickle.loads(pickle.dumps(ds))
@@ -129,7 +158,7 @@ def _set(line, col, value):
 
 
 @pytest.mark.parametrize("edit, kwargs, message", [
-    (lambda rows: [r.pop(1) for r in rows], {}, r"manifest.csv: line 1: .* lacks required column\(s\) \['eye'\]"),
+    (lambda rows: [r.pop(2) for r in rows], {}, r"manifest.csv: line 1: .* lacks required column\(s\) \['image_path'\]"),
     (lambda rows: [r.pop(3) for r in rows], {"label_arity": 1}, r"line 1: label_arity=1 needs a 'label' column"),
     (_set(3, "eye", "both"), {}, r"manifest.csv: line 3: field 'eye' = 'both'"),
     (_set(2, "split", "holdout"), {}, r"line 2: field 'split' = 'holdout'"),

@@ -14,7 +14,7 @@ from medjax.data.readers.arrow_ipc import ArrowFormatError, read_arrow
 from medjax.data.readers.arrow_write import write_arrow
 from medjax.data.readers.fundus_genome import DataError
 from medjax.data.readers.image_report import (CLIP_MEAN, CLIP_STD, ImageReportDataset, clip_transform, load_tokenizer,
-                                      pick_sentence, split_into_sents)
+                                      pick_sentence, split_into_sents, tokenize)
 from medjax.data.pipelines.image_report import PretrainingTransform, pretraining_train_data
 
 CAPTIONS = [["A red circle is seen. No effusion. Heart size is normal."],
@@ -210,3 +210,20 @@ def test_demo_generator(tmp_path):
     ids = tok("There is a red circle in the upper left.")["input_ids"]
     assert ids[0] == 0 and ids[-1] == 2 and tok.unk_token_id not in ids
     assert make_image_report_demo(root, num_images=20, image_size=32) == root  # complete: skipped
+
+
+def test_whole_word_masking_through_the_pretraining_transform(corpus):
+    transform = PretrainingTransform(str(corpus / "tokenizer"), image_size=16, max_length=64, whole_word_masking=True,
+                                     mlm_probability=0.5)
+    example = ImageReportDataset(str(corpus / "manifest.jsonl"))[0]
+    enc = tokenize(transform.tokenizer, "Small opacities in the left lower lobe.", 64, word_ids=True)
+    assert enc["word_ids"].shape == (64,) and (enc["word_ids"][enc["special_tokens_mask"] == 1] == -1).all()
+    for seed in range(10):
+        out = transform(example, np.random.default_rng([seed, 0]))
+        again = tokenize(transform.tokenizer, transform.tokenizer.decode(
+            out["text_ids"][out["text_mask"] == 1], skip_special_tokens=True).strip(), 64, word_ids=True)
+        np.testing.assert_array_equal(again["input_ids"], out["text_ids"])  # the sentence the transform picked
+        words = again["word_ids"]
+        chosen = out["text_labels_mlm"] != -100
+        for w in set(words[words >= 0].tolist()):
+            assert len(set(chosen[words == w].tolist())) == 1  # a word is masked whole or not at all

@@ -65,3 +65,29 @@ def test_bad_arguments():
                     mask_fraction=0.95, random_fraction=0.1)
     with pytest.raises(ValueError, match="special_tokens_mask"):
         mask_tokens(ids, special[:, :4], np.random.default_rng(0), mask_token_id=MASK, vocab_size=VOCAB)
+
+
+def test_whole_word_masking_selects_every_piece_of_a_word():
+    from medjax.data.transforms.mlm_masking import mask_tokens as mask
+
+    # [CLS] w0 w0 w1 w2 w2 w2 w3 [SEP] pad ; word index per token, -1 for specials / padding
+    words = np.array([-1, 0, 0, 1, 2, 2, 2, 3, -1, -1])
+    ids = np.arange(10, 20)
+    special = (words < 0).astype(np.int32)
+    rng = np.random.default_rng(0)
+    shares, seen = [], set()
+    for _ in range(400):
+        _, labels = mask(ids, special, rng, mask_token_id=99, vocab_size=100, mlm_probability=0.3, word_ids=words)
+        chosen = labels != -100
+        for w in range(4):  # all pieces of a word share one draw
+            assert len(set(chosen[words == w])) == 1
+        assert not chosen[words < 0].any()
+        seen.add(tuple(chosen[[1, 3, 4, 7]]))
+        shares.append(chosen[[1, 3, 4, 7]].mean())
+    assert abs(np.mean(shares) - 0.3) < 0.04 and len(seen) > 8  # each word with probability p, independently
+    batch_words = np.stack([words, words])
+    _, labels = mask(np.stack([ids, ids]), np.stack([special, special]), np.random.default_rng(1), mask_token_id=99,
+                     vocab_size=100, mlm_probability=0.5, word_ids=batch_words)
+    for row in labels != -100:
+        for w in range(4):
+            assert len(set(row[batch_words[0] == w])) == 1

@@ -3,7 +3,8 @@ import os
 import numpy as np
 import pytest
 
-from medjax.data.readers.plink import PlinkFormatError, PlinkWarning, impute_column_mode, read_plink, write_plink
+from medjax.data.readers.plink import (AUTOSOMES, PlinkFormatError, PlinkWarning, impute_column_mode, read_plink,
+                                       read_plink_chromosomes, write_plink)
 
 
 def _write(tmp_path, genotypes, **kwargs):
@@ -14,11 +15,14 @@ def _write(tmp_path, genotypes, **kwargs):
 
 
 def test_hand_checked_bytes(tmp_path):
-    # dosages 2, 1, 0, missing -> codes 0b00, 0b10, 0b11, 0b01, first sample in the lowest bits.
-    prefix = _write(tmp_path, [[2], [1], [0], [-1]])
+    # A1 dosages 2, 1, 0, missing -> codes 0b00, 0b10, 0b11, 0b01, first sample in the lowest bits.
+    prefix = _write(tmp_path, [[2], [1], [0], [-1]], count_a1=True)
     assert open(prefix + ".bed", "rb").read() == bytes((0x6C, 0x1B, 0x01, 0b01_11_10_00))
+    # A2 dosages (the default, ContIG's count_A1=False) 2, 1, 0, missing -> 0b11, 0b10, 0b00, 0b01
+    prefix = _write(tmp_path, [[2], [1], [0], [-1]])
+    assert open(prefix + ".bed", "rb").read() == bytes((0x6C, 0x1B, 0x01, 0b01_00_10_11))
     # 5 samples -> 2 bytes per SNP; the padding bit pairs of the second byte are 0.
-    prefix = _write(tmp_path, [[0, 2], [0, 2], [0, 2], [0, 2], [1, -1]])
+    prefix = _write(tmp_path, [[0, 2], [0, 2], [0, 2], [0, 2], [1, -1]], count_a1=True)
     assert open(prefix + ".bed", "rb").read() == bytes((0x6C, 0x1B, 0x01, 0xFF, 0b10, 0x00, 0b01))
 
 
@@ -31,10 +35,42 @@ def test_reads_bed_reader_small_example(tmp_path):
                                      "5\tsid3\t4000.7\t1000\tA\tC\nY\tsid4\t7000.9\t1004\tT\tG\n")
     open(prefix + ".fam", "w").write("fid1 iid1 iid23 iid34 1 red\nfid1 iid2 iid23 iid34 2 red\n"
                                      "fid2 iid3 iid22 iid33 0 blue\n")
-    got = read_plink(prefix)
+    got = read_plink(prefix, count_a1=True)
     assert got.fids == ["fid1", "fid1", "fid2"] and got.iids == ["iid1", "iid2", "iid3"]
     assert got.snp_ids == ["sid1", "sid2", "sid3", "sid4"]
     np.testing.assert_array_equal(got.genotypes, [[1, 0, 2, 0], [2, 0, 2, 2], [0, 1, 2, 0]])
+    # ContIG's pysnptools Bed(count_A1=False): A2 copies = 2 - A1 copies, [[1, 2, nan, 2], [0, 2, nan, 0],
+    # [2, 1, 0, 2]]; the nan column's mode is now 0
+    np.testing.assert_array_equal(read_plink(prefix).genotypes, [[1, 2, 0, 2], [0, 2, 0, 0], [2, 1, 0, 2]])
+
+
+def test_per_chromosome_files_stride_within_each_file(tmp_path):
+    """ContIG: one file set per chromosome, `slice(0, None, 100)` per file (here a stride of 3), columns in
+    chromosome order; a second file with the samples in another order is aligned by IID."""
+    rng = np.random.default_rng(1)
+    sizes = {1: 7, 2: 5, 3: 4}
+    genomes = {c: rng.integers(0, 3, (6, n)) for c, n in sizes.items()}
+    iids = [f"id{i}" for i in range(6)]
+    for c, g in genomes.items():
+        order = np.arange(6) if c != 2 else np.arange(6)[::-1]
+        write_plink(str(tmp_path / f"ukb_chr{c}_v2"), g[order], [iids[i] for i in order],
+                    snp_ids=[f"c{c}s{j}" for j in range(sizes[c])], chromosomes=[c] * sizes[c])
+    got = read_plink_chromosomes(str(tmp_path / "ukb_chr{c}_v2"), (1, 2, 3), snp_stride=3)
+    expected = np.concatenate([genomes[c][:, slice(0, None, 3)] for c in (1, 2, 3)], axis=1)
+    np.testing.assert_array_equal(got.genotypes, expected)
+    assert got.iids == iids and got.snp_ids == ["c1s0", "c1s3", "c1s6", "c2s0", "c2s3", "c3s0", "c3s3"]
+    with pytest.raises(PlinkFormatError, match=r"ukb_chr4_v2\.fam: .* not found"):
+        read_plink_chromosomes(str(tmp_path / "ukb_chr{c}_v2"), (1, 4))
+
+
+def test_merged_file_keeps_autosomes_with_a_stride_per_chromosome(tmp_path):
+    chromosomes = ["1"] * 5 + ["chr2"] * 4 + ["X"] * 3 + ["23"] + ["MT"] * 2
+    genotypes = np.random.default_rng(2).integers(0, 3, (4, len(chromosomes)))
+    prefix = _write(tmp_path, genotypes, chromosomes=chromosomes)
+    got = read_plink(prefix, snp_stride=2, chromosomes=AUTOSOMES)
+    np.testing.assert_array_equal(got.genotypes, genotypes[:, [0, 2, 4, 5, 7]])  # chr 1: 0 2 4; chr 2: 5 7
+    with pytest.raises(PlinkFormatError, match=r"no SNP on chromosomes \['5'\]"):
+        read_plink(prefix, chromosomes=["5"])
 
 
 def test_text_files(tmp_path):

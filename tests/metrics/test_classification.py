@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from medjax.metrics.classification import (accuracy, grade_to_ordinal, macro_auc, ordinal_to_grade,
+from medjax.metrics.classification import (accuracy, contig_grade, contig_grade_targets, grade_to_ordinal, macro_auc, ordinal_to_grade,
                                            quadratic_weighted_kappa, roc_auc)
 
 
@@ -67,3 +67,23 @@ def test_ordinal_round_trip():
     np.testing.assert_array_equal(ordinal_to_grade(probs, threshold=0.1), [4, 4, 4])
     with pytest.raises(ValueError, match=r"grades must be integers in \[0, 5\)"):
         grade_to_ordinal(np.array([5]), 5)
+
+
+def test_contig_grade_on_borderline_logits():
+    """ContIG's APTOS rule: grade = (sigmoid(logits) > 0.5).sum() - 1 over the 5 cumulative outputs; a logit of
+    exactly 0 (sigmoid 0.5) is off, every output counts (not only the leading ones)."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = np.array([[3.0, 0.0, -1e-6, 2.0, -4.0],   # on, off (0.5 is not > 0.5), off, on, off -> 2 - 1 = 1
+                       [1e-6, 1e-6, 1e-6, 1e-6, 1e-6],  # all just above 0.5 -> 4
+                       [2.0, -2.0, 2.0, -2.0, 2.0],     # non-monotone: 3 on -> 2
+                       [-1.0, -1.0, -1.0, -1.0, -1.0]])  # none on: ContIG's -1, clipped to grade 0 (our choice)
+    sigmoid = 1 / (1 + np.exp(-logits))
+    contig = (sigmoid > 0.5).sum(1) - 1  # the original's formula, line for line
+    np.testing.assert_array_equal(contig, [1, 4, 2, -1])
+    np.testing.assert_array_equal(contig_grade(sigmoid), np.maximum(contig, 0))
+    np.testing.assert_array_equal(np.asarray(contig_grade(jax.nn.sigmoid(jnp.asarray(logits)))), [1, 4, 2, 0])
+    np.testing.assert_array_equal(contig_grade_targets(np.array([0, 2, 4]), 5),
+                                  [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(contig_grade(contig_grade_targets(np.arange(5), 5)), np.arange(5))

@@ -17,7 +17,7 @@ from medjax.data.readers.plink import PlinkFormatError, PlinkWarning, read_plink
 
 def _write(tmp_path, genotypes, name="g"):
     prefix = str(tmp_path / name)
-    write_plink(prefix, np.asarray(genotypes), [f"id{i}" for i in range(len(genotypes))])
+    write_plink(prefix, np.asarray(genotypes), [f"id{i}" for i in range(len(genotypes))], count_a1=True)  # A1 dosages
     return prefix
 
 
@@ -72,12 +72,12 @@ def test_all_missing_snps_warn_or_drop(tmp_path):
     genotypes = np.array([[2, -1, 0, -1], [1, -1, 0, -1], [0, -1, -1, -1]])
     prefix = _write(tmp_path, genotypes)
     with pytest.warns(PlinkWarning, match=r"g\.bed: 2 of 4 SNPs read have every call missing .*\['snp1', 'snp3'\]"):
-        kept = read_plink(prefix)
+        kept = read_plink(prefix, count_a1=True)
     assert kept.snp_ids == ["snp0", "snp1", "snp2", "snp3"] and kept.missing_snp_ids == ["snp1", "snp3"]
     np.testing.assert_array_equal(kept.genotypes[:, 1], 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dropped = read_plink(prefix, drop_missing_snps=True)
+        dropped = read_plink(prefix, drop_missing_snps=True, count_a1=True)
     assert dropped.snp_ids == ["snp0", "snp2"] and dropped.missing_snp_ids == ["snp1", "snp3"]
     np.testing.assert_array_equal(dropped.genotypes, [[2, 0], [1, 0], [0, 0]])
 

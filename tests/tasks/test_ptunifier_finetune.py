@@ -87,6 +87,17 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
     assert header in table and table.count("\n") == 2
 
 
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_prompt_pools_stay_frozen_in_finetuning(exp, trained):
+    """The released protocol: the pools get no update and no weight decay while the rest trains."""
+    task, before, after, _ = trained(exp)
+    assert task.config.freeze_prompt_pools and not task.model.prompts_trainable
+    for pool in ("visual_prompts", "textual_prompts"):
+        for a, b in zip(jax.tree.leaves(before[pool]), jax.tree.leaves(after[pool])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.any(np.asarray(before["image_proj"]["kernel"]) != np.asarray(after["image_proj"]["kernel"]))
+
+
 def test_load_pretrained_takes_the_backbone_and_keeps_the_head(trained):
     vqa_task, vqa_params, _, _ = trained("ptunifier_vqa")
     _, _, retrieval_trained, _ = trained("ptunifier_retrieval")

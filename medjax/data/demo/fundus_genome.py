@@ -131,7 +131,8 @@ def render_fundus(rng: np.random.Generator, grade: int, eye: str, size: int) -> 
 
 
 def simulate_genotypes(rng: np.random.Generator, grades: np.ndarray, num_snps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A1 dosages (n, num_snps) int8 with -1 = missing, the causal SNP indices and effect signs.
+    """Dosages (n, num_snps) int8 with -1 = missing (copies of A2: what the reader returns, ContIG's
+    count_A1=False), the causal SNP indices and effect signs.
 
     Hardy-Weinberg: dosage ~ Binomial(2, p). Non-causal p = MAF ~ U(0.05, 0.5); causal SNPs
     (CAUSAL_FRACTION of them) start at p ~ U(0.3, 0.5) and move by sign * EFFECT_PER_GRADE * (g - 2).

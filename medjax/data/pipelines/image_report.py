@@ -31,10 +31,12 @@ class PretrainingTransform:
     """
 
     def __init__(self, tokenizer_dir: str, *, image_size: int, max_length: int, resized_crop: bool = True,
-                 sent_level: bool = True, mlm_probability: float = 0.15, eval_seed: int = 0):
+                 sent_level: bool = True, mlm_probability: float = 0.15, eval_seed: int = 0,
+                 whole_word_masking: bool = False):
         self.tokenizer_dir, self.image_size, self.max_length = tokenizer_dir, int(image_size), int(max_length)
         self.resized_crop, self.sent_level = resized_crop, sent_level
         self.mlm_probability, self.eval_seed = mlm_probability, eval_seed
+        self.whole_word_masking = bool(whole_word_masking)  # medjax.data.transforms.mlm_masking (word_ids)
         self._tokenizer = None
 
     @property
@@ -54,11 +56,12 @@ class PretrainingTransform:
             rng_mask = rng
         image = clip_transform(example["image"], self.image_size, rng, resized_crop=self.resized_crop and train)
         text = pick_sentence(example["caption"], rng if train and self.sent_level else None)
-        enc = tokenize(self.tokenizer, text, self.max_length)
+        enc = tokenize(self.tokenizer, text, self.max_length, word_ids=self.whole_word_masking)
         tok = self.tokenizer
         ids_mlm, labels = mask_tokens(enc["input_ids"], enc["special_tokens_mask"], rng_mask,
                                       mask_token_id=tok.mask_token_id, vocab_size=len(tok),
-                                      mlm_probability=self.mlm_probability, attention_mask=enc["attention_mask"])
+                                      mlm_probability=self.mlm_probability, attention_mask=enc["attention_mask"],
+                                      word_ids=enc.get("word_ids"))
         return {"image": image, "text_ids": enc["input_ids"], "text_mask": enc["attention_mask"],
                 "text_ids_mlm": ids_mlm, "text_labels_mlm": labels}
 

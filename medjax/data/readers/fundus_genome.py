@@ -5,19 +5,23 @@ Directory layout (bring real data in this form):
 
     <root>/manifest.csv          header row, then one row per image
     <root>/<image files>         any format PIL reads (PNG, JPEG, ...), paths relative to <root>
-    <root>/genotypes.bed/.bim/.fam   PLINK 1 binary genotypes (optional: image-only sets have none)
+    <root>/genotypes.bed/.bim/.fam   PLINK 1 binary genotypes (optional: image-only sets have none);
+                                     or one file set per chromosome, `genotypes="ukb_chr{c}_v2"`
+                                     (ContIG's layout, chromosomes 1-22 by default)
 
 manifest.csv columns:
     participant_id  required; matches the IID (column 2) of genotypes.fam
-    eye             required; `left` or `right` (each eye is its own sample, as in ContIG)
+    eye             optional; `left` or `right` (each eye is its own sample, as in ContIG); APTOS
+                    manifests have none
     image_path      required; relative to <root>
     label           optional; an integer class (`3`), or a `;`-separated multi-hot vector
                     (`0;1;0;0;1`) for multi-label sets such as RFMiD
     split           optional; `train`, `val` or `test`
 
 Without a split column a requested split is drawn per participant, 60/20/20 train/val/test,
-from `np.random.RandomState(42).permutation` over participants in order of first appearance
-(the authors' APTOS protocol), so both eyes of a participant fall in the same split.
+from `np.random.RandomState(42).permutation` over the participants in order of first appearance
+(`split_order="appearance"`, the authors' APTOS protocol) or over the sorted unique ids
+(`split_order="sorted"`, ContIG's UK Biobank split), so both eyes of a participant fall in the same split.
 
 Duplicates are an error naming both lines: a row repeated exactly, a participant_id + eye given
 twice, or an image_path used twice (one photograph would count as two samples, or one eye would be
@@ -40,25 +44,30 @@ from PIL import Image
 from medjax.data.transforms import image as image_transforms
 from medjax.data.errors import DataError, DataWarning
 from medjax.data.readers.image_io import read_image
-from medjax.data.readers.plink import PlinkFormatError, read_plink
+from medjax.data.readers.plink import AUTOSOMES, PlinkFormatError, read_plink, read_plink_chromosomes
 from medjax.data.readers.text_io import open_text
 
-REQUIRED_COLUMNS = ("participant_id", "eye", "image_path")
+REQUIRED_COLUMNS = ("participant_id", "image_path")
+SPLIT_ORDERS = ("appearance", "sorted")
 EYES = ("left", "right")
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 42
 SPLIT_FRACTIONS = (0.6, 0.2)  # train, val; the rest is test
 
 
-def participant_split(participant_ids: list[str], split: str, *, seed: int = SPLIT_SEED) -> set[str]:
+def participant_split(participant_ids: list[str], split: str, *, seed: int = SPLIT_SEED,
+                      order: str = "appearance") -> set[str]:
     """The participants of `split` in a 60/20/20 train/val/test split by participant.
 
-    Participants are taken in order of first appearance and permuted by
+    The unique participants, in order of first appearance (`order="appearance"`) or sorted
+    (`order="sorted"`: ContIG's `np.random.permutation` of the sorted unique ids), are permuted by
     `np.random.RandomState(seed)`; the first int(0.6 N) are train, the next up to int(0.8 N) val.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    unique = list(dict.fromkeys(participant_ids))
+    if order not in SPLIT_ORDERS:
+        raise ValueError(f"split order must be one of {SPLIT_ORDERS}, got {order!r}")
+    unique = list(dict.fromkeys(participant_ids)) if order == "appearance" else sorted(set(participant_ids))
     n = len(unique)
     perm = np.random.RandomState(seed).permutation(n)
     n_train, n_trainval = int(n * SPLIT_FRACTIONS[0]), int(n * sum(SPLIT_FRACTIONS))
@@ -104,13 +113,13 @@ def _check_duplicates(rows: list[tuple[int, dict[str, str]]], path: str, allow: 
         whole = tuple(sorted(row.items()))
         if whole in seen_row:
             found.append((line, f"repeats line {seen_row[whole]} exactly"))
-        elif (row["participant_id"], row["eye"]) in seen_eye:
+        elif "eye" in row and (row["participant_id"], row["eye"]) in seen_eye:
             found.append((line, f"participant_id {row['participant_id']!r} + eye {row['eye']!r} repeats line "
                                 f"{seen_eye[row['participant_id'], row['eye']]}"))
         elif row["image_path"] in seen_image:
             found.append((line, f"image_path {row['image_path']!r} repeats line {seen_image[row['image_path']]}"))
         seen_row.setdefault(whole, line)
-        seen_eye.setdefault((row["participant_id"], row["eye"]), line)
+        seen_eye.setdefault((row["participant_id"], row.get("eye", "")), line)
         seen_image.setdefault(row["image_path"], line)
     if not found:
         return
@@ -128,7 +137,11 @@ class FundusGenomeDataset:
     Items: {"image": uint8 (image_size, image_size, 3) after circle crop + resize,
             "genome": float32 (num_snps,) [if genotypes], "label": int32 () or float32 (arity,)
             [if label_arity], "index": int}.
-    genotypes: PLINK prefix relative to root (None = image only); snp_stride keeps every s-th SNP.
+    genotypes: PLINK prefix relative to root (None = image only); with `{c}` one file set per
+    chromosome (`chromosomes`, default 1-22); snp_stride keeps every s-th SNP within each file.
+    chromosomes: the chromosomes read (a merged file: only their SNPs, X/Y/MT dropped when AUTOSOMES);
+    None = every SNP of a single file. count_a1: dosages count A1 (default A2, ContIG's count_A1=False).
+    split_order: "appearance" or "sorted" (`participant_split`).
     label_arity: None = labels unused, 1 = integer class, n > 1 = multi-hot of n entries.
     drop_missing_snps: drop SNPs whose every call is missing (else they stay as dosage 0, with a
     `PlinkWarning`); config key `data.drop_missing_snps`.
@@ -142,6 +155,7 @@ class FundusGenomeDataset:
     def __init__(self, root: str, *, image_size: int, snp_stride: int = 1, genotypes: str | None = "genotypes",
                  manifest: str = "manifest.csv", label_arity: int | None = None, split: str | None = None,
                  drop_missing_snps: bool = False, allow_duplicates: bool = False, check_images: bool = True,
+                 chromosomes=None, count_a1: bool = False, split_order: str = "appearance",
                  num_classes: int | None = None):
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -168,13 +182,13 @@ class FundusGenomeDataset:
             if rows and "split" in rows[0][1]:
                 keep = np.array([row["split"] == split for _, row in rows], dtype=bool)
             else:
-                chosen = participant_split(all_participants, split)
+                chosen = participant_split(all_participants, split, order=split_order)
                 keep = np.array([p in chosen for p in all_participants], dtype=bool)
         if not keep.any():
             raise DataError(f"{manifest_path}: no rows" + (f" in split {split!r}" if split else ""))
         kept_rows = [row for (_, row), k in zip(rows, keep) if k]
         self.participant_ids = [row["participant_id"] for row in kept_rows]
-        self.eyes = [row["eye"] for row in kept_rows]
+        self.eyes = [row.get("eye", "") for row in kept_rows]
         self.image_paths = [os.path.join(root, row["image_path"]) for row in kept_rows]
         self.image_wheres = [f"{manifest_path}: line {line}: field 'image_path'"
                              for (line, _), k in zip(rows, keep) if k]
@@ -184,7 +198,7 @@ class FundusGenomeDataset:
         self.snp_ids: list[str] = []
         if genotypes is not None:
             self._load_genotypes(os.path.join(root, genotypes), snp_stride, manifest_path, all_participants,
-                                 drop_missing_snps)
+                                 drop_missing_snps, chromosomes, count_a1)
 
     def _read_manifest(self, path: str) -> list[tuple[int, dict[str, str]]]:
         """(line number, row) for every row of the manifest, each field validated."""
@@ -207,7 +221,7 @@ class FundusGenomeDataset:
                 row = {k: v.strip() for k, v in row.items()}
                 if not row["participant_id"]:
                     raise DataError(f"{where}: field 'participant_id' is empty")
-                if row["eye"] not in EYES:
+                if "eye" in row and row["eye"] not in EYES:
                     raise DataError(f"{where}: field 'eye' = {row['eye']!r}, expected one of {EYES}")
                 if "split" in row and row["split"] not in SPLITS:
                     raise DataError(f"{where}: field 'split' = {row['split']!r}, expected one of {SPLITS}")
@@ -220,12 +234,18 @@ class FundusGenomeDataset:
         return rows
 
     def _load_genotypes(self, prefix: str, snp_stride: int, manifest_path: str, all_participants: list[str],
-                        drop_missing_snps: bool) -> None:
+                        drop_missing_snps: bool, chromosomes=None, count_a1: bool = False) -> None:
         try:
-            plink = read_plink(prefix, snp_stride=snp_stride, drop_missing_snps=drop_missing_snps)
+            if "{c}" in prefix:
+                chromosomes = AUTOSOMES if chromosomes is None else tuple(chromosomes)
+                plink = read_plink_chromosomes(prefix, chromosomes, snp_stride=snp_stride,
+                                               drop_missing_snps=drop_missing_snps, count_a1=count_a1)
+            else:
+                plink = read_plink(prefix, snp_stride=snp_stride, drop_missing_snps=drop_missing_snps,
+                                   count_a1=count_a1, chromosomes=chromosomes)
         except PlinkFormatError as e:
             raise DataError(str(e)) from e
-        fam_path = prefix + ".fam"
+        fam_path = (prefix.format(c=chromosomes[0]) if "{c}" in prefix else prefix) + ".fam"
         row_of = {}
         for i, iid in enumerate(plink.iids):
             if iid in row_of:

@@ -101,15 +101,18 @@ def load_tokenizer(path: str):
                         "the vocabulary files save_pretrained writes") from e
 
 
-def tokenize(tokenizer, text: str | tuple[str, str], max_length: int) -> dict[str, np.ndarray]:
+def tokenize(tokenizer, text: str | tuple[str, str], max_length: int, *, word_ids: bool = False) -> dict[str, np.ndarray]:
     """input_ids / attention_mask / special_tokens_mask, int32 (max_length,), padded and truncated
-    like the original (`padding="max_length", truncation=True`); a pair (a, b) is encoded as a pair."""
+    like the original (`padding="max_length", truncation=True`); a pair (a, b) is encoded as a pair.
+    `word_ids`: also "word_ids", the fast tokenizer's word index of each token (-1 for none), for
+    whole-word masking."""
     args = text if isinstance(text, tuple) else (text,)
     enc = tokenizer(*args, padding="max_length", truncation=True, max_length=max_length,
                     return_special_tokens_mask=True)
     return {"input_ids": np.asarray(enc["input_ids"], np.int32),
             "attention_mask": np.asarray(enc["attention_mask"], np.int32),
-            "special_tokens_mask": np.asarray(enc["special_tokens_mask"], np.int32)}
+            "special_tokens_mask": np.asarray(enc["special_tokens_mask"], np.int32),
+            **({"word_ids": np.asarray([-1 if w is None else w for w in enc.word_ids()], np.int32)} if word_ids else {})}
 
 
 # ----------------------------------------------------------------------------- images

@@ -1,8 +1,11 @@
 """PLINK 1 binary genotype files (`.bed` + `.bim` + `.fam`): a small pure-numpy reader and writer.
 
 MRM (Yang et al., ICCV 2023) takes its genome modality from the ContIG pipeline (Taleb et al.,
-CVPR 2022): raw SNPs of UK Biobank chromosomes 1-22 read from PLINK files, every 100th SNP kept,
-dosages 0/1/2 as float32, missing calls imputed with the column mode.
+CVPR 2022, `data/data_ukb.py` `get_gen_data`): raw SNPs of UK Biobank chromosomes 1-22 read from one
+PLINK file set per chromosome (`ukb_chr{c}_v2`), every 100th SNP kept within each file
+(`slice(0, None, 100)`), dosages 0/1/2 as float32, missing calls imputed with the column mode.
+`read_plink_chromosomes` reads such a per-chromosome set; `read_plink(..., chromosomes=...)` keeps the
+listed chromosomes of a merged file (X / Y / XY / MT, or 23-26, dropped), striding within each.
 
 Format (https://www.cog-genomics.org/plink/1.9/formats#bed):
 - `.fam`: one line per sample, 6 whitespace-separated columns: FID IID father mother sex phenotype.
@@ -28,8 +31,10 @@ Checks beyond the format (`read_plink`):
   with `drop_missing_snps=True` (config key `data.drop_missing_snps`); their ids are kept in
   `PlinkGenotypes.missing_snp_ids` either way.
 
-Dosage convention: the number of A1 alleles (bed-reader's / pysnptools' `count_A1=True`, which is
-what ContIG's `pysnptools.snpreader.Bed` read): 0b00 -> 2, 0b10 -> 1, 0b11 -> 0, 0b01 -> missing.
+Dosage convention: by default the number of A2 alleles, as ContIG reads them
+(`pysnptools.snpreader.Bed(path, count_A1=False)`): 0b00 -> 0, 0b10 -> 1, 0b11 -> 2, 0b01 -> missing.
+`count_a1=True` counts A1 alleles instead (bed-reader's default): 0b00 -> 2, 0b10 -> 1, 0b11 -> 0.
+`write_plink` takes dosages in the same convention as its `count_a1` (default A2), so it round-trips.
 """
 from __future__ import annotations
 
@@ -46,12 +51,16 @@ from medjax.errors import MedjaxInputError
 BED_MAGIC = bytes((0x6C, 0x1B))
 SNP_MAJOR = 0x01
 MISSING = -1
-# 2-bit code -> A1 dosage (count_A1); -1 marks a missing call.
-_CODE_TO_DOSAGE = np.array([2, MISSING, 1, 0], dtype=np.int8)
-# A1 dosage + 1 (so that missing = -1 indexes 0) -> 2-bit code.
-_DOSAGE_TO_CODE = np.array([0b01, 0b11, 0b10, 0b00], dtype=np.uint8)
+AUTOSOMES = tuple(str(c) for c in range(1, 23))  # ContIG's chromosomes 1-22
+# 2-bit code -> dosage; -1 marks a missing call. A1 counts (count_A1=True) and A2 counts (ContIG's count_A1=False).
+_CODE_TO_A1_DOSAGE = np.array([2, MISSING, 1, 0], dtype=np.int8)
+_CODE_TO_A2_DOSAGE = np.array([0, MISSING, 1, 2], dtype=np.int8)
+# dosage + 1 (so that missing = -1 indexes 0) -> 2-bit code.
+_A1_DOSAGE_TO_CODE = np.array([0b01, 0b11, 0b10, 0b00], dtype=np.uint8)
+_A2_DOSAGE_TO_CODE = np.array([0b01, 0b00, 0b10, 0b11], dtype=np.uint8)
 # byte value -> the 4 dosages it holds, first sample first.
-_BYTE_TO_DOSAGES = _CODE_TO_DOSAGE[(np.arange(256, dtype=np.uint16)[:, None] >> (2 * np.arange(4))) & 0b11]
+_SHIFTED = (np.arange(256, dtype=np.uint16)[:, None] >> (2 * np.arange(4))) & 0b11
+_BYTE_TO_A1_DOSAGES, _BYTE_TO_A2_DOSAGES = _CODE_TO_A1_DOSAGE[_SHIFTED], _CODE_TO_A2_DOSAGE[_SHIFTED]
 _DECODE_CHUNK_SNPS = 1024
 
 
@@ -67,7 +76,8 @@ class PlinkWarning(UserWarning):
 class PlinkGenotypes:
     """Genotypes of `len(iids)` samples at the kept SNPs.
 
-    genotypes: float32 (n_samples, n_kept_snps) A1 dosages in {0, 1, 2}, missing calls imputed.
+    genotypes: float32 (n_samples, n_kept_snps) dosages in {0, 1, 2} (A2 copies unless read with
+    count_a1=True), missing calls imputed.
     missing_snp_ids: the SNPs (among those read) with every call missing; dropped from `snp_ids` and
     `genotypes` when read with `drop_missing_snps=True`, else kept there as dosage 0.
     """
@@ -137,8 +147,28 @@ def _check_padding(bed: np.memmap, n_samples: int, bed_path: str, fam_path: str,
             f"genome by one; restore the .fam written with this .bed")
 
 
-def read_plink(prefix: str, *, snp_stride: int = 1, drop_missing_snps: bool = False) -> PlinkGenotypes:
-    """Read `prefix.bed/.bim/.fam`, keeping SNPs 0, s, 2s, ... (s = snp_stride).
+def normalize_chromosome(code) -> str:
+    """A `.bim` chromosome code without a `chr` prefix, upper case ("chr7" -> "7", "x" -> "X")."""
+    text = str(code).strip()
+    return (text[3:] if text.lower().startswith("chr") else text).upper()
+
+
+def kept_snps(bim_chromosomes: Sequence[str], snp_stride: int, chromosomes: Sequence | None) -> np.ndarray:
+    """Indices of the SNPs read: 0, s, 2s, ... of the file (chromosomes None, ContIG's per-file
+    `slice(0, None, s)`), or, per listed chromosome in the listed order, every s-th SNP of that
+    chromosome (a merged file read as if it were one file per chromosome)."""
+    if chromosomes is None:
+        return np.arange(0, len(bim_chromosomes), snp_stride)
+    codes = np.array([normalize_chromosome(c) for c in bim_chromosomes])
+    parts = [np.flatnonzero(codes == normalize_chromosome(c))[::snp_stride] for c in chromosomes]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def read_plink(prefix: str, *, snp_stride: int = 1, drop_missing_snps: bool = False, count_a1: bool = False,
+               chromosomes: Sequence | None = None) -> PlinkGenotypes:
+    """Read `prefix.bed/.bim/.fam`, keeping SNPs 0, s, 2s, ... (s = snp_stride); with `chromosomes`
+    (e.g. AUTOSOMES) only those chromosomes' SNPs, every s-th within each (`kept_snps`). Dosages count
+    A2 alleles (ContIG's `count_A1=False`) unless `count_a1`.
 
     The `.bed` file is memory-mapped: only the kept SNPs' bytes are decoded (plus the last byte of
     every SNP, whose padding bits are checked). Missing calls are imputed with the column mode of
@@ -169,14 +199,19 @@ def read_plink(prefix: str, *, snp_stride: int = 1, drop_missing_snps: bool = Fa
         raise PlinkFormatError(
             f"{bed_path}: file size {actual_size} bytes, expected {expected_size} = 3 + {n_snps} SNPs ({bim_path}) "
             f"x ceil({n_samples} samples ({fam_path}) / 4)")
-    kept = np.arange(0, n_snps, snp_stride)
+    kept = kept_snps([row[0] for row in bim], snp_stride, chromosomes)
+    if chromosomes is not None and n_snps and not len(kept):
+        found = sorted({normalize_chromosome(row[0]) for row in bim})
+        raise PlinkFormatError(f"{bim_path}: no SNP on chromosomes {list(chromosomes)[:5]}...; the file has "
+                               f"chromosomes {found[:10]}")
+    byte_to_dosages = _BYTE_TO_A1_DOSAGES if count_a1 else _BYTE_TO_A2_DOSAGES
     dosages = np.empty((n_samples, len(kept)), dtype=np.int8)
     if n_snps and n_samples:
         bed = np.memmap(bed_path, dtype=np.uint8, mode="r", offset=3, shape=(n_snps, row_bytes))
         _check_padding(bed, n_samples, bed_path, fam_path, bim)
         for start in range(0, len(kept), _DECODE_CHUNK_SNPS):
             rows = np.asarray(bed[kept[start:start + _DECODE_CHUNK_SNPS]])  # (chunk, row_bytes)
-            decoded = _BYTE_TO_DOSAGES[rows].reshape(len(rows), row_bytes * 4)[:, :n_samples]
+            decoded = byte_to_dosages[rows].reshape(len(rows), row_bytes * 4)[:, :n_samples]
             dosages[:, start:start + len(rows)] = decoded.T
         del bed
     snp_ids = [bim[j][1] for j in kept]
@@ -204,6 +239,38 @@ def read_plink(prefix: str, *, snp_stride: int = 1, drop_missing_snps: bool = Fa
     )
 
 
+def read_plink_chromosomes(pattern: str, chromosomes: Sequence = AUTOSOMES, *, snp_stride: int = 1,
+                           drop_missing_snps: bool = False, count_a1: bool = False) -> PlinkGenotypes:
+    """One PLINK file set per chromosome, `pattern` holding `{c}` (ContIG: `ukb_chr{c}_v2`, c = 1..22):
+    each read with `read_plink` (every s-th SNP within the file), the SNP columns concatenated in the
+    listed chromosome order. Samples are those of the first file, in its order; every other file must
+    hold the same IIDs (any order), else a `PlinkFormatError` naming it."""
+    if "{c}" not in pattern:
+        raise ValueError(f"read_plink_chromosomes: pattern {pattern!r} has no '{{c}}' for the chromosome")
+    if not len(chromosomes):
+        raise ValueError("read_plink_chromosomes: no chromosomes given")
+    first, parts, snp_ids, missing = None, [], [], []
+    for c in chromosomes:
+        prefix = pattern.format(c=c)
+        part = read_plink(prefix, snp_stride=snp_stride, drop_missing_snps=drop_missing_snps, count_a1=count_a1)
+        if first is None:
+            first, order = part, np.arange(len(part.iids))
+        else:
+            row_of = {iid: i for i, iid in enumerate(part.iids)}
+            absent = [iid for iid in first.iids if iid not in row_of]
+            if absent or len(row_of) != len(first.iids):
+                raise PlinkFormatError(
+                    f"{prefix}.fam: {len(part.iids)} samples do not match the {len(first.iids)} of "
+                    f"{pattern.format(c=chromosomes[0])}.fam (e.g. missing {absent[:3]}); every chromosome's "
+                    "file set must hold the same participants")
+            order = np.array([row_of[iid] for iid in first.iids], np.int64)
+        parts.append(part.genotypes[order])
+        snp_ids += part.snp_ids
+        missing += part.missing_snp_ids
+    return PlinkGenotypes(fids=first.fids, iids=first.iids, snp_ids=snp_ids,
+                          genotypes=np.concatenate(parts, axis=1), missing_snp_ids=missing)
+
+
 def _check_names(names: Sequence[str], what: str, count: int) -> list[str]:
     names = [str(n) for n in names]
     if len(names) != count:
@@ -217,10 +284,11 @@ def _check_names(names: Sequence[str], what: str, count: int) -> list[str]:
 def write_plink(prefix: str, genotypes: np.ndarray, iids: Sequence[str], *, fids: Sequence[str] | None = None,
                 snp_ids: Sequence[str] | None = None, chromosomes: Sequence[str | int] | None = None,
                 positions: Sequence[int] | None = None,
-                alleles: Sequence[tuple[str, str]] | None = None) -> None:
-    """Write `prefix.bed/.bim/.fam` (SNP-major) from A1 dosages.
+                alleles: Sequence[tuple[str, str]] | None = None, count_a1: bool = False) -> None:
+    """Write `prefix.bed/.bim/.fam` (SNP-major) from dosages (copies of A2, or of A1 with `count_a1`:
+    the convention `read_plink` reads them back in).
 
-    genotypes: int (n_samples, n_snps) with values 2/1/0 (copies of A1) and -1 for missing.
+    genotypes: int (n_samples, n_snps) with values 0/1/2 and -1 for missing.
     Defaults: fids = iids, snp_ids "snp{j}", chromosome 1, positions j + 1, alleles ("A", "G").
     The .fam gets unknown parents/sex (0) and phenotype -9.
     """
@@ -249,7 +317,8 @@ def write_plink(prefix: str, genotypes: np.ndarray, iids: Sequence[str], *, fids
 
     row_bytes = bytes_per_snp(n_samples)
     codes = np.zeros((n_snps, row_bytes * 4), dtype=np.uint8)  # padding bit pairs stay 0b00
-    codes[:, :n_samples] = _DOSAGE_TO_CODE[genotypes.T.astype(np.int64) + 1]
+    to_code = _A1_DOSAGE_TO_CODE if count_a1 else _A2_DOSAGE_TO_CODE
+    codes[:, :n_samples] = to_code[genotypes.T.astype(np.int64) + 1]
     codes = codes.reshape(n_snps, row_bytes, 4)
     packed = codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
     with open(prefix + ".bed", "wb") as f:
