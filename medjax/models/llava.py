@@ -119,7 +119,7 @@ class Llava(nn.Module):
         text = self.language_model.embed(jnp.where(is_image, 0, input_ids))
         if pixel_values is None:
             return text
-        _check_image_tokens(input_ids, self.image_token_id, self.num_image_tokens)
+        check_image_tokens(input_ids, self.image_token_id, self.num_image_tokens)
         image = self.image_features(pixel_values).astype(text.dtype)
         slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image.shape[1] - 1)
         gathered = jnp.take_along_axis(image, slot[..., None], axis=1)
@@ -141,7 +141,7 @@ class Llava(nn.Module):
                                                  position_ids)
 
 
-def _check_image_tokens(input_ids: jax.Array, image_token_id: int, expected: int) -> None:
+def check_image_tokens(input_ids: jax.Array, image_token_id: int, expected: int) -> None:
     """Raise when concrete `input_ids` rows do not each hold `expected` image tokens (traced ids: unchecked)."""
     if isinstance(input_ids, jax.core.Tracer):
         return
