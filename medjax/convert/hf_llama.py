@@ -194,11 +194,11 @@ def load_with_report(path: str, *, scan: bool | str | None = None, dtype: Dtype 
     """(model, variables, key report) of a `llama` or `llava` directory."""
     config = hf.read_config(path)
     source = os.path.join(path, "config.json")
-    weights = weight_file(path)
-    state = read_state_dict(weights)
     kinds = dict(scan=scan, dtype=dtype, param_dtype=param_dtype)
     if config.get("model_type") == "llama":
         model = llama_from_config(config, source, **kinds)
+        weights = weight_file(path)
+        state = read_state_dict(weights)
         shapes = llama_shapes(model)
         mapping = llama_map(model, transformer.unrolled_shapes(shapes, STACK))
         params, report = apply_mapping(transformer.unrolled_shapes(shapes, STACK), mapping, state, weights,
@@ -207,7 +207,8 @@ def load_with_report(path: str, *, scan: bool | str | None = None, dtype: Dtype 
             params = transformer.stack_layers(params, STACK)
         return model, {"params": params}, report
     model = llava_from_config(config, source, **kinds)
-    state = {llava_key(key): value for key, value in state.items()}
+    weights = weight_file(path)
+    state = {llava_key(key): value for key, value in read_state_dict(weights).items()}
     shapes = llava_shapes(model)
     unrolled = {("vision_tower",) + p: s for p, s in
                 transformer.unrolled_shapes(_sub(shapes, "vision_tower"), hf.STACK).items()}
