@@ -65,7 +65,7 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
             c.optim.frozen = []  # the demo has no pretrained vision tower: train it too (our choice)
     elif variant == "tiny":
         c.dtype = "float32"
-        c.data.update(dict(max_length=96))
+        c.data.update(dict(max_length=128))
         c.model.update(dict(small, image_size=16, vision_width=32, vision_feature_depth=1, vision_heads=4,
                             vision_mlp_dim=64, num_queries=4, width=32, depth=2, num_heads=4, mlp_dim=64))
         c.train.update(dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8))

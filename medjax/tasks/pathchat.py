@@ -226,21 +226,36 @@ class PathChatTask(TaskBase):
         path = self._file(self.config.data.open_file)
         rows = read_jsonl(path, required=("image", "question"))
         out_dir = self.run.workdir or os.path.dirname(path)
-        answers = []
+        template = self.example.template if self.example.template != "plain" else "vicuna_v1"
+        prompts, pixels = [], []
         for line, row in rows:
-            image = os.path.join(self.root, row["image"])
             turns = [("human", IMAGE_TOKEN + "\n" + row["question"]), ("gpt", "x")]
-            template = self.example.template if self.example.template != "plain" else "vicuna_v1"
             pieces = render(turns, template, f"{path}: line {line}")
             prompt = pieces[:[i for i, (_, sup) in enumerate(pieces) if sup][0]]  # up to the first reply
             ids, _ = encode(prompt, self.tokenizer, self.image_token_id, self.model.num_image_tokens)
-            pixels = image_pixels(Image.fromarray(read_image(image)), self.image_size)[None]
-            tokens = generate(self.model, {"params": params}, ids[None], pixel_values=pixels,
-                              max_new_tokens=int(self.config.eval.max_new_tokens),
-                              eos_token_id=self.tokenizer.eos_token_id)
-            text = self.tokenizer.decode(np.asarray(tokens)[0, len(ids):], skip_special_tokens=True).strip()
-            answers.append({"id": row.get("id", line), "question": row["question"], "answer": text,
-                            "reference": row.get("reference", "")})
+            if len(ids) > self.max_length:
+                raise DataError(f"{path}: line {line}: field 'question': the prompt has {len(ids)} tokens, more than "
+                                f"data.max_length={self.max_length}")
+            prompts.append(ids)
+            pixels.append(image_pixels(Image.fromarray(read_image(os.path.join(self.root, row["image"]))),
+                                       self.image_size))
+        size, texts = int(self.run.eval_batch_size), []
+        for start in range(0, len(prompts), size):  # left-padded to max_length: one compiled program
+            chunk = list(range(start, min(start + size, len(prompts))))
+            chunk += [chunk[-1]] * (size - len(chunk))
+            ids = np.full((size, self.max_length), self.example.pad_id, np.int32)
+            mask = np.zeros((size, self.max_length), np.int32)
+            for r, k in enumerate(chunk):
+                ids[r, self.max_length - len(prompts[k]):] = prompts[k]
+                mask[r, self.max_length - len(prompts[k]):] = 1
+            tokens = np.asarray(generate(self.model, {"params": params}, ids, attention_mask=mask,
+                                         pixel_values=np.stack([pixels[k] for k in chunk]),
+                                         max_new_tokens=int(self.config.eval.max_new_tokens),
+                                         eos_token_id=self.tokenizer.eos_token_id))
+            texts += [self.tokenizer.decode(tokens[r, self.max_length:], skip_special_tokens=True).strip()
+                      for r in range(min(size, len(prompts) - start))]
+        answers = [{"id": row.get("id", line), "question": row["question"], "answer": text,
+                    "reference": row.get("reference", "")} for (line, row), text in zip(rows, texts)]
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "pathqabench_open_answers.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(a) + "\n" for a in answers)
