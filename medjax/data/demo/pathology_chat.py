@@ -8,7 +8,8 @@
 - `pretrain.json` (stage 1, template "plain"): a JSON list of LLaVA records `{"id", "image",
   "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]}`;
 - `instruct_train.json` / `instruct_val.json` (stage 2): multi-turn records whose answers depend on the tile
-  (diagnosis, grade, architecture), the first human turn starting with `<image>\\n`;
+  (diagnosis, grade, architecture, a multiple-choice diagnosis in the evaluation's wording), the first human
+  turn starting with `<image>\\n`;
 - `pathqabench/mcq.jsonl` (`{"id", "image", "question", "choices", "answer": letter, "context"}`) and
   `pathqabench/open.jsonl` (`{"id", "image", "question", "reference"}`), PathQABench's two parts;
 - `tokenizer/`: a byte-fallback BPE (`<unk>` 0, `<s>` 1, `</s>` 2, then `<pad>`, `<image>`) trained on these
@@ -72,7 +73,13 @@ def conversation(diagnosis: str, grade: str, rng: np.random.Generator) -> list[d
              ("What is the grade of this tumor?",
               f"It is {grade} grade: the nuclei are {'dense and dark' if grade == 'high' else 'sparse and pale'}."),
              ("Describe the architecture.", f"There are {ARCHITECTURE[diagnosis]}.")]
-    chosen = [turns[i] for i in rng.permutation(3)[: 2 + int(rng.random() < 0.5)]]
+    order = rng.permutation(len(DIAGNOSES))  # a multiple-choice turn in the evaluation's wording
+    choices = [DIAGNOSES[k] for k in order]
+    letter = "ABCD"[choices.index(diagnosis)]
+    options = " ".join(f"{a}. {c}" for a, c in zip("ABCD", choices))
+    turns.append((f"What is the most likely diagnosis? Options: {options} Answer with the option's letter.",
+                  f"{letter}. {diagnosis}"))
+    chosen = [turns[i] for i in rng.permutation(4)[: 2 + int(rng.random() < 0.5)]]
     out = []
     for k, (question, answer) in enumerate(chosen):
         out.append({"from": "human", "value": (IMAGE_TOKEN + "\n" if k == 0 else "") + question})
@@ -99,7 +106,8 @@ def _train_tokenizer(texts: list[str], out_dir: str, vocab_size: int) -> None:
 
 def make_pathology_chat_demo(out_dir: str, num_tiles: int = 240, tile_size: int = 32, num_eval: int = 32,
                              vocab_size: int = 1000, seed: int = 0) -> str:
-    params = dict(num_tiles=num_tiles, tile_size=tile_size, num_eval=num_eval, vocab_size=vocab_size, seed=seed)
+    params = dict(num_tiles=num_tiles, tile_size=tile_size, num_eval=num_eval, vocab_size=vocab_size, seed=seed,
+                  version=2)  # version: bumped when the content changes, so caches are remade
     if demo_is_current(out_dir, params, ("pretrain.json", "instruct_train.json", "tokenizer/tokenizer.json")):
         return out_dir
     rng = np.random.default_rng(seed)
