@@ -61,8 +61,9 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
         c.train.update(dict(steps=120, batch_size=8, log_every=10, checkpoint_every=60, eval_batch_size=8))
         c.optim.update(dict(lr=3e-3 if stage == 1 else 1e-3, warmup_fraction=0.05))  # our choice, demo scale
         c.eval.max_new_tokens = 24
-        if stage == 2:
-            c.optim.frozen = []  # the demo has no pretrained vision tower: train it too (our choice)
+        # The demo has no pretrained towers: a projector alone cannot align two random networks, so the demo
+        # trains the LLM in stage 1 too and everything in stage 2 (our choice; tiny keeps the paper's freezing).
+        c.optim.frozen = [r"^vision_tower/"] if stage == 1 else []
     elif variant == "tiny":
         c.dtype = "float32"
         c.data.update(dict(max_length=128))
