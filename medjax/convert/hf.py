@@ -15,6 +15,8 @@ The directory's `config.json` `model_type` selects the family:
 - `clip` (CLIPModel; pass `tower="vision"` or `"text"`) -> one tower with its projection
 - `bert`, `roberta` (BertModel, RobertaModel, or a *For... model whose `bert.` / `roberta.` part is used)
     -> `BertEncoder`
+- `llama` (LlamaForCausalLM) -> `medjax.nn.llama.Llama`; `llava` (LlavaForConditionalGeneration) ->
+    `medjax.models.llava.Llava` (medjax/convert/hf_llama.py)
 A projection (pooler) is part of the model exactly when the checkpoint holds its weights. Config
 fields absent from `config.json` take transformers 5.23's defaults. `scan=True` (or None: auto, >= 12
 layers) builds the model with its layers under one `nn.scan` (`medjax.nn.transformer`): the checkpoint's
@@ -254,6 +256,9 @@ def load_with_report(path: str, tower: str | None = None, *, scan: bool | str | 
     config = read_config(path)
     source = os.path.join(path, "config.json")
     model_type = config.get("model_type")
+    if model_type in ("llama", "llava") and tower is None:  # decoder families: medjax/convert/hf_llama.py
+        from medjax.convert import hf_llama  # imported here: hf_llama builds on this module
+        return hf_llama.load_with_report(path, scan=scan, dtype=dtype, param_dtype=param_dtype)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{source}: field 'model_type' is {model_type!r}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")

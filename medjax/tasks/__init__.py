@@ -15,6 +15,7 @@ TASKS = {
     "ptunifier_retrieval": "medjax.tasks.ptunifier_retrieval:PTUnifierRetrievalTask",
     "ptunifier_nli": "medjax.tasks.ptunifier_nli:PTUnifierNLITask",
     "unimedi": "medjax.tasks.unimedi:UniMedITask",
+    "pathchat": "medjax.tasks.pathchat:PathChatTask",
 }
 
 

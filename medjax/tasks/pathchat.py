@@ -1,0 +1,263 @@
+"""PathChat / LLaVA-1.5 visual instruction tuning (Lu et al., Nature 2024; Liu et al., CVPR 2024): a
+`medjax.models.llava.Llava` (vision tower, projector, Llama) trained on LLaVA-format conversations.
+
+- Stage 1 (experiment `pathchat_stage1`, template "plain"): image-caption alignment, only the projector
+  trained (`optim.frozen` = the vision tower and the LLM; optax `multi_transform` through medjax.optim).
+- Stage 2 (`pathchat_stage2`, template "vicuna_v1" or "llama_2"): instruction tuning, LLM + projector.
+Loss: next-token cross-entropy in float32 over the supervised (assistant) tokens only, labels shifted
+inside the loss (HF's `ForCausalLMLoss`), averaged over the batch's supervised tokens.
+
+Weights: `model.init_llava` (a Hugging Face `llava` directory: the whole model), or `model.init_vision` (a
+CLIP vision directory, e.g. clip-vit-large-patch14-336) and `model.init_llm` (a `llama` directory, e.g.
+Vicuna / Llama 2) for the LLaVA recipe; otherwise the towers are built from the `model` block.
+
+Evaluation (PathQABench's layout, `data.mcq_file` / `data.open_file`): multiple choice, image only and with
+the clinical context, as the option whose "{letter}. {choice}" reply has the highest log-likelihood (our
+choice: scoring instead of parsing a free answer); open-ended answers generated greedily and written, with
+the references, to `<workdir or data dir>/pathqabench_open_answers.jsonl` for judging; the eval loss on
+`data.eval_file`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from medjax.data import demo as demo_lib
+from medjax.data.errors import DataError
+from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
+from medjax.data.readers.image_io import read_image
+from medjax.data.readers.image_report import load_tokenizer, read_jsonl
+from medjax.data.verify import FileCheck
+from medjax.models.llava import Llava
+from medjax.nn.clip_vit import CLIPVisionTransformer
+from medjax.nn.llama import Llama
+from medjax.params import merge_params
+from medjax.tasks.base import TaskBase
+from medjax.tasks.pathchat_data import (IGNORE, IMAGE_TOKEN, ConversationDataset, ConversationExample, encode,
+                                        image_pixels, pad_or_truncate, render)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed token NLL per row, supervised tokens per row, correct argmax tokens per row): logits[:, t]
+    predicts labels[:, t + 1]; -100 is ignored; float32."""
+    logits, targets = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    valid = targets != IGNORE
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets) & valid
+    return jnp.sum(nll * valid, axis=1), jnp.sum(valid, axis=1), jnp.sum(correct, axis=1)
+
+
+class PathChatTask(TaskBase):
+    def __init__(self, config, log=print, run=None):
+        super().__init__(config, log, run)
+        d, m = config.data, config.model
+        self.root = d.dir or demo_lib.ensure_demo("pathology_chat", log=log)
+        self.tokenizer = load_tokenizer(d.tokenizer or os.path.join(self.root, "tokenizer"))
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise DataError(f"tokenizer {d.tokenizer or os.path.join(self.root, 'tokenizer')}: has no {IMAGE_TOKEN} "
+                            "token; add it as a special token (tokenizer.add_special_tokens)")
+        dtype = jnp.dtype(config.dtype)
+        self._llava_variables = self._vision_variables = self._llm_variables = None
+        if m.init_llava:
+            from medjax.convert import hf
+
+            self.model, self._llava_variables = hf.load(m.init_llava, scan=m.scan, dtype=dtype)
+            self.model = self.model.clone(projector=m.projector, num_queries=m.num_queries)
+        else:
+            vision = CLIPVisionTransformer(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width,
+                                           depth=m.vision_feature_depth, num_heads=m.vision_heads,
+                                           mlp_dim=m.vision_mlp_dim, dtype=dtype)
+            language = Llama(vocab_size=int(m.vocab_size) or len(self.tokenizer), width=m.width, depth=m.depth,
+                             num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or None, mlp_dim=m.mlp_dim,
+                             rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta, scan=m.scan, remat=m.remat,
+                             dtype=dtype)
+            if m.init_vision:
+                from medjax.convert import hf
+
+                tower, self._vision_variables = hf.load(m.init_vision, dtype=dtype)
+                vision = tower.clone(depth=m.vision_feature_depth, projection_dim=None)
+            if m.init_llm:
+                from medjax.convert import hf
+
+                language, self._llm_variables = hf.load(m.init_llm, scan=m.scan, dtype=dtype)
+                language = language.clone(remat=m.remat)
+            self.model = Llava(vision_tower=vision, language_model=language, image_token_id=self.image_token_id,
+                               projector=m.projector, num_queries=m.num_queries, dtype=dtype)
+        if len(self.tokenizer) > self.model.language_model.vocab_size:
+            raise DataError(f"the tokenizer has {len(self.tokenizer)} tokens, more than the LLM's vocab_size="
+                            f"{self.model.language_model.vocab_size}")
+        self.image_size = self.model.vision_tower.image_size
+        self.max_length = int(d.max_length)
+        self.example = ConversationExample(self.tokenizer, d.template, self.image_size, self.max_length,
+                                           self.image_token_id, self.model.num_image_tokens)
+
+    # ---- shapes / params -----------------------------------------------------------------------------
+    def work_per_example(self) -> tuple[int, str]:
+        return self.max_length, "tokens"
+
+    def init_batch(self) -> dict:
+        b, t, s = self.global_batch, self.max_length, self.image_size
+        ids = np.zeros((b, t), np.int32)
+        ids[:, 1:1 + self.model.num_image_tokens] = self.image_token_id
+        return {"pixel_values": np.zeros((b, s, s, 3), np.float32), "input_ids": ids,
+                "labels": np.full((b, t), IGNORE, np.int32), "attention_mask": np.ones((b, t), np.int32)}
+
+    def init_params(self, rng):
+        batch = self.init_batch()
+        return self.model.init(rng, batch["input_ids"][:1], pixel_values=batch["pixel_values"][:1])["params"]
+
+    def initial_params(self, params):
+        """Converted Hugging Face weights where `model.init_llava` / `init_vision` / `init_llm` name them."""
+        if self._llava_variables is not None:
+            merged, skipped = merge_params(params, self._llava_variables["params"])
+            self.log(f"LLaVA weights from {self.config.model.init_llava}; not taken: {skipped or 'none'}")
+            return merged
+        if self._vision_variables is None and self._llm_variables is None:
+            return params
+        out = dict(params)
+        for name, variables, source in (("vision_tower", self._vision_variables, "init_vision"),
+                                        ("language_model", self._llm_variables, "init_llm")):
+            if variables is not None:
+                out[name], skipped = merge_params(params[name], variables["params"])
+                self.log(f"{name} from {self.config.model[source]}; not taken: {skipped or 'none'}")
+        return out
+
+    # ---- loss ------------------------------------------------------------------------------------------
+    def loss_fn(self, params, batch, rng, train):
+        logits = self.model.apply({"params": params}, batch["input_ids"], pixel_values=batch["pixel_values"],
+                                  attention_mask=batch["attention_mask"])
+        nll, count, correct = causal_lm_loss(logits, batch["labels"])
+        tokens = jnp.maximum(jnp.sum(count), 1)
+        return jnp.sum(nll) / tokens, {"token_accuracy": jnp.sum(correct) / tokens,
+                                       "supervised_tokens": jnp.sum(count).astype(jnp.float32)}
+
+    # ---- data ------------------------------------------------------------------------------------------
+    def _file(self, name: str) -> str:
+        return name if os.path.isabs(name) else os.path.join(self.root, name)
+
+    def conversations(self, name: str) -> ConversationDataset:
+        dataset = ConversationDataset(self._file(name))
+        self.verify_data([FileCheck("image", (item["image"],), f"{item['where']}: field 'image'")
+                          for item in dataset.items])
+        return dataset
+
+    def train_data(self):
+        d = self.config.data
+        return global_batch_dataset(self.conversations(d.train_file), global_batch=self.global_batch,
+                                    seed=int(self.config.seed), transform=self.example,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    prefetch_threads=int(d.prefetch_threads), on_bad_example=self.on_bad_example)
+
+    # ---- evaluation -------------------------------------------------------------------------------------
+    def _row(self, image_path: str, question: str, answer: str, where: str) -> dict:
+        turns = [("human", IMAGE_TOKEN + "\n" + question), ("gpt", answer)]
+        ids, labels = encode(render(turns, self.example.template if self.example.template != "plain" else "vicuna_v1",
+                                    where), self.tokenizer, self.image_token_id, self.model.num_image_tokens)
+        row = pad_or_truncate(ids, labels, self.max_length, self.example.pad_id, self.image_token_id, where)
+        return dict(row, pixel_values=image_pixels(Image.fromarray(read_image(image_path)), self.image_size))
+
+    def evaluate(self, params) -> dict[str, float]:
+        d = self.config.data
+        params = jax.device_put(nn.unbox(params))
+        model = self.model
+        score = jax.jit(lambda p, b: causal_lm_loss(model.apply({"params": p}, b["input_ids"],
+                                                                pixel_values=b["pixel_values"],
+                                                                attention_mask=b["attention_mask"]), b["labels"]))
+        size = int(self.run.eval_batch_size)
+        results: dict[str, float] = {}
+        if d.eval_file:
+            dataset = self.conversations(d.eval_file)
+            total = count = 0.0
+            for batch in eval_batches(dataset, size, self.example):
+                nll, n, _ = score(params, {k: v for k, v in batch.items() if k != "valid"})
+                total += float(np.sum(np.asarray(nll)[batch["valid"]]))
+                count += float(np.sum(np.asarray(n)[batch["valid"]]))
+            results["eval_loss"] = total / max(count, 1.0)
+        if d.mcq_file:
+            results |= self._multiple_choice(params, score, size)
+        if d.open_file:
+            results["open_answers"] = float(self._open_ended(params))
+        return results
+
+    def _multiple_choice(self, params, score, size) -> dict[str, float]:
+        path = self._file(self.config.data.mcq_file)
+        rows = read_jsonl(path, required=("image", "question", "choices", "answer"))
+        out = {}
+        for setting in ("image_only", "with_context"):
+            candidates, truth = [], []
+            for line, row in rows:
+                letters = "ABCDEFGH"[:len(row["choices"])]
+                if row["answer"] not in letters:
+                    raise DataError(f"{path}: line {line}: field 'answer' is {row['answer']!r}; expected one of "
+                                    f"{list(letters)}")
+                context = (row.get("context", "") + " ") if setting == "with_context" else ""
+                options = " ".join(f"{a}. {c}" for a, c in zip(letters, row["choices"]))
+                question = f"{context}{row['question']} Options: {options} Answer with the option's letter."
+                image = os.path.join(self.root, row["image"])  # image paths are relative to data.dir
+                for a, c in zip(letters, row["choices"]):
+                    candidates.append(self._row(image, question, f"{a}. {c}", f"{path}: line {line}"))
+                truth.append(letters.index(row["answer"]))
+            nll = []
+            for start in range(0, len(candidates), size):
+                chunk = candidates[start:start + size]
+                chunk += [chunk[-1]] * (size - len(chunk))
+                batch = {k: np.stack([c[k] for c in chunk]) for k in chunk[0]}
+                nll.append(np.asarray(score(params, batch)[0]))
+            nll = np.concatenate(nll)[:len(candidates)]
+            picks, offset = [], 0
+            for (_, row) in rows:
+                k = len(row["choices"])
+                picks.append(int(np.argmin(nll[offset:offset + k])))
+                offset += k
+            out[f"mcq_{setting}_accuracy"] = float(np.mean(np.asarray(picks) == np.asarray(truth)))
+        return out
+
+    def _open_ended(self, params) -> int:
+        from medjax.generate import generate
+
+        path = self._file(self.config.data.open_file)
+        rows = read_jsonl(path, required=("image", "question"))
+        out_dir = self.run.workdir or os.path.dirname(path)
+        template = self.example.template if self.example.template != "plain" else "vicuna_v1"
+        prompts, pixels = [], []
+        for line, row in rows:
+            turns = [("human", IMAGE_TOKEN + "\n" + row["question"]), ("gpt", "x")]
+            pieces = render(turns, template, f"{path}: line {line}")
+            prompt = pieces[:[i for i, (_, sup) in enumerate(pieces) if sup][0]]  # up to the first reply
+            ids, _ = encode(prompt, self.tokenizer, self.image_token_id, self.model.num_image_tokens)
+            if len(ids) > self.max_length:
+                raise DataError(f"{path}: line {line}: field 'question': the prompt has {len(ids)} tokens, more than "
+                                f"data.max_length={self.max_length}")
+            prompts.append(ids)
+            pixels.append(image_pixels(Image.fromarray(read_image(os.path.join(self.root, row["image"]))),
+                                       self.image_size))
+        size, texts = int(self.run.eval_batch_size), []
+        for start in range(0, len(prompts), size):  # left-padded to max_length: one compiled program
+            chunk = list(range(start, min(start + size, len(prompts))))
+            chunk += [chunk[-1]] * (size - len(chunk))
+            ids = np.full((size, self.max_length), self.example.pad_id, np.int32)
+            mask = np.zeros((size, self.max_length), np.int32)
+            for r, k in enumerate(chunk):
+                ids[r, self.max_length - len(prompts[k]):] = prompts[k]
+                mask[r, self.max_length - len(prompts[k]):] = 1
+            tokens = np.asarray(generate(self.model, {"params": params}, ids, attention_mask=mask,
+                                         pixel_values=np.stack([pixels[k] for k in chunk]),
+                                         max_new_tokens=int(self.config.eval.max_new_tokens),
+                                         eos_token_id=self.tokenizer.eos_token_id))
+            texts += [self.tokenizer.decode(tokens[r, self.max_length:], skip_special_tokens=True).strip()
+                      for r in range(min(size, len(prompts) - start))]
+        answers = [{"id": row.get("id", line), "question": row["question"], "answer": text,
+                    "reference": row.get("reference", "")} for (line, row), text in zip(rows, texts)]
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "pathqabench_open_answers.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(a) + "\n" for a in answers)
+        self.log(f"open-ended answers for judging: {os.path.join(out_dir, 'pathqabench_open_answers.jsonl')}")
+        return len(answers)
