@@ -102,7 +102,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         c.teacher.warmup_temp_epochs = 3
         c.optim.warmup_steps = epoch * 1
         c.train.update(dict(steps=100, batch_size=16, log_every=5, checkpoint_every=50, eval_batch_size=32))
-        c.uni_eval.update(dict(image_size=64, batch_size=32))
+        c.uni_eval.update(dict(image_size=64, batch_size=32, tiling_preset="demo"))
         c.uni_eval.abmil.update(dict(epochs=10, folds=2))
     elif variant == "tiny":
         c.data.update(dict(tile_size=64, prefetch_threads=1))
@@ -115,7 +115,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         c.teacher.warmup_temp_epochs = 1
         c.optim.warmup_steps = epoch * 1
         c.train.update(dict(steps=4, batch_size=4, log_every=1, checkpoint_every=2, eval_batch_size=4))
-        c.uni_eval.update(dict(image_size=32, batch_size=8, read_threads=1))
+        c.uni_eval.update(dict(image_size=32, batch_size=8, read_threads=1, tiling_preset="demo"))
         c.uni_eval.abmil.update(dict(epochs=2, folds=2, max_tiles=8))
     elif variant != "full":  # "full" is the recipe above
         raise ValueError(f"uni_vitl16: unknown variant {variant!r}; choose full, demo or tiny")

@@ -36,6 +36,7 @@ import numpy as np
 from medjax.data.transforms.image import normalize_imagenet, resize
 from medjax.data.readers.text_io import open_text
 from medjax.data.tiling.coords import read_coords, tile_slide
+from medjax.data.tiling.tissue import PRESETS
 from medjax.data.readers.wsi import SLIDE_EXTENSIONS
 from medjax.data.pipelines.wsi_tiles import WSITileSource
 from medjax.metrics.knn import knn_evaluate
@@ -54,6 +55,8 @@ def uni_eval_config() -> ml_collections.ConfigDict:
         dir="",  # labelled WSI data (module doc); "" = data.dir, else the WSI demo
         image_size=224, batch_size=64,  # UNI eval transform: 224 px, ImageNet mean/std
         patch_size=256, magnification=20.0,  # UNI: 256 px tiles at 20x
+        tiling_preset="",  # slides without coords/: CLAM's preset; "" = "default", "demo" on the WSI demo
+        is_demo=False,  # set when dir falls back to the WSI demo
         test_fraction=0.3, split_seed=0,  # when tile_labels.csv has no split column (our choice)
         read_threads=4,
         knn=dict(k=20, voting="majority", temperature=0.07, center=True),  # UNI: k = 20, centred + L2-normalised
@@ -80,6 +83,7 @@ def _settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         else:
             from medjax.data.demo import ensure_demo
             settings.dir = ensure_demo("wsi")
+            settings.is_demo = True
     return settings
 
 
@@ -196,7 +200,8 @@ def _bag_source(root: str, slide_rows: list[dict], slides_csv: str, settings, wo
         path = _slide_path(root, row, slides_csv)
         h5 = os.path.join(root, "coords", f"{row['slide_id']}.h5")
         if not os.path.isfile(h5):
-            result = tile_slide(path, work_dir, patch_size=settings.patch_size, magnification=settings.magnification)
+            result = tile_slide(path, work_dir, patch_size=settings.patch_size, magnification=settings.magnification,
+                                params=PRESETS[settings.tiling_preset or ("demo" if settings.is_demo else "default")])
             if result.status != "ok":
                 raise ValueError(f"{path}: no tissue tiles for the ABMIL bag ({result.message})")
             h5 = result.h5_path
@@ -209,7 +214,7 @@ def _bag_source(root: str, slide_rows: list[dict], slides_csv: str, settings, wo
         levels.append(int(attrs["patch_level"]))
         sizes.append(int(attrs["patch_size"]))
     return WSITileSource(paths, np.concatenate(index), np.concatenate(coords), levels, sizes,
-                         tile_size=settings.patch_size)
+                         tile_size=settings.patch_size, allow_edge_tiles=True)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------

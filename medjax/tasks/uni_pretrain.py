@@ -35,6 +35,7 @@ from medjax.data import demo as demo_lib
 from medjax.data.transforms.block_masking import MaskingGenerator, max_masked_patches, sample_masks
 from medjax.data.pipelines.global_batches import global_batch_dataset
 from medjax.data.tiling.coords import tile_slides
+from medjax.data.tiling.tissue import PRESETS
 from medjax.data.verify import slide_checks
 from medjax.data.readers.wsi import list_slides
 from medjax.data.pipelines.wsi_tiles import DinoMultiCrop, WSITileSource
@@ -99,7 +100,8 @@ def tile_dirs(config, log=print) -> tuple[str, str]:
     if not os.path.isdir(coords):
         staging = f"{coords}.partial-{os.getpid()}"
         log(f"tiling the demo slides into {coords} (once)")
-        tile_slides(list_slides(slides), staging, patch_size=int(d.patch_size), magnification=float(d.magnification))
+        tile_slides(list_slides(slides), staging, patch_size=int(d.patch_size), magnification=float(d.magnification),
+                    params=PRESETS["demo"])  # the demo's small slides (CLAM's a_t = 100 keeps none)
         try:
             os.rename(staging, coords)
         except OSError:  # another process got there first

@@ -34,7 +34,7 @@ def colour_features(images):
 
 
 def small_config(data_dir, **eval_overrides):
-    block = dict(image_size=32, batch_size=16, knn=dict(k=5),
+    block = dict(image_size=32, batch_size=16, knn=dict(k=5), tiling_preset="demo",
                  abmil=dict(epochs=4, hidden_dim=32, attention_dim=16, lr=1e-3))
     block.update(eval_overrides)
     return ml_collections.ConfigDict(dict(data=dict(dir=data_dir), uni_eval=block))

@@ -68,7 +68,7 @@ class WSITileSource:
     def __init__(self, slide_paths: Sequence[str], slide_index: np.ndarray, coords: np.ndarray,
                  patch_level: Sequence[int], patch_size: Sequence[int], *, tile_size: int = 256,
                  labels: np.ndarray | None = None, max_open_slides: int = 8, backend: str = "auto",
-                 describe_tile: Callable[[int], str] | None = None, allow_edge_tiles: bool = False):
+                 describe_tile: Callable[[int], str] | None = None, allow_edge_tiles: bool | None = False):
         self.slide_paths = [str(p) for p in slide_paths]
         self.slide_index = np.asarray(slide_index, np.int32)
         describe = describe_tile or self._default_description
@@ -127,11 +127,13 @@ class WSITileSource:
     # -- construction from files --------------------------------------------------------------------
     @classmethod
     def from_coords_dir(cls, slides_dir: str, coords_dir: str, *, tile_size: int = 256, **kwargs) -> "WSITileSource":
-        """Every `<coords_dir>/<slide_id>.h5` (CLAM layout) with its slide `<slides_dir>/<slide_id>.<ext>`."""
+        """Every `<coords_dir>/<slide_id>.h5` (CLAM layout) with its slide `<slides_dir>/<slide_id>.<ext>`. Tiles
+        crossing the slide's edge are accepted when every file records `use_padding` = 1 (`python -m medjax.data
+        tile` writes it: CLAM's use_padding=True) or `allow_edge_tiles=True` is passed; else refused."""
         files = sorted(name for name in os.listdir(coords_dir) if name.endswith(".h5"))
         if not files:
             raise ValueError(f"{coords_dir}: no <slide_id>.h5 coordinate files")
-        paths, indices, coords, levels, sizes, h5_paths = [], [], [], [], [], []
+        paths, indices, coords, levels, sizes, h5_paths, padded = [], [], [], [], [], [], []
         for name in files:
             h5_path = os.path.join(coords_dir, name)
             xy, attrs = read_coords(h5_path)
@@ -141,6 +143,9 @@ class WSITileSource:
             coords.append(xy)
             levels.append(int(attrs["patch_level"]))
             sizes.append(int(attrs["patch_size"]))
+            padded.append(attrs.get("use_padding", 0))
+        if kwargs.get("allow_edge_tiles") is None:
+            kwargs["allow_edge_tiles"] = all(bool(flag) for flag in padded)
         index = np.concatenate(indices)
         starts = np.cumsum([0] + [len(c) for c in coords])
 
