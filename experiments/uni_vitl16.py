@@ -41,7 +41,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     ))
     c.head = ml_collections.ConfigDict(dict(
         out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3,
-        learn_gain=False,  # weight-norm gain fixed at 1 (reference); DINOv2's code leaves it trainable
+        # DINOv2: the weight-norm gain (weight_g) is a trained, weight-decayed parameter, frozen with the last layer in
+        # the first epoch (optim.frozen_early); False = DINO v1's fixed gain of 1 (norm_last_layer).
+        learn_gain=True,
     ))
     c.dino = ml_collections.ConfigDict(dict(
         loss_weight=1.0, student_temp=0.1,
@@ -61,9 +63,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     ))
     c.crops = ml_collections.ConfigDict(dict(
         global_size=224, local_size=96, num_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
-        # Gaussian blur on (global 1, global 2, local): the intended BYOL/DINO recipe. DINOv2's code
-        # passes 1 - p and so blurs with (0.0, 0.9, 0.5) (medjax.data.pipelines.wsi_tiles.DINOV2_CODE_BLUR_PROBS).
-        blur_probs=(1.0, 0.1, 0.5),
+        # Gaussian blur on (global 1, global 2, local): what DINOv2's code runs - its GaussianBlur(p) hands 1 - p to
+        # RandomApply, so global 1 is never blurred, global 2 with p 0.9, local crops with 0.5
+        # (medjax.data.pipelines.wsi_tiles.DINOV2_CODE_BLUR_PROBS). The papers' (BYOL / DINO) values: (1.0, 0.1, 0.5).
+        blur_probs=(0.0, 0.9, 0.5),
     ))
     c.schedule = ml_collections.ConfigDict(dict(epoch_length=1250))  # DINOv2 OFFICIAL_EPOCH_LENGTH
     epoch = c.schedule.get_ref("epoch_length")  # optim steps below follow --set schedule.epoch_length
