@@ -9,6 +9,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from medjax.data.tiling import coords as tiling
 from medjax.data.demo.wsi import TISSUE_CLASSES, make_wsi_demo
@@ -145,7 +146,8 @@ def test_each_bad_slide_is_named_and_the_others_go_on(slides, tmp_path):
     out = str(tmp_path / "coords")
     parser = argparse.ArgumentParser()
     tiling.add_tile_arguments(parser)
-    args = parser.parse_args(["--slides", slides, "--out", out, "--min-tissue-area", "1", "--min-hole-area", "0.125"])
+    args = parser.parse_args(["--slides", slides, "--out", out, "--min-tissue-area", "1", "--min-hole-area", "0.125",
+                              "--save-mask", "--stitch"])
     assert tiling.run_tile(args) == 1  # some slides failed
     with open(os.path.join(out, tiling.REPORT_NAME)) as handle:
         report = {row["slide_id"]: row for row in csv.DictReader(handle)}
@@ -157,7 +159,19 @@ def test_each_bad_slide_is_named_and_the_others_go_on(slides, tmp_path):
                                 ("no_mpp", "error", "no microns per pixel"), ("blank", "empty", "empty tissue mask")):
         assert report[name]["status"] == status and words in report[name]["message"]
         assert os.path.join(slides, f"{name}.tif") in report[name]["message"]
-    assert sorted(os.listdir(out)) == ["rect20.h5", "rect40.h5", tiling.REPORT_NAME]
+    assert sorted(os.listdir(out)) == ["masks", "rect20.h5", "rect40.h5", "stitches", tiling.REPORT_NAME]
+    # Previews at the mask level (16x): contours drawn in green and the hole in blue; the stitch shows exactly the
+    # kept tiles' footprints (16 x 16 thumbnail pixels each) of the thumbnail.
+    mask = np.asarray(Image.open(os.path.join(out, "masks", "rect20.png")))
+    assert mask.shape == (96, 128, 3)
+    assert ((mask == (0, 255, 0)).all(-1)).sum() > 100 and ((mask == (0, 0, 255)).all(-1)).sum() > 20
+    stitch = np.asarray(Image.open(os.path.join(out, "stitches", "rect20.png")))
+    footprint = np.zeros((96, 128), bool)
+    for x, y in EXPECTED_20X:
+        footprint[y // 16:y // 16 + 16, x // 16:x // 16 + 16] = True
+    assert ((stitch > 0).any(-1) == footprint).all()
+    # every slide that was segmented, empty ones too (a failed slide has none)
+    assert sorted(os.listdir(os.path.join(out, "masks"))) == ["blank.png", "no_pyramid.png", "rect20.png", "rect40.png"]
 
 
 def test_bad_slides_raise_or_warn_with_the_slide_name(slides, tmp_path):

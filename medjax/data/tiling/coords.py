@@ -8,7 +8,8 @@ corners whose attributes are CLAM's (`create_patches_fp.py`; Lu et al., Nat. Bio
 corner: CLAM's `extract_features_fp.py` and our `WSITileSource` both do), `downsample`,
 `downsampled_level_dim`, `level_dim`, `name`; and ours: `target_patch_size` (the side after
 resizing), `patch_size_level0` (the grid step), `magnification`, `mpp`, `use_padding` (1: edge tiles kept). It also writes
-`<out>/tiling_report.csv` (slide, status, tiles, message).
+`<out>/tiling_report.csv` (slide, status, tiles, message: CLAM's process list) and, with `--save-mask` /
+`--stitch`, `<out>/masks/<slide_id>.png` / `<out>/stitches/<slide_id>.png` previews (tiling/previews.py).
 
 Magnification (UNI / CLAM practice): the slide's level-0 magnification is 10 / mpp, snapped to the
 nearest standard objective (5, 10, 20, 40, 60, 80x) within 15% (an Aperio "40x" at 0.252 um/px is
@@ -41,6 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from medjax.data.tiling.contours import bounding_rect, point_polygon_test
+from medjax.data.tiling.previews import save_previews
 from medjax.data.tiling.tissue import PRESETS, TissueContours, TissueParams, tissue_contours
 from medjax.data.readers.wsi import Slide, SlideError, list_slides, open_slide, slide_id
 
@@ -208,14 +210,17 @@ def read_coords(path: str) -> tuple[np.ndarray, dict]:
 
 def tile_slide(path: str, out_dir: str, *, patch_size: int = 256, magnification: float = 20.0,
                params: TissueParams = TissueParams(), default_mpp: float | None = None,
-               use_padding: bool = True) -> SlideTiling:
-    """Tile one slide into `<out_dir>/<slide_id>.h5`; raises SlideError for a bad slide and warns
-    (SlideWarning) on an empty tissue mask."""
+               use_padding: bool = True, save_mask: bool = False, stitch: bool = False) -> SlideTiling:
+    """Tile one slide into `<out_dir>/<slide_id>.h5` (and `masks/`, `stitches/` previews: tiling/previews.py);
+    raises SlideError for a bad slide and warns (SlideWarning) on an empty tissue mask."""
     with open_slide(path) as slide:
         geometry = tile_geometry(slide, patch_size, magnification, default_mpp=default_mpp)
         tissue = tissue_contours(slide, params)
         coords = tile_coordinates(tissue, slide.level_dimensions[0], geometry.patch_size_level0,
                                   use_padding=use_padding)
+        if save_mask or stitch:
+            save_previews(out_dir, slide.slide_id, tissue, coords, geometry.patch_size_level0, mask=save_mask,
+                          stitch=stitch)
         if len(coords) == 0:
             message = (f"{path}: empty tissue mask ({len(tissue.contours)} tissue regions, no tile in tissue); "
                        "no coordinates written")
@@ -247,7 +252,8 @@ class _Progress:
 
 def tile_slides(slides: list[str], out_dir: str, *, patch_size: int = 256, magnification: float = 20.0,
                 params: TissueParams = TissueParams(), default_mpp: float | None = None,
-                use_padding: bool = True, stream=None) -> list[SlideTiling]:
+                use_padding: bool = True, save_mask: bool = False, stitch: bool = False,
+                stream=None) -> list[SlideTiling]:
     """Tile every slide; a bad slide is reported (and logged to `stream`) and the rest go on."""
     os.makedirs(out_dir, exist_ok=True)
     progress = _Progress(len(slides), stream)
@@ -257,7 +263,8 @@ def tile_slides(slides: list[str], out_dir: str, *, patch_size: int = 256, magni
             warnings.simplefilter("always", SlideWarning)
             try:
                 result = tile_slide(path, out_dir, patch_size=patch_size, magnification=magnification,
-                                    params=params, default_mpp=default_mpp, use_padding=use_padding)
+                                    params=params, default_mpp=default_mpp, use_padding=use_padding,
+                                    save_mask=save_mask, stitch=stitch)
             except Exception as error:  # every failure of one slide, named; the batch goes on
                 message = str(error) if isinstance(error, SlideError) else f"{path}: {type(error).__name__}: {error}"
                 result = SlideTiling(slide_id(path), path, "error", 0, message)
@@ -300,6 +307,10 @@ def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-holes", type=int, default=None, help="holes kept per region (CLAM max_n_holes)")
     parser.add_argument("--mask-downsample", type=float, default=None,
                         help="downsample of the pyramid level the tissue mask is computed on (CLAM seg_level -1: 64)")
+    parser.add_argument("--save-mask", action="store_true",
+                        help="write masks/<slide_id>.png: the thumbnail with tissue contours and holes (CLAM --seg)")
+    parser.add_argument("--stitch", action="store_true",
+                        help="write stitches/<slide_id>.png: the kept tiles on a black canvas (CLAM --stitch)")
     parser.add_argument("--no-padding", action="store_true",
                         help="drop tiles crossing the slide's edge (CLAM use_padding=False; default: kept, read as white)")
 
@@ -326,7 +337,8 @@ def run_tile(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlideWarning)  # shown on the progress line and in the report
         results = tile_slides(slides, args.out, patch_size=args.patch_size, magnification=args.magnification,
-                              params=params, default_mpp=args.default_mpp, use_padding=not args.no_padding)
+                              params=params, default_mpp=args.default_mpp, use_padding=not args.no_padding,
+                              save_mask=args.save_mask, stitch=args.stitch)
     failed = [r for r in results if r.status == "error"]
     empty = [r for r in results if r.status == "empty"]
     tiles = sum(r.num_tiles for r in results)
