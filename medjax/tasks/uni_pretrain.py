@@ -71,17 +71,30 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
 # ---- data ----------------------------------------------------------------------------------------------
 
 class DinoTransform:
-    """Picklable (example, rng) -> {"global_crops" (2, G, G, 3), "local_crops" (L, l, l, 3), "masks" (2, N) bool}:
-    DINOv2 multi-crop, then iBOT block masks for the two global crops (medjax.data.transforms.block_masking)."""
+    """Picklable (example, rng) -> {"global_crops" (2, G, G, 3), "local_crops" (L, l, l, 3)}: DINOv2 multi-crop."""
 
-    def __init__(self, multicrop: DinoMultiCrop, generator: MaskingGenerator, ratio_range, probability: float):
-        self.multicrop, self.generator = multicrop, generator
-        self.ratio_range, self.probability = tuple(ratio_range), float(probability)
+    def __init__(self, multicrop: DinoMultiCrop):
+        self.multicrop = multicrop
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
         crops = self.multicrop(example, rng)
-        masks = sample_masks(rng, self.generator, 2, ratio_range=self.ratio_range, probability=self.probability)
-        return {"global_crops": crops["global_crops"], "local_crops": crops["local_crops"], "masks": masks}
+        return {"global_crops": crops["global_crops"], "local_crops": crops["local_crops"]}
+
+
+class BatchMasks:
+    """Picklable (batch, rng) -> the batch with "masks" (B, 2, N) bool: iBOT block masks drawn over the batch's 2B
+    global crops as DINOv2's `collate_data_and_cast` (`dinov2/data/collate.py`) does: int(2B * probability) crops
+    masked with ratios stratified in equal bins over `ratio_range`, the rest unmasked, the masks shuffled across
+    crops (a sample may have 0, 1 or 2 masked crops). DINOv2 draws them per GPU batch; here per process batch."""
+
+    def __init__(self, generator: MaskingGenerator, ratio_range, probability: float):
+        self.generator = generator
+        self.ratio_range, self.probability = tuple(ratio_range), float(probability)
+
+    def __call__(self, batch: dict, rng: np.random.Generator) -> dict:
+        b = batch["global_crops"].shape[0]
+        masks = sample_masks(rng, self.generator, 2 * b, ratio_range=self.ratio_range, probability=self.probability)
+        return dict(batch, masks=masks.reshape(b, 2, -1))
 
 
 def tile_dirs(config, log=print) -> tuple[str, str]:
@@ -136,8 +149,7 @@ class UNIPretrainTask(TaskBase):
         self.grid = c.global_size // config.model.patch_size
         self.num_patches = self.grid ** 2
         ib = config.ibot
-        self.mask_slots_per_sample = max_masked_patches(self.num_patches, 2, ratio_range=tuple(ib.mask_ratio),
-                                                        probability=ib.mask_probability)
+        self.mask_ratio, self.mask_probability = tuple(ib.mask_ratio), float(ib.mask_probability)
         self.centering = config.dino.centering
         if self.centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
@@ -146,6 +158,14 @@ class UNIPretrainTask(TaskBase):
         self.momentum_fn = cosine_schedule(t.momentum, t.final_momentum, total)
         warm = int(t.warmup_temp_epochs * epoch)
         self.teacher_temp_fn = cosine_schedule(t.temp, t.temp, warm, warmup_steps=warm, warmup_start=t.warmup_temp)
+
+    def mask_buffer(self, global_batch: int) -> int:
+        """Static iBOT buffer for a global batch: per process DINOv2's `upperbound` of the masks `BatchMasks` draws
+        for its 2 * (global_batch / processes) crops (sum of int(N * bin top)), times the processes."""
+        processes = jax.process_count()
+        local = max(global_batch // processes, 1)
+        return processes * max_masked_patches(self.num_patches, 2 * local, ratio_range=self.mask_ratio,
+                                              probability=self.mask_probability)
 
     def work_per_example(self) -> tuple[int, str]:
         """Backbone tokens of one sample (for throughput): 2 global crops through the student and the
@@ -179,7 +199,7 @@ class UNIPretrainTask(TaskBase):
         b = batch["global_crops"].shape[0]
         flat = dinov2_lib.flatten_crops
         global_crops, local_crops, masks = flat(batch["global_crops"]), flat(batch["local_crops"]), flat(batch["masks"])
-        slots = dinov2_lib.masked_token_index(masks, b * self.mask_slots_per_sample)
+        slots = dinov2_lib.masked_token_index(masks, self.mask_buffer(b))
         temp = jax.lax.stop_gradient(params["teacher_temp"])
         teacher = jax.lax.stop_gradient(dinov2_lib.teacher_forward(
             self.model, jax.lax.stop_gradient(params["teacher"]), global_crops, slots["index"]))
@@ -233,17 +253,21 @@ class UNIPretrainTask(TaskBase):
         return source
 
     def transform(self) -> DinoTransform:
-        c, ib = self.config.crops, self.config.ibot
+        c = self.config.crops
         multicrop = DinoMultiCrop(global_size=c.global_size, local_size=c.local_size, global_scale=tuple(c.global_scale),
                                   local_scale=tuple(c.local_scale), num_local=c.num_local, blur_probs=tuple(c.blur_probs))
+        return DinoTransform(multicrop)
+
+    def batch_masks(self) -> BatchMasks:
         generator = MaskingGenerator(self.grid, max_num_patches=0.5 * self.num_patches)  # DINOv2 train.py
-        return DinoTransform(multicrop, generator, ib.mask_ratio, ib.mask_probability)
+        return BatchMasks(generator, self.mask_ratio, self.mask_probability)
 
     def train_data(self):
         return global_batch_dataset(
             self.tile_source, global_batch=self.global_batch, seed=int(self.config.seed), transform=self.transform(),
             process_index=jax.process_index(), process_count=jax.process_count(),
-            prefetch_threads=int(self.config.data.prefetch_threads), on_bad_example=self.on_bad_example)
+            prefetch_threads=int(self.config.data.prefetch_threads), on_bad_example=self.on_bad_example,
+        ).random_map(self.batch_masks(), seed=int(self.config.seed) + 1)  # iBOT masks per batch (BatchMasks)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def feature_fn(self, params):
