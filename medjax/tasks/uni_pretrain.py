@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +126,38 @@ def tile_dirs(config, log=print) -> tuple[str, str]:
     return slides, coords
 
 
+# ---- DINOv2's init --------------------------------------------------------------------------------------
+
+_LINEAR = re.compile(r"(^|/)(attn/(query|key|value|out)|mlp/fc[12]|(dino|ibot)_head/mlp_\d+)/(kernel|bias)$")
+_TINY_TOKENS = re.compile(r"(^|/)(cls_token|register_tokens)$")
+_POS_EMBED = re.compile(r"(^|/)pos_embed$")
+
+
+def dinov2_init(params: Any, rng: jax.Array) -> Any:
+    """DINOv2's `init_weights` on a network's params (`dinov2/models/vision_transformer.py` `init_weights`,
+    `init_weights_vit_timm`; `layers/dino_head.py` `_init_weights`): every Linear of the blocks and the heads' MLPs
+    trunc_normal_(std=0.02) (torch truncates at +-2 absolute, i.e. +-100 std) with zero biases, pos_embed the
+    same, cls_token (and register tokens) normal(1e-6). The patch embedding (torch's Conv2d default), norms,
+    LayerScale, mask token and the weight-normalised last layer keep their init. Boxed leaves stay boxed."""
+    flat = traverse_util.flatten_dict(params)
+    keys = jax.random.split(rng, len(flat))
+    out = {}
+    for key, (path, leaf) in zip(keys, flat.items()):
+        name = "/".join(path)
+        value = nn.unbox(leaf)
+        if _LINEAR.search(name) and name.endswith("bias"):
+            new = jnp.zeros_like(value)
+        elif _LINEAR.search(name) or _POS_EMBED.search(name):
+            new = jnp.clip(0.02 * jax.random.normal(key, value.shape, jnp.float32), -2.0, 2.0).astype(value.dtype)
+        elif _TINY_TOKENS.search(name):
+            new = (1e-6 * jax.random.normal(key, value.shape, jnp.float32)).astype(value.dtype)
+        else:
+            out[path] = leaf
+            continue
+        out[path] = leaf.replace_boxed(new) if isinstance(leaf, nn.meta.AxisMetadata) else new
+    return traverse_util.unflatten_dict(out)
+
+
 # ---- the task ------------------------------------------------------------------------------------------
 
 def network_from_config(config) -> dinov2_lib.DINOv2Network:
@@ -185,6 +220,11 @@ class UNIPretrainTask(TaskBase):
         params_rng, dropout_rng = jax.random.split(rng)
         student = self.model.init({"params": params_rng, "dropout": dropout_rng}, batch["global_crops"],
                                   batch["local_crops"], batch["masks"], train=False)["params"]
+        scheme = self.config.model.get("weight_init", "flax")
+        if scheme == "dinov2":
+            student = dinov2_init(student, jax.random.fold_in(params_rng, 1))
+        elif scheme != "flax":
+            raise ValueError(f"model.weight_init must be 'dinov2' or 'flax', got {scheme!r}")
         params = {"student": student, "teacher": jax.tree.map(lambda x: x, student),  # DINOv2: teacher = student
                   "teacher_temp": jnp.asarray(self.teacher_temp_fn(0), jnp.float32)}
         if self.centering == "centering":

@@ -11,7 +11,7 @@ from medjax import optim
 from medjax.data.pipelines.wsi_tiles import DINOV2_CODE_BLUR_PROBS
 from medjax.data.transforms.block_masking import MaskingGenerator, max_masked_patches
 from medjax.models.dinov2 import DINOHead
-from medjax.tasks.uni_pretrain import BatchMasks
+from medjax.tasks.uni_pretrain import BatchMasks, dinov2_init
 
 
 def test_head_gain_is_trained_decayed_and_frozen_in_the_first_epoch():
@@ -73,3 +73,34 @@ def test_ibot_masks_are_drawn_per_batch_as_dinov2s_collate():
     # Reproducible from the batch's rng; different batches differ.
     np.testing.assert_array_equal(draw(batch, np.random.default_rng(0))["masks"], masks)
     assert (draw(batch, np.random.default_rng(1))["masks"] != masks).any()
+
+
+def test_dinov2_init_weights():
+    rng = np.random.default_rng(0)
+    params = {"backbone": {"blocks": {"attn": {"query": {"kernel": nn.Partitioned(jnp.asarray(rng.normal(size=(4, 64, 2, 32)),
+                                                                                              jnp.float32), (None,) * 4),
+                                                         "bias": jnp.ones((4, 2, 32))}},
+                                      "mlp": {"fc1": {"kernel": jnp.ones((4, 64, 256)), "bias": jnp.ones((4, 256))}},
+                                      "norm1": {"scale": jnp.full((4, 64), 3.0)}, "ls1": jnp.full((4, 64), 1e-5)},
+                           "cls_token": jnp.ones((1, 1, 64)), "pos_embed": jnp.ones((1, 17, 64)),
+                           "patch_embed": {"proj": {"kernel": jnp.ones((8, 8, 3, 64))}}},
+              "dino_head": {"mlp_0": {"kernel": jnp.ones((64, 512)), "bias": jnp.ones((512,))},
+                            "last_layer": {"kernel": jnp.ones((16, 64)), "gain": jnp.ones((64,))}}}
+    out = dinov2_init(params, jax.random.key(0))
+    query = out["backbone"]["blocks"]["attn"]["query"]["kernel"]
+    assert isinstance(query, nn.Partitioned) and query.names == (None,) * 4  # boxes kept
+    for kernel in (query.value, out["backbone"]["blocks"]["mlp"]["fc1"]["kernel"], out["dino_head"]["mlp_0"]["kernel"],
+                   out["backbone"]["pos_embed"]):
+        assert abs(float(jnp.std(kernel)) - 0.02) < 0.002 and abs(float(jnp.mean(kernel))) < 0.002
+    for bias in (out["backbone"]["blocks"]["attn"]["query"]["bias"], out["backbone"]["blocks"]["mlp"]["fc1"]["bias"],
+                 out["dino_head"]["mlp_0"]["bias"]):
+        assert not np.asarray(bias).any()
+    assert 0 < float(jnp.abs(out["backbone"]["cls_token"]).max()) < 1e-5
+    for path in (("backbone", "blocks", "norm1", "scale"), ("backbone", "blocks", "ls1"),
+                 ("backbone", "patch_embed", "proj", "kernel"), ("dino_head", "last_layer", "kernel"),
+                 ("dino_head", "last_layer", "gain")):
+        a, b = params, out
+        for key in path:
+            a, b = a[key], b[key]
+        assert a is b, path  # untouched
+    assert config_lib.get_config("uni_vitl16", "full").model.weight_init == "dinov2"
