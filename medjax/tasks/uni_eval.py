@@ -62,7 +62,8 @@ def uni_eval_config() -> ml_collections.ConfigDict:
         knn=dict(k=20, voting="majority", temperature=0.07, center=True),  # UNI: k = 20, centred + L2-normalised
         linear=dict(max_iter=1000, penalty="uni"),  # UNI: L-BFGS, 1000 iterations, C = D * classes / 100
         abmil=dict(enabled=True, hidden_dim=512, attention_dim=384, dropout=0.25, epochs=20, lr=1e-4,
-                   weight_decay=1e-5, folds=5, seed=0, max_tiles=0),  # max_tiles > 0: seeded subset per bag
+                   weight_decay=1e-5, folds=5, seed=0, max_tiles=0,  # max_tiles > 0: seeded subset per bag
+                   ordinal=False),  # True: slide labels are ordered grades (PANDA ISUP): + quadratic kappa
     ))
 
 
@@ -298,6 +299,8 @@ def uni_results_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> 
             ("ROI: tile classes (tile_labels.csv)", "Weighted F1", "weighted_f1"),
             ("Slide: slide label (slides.csv)", "Balanced acc.", "balanced_acc"),
             ("Slide: slide label (slides.csv)", "AUC", "auc")]
+    if any("abmil/quadratic_kappa" in results for _, results in columns):  # ordinal slide labels (PANDA)
+        rows.append(("Slide: slide label (slides.csv)", "Quadratic kappa", "quadratic_kappa"))
     header = "| Task | Metric | " + " | ".join(f"{label} kNN | {label} Linear | {label} ABMIL"
                                              for label, _ in columns) + " |"
     lines = [f"UNI evaluation of {exp} (Chen et al., Nat. Med. 2024, supplementary-table layout)", "",
