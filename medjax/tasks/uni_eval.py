@@ -39,7 +39,8 @@ from medjax.data.tiling.coords import read_coords, tile_slide
 from medjax.data.tiling.tissue import PRESETS
 from medjax.data.readers.wsi import SLIDE_EXTENSIONS
 from medjax.data.pipelines.wsi_tiles import WSITileSource
-from medjax.metrics.knn import knn_evaluate
+from medjax.metrics.fewshot import bootstrap_ci, fewshot_evaluate
+from medjax.metrics.knn import knn_evaluate, knn_predict
 from medjax.metrics.linear_probe import linear_probe_evaluate
 from medjax.models.uni import uni_fields_from_params, uni_model
 from medjax.tasks.uni_slide_classification import slide_level_eval
@@ -60,7 +61,10 @@ def uni_eval_config() -> ml_collections.ConfigDict:
         test_fraction=0.3, split_seed=0,  # when tile_labels.csv has no split column (our choice)
         read_threads=4,
         knn=dict(k=20, voting="majority", temperature=0.07, center=True),  # UNI: k = 20, centred + L2-normalised
-        linear=dict(max_iter=1000, penalty="uni"),  # UNI: L-BFGS, 1000 iterations, C = D * classes / 100
+        linear=dict(max_iter=1000, penalty="uni"),
+        # UNI eval_fewshot: SimpleShot over k = 1..32 labelled tiles per class; repeats our choice
+        fewshot=dict(enabled=True, shots=(1, 2, 4, 8, 16, 32), repeats=100, seed=0),
+        bootstrap=dict(samples=1000, seed=0),  # 95% CI of the kNN balanced accuracy (percentile bootstrap)  # UNI: L-BFGS, 1000 iterations, C = D * classes / 100
         abmil=dict(enabled=True, hidden_dim=512, attention_dim=384, dropout=0.25, epochs=20, lr=1e-4,
                    weight_decay=1e-5, folds=5, seed=0, max_tiles=0,  # max_tiles > 0: seeded subset per bag
                    ordinal=False),  # True: slide labels are ordered grades (PANDA ISUP): + quadratic kappa
@@ -232,6 +236,16 @@ def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, 
         features[train], labels[train], features[test], labels[test], k=k, num_classes=num_classes,
         center=knn.center, voting=knn.voting, temperature=knn.temperature).items()}
     results["knn/k"] = float(k)
+    if settings.bootstrap.samples:
+        predictions, _ = knn_predict(features[train], labels[train], features[test], k=k, num_classes=num_classes,
+                                     center=knn.center, voting=knn.voting, temperature=knn.temperature)
+        low, high = bootstrap_ci(labels[test], predictions, samples=int(settings.bootstrap.samples),
+                                 seed=int(settings.bootstrap.seed))
+        results |= {"knn/balanced_acc_ci_low": low, "knn/balanced_acc_ci_high": high}
+    if settings.fewshot.enabled:
+        results |= {f"fewshot/{name}": v for name, v in fewshot_evaluate(
+            features[train], labels[train], features[test], labels[test], shots=tuple(settings.fewshot.shots),
+            repeats=int(settings.fewshot.repeats), seed=int(settings.fewshot.seed)).items()}
     results |= {f"linear/{name}": v for name, v in linear_probe_evaluate(
         features[train], labels[train], features[test], labels[test], num_classes=num_classes,
         max_iter=settings.linear.max_iter, penalty=settings.linear.penalty).items()}

@@ -52,6 +52,8 @@ def test_evaluate_uni_on_the_wsi_demo(wsi_demo):
         assert 0.0 <= results[key] <= 1.0, key
     # Stroma, tumour and lymphocyte tiles differ in colour and nuclear density: kNN separates them.
     assert results["knn/balanced_acc"] >= 0.8
+    assert results["knn/balanced_acc_ci_low"] <= results["knn/balanced_acc"] <= results["knn/balanced_acc_ci_high"]
+    assert 0.0 < results["fewshot/1shot/balanced_acc"] <= 1.0 and "fewshot/1shot/balanced_acc_std" in results
     table = uni_results_table("uni_vitl16", [("demo", results)])
     assert f"| ROI: tile classes (tile_labels.csv) | Balanced acc. | {results['knn/balanced_acc']:.3f} | " \
            f"{results['linear/balanced_acc']:.3f} | – |" in table
