@@ -152,3 +152,18 @@ def test_presets_are_clams_csv_values():
     biopsy = PRESETS["bwh_biopsy"]
     assert (biopsy.saturation_threshold, biopsy.median_size, biopsy.close_size, biopsy.max_holes) == (15, 11, 2, 2)
     assert os.path.basename(tiling.__file__) == "coords.py"
+
+
+def test_jpeg_and_jpeg2000_tiled_slides_decode(tmp_path):
+    """SVS / NDPI tiles are JPEG (or JPEG 2000, Aperio 33003/33005): imagecodecs, an install requirement, decodes them."""
+    import tifffile
+
+    pixels = _slide_pixels("holes", 0)[:512, :512].copy()
+    write_pyramidal_tiff(str(tmp_path / "jpeg.tif"), pixels, mpp=0.5, compression="jpeg", compression_level=95,
+                         downsamples=(1, 4))
+    tifffile.imwrite(tmp_path / "j2k.tif", pixels, tile=(256, 256), compression="jpeg2000",
+                     compressionargs={"level": 100}, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    for name, tolerance in (("jpeg.tif", 12), ("j2k.tif", 1)):
+        with open_slide(str(tmp_path / name)) as slide:
+            region = slide.read_region((128, 128), 0, (256, 256)).astype(int)
+        assert np.abs(region - pixels[128:384, 128:384]).mean() < tolerance, name
