@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medjax.data.readers.image_folder import ImageFolderSource
 from medjax.data.transforms.image import normalize_imagenet, resize
+from medjax.errors import MedjaxInputError
 from medjax.data.readers.text_io import open_text
 from medjax.data.tiling.coords import read_coords, tile_slide
 from medjax.data.tiling.tissue import PRESETS
@@ -58,6 +60,9 @@ def uni_eval_config() -> ml_collections.ConfigDict:
         patch_size=256, magnification=20.0,  # UNI: 256 px tiles at 20x
         tiling_preset="",  # slides without coords/: CLAM's preset; "" = "default", "demo" on the WSI demo
         is_demo=False,  # set when dir falls back to the WSI demo
+        # ROI benchmarks in ImageFolder layout (e.g. CRC-100K: roi_train=.../NCT-CRC-HE-100K,
+        # roi_test=.../CRC-VAL-HE-7K): the tile-level metrics on those instead of tile_labels.csv
+        roi_train="", roi_test="",
         test_fraction=0.3, split_seed=0,  # when tile_labels.csv has no split column (our choice)
         read_threads=4,
         knn=dict(k=20, voting="majority", temperature=0.07, center=True),  # UNI: k = 20, centred + L2-normalised
@@ -81,7 +86,7 @@ def _settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             settings.update(block.to_dict() if hasattr(block, "to_dict") else dict(block))
         except (KeyError, AttributeError) as error:
             raise ValueError(f"config.uni_eval: {error}; known keys are those of uni_eval_config()") from error
-    if not settings.dir:
+    if not settings.dir and not settings.roi_train:  # ROI benchmarks need no WSI data
         data_dir = config.get("data", {}).get("dir", "") if hasattr(config, "get") else ""
         if data_dir:
             settings.dir = data_dir
@@ -252,10 +257,26 @@ def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, 
     return results | {"tiles/train": float(train.sum()), "tiles/test": float(test.sum())}
 
 
+def roi_level_eval(feature_fn: FeatureFn, settings) -> dict[str, float]:
+    """kNN / linear probe / few-shot on ROI images in ImageFolder layout (`uni_eval.roi_train`, `roi_test`; labels
+    numbered by the train set's sorted class names)."""
+    if not settings.roi_test:
+        raise MedjaxInputError(f"uni_eval.roi_train={settings.roi_train!r} needs uni_eval.roi_test (the test images, "
+                               "ImageFolder layout, e.g. CRC-VAL-HE-7K)")
+    train = ImageFolderSource(settings.roi_train)
+    test = ImageFolderSource(settings.roi_test, classes=train.classes)
+    features = np.concatenate([source_features(feature_fn, train, settings), source_features(feature_fn, test, settings)])
+    labels = np.concatenate([train.labels, test.labels]).astype(np.int64)
+    is_test = np.arange(len(labels)) >= len(train)
+    return tile_level_eval(features, labels, is_test, settings)
+
+
 def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> dict[str, float]:
     """UNI's tile-level (kNN, linear probe) and slide-level (ABMIL) metrics of `feature_fn` (module doc);
     `config` is an experiment config whose optional `uni_eval` block overrides `uni_eval_config()`."""
     settings = _settings(config)
+    if settings.roi_train:
+        return roi_level_eval(feature_fn, settings)
     root = settings.dir
     labels_csv = os.path.join(root, "tile_labels.csv")
     if not os.path.isfile(labels_csv):

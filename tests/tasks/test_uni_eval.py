@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from medjax.data.demo.wsi import make_wsi_demo
+from medjax.errors import MedjaxInputError
 from medjax.models.uni import uni_fields_from_params, uni_model
 from medjax.tasks.uni_eval import (_split_flags, evaluate_uni, extract_features, stratified_holdout, uni_eval_config,
                                    uni_feature_fn, uni_results_table)
@@ -116,3 +117,25 @@ def test_bad_configs(tmp_path):
     with pytest.raises(ValueError, match="config.uni_eval"):
         evaluate_uni(colour_features, small_config(str(tmp_path), knn_neighbours=3))
     assert uni_eval_config().knn.k == 20 and uni_eval_config().linear.max_iter == 1000
+
+
+def test_roi_benchmark_in_imagefolder_layout(tmp_path):
+    """CRC-100K's layout: train NCT-CRC-HE-100K/<CLASS>/*.tif, test CRC-VAL-HE-7K/<CLASS>/*.tif."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"ADI": (245, 240, 240), "LYM": (60, 40, 140), "TUM": (180, 70, 150)}
+    for split, count in (("NCT-CRC-HE-100K", 6), ("CRC-VAL-HE-7K", 3)):
+        for name, colour in colours.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (48, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{name}-{i}.tif")
+    config = small_config("", roi_train=str(tmp_path / "NCT-CRC-HE-100K"), roi_test=str(tmp_path / "CRC-VAL-HE-7K"))
+    results = evaluate_uni(colour_features, config)
+    assert results["tiles/train"] == 18 and results["tiles/test"] == 9
+    assert results["knn/balanced_acc"] == 1.0 and results["linear/balanced_acc"] == 1.0  # colours separate
+    assert results["fewshot/1shot/balanced_acc"] == 1.0 and "abmil/slides" not in results
+    (tmp_path / "CRC-VAL-HE-7K" / "STR").mkdir()
+    with pytest.raises(MedjaxInputError, match=r"CRC-VAL-HE-7K: class directories \['STR'\] are not among"):
+        evaluate_uni(colour_features, config)
