@@ -89,3 +89,20 @@ def test_extract_names_a_coordinates_file_without_its_slide(setup, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "missing_slide.h5" in err[0] and "no slide 'missing_slide'" in err[0]
+
+
+def test_abmil_reads_the_extracted_feature_files(tmp_path):
+    from medjax.errors import MedjaxInputError
+    from medjax.inference.slide_features import write_features
+    from medjax.tasks.uni_eval import read_feature_bags
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for sid, n in (("a", 5), ("b", 9)):
+        written[sid] = rng.normal(size=(n, 4)).astype(np.float32)
+        write_features(str(tmp_path), sid, written[sid], np.zeros((n, 2), np.int64), {"patch_size": 256})
+    bags = read_feature_bags(str(tmp_path), ["b", "a"], "slides.csv")
+    np.testing.assert_array_equal(bags[0], written["b"])
+    np.testing.assert_array_equal(bags[1], written["a"])
+    with pytest.raises(MedjaxInputError, match=r"slides.csv: slide 'c' has no features file .*h5_files/c\.h5"):
+        read_feature_bags(str(tmp_path), ["c"], "slides.csv")

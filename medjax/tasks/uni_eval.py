@@ -63,6 +63,7 @@ def uni_eval_config() -> ml_collections.ConfigDict:
         # ROI benchmarks in ImageFolder layout (e.g. CRC-100K: roi_train=.../NCT-CRC-HE-100K,
         # roi_test=.../CRC-VAL-HE-7K): the tile-level metrics on those instead of tile_labels.csv
         roi_train="", roi_test="",
+        features_dir="",  # `python -m medjax.extract` output (h5_files/<slide_id>.h5): ABMIL bags read from it
         test_fraction=0.3, split_seed=0,  # when tile_labels.csv has no split column (our choice)
         read_threads=4,
         knn=dict(k=20, voting="majority", temperature=0.07, center=True),  # UNI: k = 20, centred + L2-normalised
@@ -257,6 +258,23 @@ def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, 
     return results | {"tiles/train": float(train.sum()), "tiles/test": float(test.sum())}
 
 
+def read_feature_bags(features_dir: str, slide_ids: Sequence[str], where: str) -> list[np.ndarray]:
+    """Per slide the (N, D) float32 `features` of `<features_dir>/h5_files/<slide_id>.h5` (CLAM's
+    extract_features_fp layout, `python -m medjax.extract`); a missing file is an error naming `where`."""
+    import h5py
+
+    bags = []
+    for sid in slide_ids:
+        path = os.path.join(features_dir, "h5_files", f"{sid}.h5")
+        if not os.path.isfile(path):
+            raise MedjaxInputError(f"{where}: slide {sid!r} has no features file {path} (run python -m medjax.extract)")
+        with h5py.File(path, "r") as handle:
+            if "features" not in handle:
+                raise MedjaxInputError(f"{path}: no dataset 'features' (expected CLAM's layout: features, coords)")
+            bags.append(np.asarray(handle["features"][()], np.float32))
+    return bags
+
+
 def roi_level_eval(feature_fn: FeatureFn, settings) -> dict[str, float]:
     """kNN / linear probe / few-shot on ROI images in ImageFolder layout (`uni_eval.roi_train`, `roi_test`; labels
     numbered by the train set's sorted class names)."""
@@ -297,10 +315,13 @@ def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> di
             slide_labels = np.array([int(row["label"]) for row in rows], np.int64)
         except ValueError as error:
             raise ValueError(f"{slides_csv}: column 'label' must hold integers ({error})") from error
-        with tempfile.TemporaryDirectory(prefix="medjax-uni-bags-") as work_dir:
-            bag_source = _bag_source(root, rows, slides_csv, settings, work_dir)
-            features = source_features(feature_fn, bag_source, settings)
-        bags = [features[bag_source.slide_index == s] for s in range(len(rows))]
+        if settings.features_dir:
+            bags = read_feature_bags(settings.features_dir, [row["slide_id"] for row in rows], slides_csv)
+        else:
+            with tempfile.TemporaryDirectory(prefix="medjax-uni-bags-") as work_dir:
+                bag_source = _bag_source(root, rows, slides_csv, settings, work_dir)
+                features = source_features(feature_fn, bag_source, settings)
+            bags = [features[bag_source.slide_index == s] for s in range(len(rows))]
         results |= slide_level_eval(bags, slide_labels, _split_flags(rows, slides_csv), settings, slides_csv)
     return results
 
