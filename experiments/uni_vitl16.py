@@ -36,12 +36,15 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         image_size=224, patch_size=16, width=1024, depth=24, num_heads=16, mlp_ratio=4.0, layerscale_init=1e-5,
         drop_path=0.3, drop_path_uniform=True,  # DINOv2: drop path 0.3, uniform over blocks
         num_register_tokens=0, interpolate_offset=0.1, interpolate_antialias=False,
+        weight_init="dinov2",  # DINOv2's init_weights (trunc-normal 0.02 linears, zero biases, cls 1e-6); "flax": Flax's
         remat="none",  # "none" | "full" | "dots_saveable": recompute block activations in backward
         scan=None,  # nn.scan the backbone's blocks; None: when depth >= 12 (params under blocks/)
     ))
     c.head = ml_collections.ConfigDict(dict(
         out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3,
-        learn_gain=False,  # weight-norm gain fixed at 1 (reference); DINOv2's code leaves it trainable
+        # DINOv2: the weight-norm gain (weight_g) is a trained, weight-decayed parameter, frozen with the last layer in
+        # the first epoch (optim.frozen_early); False = DINO v1's fixed gain of 1 (norm_last_layer).
+        learn_gain=True,
     ))
     c.dino = ml_collections.ConfigDict(dict(
         loss_weight=1.0, student_temp=0.1,
@@ -61,9 +64,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     ))
     c.crops = ml_collections.ConfigDict(dict(
         global_size=224, local_size=96, num_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32),
-        # Gaussian blur on (global 1, global 2, local): the intended BYOL/DINO recipe. DINOv2's code
-        # passes 1 - p and so blurs with (0.0, 0.9, 0.5) (medjax.data.pipelines.wsi_tiles.DINOV2_CODE_BLUR_PROBS).
-        blur_probs=(1.0, 0.1, 0.5),
+        # Gaussian blur on (global 1, global 2, local): what DINOv2's code runs - its GaussianBlur(p) hands 1 - p to
+        # RandomApply, so global 1 is never blurred, global 2 with p 0.9, local crops with 0.5
+        # (medjax.data.pipelines.wsi_tiles.DINOV2_CODE_BLUR_PROBS). The papers' (BYOL / DINO) values: (1.0, 0.1, 0.5).
+        blur_probs=(0.0, 0.9, 0.5),
     ))
     c.schedule = ml_collections.ConfigDict(dict(epoch_length=1250))  # DINOv2 OFFICIAL_EPOCH_LENGTH
     epoch = c.schedule.get_ref("epoch_length")  # optim steps below follow --set schedule.epoch_length
@@ -102,7 +106,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         c.teacher.warmup_temp_epochs = 3
         c.optim.warmup_steps = epoch * 1
         c.train.update(dict(steps=100, batch_size=16, log_every=5, checkpoint_every=50, eval_batch_size=32))
-        c.uni_eval.update(dict(image_size=64, batch_size=32))
+        c.uni_eval.update(dict(image_size=64, batch_size=32, tiling_preset="demo"))
         c.uni_eval.abmil.update(dict(epochs=10, folds=2))
     elif variant == "tiny":
         c.data.update(dict(tile_size=64, prefetch_threads=1))
@@ -115,7 +119,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         c.teacher.warmup_temp_epochs = 1
         c.optim.warmup_steps = epoch * 1
         c.train.update(dict(steps=4, batch_size=4, log_every=1, checkpoint_every=2, eval_batch_size=4))
-        c.uni_eval.update(dict(image_size=32, batch_size=8, read_threads=1))
+        c.uni_eval.update(dict(image_size=32, batch_size=8, read_threads=1, tiling_preset="demo"))
         c.uni_eval.abmil.update(dict(epochs=2, folds=2, max_tiles=8))
     elif variant != "full":  # "full" is the recipe above
         raise ValueError(f"uni_vitl16: unknown variant {variant!r}; choose full, demo or tiny")

@@ -16,10 +16,12 @@ def make_test_demo(kind: str, out: str) -> str:
     if kind == "wsi":
         from medjax.data.demo.wsi import make_wsi_demo
         from medjax.data.tiling.coords import list_slides, tile_slides
+        from medjax.data.tiling.tissue import PRESETS
 
         make_wsi_demo(out, num_slides=1, size=1536)
         with open(os.devnull, "w") as quiet:
-            tile_slides(list_slides(os.path.join(out, "slides")), os.path.join(out, "coords"), stream=quiet)
+            tile_slides(list_slides(os.path.join(out, "slides")), os.path.join(out, "coords"), params=PRESETS["demo"],
+                        stream=quiet)
         return out
     if kind == "image_report":
         from medjax.data.demo.image_report import make_image_report_demo

@@ -12,6 +12,7 @@ from medjax import config as config_lib
 from medjax.checkpoint import restore_params
 from medjax.data.demo.wsi import make_wsi_demo
 from medjax.data.tiling.coords import tile_slides
+from medjax.data.tiling.tissue import PRESETS
 from medjax.data.readers.wsi import list_slides
 from medjax.tasks.uni_pretrain import UNIPretrainTask
 
@@ -21,7 +22,8 @@ def wsi_tiles(tmp_path_factory):
     """One small demo slide in `slides/`, tiled into `coords/` (the layout `--data` expects)."""
     root = str(tmp_path_factory.mktemp("uni_wsi"))
     make_wsi_demo(root, num_slides=1, size=1536)
-    results = tile_slides(list_slides(os.path.join(root, "slides")), os.path.join(root, "coords"), stream=open(os.devnull, "w"))
+    results = tile_slides(list_slides(os.path.join(root, "slides")), os.path.join(root, "coords"), params=PRESETS["demo"],
+                          stream=open(os.devnull, "w"))
     assert results[0].num_tiles >= 4
     return root
 

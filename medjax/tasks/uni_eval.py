@@ -33,12 +33,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from medjax.data.readers.image_folder import ImageFolderSource
 from medjax.data.transforms.image import normalize_imagenet, resize
+from medjax.errors import MedjaxInputError
 from medjax.data.readers.text_io import open_text
 from medjax.data.tiling.coords import read_coords, tile_slide
+from medjax.data.tiling.tissue import PRESETS
 from medjax.data.readers.wsi import SLIDE_EXTENSIONS
 from medjax.data.pipelines.wsi_tiles import WSITileSource
-from medjax.metrics.knn import knn_evaluate
+from medjax.metrics.fewshot import bootstrap_ci, fewshot_evaluate
+from medjax.metrics.knn import knn_evaluate, knn_predict
 from medjax.metrics.linear_probe import linear_probe_evaluate
 from medjax.models.uni import uni_fields_from_params, uni_model
 from medjax.tasks.uni_slide_classification import slide_level_eval
@@ -54,12 +58,22 @@ def uni_eval_config() -> ml_collections.ConfigDict:
         dir="",  # labelled WSI data (module doc); "" = data.dir, else the WSI demo
         image_size=224, batch_size=64,  # UNI eval transform: 224 px, ImageNet mean/std
         patch_size=256, magnification=20.0,  # UNI: 256 px tiles at 20x
+        tiling_preset="",  # slides without coords/: CLAM's preset; "" = "default", "demo" on the WSI demo
+        is_demo=False,  # set when dir falls back to the WSI demo
+        # ROI benchmarks in ImageFolder layout (e.g. CRC-100K: roi_train=.../NCT-CRC-HE-100K,
+        # roi_test=.../CRC-VAL-HE-7K): the tile-level metrics on those instead of tile_labels.csv
+        roi_train="", roi_test="",
+        features_dir="",  # `python -m medjax.extract` output (h5_files/<slide_id>.h5): ABMIL bags read from it
         test_fraction=0.3, split_seed=0,  # when tile_labels.csv has no split column (our choice)
         read_threads=4,
         knn=dict(k=20, voting="majority", temperature=0.07, center=True),  # UNI: k = 20, centred + L2-normalised
-        linear=dict(max_iter=1000, penalty="uni"),  # UNI: L-BFGS, 1000 iterations, C = D * classes / 100
+        linear=dict(max_iter=1000, penalty="uni"),
+        # UNI eval_fewshot: SimpleShot over k = 1..32 labelled tiles per class; repeats our choice
+        fewshot=dict(enabled=True, shots=(1, 2, 4, 8, 16, 32), repeats=100, seed=0),
+        bootstrap=dict(samples=1000, seed=0),  # 95% CI of the kNN balanced accuracy (percentile bootstrap)  # UNI: L-BFGS, 1000 iterations, C = D * classes / 100
         abmil=dict(enabled=True, hidden_dim=512, attention_dim=384, dropout=0.25, epochs=20, lr=1e-4,
-                   weight_decay=1e-5, folds=5, seed=0, max_tiles=0),  # max_tiles > 0: seeded subset per bag
+                   weight_decay=1e-5, folds=5, seed=0, max_tiles=0,  # max_tiles > 0: seeded subset per bag
+                   ordinal=False),  # True: slide labels are ordered grades (PANDA ISUP): + quadratic kappa
     ))
 
 
@@ -73,13 +87,14 @@ def _settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             settings.update(block.to_dict() if hasattr(block, "to_dict") else dict(block))
         except (KeyError, AttributeError) as error:
             raise ValueError(f"config.uni_eval: {error}; known keys are those of uni_eval_config()") from error
-    if not settings.dir:
+    if not settings.dir and not settings.roi_train:  # ROI benchmarks need no WSI data
         data_dir = config.get("data", {}).get("dir", "") if hasattr(config, "get") else ""
         if data_dir:
             settings.dir = data_dir
         else:
             from medjax.data.demo import ensure_demo
             settings.dir = ensure_demo("wsi")
+            settings.is_demo = True
     return settings
 
 
@@ -196,7 +211,8 @@ def _bag_source(root: str, slide_rows: list[dict], slides_csv: str, settings, wo
         path = _slide_path(root, row, slides_csv)
         h5 = os.path.join(root, "coords", f"{row['slide_id']}.h5")
         if not os.path.isfile(h5):
-            result = tile_slide(path, work_dir, patch_size=settings.patch_size, magnification=settings.magnification)
+            result = tile_slide(path, work_dir, patch_size=settings.patch_size, magnification=settings.magnification,
+                                params=PRESETS[settings.tiling_preset or ("demo" if settings.is_demo else "default")])
             if result.status != "ok":
                 raise ValueError(f"{path}: no tissue tiles for the ABMIL bag ({result.message})")
             h5 = result.h5_path
@@ -209,7 +225,7 @@ def _bag_source(root: str, slide_rows: list[dict], slides_csv: str, settings, wo
         levels.append(int(attrs["patch_level"]))
         sizes.append(int(attrs["patch_size"]))
     return WSITileSource(paths, np.concatenate(index), np.concatenate(coords), levels, sizes,
-                         tile_size=settings.patch_size)
+                         tile_size=settings.patch_size, allow_edge_tiles=True)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------
@@ -226,16 +242,59 @@ def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, 
         features[train], labels[train], features[test], labels[test], k=k, num_classes=num_classes,
         center=knn.center, voting=knn.voting, temperature=knn.temperature).items()}
     results["knn/k"] = float(k)
+    if settings.bootstrap.samples:
+        predictions, _ = knn_predict(features[train], labels[train], features[test], k=k, num_classes=num_classes,
+                                     center=knn.center, voting=knn.voting, temperature=knn.temperature)
+        low, high = bootstrap_ci(labels[test], predictions, samples=int(settings.bootstrap.samples),
+                                 seed=int(settings.bootstrap.seed))
+        results |= {"knn/balanced_acc_ci_low": low, "knn/balanced_acc_ci_high": high}
+    if settings.fewshot.enabled:
+        results |= {f"fewshot/{name}": v for name, v in fewshot_evaluate(
+            features[train], labels[train], features[test], labels[test], shots=tuple(settings.fewshot.shots),
+            repeats=int(settings.fewshot.repeats), seed=int(settings.fewshot.seed)).items()}
     results |= {f"linear/{name}": v for name, v in linear_probe_evaluate(
         features[train], labels[train], features[test], labels[test], num_classes=num_classes,
         max_iter=settings.linear.max_iter, penalty=settings.linear.penalty).items()}
     return results | {"tiles/train": float(train.sum()), "tiles/test": float(test.sum())}
 
 
+def read_feature_bags(features_dir: str, slide_ids: Sequence[str], where: str) -> list[np.ndarray]:
+    """Per slide the (N, D) float32 `features` of `<features_dir>/h5_files/<slide_id>.h5` (CLAM's
+    extract_features_fp layout, `python -m medjax.extract`); a missing file is an error naming `where`."""
+    import h5py
+
+    bags = []
+    for sid in slide_ids:
+        path = os.path.join(features_dir, "h5_files", f"{sid}.h5")
+        if not os.path.isfile(path):
+            raise MedjaxInputError(f"{where}: slide {sid!r} has no features file {path} (run python -m medjax.extract)")
+        with h5py.File(path, "r") as handle:
+            if "features" not in handle:
+                raise MedjaxInputError(f"{path}: no dataset 'features' (expected CLAM's layout: features, coords)")
+            bags.append(np.asarray(handle["features"][()], np.float32))
+    return bags
+
+
+def roi_level_eval(feature_fn: FeatureFn, settings) -> dict[str, float]:
+    """kNN / linear probe / few-shot on ROI images in ImageFolder layout (`uni_eval.roi_train`, `roi_test`; labels
+    numbered by the train set's sorted class names)."""
+    if not settings.roi_test:
+        raise MedjaxInputError(f"uni_eval.roi_train={settings.roi_train!r} needs uni_eval.roi_test (the test images, "
+                               "ImageFolder layout, e.g. CRC-VAL-HE-7K)")
+    train = ImageFolderSource(settings.roi_train)
+    test = ImageFolderSource(settings.roi_test, classes=train.classes)
+    features = np.concatenate([source_features(feature_fn, train, settings), source_features(feature_fn, test, settings)])
+    labels = np.concatenate([train.labels, test.labels]).astype(np.int64)
+    is_test = np.arange(len(labels)) >= len(train)
+    return tile_level_eval(features, labels, is_test, settings)
+
+
 def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> dict[str, float]:
     """UNI's tile-level (kNN, linear probe) and slide-level (ABMIL) metrics of `feature_fn` (module doc);
     `config` is an experiment config whose optional `uni_eval` block overrides `uni_eval_config()`."""
     settings = _settings(config)
+    if settings.roi_train:
+        return roi_level_eval(feature_fn, settings)
     root = settings.dir
     labels_csv = os.path.join(root, "tile_labels.csv")
     if not os.path.isfile(labels_csv):
@@ -256,10 +315,13 @@ def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> di
             slide_labels = np.array([int(row["label"]) for row in rows], np.int64)
         except ValueError as error:
             raise ValueError(f"{slides_csv}: column 'label' must hold integers ({error})") from error
-        with tempfile.TemporaryDirectory(prefix="medjax-uni-bags-") as work_dir:
-            bag_source = _bag_source(root, rows, slides_csv, settings, work_dir)
-            features = source_features(feature_fn, bag_source, settings)
-        bags = [features[bag_source.slide_index == s] for s in range(len(rows))]
+        if settings.features_dir:
+            bags = read_feature_bags(settings.features_dir, [row["slide_id"] for row in rows], slides_csv)
+        else:
+            with tempfile.TemporaryDirectory(prefix="medjax-uni-bags-") as work_dir:
+                bag_source = _bag_source(root, rows, slides_csv, settings, work_dir)
+                features = source_features(feature_fn, bag_source, settings)
+            bags = [features[bag_source.slide_index == s] for s in range(len(rows))]
         results |= slide_level_eval(bags, slide_labels, _split_flags(rows, slides_csv), settings, slides_csv)
     return results
 
@@ -293,6 +355,8 @@ def uni_results_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> 
             ("ROI: tile classes (tile_labels.csv)", "Weighted F1", "weighted_f1"),
             ("Slide: slide label (slides.csv)", "Balanced acc.", "balanced_acc"),
             ("Slide: slide label (slides.csv)", "AUC", "auc")]
+    if any("abmil/quadratic_kappa" in results for _, results in columns):  # ordinal slide labels (PANDA)
+        rows.append(("Slide: slide label (slides.csv)", "Quadratic kappa", "quadratic_kappa"))
     header = "| Task | Metric | " + " | ".join(f"{label} kNN | {label} Linear | {label} ABMIL"
                                              for label, _ in columns) + " |"
     lines = [f"UNI evaluation of {exp} (Chen et al., Nat. Med. 2024, supplementary-table layout)", "",

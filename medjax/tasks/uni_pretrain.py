@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +38,7 @@ from medjax.data import demo as demo_lib
 from medjax.data.transforms.block_masking import MaskingGenerator, max_masked_patches, sample_masks
 from medjax.data.pipelines.global_batches import global_batch_dataset
 from medjax.data.tiling.coords import tile_slides
+from medjax.data.tiling.tissue import PRESETS
 from medjax.data.verify import slide_checks
 from medjax.data.readers.wsi import list_slides
 from medjax.data.pipelines.wsi_tiles import DinoMultiCrop, WSITileSource
@@ -70,17 +74,30 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
 # ---- data ----------------------------------------------------------------------------------------------
 
 class DinoTransform:
-    """Picklable (example, rng) -> {"global_crops" (2, G, G, 3), "local_crops" (L, l, l, 3), "masks" (2, N) bool}:
-    DINOv2 multi-crop, then iBOT block masks for the two global crops (medjax.data.transforms.block_masking)."""
+    """Picklable (example, rng) -> {"global_crops" (2, G, G, 3), "local_crops" (L, l, l, 3)}: DINOv2 multi-crop."""
 
-    def __init__(self, multicrop: DinoMultiCrop, generator: MaskingGenerator, ratio_range, probability: float):
-        self.multicrop, self.generator = multicrop, generator
-        self.ratio_range, self.probability = tuple(ratio_range), float(probability)
+    def __init__(self, multicrop: DinoMultiCrop):
+        self.multicrop = multicrop
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
         crops = self.multicrop(example, rng)
-        masks = sample_masks(rng, self.generator, 2, ratio_range=self.ratio_range, probability=self.probability)
-        return {"global_crops": crops["global_crops"], "local_crops": crops["local_crops"], "masks": masks}
+        return {"global_crops": crops["global_crops"], "local_crops": crops["local_crops"]}
+
+
+class BatchMasks:
+    """Picklable (batch, rng) -> the batch with "masks" (B, 2, N) bool: iBOT block masks drawn over the batch's 2B
+    global crops as DINOv2's `collate_data_and_cast` (`dinov2/data/collate.py`) does: int(2B * probability) crops
+    masked with ratios stratified in equal bins over `ratio_range`, the rest unmasked, the masks shuffled across
+    crops (a sample may have 0, 1 or 2 masked crops). DINOv2 draws them per GPU batch; here per process batch."""
+
+    def __init__(self, generator: MaskingGenerator, ratio_range, probability: float):
+        self.generator = generator
+        self.ratio_range, self.probability = tuple(ratio_range), float(probability)
+
+    def __call__(self, batch: dict, rng: np.random.Generator) -> dict:
+        b = batch["global_crops"].shape[0]
+        masks = sample_masks(rng, self.generator, 2 * b, ratio_range=self.ratio_range, probability=self.probability)
+        return dict(batch, masks=masks.reshape(b, 2, -1))
 
 
 def tile_dirs(config, log=print) -> tuple[str, str]:
@@ -99,13 +116,46 @@ def tile_dirs(config, log=print) -> tuple[str, str]:
     if not os.path.isdir(coords):
         staging = f"{coords}.partial-{os.getpid()}"
         log(f"tiling the demo slides into {coords} (once)")
-        tile_slides(list_slides(slides), staging, patch_size=int(d.patch_size), magnification=float(d.magnification))
+        tile_slides(list_slides(slides), staging, patch_size=int(d.patch_size), magnification=float(d.magnification),
+                    params=PRESETS["demo"])  # the demo's small slides (CLAM's a_t = 100 keeps none)
         try:
             os.rename(staging, coords)
         except OSError:  # another process got there first
             if not os.path.isdir(coords):
                 raise
     return slides, coords
+
+
+# ---- DINOv2's init --------------------------------------------------------------------------------------
+
+_LINEAR = re.compile(r"(^|/)(attn/(query|key|value|out)|mlp/fc[12]|(dino|ibot)_head/mlp_\d+)/(kernel|bias)$")
+_TINY_TOKENS = re.compile(r"(^|/)(cls_token|register_tokens)$")
+_POS_EMBED = re.compile(r"(^|/)pos_embed$")
+
+
+def dinov2_init(params: Any, rng: jax.Array) -> Any:
+    """DINOv2's `init_weights` on a network's params (`dinov2/models/vision_transformer.py` `init_weights`,
+    `init_weights_vit_timm`; `layers/dino_head.py` `_init_weights`): every Linear of the blocks and the heads' MLPs
+    trunc_normal_(std=0.02) (torch truncates at +-2 absolute, i.e. +-100 std) with zero biases, pos_embed the
+    same, cls_token (and register tokens) normal(1e-6). The patch embedding (torch's Conv2d default), norms,
+    LayerScale, mask token and the weight-normalised last layer keep their init. Boxed leaves stay boxed."""
+    flat = traverse_util.flatten_dict(params)
+    keys = jax.random.split(rng, len(flat))
+    out = {}
+    for key, (path, leaf) in zip(keys, flat.items()):
+        name = "/".join(path)
+        value = nn.unbox(leaf)
+        if _LINEAR.search(name) and name.endswith("bias"):
+            new = jnp.zeros_like(value)
+        elif _LINEAR.search(name) or _POS_EMBED.search(name):
+            new = jnp.clip(0.02 * jax.random.normal(key, value.shape, jnp.float32), -2.0, 2.0).astype(value.dtype)
+        elif _TINY_TOKENS.search(name):
+            new = (1e-6 * jax.random.normal(key, value.shape, jnp.float32)).astype(value.dtype)
+        else:
+            out[path] = leaf
+            continue
+        out[path] = leaf.replace_boxed(new) if isinstance(leaf, nn.meta.AxisMetadata) else new
+    return traverse_util.unflatten_dict(out)
 
 
 # ---- the task ------------------------------------------------------------------------------------------
@@ -134,8 +184,7 @@ class UNIPretrainTask(TaskBase):
         self.grid = c.global_size // config.model.patch_size
         self.num_patches = self.grid ** 2
         ib = config.ibot
-        self.mask_slots_per_sample = max_masked_patches(self.num_patches, 2, ratio_range=tuple(ib.mask_ratio),
-                                                        probability=ib.mask_probability)
+        self.mask_ratio, self.mask_probability = tuple(ib.mask_ratio), float(ib.mask_probability)
         self.centering = config.dino.centering
         if self.centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
@@ -144,6 +193,14 @@ class UNIPretrainTask(TaskBase):
         self.momentum_fn = cosine_schedule(t.momentum, t.final_momentum, total)
         warm = int(t.warmup_temp_epochs * epoch)
         self.teacher_temp_fn = cosine_schedule(t.temp, t.temp, warm, warmup_steps=warm, warmup_start=t.warmup_temp)
+
+    def mask_buffer(self, global_batch: int) -> int:
+        """Static iBOT buffer for a global batch: per process DINOv2's `upperbound` of the masks `BatchMasks` draws
+        for its 2 * (global_batch / processes) crops (sum of int(N * bin top)), times the processes."""
+        processes = jax.process_count()
+        local = max(global_batch // processes, 1)
+        return processes * max_masked_patches(self.num_patches, 2 * local, ratio_range=self.mask_ratio,
+                                              probability=self.mask_probability)
 
     def work_per_example(self) -> tuple[int, str]:
         """Backbone tokens of one sample (for throughput): 2 global crops through the student and the
@@ -163,6 +220,11 @@ class UNIPretrainTask(TaskBase):
         params_rng, dropout_rng = jax.random.split(rng)
         student = self.model.init({"params": params_rng, "dropout": dropout_rng}, batch["global_crops"],
                                   batch["local_crops"], batch["masks"], train=False)["params"]
+        scheme = self.config.model.get("weight_init", "flax")
+        if scheme == "dinov2":
+            student = dinov2_init(student, jax.random.fold_in(params_rng, 1))
+        elif scheme != "flax":
+            raise ValueError(f"model.weight_init must be 'dinov2' or 'flax', got {scheme!r}")
         params = {"student": student, "teacher": jax.tree.map(lambda x: x, student),  # DINOv2: teacher = student
                   "teacher_temp": jnp.asarray(self.teacher_temp_fn(0), jnp.float32)}
         if self.centering == "centering":
@@ -177,7 +239,7 @@ class UNIPretrainTask(TaskBase):
         b = batch["global_crops"].shape[0]
         flat = dinov2_lib.flatten_crops
         global_crops, local_crops, masks = flat(batch["global_crops"]), flat(batch["local_crops"]), flat(batch["masks"])
-        slots = dinov2_lib.masked_token_index(masks, b * self.mask_slots_per_sample)
+        slots = dinov2_lib.masked_token_index(masks, self.mask_buffer(b))
         temp = jax.lax.stop_gradient(params["teacher_temp"])
         teacher = jax.lax.stop_gradient(dinov2_lib.teacher_forward(
             self.model, jax.lax.stop_gradient(params["teacher"]), global_crops, slots["index"]))
@@ -231,17 +293,21 @@ class UNIPretrainTask(TaskBase):
         return source
 
     def transform(self) -> DinoTransform:
-        c, ib = self.config.crops, self.config.ibot
+        c = self.config.crops
         multicrop = DinoMultiCrop(global_size=c.global_size, local_size=c.local_size, global_scale=tuple(c.global_scale),
                                   local_scale=tuple(c.local_scale), num_local=c.num_local, blur_probs=tuple(c.blur_probs))
+        return DinoTransform(multicrop)
+
+    def batch_masks(self) -> BatchMasks:
         generator = MaskingGenerator(self.grid, max_num_patches=0.5 * self.num_patches)  # DINOv2 train.py
-        return DinoTransform(multicrop, generator, ib.mask_ratio, ib.mask_probability)
+        return BatchMasks(generator, self.mask_ratio, self.mask_probability)
 
     def train_data(self):
         return global_batch_dataset(
             self.tile_source, global_batch=self.global_batch, seed=int(self.config.seed), transform=self.transform(),
             process_index=jax.process_index(), process_count=jax.process_count(),
-            prefetch_threads=int(self.config.data.prefetch_threads), on_bad_example=self.on_bad_example)
+            prefetch_threads=int(self.config.data.prefetch_threads), on_bad_example=self.on_bad_example,
+        ).random_map(self.batch_masks(), seed=int(self.config.seed) + 1)  # iBOT masks per batch (BatchMasks)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def feature_fn(self, params):

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import optax
 
+from medjax.metrics.classification import quadratic_weighted_kappa
 from medjax.metrics.multiclass import classification_metrics, multiclass_auc
 from medjax.models.abmil import GatedABMIL, pad_bags
 
@@ -137,4 +138,7 @@ def slide_level_eval(bags: list[np.ndarray], labels: np.ndarray, test: np.ndarra
     results = {f"abmil/{k}": v for k, v in classification_metrics(labels[scored], probs[scored].argmax(1)).items()}
     if len(np.unique(labels[scored])) == num_classes:
         results["abmil/auc"] = multiclass_auc(labels[scored], probs[scored])
+    if cfg.get("ordinal", False):  # ordered grades (PANDA's ISUP 0-5): UNI reports quadratic kappa
+        results["abmil/quadratic_kappa"] = quadratic_weighted_kappa(labels[scored], probs[scored].argmax(1),
+                                                                    max(num_classes, 2))
     return results | {"abmil/slides": float(scored.sum())}

@@ -9,10 +9,13 @@ import time
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from medjax.data.tiling import coords as tiling
 from medjax.data.demo.wsi import TISSUE_CLASSES, make_wsi_demo
-from medjax.data.tiling.tissue import TissueParams, close_binary, label_tissue, otsu_threshold, rgb_to_saturation, tissue_mask
+from medjax.data.tiling.tissue import (PRESETS, TissueParams, close_mask, filter_components, otsu_threshold, rgb_to_saturation,
+                                      tissue_contours)
+from medjax.data.tiling.contours import find_components
 from medjax.data.readers.wsi import SlideError, list_slides, open_slide
 from medjax.data.readers.wsi_write import write_pyramidal_tiff
 
@@ -22,11 +25,12 @@ RECT_A = (256, 256, 1152, 768)  # 3.5 x 2 tiles of 256
 RECT_B = (1280, 768, 2048, 1536)  # 3 x 3 tiles in the bottom-right corner
 HOLE_B = (1552, 1040, 1776, 1264)  # covers all 4 test points of the tile at (1536, 1024)
 SPECK = (256, 1280, 320, 1344)  # 1/16 tile: removed by the area filter
-PARAMS = TissueParams(min_hole_area=0.5)
-# CLAM's grid per region from its bounding box corner, a tile kept when a point at +-64 px from its
-# centre is in the region: A gives 4 x 2 tiles, B 3 x 3 less the one over the hole.
-EXPECTED_20X = sorted([(x, y) for y in (256, 512) for x in (256, 512, 768, 1024)] +
-                      [(x, y) for y in (768, 1024, 1280) for x in (1280, 1536, 1792) if (x, y) != (1536, 1024)],
+PARAMS = TissueParams(min_tissue_area=1.0, min_hole_area=0.125)  # in 512 x 512 level-0 patches
+# CLAM's grid per region from its bounding box corner (one 16-px mask pixel late: OpenCV's closing offset), a
+# tile kept when a point at +-64 px from its centre is in the region: A gives 4 x 2 tiles, B 3 x 3 less the one
+# over the hole.
+EXPECTED_20X = sorted([(x + 16, y + 16) for y in (256, 512) for x in (256, 512, 768, 1024)] +
+                      [(x + 16, y + 16) for y in (768, 1024, 1280) for x in (1280, 1536, 1792) if (x, y) != (1536, 1024)],
                       key=lambda p: (p[1], p[0]))
 
 
@@ -67,56 +71,41 @@ def test_saturation_otsu_and_closing():
     assert otsu_threshold(values) == 10  # the first maximiser of the between-class variance
     gap = np.ones((8, 9), bool)
     gap[:, 4:6] = False  # a 2-px gap closes; the image edges are not eroded
-    np.testing.assert_array_equal(close_binary(gap, 4), np.ones((8, 9), bool))
+    np.testing.assert_array_equal(close_mask(gap, 4), np.ones((8, 9), bool))
+    # OpenCV's closing with an even square moves what stays open one pixel right and down (cv2 5.x).
     wide = np.ones((8, 12), bool)
-    wide[:, 4:9] = False  # a 5-px gap stays open and in place (OpenCV's closing moves it one pixel right)
-    np.testing.assert_array_equal(close_binary(wide, 4), wide)
+    wide[:, 4:9] = False
+    np.testing.assert_array_equal(close_mask(wide, 4), np.roll(wide, 1, axis=1))
     blob = np.zeros((12, 12), bool)
     blob[4:8, 4:9] = True
-    np.testing.assert_array_equal(close_binary(blob, 4), blob)
+    np.testing.assert_array_equal(close_mask(blob, 4), np.roll(blob, (1, 1), axis=(0, 1)))
 
 
-def test_label_tissue_keeps_large_regions_and_holes():
+def test_area_filters_in_reference_patches():
     mask = np.zeros((40, 60), bool)
-    mask[5:35, 5:30] = True  # 750 px region with two holes
-    mask[10:20, 10:20] = False  # a 100-px hole: kept
-    mask[25:27, 10:12] = False  # a 4-px hole: filled
-    mask[2:4, 50:52] = True  # a 4-px speck: dropped
-    mask[20:30, 40:55] = True  # a 150-px region
-    labels, regions = label_tissue(mask, min_area=100, min_hole_area=10, max_holes=8)
-    # The kept hole goes with the 40 tissue pixels bordering it (OpenCV's hole contour runs through them).
-    assert [r.area for r in regions] == [750 - 100 - 4 - 40, 150]
-    assert regions[0].hole_areas == (100,) and regions[0].bbox == (5, 5, 30, 35)
-    assert (labels[9:21, 10:20] == 0).all() and (labels[10:20, 9:21] == 0).all() and labels[9, 9] == 1
-    assert (labels[25:27, 10:12] == 1).all()
-    assert labels[2:4, 50:52].max() == 0 and (labels[20:30, 40:55] == 2).all()
-    labels, regions = label_tissue(mask, min_area=200, min_hole_area=10, max_holes=0)
-    assert len(regions) == 1 and regions[0].hole_areas == () and (labels[10:20, 10:20] == 1).all()
+    mask[5:35, 5:30] = True  # a region with two holes
+    mask[10:20, 10:20] = False  # a large hole: kept
+    mask[25:27, 10:12] = False  # a 2 x 2 hole: its contour area (of the pixels around it) is 3, under a_h
+    mask[2:4, 50:52] = True  # a speck (contour area 1): dropped
+    mask[20:30, 40:55] = True  # a 10 x 15 region (contour area 9 * 14 = 126)
+    components = find_components(mask)
+    kept = filter_components(components, TissueParams(min_tissue_area=1.0, min_hole_area=0.1), reference_area=100)
+    assert len(kept) == 2 and [len(holes) for _, holes in kept] == [1, 0]
+    kept = filter_components(components, TissueParams(min_tissue_area=1.3, min_hole_area=0.1, max_holes=0), 100)
+    assert len(kept) == 1 and kept[0][1] == ()  # the 126-px region is under 130; max_holes 0 keeps no hole
 
 
-def test_tissue_mask_of_the_rectangle_slide(slides):
+def test_tissue_contours_of_the_rectangle_slide(slides):
     with open_slide(os.path.join(slides, "rect20.tif")) as slide:
-        mask = tissue_mask(slide, PARAMS, reference_patch=256)
-    assert mask.level == 2 and mask.downsample == (16.0, 16.0) and mask.labels.shape == (96, 128)
-    assert len(mask.regions) == 2  # the speck is gone
-    a, b = mask.regions
-    assert mask.bbox_level0(a) == RECT_A and mask.bbox_level0(b) == RECT_B
-    assert len(b.hole_areas) == 1 and 160 < b.hole_areas[0] < 14 * 14  # corners rounded by the median
-    expected = np.zeros((96, 128), bool)
-    for x0, y0, x1, y1 in (RECT_A, RECT_B):
-        expected[y0 // 16:y1 // 16, x0 // 16:x1 // 16] = True
-    x0, y0, x1, y1 = HOLE_B  # the hole and the tissue pixels 4-adjacent to it
-    expected[y0 // 16 - 1:y1 // 16 + 1, x0 // 16:x1 // 16] = False
-    expected[y0 // 16:y1 // 16, x0 // 16 - 1:x1 // 16 + 1] = False
-    # The 7 x 7 median blur rounds the corners (within 3 px of them); everywhere else the mask is exact.
-    rows, cols = np.mgrid[0:96, 0:128]
-    near_corner = np.zeros((96, 128), bool)
-    for x0, y0, x1, y1 in (RECT_A, RECT_B, (HOLE_B[0] - 16, HOLE_B[1] - 16, HOLE_B[2] + 16, HOLE_B[3] + 16)):
-        for cx in (x0 // 16, x1 // 16 - 1):
-            for cy in (y0 // 16, y1 // 16 - 1):
-                near_corner |= (abs(rows - cy) <= 3) & (abs(cols - cx) <= 3)
-    differ = mask.mask != expected
-    assert differ.any() and not differ[~near_corner].any()
+        tissue = tissue_contours(slide, PARAMS)
+    assert tissue.level == 2 and tissue.downsample == (16.0, 16.0) and tissue.foreground.shape == (96, 128)
+    assert len(tissue.contours) == 2  # the speck is gone
+    boxes = sorted(tiling.bounding_rect(c) for c in tissue.contours)
+    # Mask-pixel centres at level 0, one mask pixel (16 px) late: OpenCV's closing offset.
+    (ax, ay, aw, ah), (bx, by, bw, bh) = boxes
+    assert (ax, ay, ax + aw - 1, ay + ah - 1) == (RECT_A[0] + 16, RECT_A[1] + 16, RECT_A[2], RECT_A[3])
+    assert (bx, by) == (RECT_B[0] + 16, RECT_B[1] + 16)
+    assert [len(h) for h in tissue.holes] == [0, 1] or [len(h) for h in tissue.holes] == [1, 0]
 
 
 def test_tile_coordinates_at_20x_and_40x(slides, tmp_path):
@@ -124,14 +113,17 @@ def test_tile_coordinates_at_20x_and_40x(slides, tmp_path):
     result = tiling.tile_slide(os.path.join(slides, "rect20.tif"), out, params=PARAMS)
     assert result.status == "ok" and result.num_tiles == len(EXPECTED_20X)
     coords, attrs = tiling.read_coords(result.h5_path)
-    np.testing.assert_array_equal(coords, EXPECTED_20X)
+    np.testing.assert_array_equal(sorted(map(tuple, coords.tolist()), key=lambda p: (p[1], p[0])), EXPECTED_20X)
     assert (attrs["patch_size"], attrs["patch_level"], attrs["target_patch_size"]) == (256, 0, 256)
+    assert attrs["use_padding"] == 1  # edge tiles kept (CLAM): WSITileSource.from_coords_dir accepts them
     # The same tissue at 40x: 512 level-0 pixels per tile, read at level 0 (CLAM's patch_size), coords x 2.
     result = tiling.tile_slide(os.path.join(slides, "rect40.tiff"), out, params=PARAMS)
     with h5py.File(os.path.join(out, "rect40.h5"), "r") as handle:
         dataset = handle["coords"]
         assert dataset.dtype == np.int64 and dataset.shape == (len(EXPECTED_20X), 2)
-        np.testing.assert_array_equal(dataset[()], 2 * np.array(EXPECTED_20X))
+        # twice the 20x corners, less the closing offset at 20x plus the one at 40x (16 level-0 px each)
+        got = sorted(map(tuple, dataset[()].tolist()), key=lambda p: (p[1], p[0]))
+        np.testing.assert_array_equal(got, 2 * np.array(EXPECTED_20X) - 16)
         assert dataset.attrs["patch_size"] == 512 and dataset.attrs["patch_level"] == 0
         assert dataset.attrs["patch_size_level0"] == 512 and dataset.attrs["target_patch_size"] == 256
         assert dataset.attrs["name"] == "rect40" and dataset.attrs["mpp"] == 0.25
@@ -154,30 +146,46 @@ def test_each_bad_slide_is_named_and_the_others_go_on(slides, tmp_path):
     out = str(tmp_path / "coords")
     parser = argparse.ArgumentParser()
     tiling.add_tile_arguments(parser)
-    args = parser.parse_args(["--slides", slides, "--out", out, "--min-hole-area", "0.5"])
+    args = parser.parse_args(["--slides", slides, "--out", out, "--min-tissue-area", "1", "--min-hole-area", "0.125",
+                              "--save-mask", "--stitch"])
     assert tiling.run_tile(args) == 1  # some slides failed
     with open(os.path.join(out, tiling.REPORT_NAME)) as handle:
         report = {row["slide_id"]: row for row in csv.DictReader(handle)}
     assert sorted(report) == ["blank", "no_mpp", "no_pyramid", "rect20", "rect40", "truncated"]
+    assert report["no_pyramid"]["status"] == "empty"  # segmented on level 0; its tissue is under a_t = 1
     assert report["rect20"]["status"] == "ok" and int(report["rect20"]["num_tiles"]) == len(EXPECTED_20X)
     assert report["rect40"]["status"] == "ok"
-    for name, status, words in (("truncated", "error", "truncated"), ("no_pyramid", "error", "no pyramid"),
+    for name, status, words in (("truncated", "error", "truncated"),
                                 ("no_mpp", "error", "no microns per pixel"), ("blank", "empty", "empty tissue mask")):
         assert report[name]["status"] == status and words in report[name]["message"]
         assert os.path.join(slides, f"{name}.tif") in report[name]["message"]
-    assert sorted(os.listdir(out)) == ["rect20.h5", "rect40.h5", tiling.REPORT_NAME]
+    assert sorted(os.listdir(out)) == ["masks", "rect20.h5", "rect40.h5", "stitches", tiling.REPORT_NAME]
+    # Previews at the mask level (16x): contours drawn in green and the hole in blue; the stitch shows exactly the
+    # kept tiles' footprints (16 x 16 thumbnail pixels each) of the thumbnail.
+    mask = np.asarray(Image.open(os.path.join(out, "masks", "rect20.png")))
+    assert mask.shape == (96, 128, 3)
+    assert ((mask == (0, 255, 0)).all(-1)).sum() > 100 and ((mask == (0, 0, 255)).all(-1)).sum() > 20
+    stitch = np.asarray(Image.open(os.path.join(out, "stitches", "rect20.png")))
+    footprint = np.zeros((96, 128), bool)
+    for x, y in EXPECTED_20X:
+        footprint[y // 16:y // 16 + 16, x // 16:x // 16 + 16] = True
+    assert ((stitch > 0).any(-1) == footprint).all()
+    # every slide that was segmented, empty ones too (a failed slide has none)
+    assert sorted(os.listdir(os.path.join(out, "masks"))) == ["blank.png", "no_pyramid.png", "rect20.png", "rect40.png"]
 
 
 def test_bad_slides_raise_or_warn_with_the_slide_name(slides, tmp_path):
     with pytest.raises(SlideError, match=r"truncated\.tif: truncated file: segment \d+ of level 0"):
         open_slide(os.path.join(slides, "truncated.tif"))
-    with pytest.raises(SlideError, match=r"no_pyramid\.tif: no pyramid"):
-        tiling.tile_slide(os.path.join(slides, "no_pyramid.tif"), str(tmp_path))
+    # A slide without a pyramid is segmented on level 0 (CLAM's get_best_level_for_downsample(64) = 0).
+    result = tiling.tile_slide(os.path.join(slides, "no_pyramid.tif"), str(tmp_path), patch_size=64,
+                               params=TissueParams(min_tissue_area=0.01, min_hole_area=0.01, median_size=3))
+    assert result.status == "ok" and result.num_tiles > 4
     with pytest.raises(SlideError, match=r"no_mpp\.tif: no microns per pixel"):
         tiling.tile_slide(os.path.join(slides, "no_mpp.tif"), str(tmp_path))
     with pytest.warns(tiling.SlideWarning, match=r"no_mpp\.tif: no microns per pixel; assuming 0.5"):
         result = tiling.tile_slide(os.path.join(slides, "no_mpp.tif"), str(tmp_path), default_mpp=0.5)
-    assert result.status == "ok" and result.num_tiles == len(EXPECTED_20X) + 1  # default params fill the hole
+    assert result.status == "empty"  # CLAM's default a_t = 100 reference patches: more than the whole slide
     with pytest.warns(tiling.SlideWarning, match=r"blank\.tif: empty tissue mask"):
         result = tiling.tile_slide(os.path.join(slides, "blank.tif"), str(tmp_path))
     assert result.status == "empty" and not os.path.exists(tmp_path / "blank.h5")
@@ -216,7 +224,7 @@ def test_wsi_demo_slides_labels_and_tiling(demo, tmp_path):
         with open_slide(os.path.join(demo, "slides", row["slide_id"] + ".tif")) as slide:
             tile = slide.read_region((int(row["x"]), int(row["y"])), 0, (size, size))
         assert (rgb_to_saturation(tile) > 20).mean() > 0.7
-    results = tiling.tile_slides(list_slides(os.path.join(demo, "slides")), str(tmp_path))
+    results = tiling.tile_slides(list_slides(os.path.join(demo, "slides")), str(tmp_path), params=PRESETS["demo"])
     assert [r.status for r in results] == ["ok", "ok"] and all(r.num_tiles > 4 for r in results)
     # Every labelled tile lies in the tissue mask's grid region: glass tiles are never produced.
     coords, _ = tiling.read_coords(results[0].h5_path)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from medjax.data.demo.wsi import make_wsi_demo
+from medjax.errors import MedjaxInputError
 from medjax.models.uni import uni_fields_from_params, uni_model
 from medjax.tasks.uni_eval import (_split_flags, evaluate_uni, extract_features, stratified_holdout, uni_eval_config,
                                    uni_feature_fn, uni_results_table)
@@ -34,7 +35,7 @@ def colour_features(images):
 
 
 def small_config(data_dir, **eval_overrides):
-    block = dict(image_size=32, batch_size=16, knn=dict(k=5),
+    block = dict(image_size=32, batch_size=16, knn=dict(k=5), tiling_preset="demo",
                  abmil=dict(epochs=4, hidden_dim=32, attention_dim=16, lr=1e-3))
     block.update(eval_overrides)
     return ml_collections.ConfigDict(dict(data=dict(dir=data_dir), uni_eval=block))
@@ -52,6 +53,8 @@ def test_evaluate_uni_on_the_wsi_demo(wsi_demo):
         assert 0.0 <= results[key] <= 1.0, key
     # Stroma, tumour and lymphocyte tiles differ in colour and nuclear density: kNN separates them.
     assert results["knn/balanced_acc"] >= 0.8
+    assert results["knn/balanced_acc_ci_low"] <= results["knn/balanced_acc"] <= results["knn/balanced_acc_ci_high"]
+    assert 0.0 < results["fewshot/1shot/balanced_acc"] <= 1.0 and "fewshot/1shot/balanced_acc_std" in results
     table = uni_results_table("uni_vitl16", [("demo", results)])
     assert f"| ROI: tile classes (tile_labels.csv) | Balanced acc. | {results['knn/balanced_acc']:.3f} | " \
            f"{results['linear/balanced_acc']:.3f} | – |" in table
@@ -114,3 +117,25 @@ def test_bad_configs(tmp_path):
     with pytest.raises(ValueError, match="config.uni_eval"):
         evaluate_uni(colour_features, small_config(str(tmp_path), knn_neighbours=3))
     assert uni_eval_config().knn.k == 20 and uni_eval_config().linear.max_iter == 1000
+
+
+def test_roi_benchmark_in_imagefolder_layout(tmp_path):
+    """CRC-100K's layout: train NCT-CRC-HE-100K/<CLASS>/*.tif, test CRC-VAL-HE-7K/<CLASS>/*.tif."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"ADI": (245, 240, 240), "LYM": (60, 40, 140), "TUM": (180, 70, 150)}
+    for split, count in (("NCT-CRC-HE-100K", 6), ("CRC-VAL-HE-7K", 3)):
+        for name, colour in colours.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (48, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{name}-{i}.tif")
+    config = small_config("", roi_train=str(tmp_path / "NCT-CRC-HE-100K"), roi_test=str(tmp_path / "CRC-VAL-HE-7K"))
+    results = evaluate_uni(colour_features, config)
+    assert results["tiles/train"] == 18 and results["tiles/test"] == 9
+    assert results["knn/balanced_acc"] == 1.0 and results["linear/balanced_acc"] == 1.0  # colours separate
+    assert results["fewshot/1shot/balanced_acc"] == 1.0 and "abmil/slides" not in results
+    (tmp_path / "CRC-VAL-HE-7K" / "STR").mkdir()
+    with pytest.raises(MedjaxInputError, match=r"CRC-VAL-HE-7K: class directories \['STR'\] are not among"):
+        evaluate_uni(colour_features, config)

@@ -59,3 +59,29 @@ def test_slide_level_eval_cross_validates_or_uses_the_split():
     assert split["abmil/balanced_acc"] >= 0.75  # trained on the first 16 slides only
     with pytest.raises(ValueError, match="bags.csv: ABMIL cross-validation needs >= 2 slides of every class"):
         slide_level_eval(bags[:3], labels[:3], None, _settings(), where="bags.csv")
+
+
+def test_ordinal_slide_labels_add_quadratic_kappa_equal_to_sklearns():
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(2)
+    bags, labels = [], []
+    for s in range(18):  # three ordered grades: 0, 2 or 4 shifted key instances
+        grade = s % 3
+        x = rng.normal(size=(int(rng.integers(6, 20)), D)).astype(np.float32)
+        x[: 2 * grade, :4] += 3.0
+        bags.append(x)
+        labels.append(grade)
+    labels = np.array(labels)
+    test = np.arange(18) >= 12
+    settings = _settings(ordinal=True)
+    results = slide_level_eval(bags, labels, test, settings)
+    cfg = settings.abmil  # the same training, deterministic: its held-out predictions
+    model = GatedABMIL(3, cfg.hidden_dim, cfg.attention_dim, cfg.dropout)
+    length = -(-max(len(b) for b in bags) // 64) * 64
+    params = train_abmil(model, [bags[i] for i in np.flatnonzero(~test)], labels[~test], epochs=cfg.epochs, lr=cfg.lr,
+                         weight_decay=cfg.weight_decay, seed=cfg.seed, length=length)
+    probs, _ = predict_abmil(model, params, [bags[i] for i in np.flatnonzero(test)], length=length)
+    expected = cohen_kappa_score(labels[test], probs.argmax(1), weights="quadratic")
+    assert results["abmil/quadratic_kappa"] == pytest.approx(expected, abs=1e-9)
+    assert "abmil/quadratic_kappa" not in slide_level_eval(bags, labels, test, _settings())

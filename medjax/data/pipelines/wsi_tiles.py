@@ -59,7 +59,8 @@ class WSITileSource:
     its corner must be finite integers with 0 <= x < width and 0 <= y < height of level 0, and the
     region read at `patch_level` must lie inside that level, up to 1 pixel of rounding (x_l + size <=
     width_l + 1, x_l = floor(x * width_l / width_0), the same for y) - a tile outside would be read as
-    white glass and trained on. `describe_tile(i)` names tile i in the `TileCoordsError` (the
+    white glass and trained on; `allow_edge_tiles` accepts such edge tiles (CLAM's `use_padding=True` keeps them,
+    the part past the edge read as white). `describe_tile(i)` names tile i in the `TileCoordsError` (the
     constructors below give "<slide_id>.h5: row r" / "labels.csv: line n"; by default the slide and the
     tile's row among that slide's tiles).
     """
@@ -67,7 +68,7 @@ class WSITileSource:
     def __init__(self, slide_paths: Sequence[str], slide_index: np.ndarray, coords: np.ndarray,
                  patch_level: Sequence[int], patch_size: Sequence[int], *, tile_size: int = 256,
                  labels: np.ndarray | None = None, max_open_slides: int = 8, backend: str = "auto",
-                 describe_tile: Callable[[int], str] | None = None):
+                 describe_tile: Callable[[int], str] | None = None, allow_edge_tiles: bool | None = False):
         self.slide_paths = [str(p) for p in slide_paths]
         self.slide_index = np.asarray(slide_index, np.int32)
         describe = describe_tile or self._default_description
@@ -78,6 +79,7 @@ class WSITileSource:
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.max_open_slides = int(max_open_slides)
         self.backend = backend
+        self.allow_edge_tiles = bool(allow_edge_tiles)
         n = len(self.slide_paths)
         n_tiles = len(self.coords)
         if len(self.slide_index) != n_tiles or (self.labels is not None and len(self.labels) != n_tiles):
@@ -111,6 +113,8 @@ class WSITileSource:
             x, y = self.coords[rows, 0], self.coords[rows, 1]
             inside = (x >= 0) & (y >= 0) & (x < w0) & (y < h0)
             fits = (x * wl // w0 + size <= wl + 1) & (y * hl // h0 + size <= hl + 1)
+            if self.allow_edge_tiles:  # CLAM's use_padding: edge tiles read past the slide as white glass
+                fits = np.ones_like(fits)
             bad = np.flatnonzero(~(inside & fits))
             if bad.size:
                 i = int(rows[bad[0]])
@@ -123,11 +127,13 @@ class WSITileSource:
     # -- construction from files --------------------------------------------------------------------
     @classmethod
     def from_coords_dir(cls, slides_dir: str, coords_dir: str, *, tile_size: int = 256, **kwargs) -> "WSITileSource":
-        """Every `<coords_dir>/<slide_id>.h5` (CLAM layout) with its slide `<slides_dir>/<slide_id>.<ext>`."""
+        """Every `<coords_dir>/<slide_id>.h5` (CLAM layout) with its slide `<slides_dir>/<slide_id>.<ext>`. Tiles
+        crossing the slide's edge are accepted when every file records `use_padding` = 1 (`python -m medjax.data
+        tile` writes it: CLAM's use_padding=True) or `allow_edge_tiles=True` is passed; else refused."""
         files = sorted(name for name in os.listdir(coords_dir) if name.endswith(".h5"))
         if not files:
             raise ValueError(f"{coords_dir}: no <slide_id>.h5 coordinate files")
-        paths, indices, coords, levels, sizes, h5_paths = [], [], [], [], [], []
+        paths, indices, coords, levels, sizes, h5_paths, padded = [], [], [], [], [], [], []
         for name in files:
             h5_path = os.path.join(coords_dir, name)
             xy, attrs = read_coords(h5_path)
@@ -137,6 +143,9 @@ class WSITileSource:
             coords.append(xy)
             levels.append(int(attrs["patch_level"]))
             sizes.append(int(attrs["patch_size"]))
+            padded.append(attrs.get("use_padding", 0))
+        if kwargs.get("allow_edge_tiles") is None:
+            kwargs["allow_edge_tiles"] = all(bool(flag) for flag in padded)
         index = np.concatenate(indices)
         starts = np.cumsum([0] + [len(c) for c in coords])
 

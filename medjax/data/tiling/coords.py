@@ -7,18 +7,24 @@ corners whose attributes are CLAM's (`create_patches_fp.py`; Lu et al., Nat. Bio
 `patch_size` and `patch_level` (read `patch_size` x `patch_size` pixels at `patch_level` from each
 corner: CLAM's `extract_features_fp.py` and our `WSITileSource` both do), `downsample`,
 `downsampled_level_dim`, `level_dim`, `name`; and ours: `target_patch_size` (the side after
-resizing), `patch_size_level0` (the grid step), `magnification`, `mpp`. It also writes
-`<out>/tiling_report.csv` (slide, status, tiles, message).
+resizing), `patch_size_level0` (the grid step), `magnification`, `mpp`, `use_padding` (1: edge tiles kept). It also writes
+`<out>/tiling_report.csv` (slide, status, tiles, message: CLAM's process list) and, with `--save-mask` /
+`--stitch`, `<out>/masks/<slide_id>.png` / `<out>/stitches/<slide_id>.png` previews (tiling/previews.py).
 
 Magnification (UNI / CLAM practice): the slide's level-0 magnification is 10 / mpp, snapped to the
 nearest standard objective (5, 10, 20, 40, 60, 80x) within 15% (an Aperio "40x" at 0.252 um/px is
 40x); a tile covers patch_size * mag0 / magnification level-0 pixels (256 at 20x: 512 on a 40x
 slide), read at the coarsest level that needs no upsampling and resized to patch_size later.
-Tiles come from CLAM's grid: per tissue region, from its bounding box's corner with step = tile,
-inside the slide; a tile is kept when any of the 4 points at +-1/4 tile from its centre lies in
-that region and not in a kept hole (CLAM's `four_pt` check).
+Tiles are CLAM's, coordinate for coordinate (`WholeSlideImage.process_contour`, contour_fn "four_pt"): the
+tissue contours of `medjax.data.tiling.tissue` (OpenCV's, at level 0); per region a grid from the corner of its
+`cv2.boundingRect` with step = tile over the whole box (`use_padding=True`: tiles crossing the slide's edge are
+kept, read past the edge as white; `use_padding=False` stops at width - tile + 1); a tile is kept when any of the
+4 points at +-int(tile // 2 * 0.5) from its centre is inside or on the region's outer contour
+(`isInContourV3_Easy`, pointPolygonTest >= 0) and its centre is not strictly inside a kept hole (`isInHoles`,
+> 0). Regions come in contour order and a region with a single tile contributes none (CLAM's `len(results) > 1`).
+Slides without a pyramid are segmented on level 0 (or a downsample of it; tissue.py).
 
-Bad slides (truncated or unreadable files, no pyramid, no microns per pixel, a magnification below
+Bad slides (truncated or unreadable files, no microns per pixel, a magnification below
 the target) are reported as errors naming the slide, an empty tissue mask as a warning (no file is
 written); the other slides are tiled all the same, and the exit status is 1 when any slide failed.
 """
@@ -31,10 +37,13 @@ import os
 import sys
 import time
 import warnings
+from typing import Sequence
 
 import numpy as np
 
-from medjax.data.tiling.tissue import TissueMask, TissueParams, tissue_mask
+from medjax.data.tiling.contours import bounding_rect, point_polygon_test
+from medjax.data.tiling.previews import save_previews
+from medjax.data.tiling.tissue import PRESETS, TissueContours, TissueParams, tissue_contours
 from medjax.data.readers.wsi import Slide, SlideError, list_slides, open_slide, slide_id
 
 STANDARD_OBJECTIVES = (5.0, 10.0, 20.0, 40.0, 60.0, 80.0)
@@ -102,30 +111,46 @@ def tile_geometry(slide: Slide, patch_size: int = 256, magnification: float = 20
     return TileGeometry(level, read_size, size0, patch_size, float(magnification), float(mpp), float(mag0))
 
 
-def tile_coordinates(mask: TissueMask, level0_size: tuple[int, int], tile: int) -> np.ndarray:
-    """CLAM's tile grid (module doc): (N, 2) int64 level-0 (x, y) top-left corners, sorted by (y, x)."""
-    width, height = level0_size
+def contour_tiles(contour: np.ndarray, holes: Sequence[np.ndarray], level0_size: tuple[int, int], tile: int,
+                  step: int | None = None, *, use_padding: bool = True) -> np.ndarray:
+    """CLAM's `process_contour` with `contour_fn="four_pt"` (module doc): the (N, 2) int64 level-0 corners of one
+    region's kept tiles, in CLAM's order (x-major over its bounding-box grid)."""
+    step = step or tile
+    x0, y0, w, h = bounding_rect(contour)
+    if use_padding:
+        stop_x, stop_y = x0 + w, y0 + h
+    else:
+        stop_x, stop_y = min(x0 + w, level0_size[0] - tile + 1), min(y0 + h, level0_size[1] - tile + 1)
+    grid_x, grid_y = np.meshgrid(np.arange(x0, stop_x, step), np.arange(y0, stop_y, step), indexing="ij")
+    corners = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.int64)
+    if not len(corners):
+        return corners.reshape(0, 2)
     shift = int(tile // 2 * 0.5)
-    found = []
-    for region in mask.regions:
-        x0, y0, x1, y1 = mask.bbox_level0(region)
-        xs = np.arange(x0, min(x1, width - tile + 1), tile)
-        ys = np.arange(y0, min(y1, height - tile + 1), tile)
-        if xs.size == 0 or ys.size == 0:
-            continue
-        grid_x, grid_y = np.meshgrid(xs, ys)
-        cx, cy = grid_x.ravel() + tile // 2, grid_y.ravel() + tile // 2
-        hits = np.zeros(cx.shape, bool)
-        for dx, dy in ((-shift, -shift), (shift, -shift), (-shift, shift), (shift, shift)):
-            hits |= mask.labels_at(cx + dx, cy + dy) == region.label
-        found.append(np.stack([grid_x.ravel()[hits], grid_y.ravel()[hits]], axis=1))
-    if not found:
-        return np.zeros((0, 2), np.int64)
-    coords = np.unique(np.concatenate(found).astype(np.int64), axis=0)
-    return coords[np.lexsort((coords[:, 0], coords[:, 1]))]
+    centres = corners + tile // 2
+    keep = np.zeros(len(corners), bool)
+    for dx, dy in ((-shift, -shift), (shift, shift), (shift, -shift), (-shift, shift)):
+        keep |= point_polygon_test(contour, centres + (dx, dy)) >= 0  # isInContourV3_Easy: any point, edges count
+    if holes and keep.any():
+        # isInHoles: the centre (x + tile / 2, y + tile / 2) strictly inside a hole drops the tile
+        centre = corners[keep] + tile / 2
+        inside = np.zeros(len(centre), bool)
+        for hole in holes:
+            inside |= point_polygon_test(hole, centre.astype(np.int64)) > 0
+        keep[np.flatnonzero(keep)[inside]] = False
+    return corners[keep]
 
 
-def write_coords(path: str, coords: np.ndarray, geometry: TileGeometry, slide: Slide) -> None:
+def tile_coordinates(tissue: TissueContours, level0_size: tuple[int, int], tile: int, step: int | None = None, *,
+                     use_padding: bool = True) -> np.ndarray:
+    """Every region's tiles (`contour_tiles`) concatenated in region order, as CLAM's `process_contours` writes them;
+    a region with a single kept tile contributes none (CLAM keeps a contour's coords only when `len(results) > 1`)."""
+    found = [contour_tiles(contour, holes, level0_size, tile, step, use_padding=use_padding)
+             for contour, holes in zip(tissue.contours, tissue.holes)]
+    found = [coords for coords in found if len(coords) > 1]
+    return np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+
+
+def write_coords(path: str, coords: np.ndarray, geometry: TileGeometry, slide: Slide, use_padding: bool = False) -> None:
     """`coords` and its attributes (module doc) to an HDF5 file, written atomically."""
     import h5py
 
@@ -139,7 +164,7 @@ def write_coords(path: str, coords: np.ndarray, geometry: TileGeometry, slide: S
                  "downsample": np.array([w0 / wl, h0 / hl]), "downsampled_level_dim": np.array([wl, hl]),
                  "level_dim": np.array([wl, hl]), "name": slide.slide_id,
                  "target_patch_size": geometry.target_patch_size, "patch_size_level0": geometry.patch_size_level0,
-                 "magnification": geometry.magnification, "mpp": geometry.mpp}
+                 "magnification": geometry.magnification, "mpp": geometry.mpp, "use_padding": int(use_padding)}
         for key, value in attrs.items():
             dataset.attrs[key] = value
     os.replace(partial, path)
@@ -184,23 +209,25 @@ def read_coords(path: str) -> tuple[np.ndarray, dict]:
 
 
 def tile_slide(path: str, out_dir: str, *, patch_size: int = 256, magnification: float = 20.0,
-               params: TissueParams = TissueParams(), default_mpp: float | None = None) -> SlideTiling:
-    """Tile one slide into `<out_dir>/<slide_id>.h5`; raises SlideError for a bad slide and warns
-    (SlideWarning) on an empty tissue mask."""
+               params: TissueParams = TissueParams(), default_mpp: float | None = None,
+               use_padding: bool = True, save_mask: bool = False, stitch: bool = False) -> SlideTiling:
+    """Tile one slide into `<out_dir>/<slide_id>.h5` (and `masks/`, `stitches/` previews: tiling/previews.py);
+    raises SlideError for a bad slide and warns (SlideWarning) on an empty tissue mask."""
     with open_slide(path) as slide:
-        if len(slide.level_dimensions) < 2:
-            raise SlideError(f"{path}: no pyramid (a single {slide.level_dimensions[0][0]}x"
-                             f"{slide.level_dimensions[0][1]} level); write the slide with reduced-resolution levels")
         geometry = tile_geometry(slide, patch_size, magnification, default_mpp=default_mpp)
-        mask = tissue_mask(slide, params, reference_patch=geometry.patch_size_level0)
-        coords = tile_coordinates(mask, slide.level_dimensions[0], geometry.patch_size_level0)
+        tissue = tissue_contours(slide, params)
+        coords = tile_coordinates(tissue, slide.level_dimensions[0], geometry.patch_size_level0,
+                                  use_padding=use_padding)
+        if save_mask or stitch:
+            save_previews(out_dir, slide.slide_id, tissue, coords, geometry.patch_size_level0, mask=save_mask,
+                          stitch=stitch)
         if len(coords) == 0:
-            message = (f"{path}: empty tissue mask ({len(mask.regions)} tissue regions, no tile in tissue); "
+            message = (f"{path}: empty tissue mask ({len(tissue.contours)} tissue regions, no tile in tissue); "
                        "no coordinates written")
             warnings.warn(message, SlideWarning, stacklevel=2)
             return SlideTiling(slide.slide_id, path, "empty", 0, message)
         h5_path = os.path.join(out_dir, f"{slide.slide_id}.h5")
-        write_coords(h5_path, coords, geometry, slide)
+        write_coords(h5_path, coords, geometry, slide, use_padding)
         return SlideTiling(slide.slide_id, path, "ok", len(coords), "", h5_path)
 
 
@@ -225,6 +252,7 @@ class _Progress:
 
 def tile_slides(slides: list[str], out_dir: str, *, patch_size: int = 256, magnification: float = 20.0,
                 params: TissueParams = TissueParams(), default_mpp: float | None = None,
+                use_padding: bool = True, save_mask: bool = False, stitch: bool = False,
                 stream=None) -> list[SlideTiling]:
     """Tile every slide; a bad slide is reported (and logged to `stream`) and the rest go on."""
     os.makedirs(out_dir, exist_ok=True)
@@ -235,7 +263,8 @@ def tile_slides(slides: list[str], out_dir: str, *, patch_size: int = 256, magni
             warnings.simplefilter("always", SlideWarning)
             try:
                 result = tile_slide(path, out_dir, patch_size=patch_size, magnification=magnification,
-                                    params=params, default_mpp=default_mpp)
+                                    params=params, default_mpp=default_mpp, use_padding=use_padding,
+                                    save_mask=save_mask, stitch=stitch)
             except Exception as error:  # every failure of one slide, named; the batch goes on
                 message = str(error) if isinstance(error, SlideError) else f"{path}: {type(error).__name__}: {error}"
                 result = SlideTiling(slide_id(path), path, "error", 0, message)
@@ -258,35 +287,49 @@ def _write_report(path: str, results: list[SlideTiling]) -> None:
 
 
 def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `tile` subcommand's options."""
-    defaults = TissueParams()
+    """The `tile` subcommand's options; the segmentation options override the `--preset`'s values."""
     parser.add_argument("--slides", required=True, help="directory of slides (.tif/.tiff/.svs/.ndpi/.mrxs/...)")
     parser.add_argument("--out", required=True, help="output directory for <slide_id>.h5 files")
     parser.add_argument("--patch-size", type=int, default=256, help="tile side in pixels at the target magnification")
     parser.add_argument("--magnification", type=float, default=20.0, help="target magnification (20 = 0.5 um/px)")
     parser.add_argument("--default-mpp", type=float, default=None,
                         help="microns per pixel assumed for slides that record none (default: such slides fail)")
-    parser.add_argument("--seg-threshold", type=int, default=defaults.saturation_threshold,
-                        help="saturation threshold of the tissue mask (CLAM sthresh)")
-    parser.add_argument("--otsu", action="store_true", help="Otsu's threshold instead of --seg-threshold")
-    parser.add_argument("--median-size", type=int, default=defaults.median_size, help="median blur size (CLAM mthresh)")
-    parser.add_argument("--close-size", type=int, default=defaults.close_size, help="closing kernel size (CLAM close)")
-    parser.add_argument("--min-tissue-area", type=float, default=defaults.min_tissue_area,
-                        help="smallest tissue region kept, in tiles (CLAM a_t)")
-    parser.add_argument("--min-hole-area", type=float, default=defaults.min_hole_area,
-                        help="smallest hole kept, in tiles (CLAM a_h)")
-    parser.add_argument("--max-holes", type=int, default=defaults.max_holes,
-                        help="holes kept per region (CLAM max_n_holes)")
-    parser.add_argument("--mask-downsample", type=float, default=defaults.mask_downsample,
-                        help="downsample of the pyramid level the tissue mask is computed on")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="CLAM's presets/*.csv segmentation values (default: create_patches_fp.py's)")
+    parser.add_argument("--seg-threshold", type=int, default=None, help="saturation threshold (CLAM sthresh)")
+    parser.add_argument("--otsu", action="store_true", default=None, help="Otsu's threshold instead of --seg-threshold")
+    parser.add_argument("--median-size", type=int, default=None, help="median blur size (CLAM mthresh)")
+    parser.add_argument("--close-size", type=int, default=None, help="closing kernel size (CLAM close)")
+    parser.add_argument("--min-tissue-area", type=float, default=None,
+                        help="smallest tissue region kept, in 512x512 level-0 patches (CLAM a_t)")
+    parser.add_argument("--min-hole-area", type=float, default=None,
+                        help="smallest hole kept, in 512x512 level-0 patches (CLAM a_h)")
+    parser.add_argument("--max-holes", type=int, default=None, help="holes kept per region (CLAM max_n_holes)")
+    parser.add_argument("--mask-downsample", type=float, default=None,
+                        help="downsample of the pyramid level the tissue mask is computed on (CLAM seg_level -1: 64)")
+    parser.add_argument("--save-mask", action="store_true",
+                        help="write masks/<slide_id>.png: the thumbnail with tissue contours and holes (CLAM --seg)")
+    parser.add_argument("--stitch", action="store_true",
+                        help="write stitches/<slide_id>.png: the kept tiles on a black canvas (CLAM --stitch)")
+    parser.add_argument("--no-padding", action="store_true",
+                        help="drop tiles crossing the slide's edge (CLAM use_padding=False; default: kept, read as white)")
+
+
+_OPTION_FIELDS = {"seg_threshold": "saturation_threshold", "otsu": "use_otsu", "median_size": "median_size",
+                  "close_size": "close_size", "min_tissue_area": "min_tissue_area", "min_hole_area": "min_hole_area",
+                  "max_holes": "max_holes", "mask_downsample": "mask_downsample"}
+
+
+def params_from_args(args: argparse.Namespace) -> TissueParams:
+    """The preset's TissueParams with the options given on the command line replacing its values."""
+    changes = {field: getattr(args, option) for option, field in _OPTION_FIELDS.items()
+               if getattr(args, option, None) is not None}
+    return dataclasses.replace(PRESETS[args.preset], **changes)
 
 
 def run_tile(args: argparse.Namespace) -> int:
     """Run the `tile` subcommand; 0 when every slide was tiled or only warned about, 1 otherwise."""
-    params = TissueParams(saturation_threshold=args.seg_threshold, median_size=args.median_size,
-                          use_otsu=args.otsu, close_size=args.close_size, min_tissue_area=args.min_tissue_area,
-                          min_hole_area=args.min_hole_area, max_holes=args.max_holes,
-                          mask_downsample=args.mask_downsample)
+    params = params_from_args(args)
     slides = list_slides(args.slides)
     if not slides:
         print(f"{args.slides}: no slide files (extensions .tif .tiff .svs .ndpi .mrxs ...)", file=sys.stderr)
@@ -294,7 +337,8 @@ def run_tile(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SlideWarning)  # shown on the progress line and in the report
         results = tile_slides(slides, args.out, patch_size=args.patch_size, magnification=args.magnification,
-                              params=params, default_mpp=args.default_mpp)
+                              params=params, default_mpp=args.default_mpp, use_padding=not args.no_padding,
+                              save_mask=args.save_mask, stitch=args.stitch)
     failed = [r for r in results if r.status == "error"]
     empty = [r for r in results if r.status == "empty"]
     tiles = sum(r.num_tiles for r in results)

@@ -1,52 +1,54 @@
-"""Tissue segmentation of a whole-slide thumbnail: CLAM's recipe (Lu et al., Nat. Biomed. Eng. 2021,
-`WholeSlideImage.segmentTissue` with its defaults) in numpy/scipy instead of OpenCV.
+"""Tissue segmentation of a whole-slide thumbnail exactly as CLAM's `WholeSlideImage.segmentTissue` (Lu et al.,
+Nat. Biomed. Eng. 2021, with `create_patches_fp.py`'s defaults), in numpy/scipy instead of OpenCV.
 
 1. RGB -> HSV saturation (OpenCV's 8-bit arithmetic for 255 * (max - min) / max);
 2. median blur, `median_size` 7 (OpenCV `medianBlur`, edges replicated);
 3. binary threshold: saturation > `saturation_threshold` (8), or > Otsu's threshold with `use_otsu`;
-4. morphological closing with a `close_size` x `close_size` (4) square (`close_binary`: unlike
-   OpenCV's, it does not shift the mask by a pixel);
-5. contours with holes (OpenCV `RETR_CCOMP`): a tissue region is an 8-connected foreground component,
-   a hole a 4-connected background component it encloses (not touching the image border);
-6. area filters: a region is kept when its area (holes excluded) exceeds `min_tissue_area` reference
-   patches (CLAM `a_t`); of its holes the `max_holes` (8) largest are kept when each exceeds
-   `min_hole_area` reference patches (CLAM `a_h`); holes not kept count as tissue;
-7. the mask: kept regions filled, minus kept holes and the tissue pixels 4-adjacent to them (filling
-   OpenCV's hole contour, which runs through those pixels, removes them too).
+4. morphological closing with a `close_size` x `close_size` (4) square anchored at its centre as OpenCV's
+   `morphologyEx(MORPH_CLOSE)`: dilation and erosion both over offsets -s/2..s/2-1, so for an even size the mask
+   moves one pixel right and down (CLAM's grids start one mask pixel late: +64 level-0 px at downsample 64);
+5. contours (`medjax.data.tiling.contours`, OpenCV's RETR_CCOMP): outer borders with their holes;
+6. CLAM's area filters, in units of a reference patch of `reference_patch` (512) level-0 pixels squared,
+   `int(512^2 / (dx * dy))` thumbnail pixels: a region is kept when contourArea(outer) - sum of its holes'
+   contourArea exceeds `min_tissue_area` (a_t, 100) units (and is not 0); of its holes the `max_holes` (8)
+   largest by contourArea are kept when each exceeds `min_hole_area` (a_h, 16) units;
+7. contours scaled to level 0 as CLAM does: int32(vertex * downsample) (truncated).
 
-Areas are pixel counts where CLAM uses `cv2.contourArea` of the traced polygon (which runs through
-pixel centres, so it is smaller by about half the perimeter). On the demo slides this module's mask,
-moved one pixel right and down, equals CLAM's (OpenCV 5.0's closing and contours, filtered and drawn
-as CLAM does) pixel for pixel. CLAM's reference patch is 512 level-0 pixels with `a_t` 100, `a_h` 16;
-here it is the tile's level-0 size with defaults 4 and 1 (small biopsies and the demo's slides keep
-their tissue), both configurable.
+The thumbnail is the pyramid level with the largest downsample <= `mask_downsample` (64; OpenSlide's
+`get_best_level_for_downsample(64)`, CLAM's `seg_level=-1`). A slide without a usable level (no pyramid) is
+segmented on level 0 itself when it has at most `max_pixels`, as CLAM does; a larger one on a box-filtered
+level-0 downsample by `mask_downsample`, read in bands (our choice: CLAM would read all of level 0).
+`PRESETS` holds CLAM's `presets/*.csv` (`tcga`, `bwh_biopsy`, `bwh_resection`) and `demo` (our choice: areas
+small enough for the few-tile demo slides).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from medjax.data.readers.wsi import Slide, SlideError, best_level_for_downsample
+from medjax.data.tiling.contours import Component, contour_area, find_components
 
-_EIGHT = np.ones((3, 3), bool)
-_FOUR = ndimage.generate_binary_structure(2, 1)
 # OpenCV's `sdiv_table` (color_hsv.simd.hpp): saturate_cast<int>((255 << 12) / v), rounding half to even.
 _SATURATION_DIV = np.concatenate([[0], np.round((255 << 12) / np.arange(1, 256)).astype(np.int64)])
 
 
 @dataclasses.dataclass(frozen=True)
 class TissueParams:
-    """CLAM's segmentation parameters (`seg_params` / `filter_params`) under descriptive names."""
+    """CLAM's segmentation parameters (`seg_params` / `filter_params`) under descriptive names; defaults
+    `create_patches_fp.py`'s."""
 
     saturation_threshold: int = 8  # sthresh
     median_size: int = 7  # mthresh (odd)
     use_otsu: bool = False
     close_size: int = 4  # close; 0 disables the closing
-    min_tissue_area: float = 4.0  # a_t, in reference patches
-    min_hole_area: float = 1.0  # a_h, in reference patches
+    min_tissue_area: float = 100.0  # a_t, in reference patches
+    min_hole_area: float = 16.0  # a_h, in reference patches
     max_holes: int = 8  # max_n_holes
+    reference_patch: int = 512  # segmentTissue's ref_patch_size, level-0 pixels
     mask_downsample: float = 64.0  # the thumbnail is the level with the largest downsample <= this
 
     def __post_init__(self):
@@ -56,48 +58,36 @@ class TissueParams:
             raise ValueError(f"TissueParams.saturation_threshold must be in [0, 255), got {self.saturation_threshold}")
         if self.close_size < 0 or self.max_holes < 0 or self.min_tissue_area < 0 or self.min_hole_area < 0:
             raise ValueError(f"TissueParams: close_size, max_holes and the areas must be >= 0, got {self}")
+        if self.reference_patch < 1 or self.mask_downsample < 1:
+            raise ValueError(f"TissueParams: reference_patch and mask_downsample must be >= 1, got {self}")
+
+
+# CLAM's presets/*.csv (sthresh, mthresh, close, use_otsu, a_t, a_h, max_n_holes); every one uses use_padding=True
+# and contour_fn four_pt.
+PRESETS = {
+    "default": TissueParams(),
+    "tcga": TissueParams(
+        saturation_threshold=8, median_size=7, close_size=4, min_tissue_area=16.0, min_hole_area=4.0, max_holes=8),
+    "bwh_biopsy": TissueParams(saturation_threshold=15, median_size=11, close_size=2, min_tissue_area=1.0,
+                               min_hole_area=1.0, max_holes=2),
+    "bwh_resection": TissueParams(saturation_threshold=15, median_size=11, close_size=4, min_tissue_area=100.0,
+                                  min_hole_area=16.0, max_holes=8),
+    "demo": TissueParams(min_tissue_area=1.0, min_hole_area=0.25),  # our choice: the demo's small slides
+}
 
 
 @dataclasses.dataclass(frozen=True)
-class TissueRegion:
-    """One kept tissue region of the mask: its label, bounding box (x0, y0, x1, y1; end exclusive, mask
-    pixels), tissue area and the areas of its kept holes (mask pixels)."""
+class TissueContours:
+    """CLAM's `contours_tissue` / `holes_tissue`: level-0 int32 (K, 2) (x, y) polygons of the kept regions and,
+    per region, its kept holes; with the thumbnail they came from (its level, downsample (dx, dy) and
+    closed foreground mask) for previews."""
 
-    label: int
-    bbox: tuple[int, int, int, int]
-    area: int
-    hole_areas: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class TissueMask:
-    """Labels at the thumbnail level: region `label` (1..K) on tissue and on filled holes, 0 on glass
-    and on kept holes. `downsample` = level-0 pixels per mask pixel along (x, y)."""
-
-    labels: np.ndarray
+    contours: tuple[np.ndarray, ...]
+    holes: tuple[tuple[np.ndarray, ...], ...]
     downsample: tuple[float, float]
-    regions: tuple[TissueRegion, ...]
-    level: int = 0
-
-    @property
-    def mask(self) -> np.ndarray:
-        return self.labels > 0
-
-    def labels_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Region labels at level-0 points (x, y); 0 outside the mask."""
-        col = np.floor(np.asarray(x, np.float64) / self.downsample[0]).astype(np.int64)
-        row = np.floor(np.asarray(y, np.float64) / self.downsample[1]).astype(np.int64)
-        h, w = self.labels.shape
-        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        out = np.zeros(np.shape(col), np.int32)
-        out[inside] = self.labels[row[inside], col[inside]]
-        return out
-
-    def bbox_level0(self, region: TissueRegion) -> tuple[int, int, int, int]:
-        """A region's bounding box in level-0 pixels (x0, y0, x1, y1)."""
-        x0, y0, x1, y1 = region.bbox
-        dx, dy = self.downsample
-        return int(x0 * dx), int(y0 * dy), int(np.ceil(x1 * dx)), int(np.ceil(y1 * dy))
+    level: int
+    foreground: np.ndarray
+    thumbnail: np.ndarray
 
 
 def rgb_to_saturation(rgb: np.ndarray) -> np.ndarray:
@@ -125,97 +115,73 @@ def otsu_threshold(values: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
-def close_binary(mask: np.ndarray, size: int) -> np.ndarray:
-    """Morphological closing with a `size` x `size` square: dilation, then erosion with the reflected
-    square, pixels outside the image ignored (OpenCV's border rule). OpenCV's `morphologyEx(MORPH_CLOSE)`
-    erodes with the same anchored square instead, which for an even size (CLAM's 4) also shifts the mask
-    one pixel right and down; this closing does not shift."""
+def close_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """OpenCV's `morphologyEx(mask, MORPH_CLOSE, ones((size, size)))`: dilation, then erosion, both over the
+    window offsets -size//2 .. size - size//2 - 1 (the anchor at the centre), pixels outside the image ignored.
+    For an even size the closed mask is shifted one pixel right and down (module doc)."""
     if size <= 0:
-        return mask
+        return np.asarray(mask, bool)
     mask = np.asarray(mask).astype(np.uint8)
     dilated = ndimage.maximum_filter(mask, size=size, mode="constant", cval=0)
-    origin = -1 if size % 2 == 0 else 0  # reflect the even window (offsets -s/2..s/2-1 -> -s/2+1..s/2)
-    return ndimage.minimum_filter(dilated, size=size, origin=origin, mode="constant", cval=1).astype(bool)
+    return ndimage.minimum_filter(dilated, size=size, mode="constant", cval=1).astype(bool)
 
 
 def threshold_tissue(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.ndarray:
     """Steps 1-4: the closed binary foreground of an RGB thumbnail."""
     saturation = ndimage.median_filter(rgb_to_saturation(rgb), size=params.median_size, mode="nearest")
     threshold = otsu_threshold(saturation) if params.use_otsu else params.saturation_threshold
-    return close_binary(saturation > threshold, params.close_size)
+    return close_mask(saturation > threshold, params.close_size)
 
 
-def label_tissue(foreground: np.ndarray, *, min_area: float, min_hole_area: float, max_holes: int
-                 ) -> tuple[np.ndarray, tuple[TissueRegion, ...]]:
-    """Steps 5-6 on a binary mask; `min_area` and `min_hole_area` in mask pixels (strict >)."""
-    foreground = np.asarray(foreground, bool)
-    h, w = foreground.shape
-    fg_labels, n_fg = ndimage.label(foreground, structure=_EIGHT)
-    bg_labels, n_bg = ndimage.label(~foreground, structure=_FOUR)
-    fg_area = np.bincount(fg_labels.ravel(), minlength=n_fg + 1)
-    bg_area = np.bincount(bg_labels.ravel(), minlength=n_bg + 1)
-    on_border = np.zeros(n_bg + 1, bool)
-    on_border[np.concatenate([bg_labels[0], bg_labels[-1], bg_labels[:, 0], bg_labels[:, -1]])] = True
-    # The first pixel (raster order) of an enclosed background component has the pixel above it in
-    # the image and in the foreground component that encloses it.
-    present, first = np.unique(bg_labels.ravel(), return_index=True)
-    owner = np.zeros(n_bg + 1, np.int64)
-    holes = present[(present > 0) & ~on_border[present]]
-    owner[holes] = fg_labels.ravel()[first[np.searchsorted(present, holes)] - w]
-
-    fg_map = np.zeros(n_fg + 1, np.int32)
-    bg_map = np.zeros(n_bg + 1, np.int32)
-    kept_holes: dict[int, tuple[int, ...]] = {}
-    kept_hole_ids: list[int] = []
-    next_label = 0
-    for component in range(1, n_fg + 1):
-        if not fg_area[component] > min_area:
+def filter_components(components: list[Component], params: TissueParams, reference_area: int
+                      ) -> list[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
+    """Step 6 (CLAM's `_filter_contours`): (outer, kept holes) of the regions kept; areas in thumbnail pixels,
+    `reference_area` = int(reference_patch^2 / (dx * dy))."""
+    min_area, min_hole = params.min_tissue_area * reference_area, params.min_hole_area * reference_area
+    kept = []
+    for component in components:
+        hole_areas = [contour_area(hole) for hole in component.holes]
+        area = contour_area(component.outer) - float(np.sum(hole_areas))
+        if area == 0 or not min_area < area:
             continue
-        next_label += 1
-        fg_map[component] = next_label
-        own = holes[owner[holes] == component]
-        own = own[np.argsort(-bg_area[own], kind="stable")]
-        keep = [int(hole) for hole in own[:max_holes] if bg_area[hole] > min_hole_area]
-        bg_map[own] = next_label  # holes not kept are tissue
-        bg_map[keep] = 0
-        kept_holes[next_label] = tuple(int(bg_area[hole]) for hole in keep)
-        kept_hole_ids += keep
-    labels = np.where(foreground, fg_map[fg_labels], bg_map[bg_labels]).astype(np.int32)
-    if kept_hole_ids:  # OpenCV's hole contour runs through the tissue pixels bordering the hole
-        hole_mask = np.zeros(n_bg + 1, bool)
-        hole_mask[kept_hole_ids] = True
-        labels[ndimage.binary_dilation(hole_mask[bg_labels], _FOUR)] = 0
-    regions = []
-    for label, slices in enumerate(ndimage.find_objects(labels), start=1):
-        if slices is None:
-            continue
-        rows, cols = slices
-        area = int(np.count_nonzero((labels[slices] == label) & foreground[slices]))
-        regions.append(TissueRegion(label, (cols.start, rows.start, cols.stop, rows.stop), area, kept_holes[label]))
-    return labels, tuple(regions)
+        order = sorted(range(len(component.holes)), key=lambda i: -hole_areas[i])[:params.max_holes]
+        kept.append((component.outer, tuple(component.holes[i] for i in order if hole_areas[i] > min_hole)))
+    return kept
 
 
-def segment_tissue(rgb: np.ndarray, params: TissueParams = TissueParams(), *, reference_area: float = 1.0
-                   ) -> tuple[np.ndarray, tuple[TissueRegion, ...]]:
-    """The labelled tissue mask of an RGB thumbnail; `reference_area` = one reference patch in thumbnail
-    pixels (the unit of `params.min_tissue_area` / `min_hole_area`)."""
-    foreground = threshold_tissue(rgb, params)
-    return label_tissue(foreground, min_area=params.min_tissue_area * reference_area,
-                        min_hole_area=params.min_hole_area * reference_area, max_holes=params.max_holes)
-
-
-def tissue_mask(slide: Slide, params: TissueParams = TissueParams(), *, reference_patch: float = 256.0,
-                max_pixels: int = 1 << 26) -> TissueMask:
-    """The tissue mask of a slide at the level nearest below `params.mask_downsample`;
-    `reference_patch` is the reference patch side in level-0 pixels."""
+def read_thumbnail(slide: Slide, params: TissueParams = TissueParams(), *, max_pixels: int = 1 << 26
+                   ) -> tuple[np.ndarray, int, tuple[float, float]]:
+    """(RGB thumbnail, its level, downsample (dx, dy) = level-0 pixels per thumbnail pixel), as the module doc says."""
     level = best_level_for_downsample(slide, params.mask_downsample)
     width, height = slide.level_dimensions[level]
-    if width * height > max_pixels:
-        raise SlideError(f"{slide.path}: the lowest-resolution level usable for the tissue mask (level {level}, "
-                         f"{width}x{height}) exceeds {max_pixels} pixels; the slide needs a pyramid")
-    thumbnail = slide.read_region((0, 0), level, (width, height))
     w0, h0 = slide.level_dimensions[0]
-    downsample = (w0 / width, h0 / height)
-    reference_area = reference_patch ** 2 / (downsample[0] * downsample[1])
-    labels, regions = segment_tissue(thumbnail, params, reference_area=reference_area)
-    return TissueMask(labels, downsample, regions, level)
+    if width * height <= max_pixels:
+        return slide.read_region((0, 0), level, (width, height)), level, (w0 / width, h0 / height)
+    if level > 0:
+        raise SlideError(f"{slide.path}: the lowest-resolution level usable for the tissue mask (level {level}, "
+                         f"{width}x{height}) exceeds {max_pixels} pixels")
+    factor = max(int(params.mask_downsample), 1)
+    band = factor * max(1, (1 << 24) // (w0 * factor))  # rows of level 0 per read, a multiple of the factor
+    parts = []
+    for y in range(0, h0, band):
+        rows = min(band, h0 - y)
+        parts.append(np.asarray(Image.fromarray(slide.read_region((0, y), 0, (w0, rows))).reduce(factor)))
+    thumbnail = np.concatenate(parts)
+    return thumbnail, 0, (w0 / thumbnail.shape[1], h0 / thumbnail.shape[0])
+
+
+def tissue_contours(slide: Slide, params: TissueParams = TissueParams(), *, max_pixels: int = 1 << 26
+                    ) -> TissueContours:
+    """CLAM's tissue contours of a slide at level 0 (module doc, steps 1-7)."""
+    thumbnail, level, (dx, dy) = read_thumbnail(slide, params, max_pixels=max_pixels)
+    foreground = threshold_tissue(thumbnail, params)
+    reference_area = int(params.reference_patch ** 2 / (dx * dy))
+    kept = filter_components(find_components(foreground), params, reference_area)
+    scale = np.array([dx, dy])
+
+    def to_level0(contour):
+        return np.asarray(contour * scale, np.int32)
+
+    return TissueContours(tuple(to_level0(outer) for outer, _ in kept),
+                          tuple(tuple(to_level0(hole) for hole in holes) for _, holes in kept),
+                          (float(dx), float(dy)), level, foreground, thumbnail)
