@@ -60,8 +60,7 @@ class FundusClassificationTask(TaskBase):
         keep = label_subset(np.asarray(train.labels), float(config.data.label_fraction),
                             int(config.data.label_seed), self.num_classes)
         self.train_set = Subset(train, keep)
-        log(f"fine-tuning on {len(keep)} of {len(train)} labelled training images "
-            f"(data.label_fraction={config.data.label_fraction})")
+        self._train_size = len(train)
         m = config.model
         self.model = ViTClassifier(
             image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
@@ -94,6 +93,9 @@ class FundusClassificationTask(TaskBase):
         return {"image": image, "label": np.int32(example["label"])}
 
     def train_data(self):
+        # said here, not at construction: `evaluate` builds the task too, and its checkpoint's fraction is its own
+        self.log(f"fine-tuning on {len(self.train_set)} of {self._train_size} labelled training images "
+                 f"(data.label_fraction={self.config.data.label_fraction})")
         return global_batch_dataset(
             self.train_set, global_batch=self.global_batch, seed=int(self.config.seed),
             transform=self._train_transform, process_index=jax.process_index(), process_count=jax.process_count(),
