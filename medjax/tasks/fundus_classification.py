@@ -16,6 +16,7 @@ from medjax.data.transforms.image import fundus_eval_transform, fundus_train_tra
 from medjax.data.readers.fundus_genome import FundusGenomeDataset
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.data.verify import image_checks
+from medjax.metrics.chance import AUC_CHANCE, KAPPA_CHANCE, majority_fraction
 from medjax.metrics.classification import accuracy, macro_auc, quadratic_weighted_kappa
 from medjax.models.vit_classifier import ViTClassifier
 from medjax.params import merge_params
@@ -134,6 +135,8 @@ class FundusClassificationTask(TaskBase):
             "kappa": quadratic_weighted_kappa(labels, grades, self.num_classes),
             "accuracy": accuracy(labels, grades),
             "examples": float(len(labels)),
+            # beside each number in the table: what an input-blind grader scores (medjax.metrics.chance)
+            "auc_chance": AUC_CHANCE, "kappa_chance": KAPPA_CHANCE, "accuracy_chance": majority_fraction(labels),
         }
 
     def load_pretrained(self, params, pretrained):
