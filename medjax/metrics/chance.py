@@ -33,3 +33,20 @@ def recall_at_k_chance(k: int, candidates: int) -> float:
     """Recall@k of a random ranking with one match among `candidates`."""
     return min(k, candidates) / candidates if candidates else 0.0
 
+
+
+def vqa_chance(targets: np.ndarray, answer_types: np.ndarray, num_answers: int) -> dict[str, float]:
+    """`{overall,closed,open}_chance` in percent (as `medjax.metrics.vqa.vqa_accuracy`): the best single answer
+    per answer type, given whatever the image (our choice: the question's type, closed or open, is known)."""
+    targets, types = np.asarray(targets), np.asarray(answer_types).astype(np.int64)
+    if targets.ndim == 1:
+        targets = np.eye(num_answers, dtype=np.float64)[targets]
+    out, hits = {}, np.zeros(len(types))
+    for name, kind in (("closed", 0), ("open", 1)):
+        mask = types == kind
+        if mask.any():
+            best = targets[mask].sum(0).argmax()
+            hits[mask] = targets[mask, best]
+        out[f"{name}_chance"] = 100.0 * float(hits[mask].mean()) if mask.any() else float("nan")
+    out["overall_chance"] = 100.0 * float(hits.mean()) if len(hits) else float("nan")
+    return out

@@ -13,6 +13,7 @@ from sklearn.metrics import f1_score
 
 from medjax.tasks import ptunifier_finetune_data as finetune_data
 from medjax.data.readers.image_report import clip_transform
+from medjax.metrics.chance import AUC_CHANCE
 from medjax.metrics.classification import macro_auc
 from medjax.tasks.common import Subset, label_fraction_label
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
@@ -55,7 +56,7 @@ class PTUnifierClassificationTask(PTUnifierFinetuneTask):
         probs, labels = 1 / (1 + np.exp(-logits.astype(np.float64))), kept["labels"]
         return {"auc": macro_auc(labels, probs),
                 "f1": float(f1_score(labels, probs > 0.5, average="macro", zero_division=0)),
-                "examples": float(len(labels))}
+                "examples": float(len(labels)), "auc_chance": AUC_CHANCE}
 
     def column_label(self, saved_config: dict, path: str) -> str:
         """The run's label fraction ("1%", "10%", "100%"), as the paper's columns."""
