@@ -7,6 +7,9 @@ step that verifies and restores, moving each skipped step to `<workdir>/skipped_
 which and why (issue #15: a corrupted step restored silently; an emptied one blocked resuming)."""
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import shutil
 from typing import Any, Callable
@@ -178,6 +181,29 @@ class Checkpointer:
             self.manager.close()
 
 
+def finished_step(workdir: str, config) -> int | None:
+    """The step of the newest checkpoint in `workdir` when it already reaches the run's end (`train.stop_at`
+    or `train.steps`), verifies (checksums) and was written by this experiment, variant and model config; else
+    None. A rerun of a finished run then stops at once instead of building, compiling and restoring (issue #23);
+    anything less certain (no checksums, another config, a damaged step) goes the full way (`Trainer.run`)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True) \
+        if os.path.isdir(directory) else []
+    end = int(config.train.stop_at) or int(config.train.steps)
+    if not steps or steps[0] < end:
+        return None
+    step_dir = os.path.join(directory, str(steps[0]))
+    try:
+        record = provenance_lib.read_record(step_dir)
+    except provenance_lib.ProvenanceError:
+        return None
+    if record is None or not integrity.has_checksums(step_dir) or integrity.verify_checksums(step_dir):
+        return None
+    expected = json.loads(json.dumps(provenance_lib.run_record(config), sort_keys=True, default=str))
+    same = all(record.get(k) == expected.get(k) for k in ("exp", "variant", "task", "model"))
+    return steps[0] if same else None
+
+
 def save_params(path: str, params: Any, provenance: dict | None = None) -> str:
     """Write a params tree (e.g. converted PyTorch weights) as `<path>/state` holding {"params": ...}, the
     layout of one training checkpoint step, so `restore_params(path)`, `init=path`, `--params path` and
@@ -234,12 +260,31 @@ def restore_params(path: str) -> Any:
     checkpoint step / params directory (`params_dir`); used for `init=` (pretrained weights) and evaluation.
     Works whatever devices or processes wrote it: every array is restored onto this process's first device."""
     item = os.path.join(params_dir(path), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(item)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    restored = checkpointer.restore(item, abstract)
-    checkpointer.close()
+    with _without_step_metadata_warning():
+        checkpointer = ocp.StandardCheckpointer()
+        metadata = checkpointer.metadata(item)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        restored = checkpointer.restore(item, abstract)
+        checkpointer.close()
     return jax.device_get(restored["params"])
+
+
+class _StepMetadataFilter(logging.Filter):
+    """Drops Orbax's "Metadata file does not exist: .../state/_CHECKPOINT_METADATA": reading one item of a
+    step (`restore_params`) looks for the step's metadata inside the item, where it never is (issue #23)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_step_metadata_warning():
+    absl_logger, noise = logging.getLogger("absl"), _StepMetadataFilter()
+    absl_logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(noise)

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", required=True, help="converted weights (save_params dir) or a training workdir")
     p.add_argument("--input", required=True, help="CT volume, NIfTI (.nii or .nii.gz), Hounsfield units")
     p.add_argument("--out", required=True, help="output label NIfTI path (.nii or .nii.gz)")
-    p.add_argument("--variant", default=None, help="config variant (must match the params)")
+    p.add_argument("--variant", default=None,
+                   help="config variant (must match the params); default: the one saved in a training workdir's "
+                        "config.json, as evaluate does")
     p.add_argument("--per-class", action="store_true", help="also write one 0/1 mask per class: OUT_<class>.nii.gz")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per forward pass (default: eval.sw_batch_size)")
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         _stem(args.out)
         if not os.path.isfile(args.input):
             raise CTDataError(f"{args.input}: --input file not found")
-        config = config_lib.get_config(args.exp, args.variant, args.overrides)
+        config = config_lib.get_config(args.exp, args.variant or saved_variant(args.params), args.overrides)
         model, variables = load_universal(config, args.params)
         overrides = {k: v for k, v in (("batch_size", args.batch_size), ("overlap", args.overlap)) if v is not None}
         settings = InferenceSettings.from_config(config, **overrides)
@@ -110,6 +112,14 @@ def main(argv=None) -> int:
         return EXIT_INPUT_ERROR
     print(f"wrote {written[0]}" + (f" and {len(written) - 1} per-class masks" if len(written) > 1 else ""))
     return 0
+
+
+def saved_variant(params_dir: str) -> str | None:
+    """The variant a training workdir was trained with (its `config.json`; `medjax.evaluate` reads it the same
+    way), or None for converted weights and directories without one."""
+    from medjax.evaluate import saved_config
+
+    return saved_config(params_dir).get("variant") if os.path.isdir(params_dir) else None
 
 
 def load_universal(config, params_dir: str):

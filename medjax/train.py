@@ -59,7 +59,7 @@ def _run(args) -> int:
     from medjax import config as config_lib
     from medjax.tasks import build_task
     from medjax.tasks.base import RunSettings
-    from medjax.checkpoint import CheckpointError
+    from medjax.checkpoint import CheckpointError, finished_step
     from medjax.disk_full import DiskFullError
     from medjax.trainer import NonFiniteLossError, Trainer
     from medjax.workdir_lock import WorkdirLockedError
@@ -73,6 +73,11 @@ def _run(args) -> int:
     config = config_lib.get_config(args.exp, variant, overrides)  # a ConfigError: one line, exit 2 (medjax.cli)
     workdir = args.workdir or os.path.join("runs", f"{args.exp}-{config.variant}")
     say(f"workdir: {os.path.abspath(workdir)}")
+    done = finished_step(workdir, config) if jax.process_count() == 1 else None
+    if done is not None:  # a rerun of a finished run: no data check, no compile, no new event file
+        say(f"nothing to do: {workdir} holds a verified checkpoint at step {done} (train.steps="
+            f"{config.train.steps}); pass a larger --set train.steps=N to continue training")
+        return 0
     task = build_task(config, log=say, run=RunSettings.from_config(config, workdir=workdir))  # caches the data check
     trainer = Trainer(config, task, workdir)
     start = time.time()

@@ -103,3 +103,15 @@ def test_bad_inputs_name_the_file(ct_file, tiny_params, capsys):
     assert predict.main(["--exp", "universal_swin", "--variant", "tiny", "--params", str(root / "nothing"),
                          "--input", path, "--out", str(root / "z.nii.gz")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_variant_defaults_to_the_training_workdirs_config(tiny_params, tmp_path):
+    """A training workdir's config.json gives the variant, as for evaluate (issue #23)."""
+    import json
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_params, workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"variant": "tiny", "exp": "universal_swin"}, f)
+    assert predict.saved_variant(workdir) == "tiny" and predict.saved_variant(tiny_params) is None

@@ -52,12 +52,20 @@ class RunSettings:
 
 def markdown_table(exp: str, columns: list[tuple[str, dict[str, float]]], percent: tuple[str, ...] = ()) -> str:
     """One row, one column group per evaluated checkpoint: every metric evaluate returned (those named in
-    `percent`, fractions, shown in percent)."""
-    metrics = [k for k in columns[0][1] if k != "examples"]
+    `percent`, fractions, shown in percent), each with its chance level beside it where evaluate gave one
+    (`<metric>_chance`, medjax.metrics.chance)."""
+    from medjax.metrics.chance import CHANCE_SUFFIX
+
+    metrics = [k for k in columns[0][1] if k != "examples" and not k.endswith(CHANCE_SUFFIX)]
     header = "| Method | " + " | ".join(f"{label} {m}" for label, _ in columns for m in metrics) + " |"
     rule = "|---|" + "---|" * (len(columns) * len(metrics))
-    row = f"| medjax {exp} | " + " | ".join(
-        f"{100 * r[m]:.2f}" if m in percent else f"{r[m]:.4f}" for _, r in columns for m in metrics) + " |"
+
+    def cell(r, m):
+        show = (lambda v: f"{100 * v:.2f}") if m in percent else (lambda v: f"{v:.4f}")
+        chance = r.get(m + CHANCE_SUFFIX)
+        return show(r[m]) + (f" (chance {show(chance)})" if chance is not None else "")
+
+    row = f"| medjax {exp} | " + " | ".join(cell(r, m) for _, r in columns for m in metrics) + " |"
     return "\n".join([header, rule, row])
 
 

@@ -19,6 +19,7 @@ from medjax.data.transforms.image import fundus_eval_transform, fundus_train_tra
 from medjax.data.readers.fundus_genome import FundusGenomeDataset
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.data.verify import image_checks
+from medjax.metrics.chance import AUC_CHANCE, KAPPA_CHANCE, majority_fraction
 from medjax.metrics.classification import accuracy, contig_grade, macro_auc, quadratic_weighted_kappa
 from medjax.models.vit_classifier import ViTClassifier
 from medjax.params import merge_params
@@ -63,8 +64,7 @@ class FundusClassificationTask(TaskBase):
         keep = label_subset(np.asarray(train.labels), float(config.data.label_fraction),
                             int(config.data.label_seed), self.num_classes)
         self.train_set = Subset(train, keep)
-        log(f"fine-tuning on {len(keep)} of {len(train)} labelled training images "
-            f"(data.label_fraction={config.data.label_fraction})")
+        self._train_size = len(train)
         m = config.model
         self.model = ViTClassifier(
             image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
@@ -97,6 +97,9 @@ class FundusClassificationTask(TaskBase):
         return {"image": image, "label": np.int32(example["label"])}
 
     def train_data(self):
+        # said here, not at construction: `evaluate` builds the task too, and its checkpoint's fraction is its own
+        self.log(f"fine-tuning on {len(self.train_set)} of {self._train_size} labelled training images "
+                 f"(data.label_fraction={self.config.data.label_fraction})")
         return global_batch_dataset(
             self.train_set, global_batch=self.global_batch, seed=int(self.config.seed),
             transform=self._train_transform, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -140,6 +143,8 @@ class FundusClassificationTask(TaskBase):
             "kappa": quadratic_weighted_kappa(labels, grades, self.num_classes),
             "accuracy": accuracy(labels, grades),
             "examples": float(len(labels)),
+            # beside each number in the table: what an input-blind grader scores (medjax.metrics.chance)
+            "auc_chance": AUC_CHANCE, "kappa_chance": KAPPA_CHANCE, "accuracy_chance": majority_fraction(labels),
         }
 
     def load_pretrained(self, params, pretrained):

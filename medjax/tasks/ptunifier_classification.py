@@ -17,6 +17,7 @@ import optax
 from sklearn.metrics import f1_score
 
 from medjax.tasks import ptunifier_finetune_data as finetune_data
+from medjax.metrics.chance import AUC_CHANCE
 from medjax.metrics.classification import macro_auc
 from medjax.tasks.common import Subset, label_fraction_label
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
@@ -57,7 +58,8 @@ class PTUnifierClassificationTask(PTUnifierFinetuneTask):
     def evaluate(self, params) -> dict[str, float]:
         logits, kept = self.outputs(params, self.eval_set, self._logits, ("image",), ("labels",))
         probs, labels = 1 / (1 + np.exp(-logits.astype(np.float64))), kept["labels"]
-        return {"auc": macro_auc(labels, probs), **multilabel_f1(labels, probs), "examples": float(len(labels))}
+        return {"auc": macro_auc(labels, probs), **multilabel_f1(labels, probs), "examples": float(len(labels)),
+                "auc_chance": AUC_CHANCE}
 
     def column_label(self, saved_config: dict, path: str) -> str:
         """The run's label fraction ("1%", "10%", "100%"), as the paper's columns; a subset file's split name."""

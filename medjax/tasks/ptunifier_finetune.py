@@ -218,6 +218,10 @@ class PTUnifierFinetuneTask(TaskBase):
         """The paper's layout: the kind's `TABLE` columns, in percent, one group per checkpoint."""
         header = "| Method | " + " | ".join(f"{label} {name}" for label, _ in columns for name, _ in self.TABLE) + " |"
         rule = "|---|" + "---|" * (len(columns) * len(self.TABLE))
-        row = f"| medjax {exp} | " + " | ".join(
-            f"{self.TABLE_SCALE * r[key]:.2f}" for _, r in columns for _, key in self.TABLE) + " |"
+        def cell(r, key):  # with the chance level beside it where evaluate gave one (medjax.metrics.chance)
+            chance = r.get(key + "_chance")
+            return f"{self.TABLE_SCALE * r[key]:.2f}" + (f" (chance {self.TABLE_SCALE * chance:.2f})"
+                                                         if chance is not None else "")
+
+        row = f"| medjax {exp} | " + " | ".join(cell(r, key) for _, r in columns for _, key in self.TABLE) + " |"
         return "\n".join([header, rule, row])

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from medjax.tasks import ptunifier_finetune_data as finetune_data
+from medjax.metrics.chance import majority_fraction
 from medjax.metrics.classification import accuracy
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 
@@ -42,4 +43,5 @@ class PTUnifierNLITask(PTUnifierFinetuneTask):
 
     def evaluate(self, params) -> dict[str, float]:
         logits, kept = self.outputs(params, self.eval_set, self._logits, ("text_ids", "text_mask"), ("label",))
-        return {"accuracy": accuracy(kept["label"], logits.argmax(-1)), "examples": float(len(logits))}
+        return {"accuracy": accuracy(kept["label"], logits.argmax(-1)), "examples": float(len(logits)),
+                "accuracy_chance": majority_fraction(kept["label"])}

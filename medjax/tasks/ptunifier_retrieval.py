@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from medjax.data.readers.image_report import ImageReportDataset, pick_sentence
+from medjax.metrics.chance import recall_at_k_chance
 from medjax.metrics.retrieval import retrieval_recall
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 
@@ -93,6 +94,9 @@ class PTUnifierRetrievalTask(PTUnifierFinetuneTask):
             text_emb, _ = self.outputs(params, texts, j["itc_text"], ("text_ids", "text_mask"))
             prefix = "itc_" if out else ""
             out.update({prefix + k: v for k, v in retrieval_recall(image_emb @ text_emb.T, text_image).items()})
+        num_images, num_texts = len(images), len(text_image)  # chance: a random ranking (medjax.metrics.chance)
+        out.update({f"{d}_r{k}_chance": 100.0 * recall_at_k_chance(k, n)
+                    for d, n in (("tr", num_texts), ("ir", num_images)) for k in (1, 5, 10)})
         return dict(out, examples=float(len(text_image)))
 
 

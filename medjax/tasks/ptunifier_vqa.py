@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from medjax.tasks import ptunifier_finetune_data as finetune_data
+from medjax.metrics.chance import vqa_chance
 from medjax.metrics.vqa import vqa_accuracy
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 
@@ -58,4 +59,5 @@ class PTUnifierVQATask(PTUnifierFinetuneTask):
     def evaluate(self, params) -> dict[str, float]:
         logits, kept = self.outputs(params, self.eval_set, self._logits, ("image", "text_ids", "text_mask"),
                                     ("target", "answer_type"))
-        return dict(vqa_accuracy(logits, kept["target"], kept["answer_type"]), examples=float(len(logits)))
+        return dict(vqa_accuracy(logits, kept["target"], kept["answer_type"]), examples=float(len(logits)),
+                    **vqa_chance(kept["target"], kept["answer_type"], logits.shape[1]))

@@ -41,6 +41,7 @@ from medjax.data.tiling.coords import read_coords, tile_slide
 from medjax.data.tiling.tissue import PRESETS
 from medjax.data.readers.wsi import SLIDE_EXTENSIONS
 from medjax.data.pipelines.wsi_tiles import WSITileSource
+from medjax.metrics.chance import AUC_CHANCE, CHANCE_SUFFIX, balanced_accuracy_chance, weighted_f1_chance
 from medjax.metrics.fewshot import bootstrap_ci, fewshot_evaluate
 from medjax.metrics.knn import knn_evaluate, knn_predict
 from medjax.metrics.linear_probe import linear_probe_evaluate
@@ -255,6 +256,9 @@ def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, 
     results |= {f"linear/{name}": v for name, v in linear_probe_evaluate(
         features[train], labels[train], features[test], labels[test], num_classes=num_classes,
         max_iter=settings.linear.max_iter, penalty=settings.linear.penalty).items()}
+    for probe in ("knn", "linear"):  # what an input-blind classifier scores on the test tiles (metrics.chance)
+        results[f"{probe}/balanced_acc_chance"] = balanced_accuracy_chance(labels[test])
+        results[f"{probe}/weighted_f1_chance"] = weighted_f1_chance(labels[test])
     return results | {"tiles/train": float(train.sum()), "tiles/test": float(test.sum())}
 
 
@@ -323,6 +327,7 @@ def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> di
                 features = source_features(feature_fn, bag_source, settings)
             bags = [features[bag_source.slide_index == s] for s in range(len(rows))]
         results |= slide_level_eval(bags, slide_labels, _split_flags(rows, slides_csv), settings, slides_csv)
+        results |= {"abmil/balanced_acc_chance": balanced_accuracy_chance(slide_labels), "abmil/auc_chance": AUC_CHANCE}
     return results
 
 
@@ -345,7 +350,11 @@ def uni_feature_fn(params: Any, *, dtype: Any = jnp.float32, **overrides) -> Fea
 # ---- the paper's table ------------------------------------------------------------------------------------
 
 def _cell(results: dict, key: str) -> str:
-    return f"{results[key]:.3f}" if key in results else "–"
+    """The value, with its chance level beside it where the evaluation gave one (`<key>_chance`)."""
+    if key not in results:
+        return "–"
+    chance = results.get(key + CHANCE_SUFFIX)
+    return f"{results[key]:.3f}" + (f" (chance {chance:.3f})" if chance is not None else "")
 
 
 def uni_results_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:

@@ -85,6 +85,14 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
     header = {"ptunifier_vqa": "demo Open | demo Closed | demo Overall", "ptunifier_classification": "demo AUC | demo F1",
               "ptunifier_nli": "demo Accuracy", "ptunifier_retrieval": "demo I2T R@1"}[kind]
     assert header in table and table.count("\n") == 2
+    chance = {"ptunifier_vqa": "closed_chance", "ptunifier_classification": "auc_chance",
+              "ptunifier_nli": "accuracy_chance", "ptunifier_retrieval": "tr_r1_chance"}[kind]
+    scale = 1.0 if kind in ("ptunifier_vqa", "ptunifier_retrieval") else 100.0
+    assert f" (chance {scale * results[chance]:.2f})" in table  # beside its number (issue #23)
+    if kind == "ptunifier_retrieval":
+        assert results["tr_r1_chance"] == results["ir_r1_chance"] == 25.0 and results["tr_r5_chance"] == 100.0
+    if kind == "ptunifier_classification":
+        assert results["auc_chance"] == 0.5
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)

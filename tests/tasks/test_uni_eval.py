@@ -56,9 +56,11 @@ def test_evaluate_uni_on_the_wsi_demo(wsi_demo):
     assert results["knn/balanced_acc_ci_low"] <= results["knn/balanced_acc"] <= results["knn/balanced_acc_ci_high"]
     assert 0.0 < results["fewshot/1shot/balanced_acc"] <= 1.0 and "fewshot/1shot/balanced_acc_std" in results
     table = uni_results_table("uni_vitl16", [("demo", results)])
-    assert f"| ROI: tile classes (tile_labels.csv) | Balanced acc. | {results['knn/balanced_acc']:.3f} | " \
-           f"{results['linear/balanced_acc']:.3f} | – |" in table
-    assert f"| Slide: slide label (slides.csv) | AUC | – | – | {results['abmil/auc']:.3f} |" in table
+    chance = 1 / len(np.unique(labels[stratified_holdout(labels, 0.3, 0)]))  # 1 / tissue classes in the test tiles
+    assert results["knn/balanced_acc_chance"] == results["linear/balanced_acc_chance"] == chance
+    assert f"| ROI: tile classes (tile_labels.csv) | Balanced acc. | {results['knn/balanced_acc']:.3f} (chance " \
+           f"{chance:.3f}) | {results['linear/balanced_acc']:.3f} (chance {chance:.3f}) | – |" in table
+    assert f"| Slide: slide label (slides.csv) | AUC | – | – | {results['abmil/auc']:.3f} (chance 0.500) |" in table
 
 
 def test_extract_features_pads_to_one_batch_shape():

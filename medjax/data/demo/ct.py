@@ -22,13 +22,14 @@ Intensities are typical contrast-CT HU with blur and noise.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medjax.data.demo import demo_is_current, mark_demo_complete
+from medjax.data.demo import build_demo
 from medjax.data.readers.ct import save_nifti
 
 # (dataset dir, image dir, label dir, file stem, classes labelled, axis codes, tumours drawn)
@@ -135,8 +136,13 @@ def make_ct_demo(out_dir: str, *, cases_per_dataset: int = 3, shape: tuple[int, 
     if cases_per_dataset < 1 or min(shape) < 8:
         raise ValueError(f"need cases_per_dataset >= 1 and every shape entry >= 8, got {cases_per_dataset}, {shape}")
     params = {"cases_per_dataset": cases_per_dataset, "shape": list(shape), "seed": seed}
-    if demo_is_current(out_dir, params, ('train.txt',)):
-        return out_dir
+    write = functools.partial(_write_ct_demo, params=params,
+                              cases_per_dataset=cases_per_dataset, shape=shape, seed=seed)
+    return build_demo(out_dir, params, write, ('train.txt',))
+
+
+def _write_ct_demo(out_dir: str, *, params: dict, cases_per_dataset, shape, seed) -> None:
+    """Write the files of `make_ct_demo` into `out_dir` (a fresh temporary directory)."""
     lines = {"train": [], "val": []}
     for d, (folder, image_dir, label_dir, (image_stem, label_stem), classes, axcodes, tumours) in enumerate(DATASETS):
         for case in range(cases_per_dataset):
@@ -159,5 +165,3 @@ def make_ct_demo(out_dir: str, *, cases_per_dataset: int = 3, shape: tuple[int, 
     for split, rows in lines.items():
         with open(os.path.join(out_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
             f.write("".join(row + "\n" for row in rows))
-    mark_demo_complete(out_dir, params)
-    return out_dir

@@ -19,6 +19,7 @@ random with MAF ~ U(0.05, 0.5); 1% of calls are missing. Everything is determini
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from medjax.data.demo import demo_is_current, mark_demo_complete
+from medjax.data.demo import build_demo
 from medjax.data.readers.plink import MISSING, write_plink
 
 NUM_GRADES = 5
@@ -192,8 +193,13 @@ def make_fundus_genome_demo(out_dir: str, *, participants: int = 160, image_size
         raise ValueError(f"need participants >= 1, image_size >= 8, num_snps >= 1; got {participants}, "
                          f"{image_size}, {num_snps}")
     params = {"participants": participants, "image_size": image_size, "num_snps": num_snps, "seed": seed}
-    if demo_is_current(out_dir, params, ('manifest.csv',)):
-        return out_dir
+    write = functools.partial(_write_fundus_genome_demo, params=params,
+                              participants=participants, image_size=image_size, num_snps=num_snps, seed=seed)
+    return build_demo(out_dir, params, write, ('manifest.csv',))
+
+
+def _write_fundus_genome_demo(out_dir: str, *, params: dict, participants, image_size, num_snps, seed) -> None:
+    """Write the files of `make_fundus_genome_demo` into `out_dir` (a fresh temporary directory)."""
     aptos_dir = os.path.join(out_dir, "aptos")
     for d in (os.path.join(out_dir, "images"), os.path.join(aptos_dir, "images")):
         os.makedirs(d, exist_ok=True)
@@ -231,5 +237,3 @@ def make_fundus_genome_demo(out_dir: str, *, participants: int = 160, image_size
                   os.path.join(aptos_dir, rel))
         aptos_rows.append([f"aptos{k:05d}", eye, rel, int(grade)])
     _write_manifest(os.path.join(aptos_dir, "manifest.csv"), ["participant_id", "eye", "image_path", "label"], aptos_rows)
-    mark_demo_complete(out_dir, params)
-    return out_dir

@@ -22,13 +22,14 @@ Everything is deterministic given `seed`.
 from __future__ import annotations
 
 import io
+import functools
 import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medjax.data.demo import demo_is_current, mark_demo_complete
+from medjax.data.demo import build_demo
 from medjax.data.readers.arrow_write import write_arrow
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -161,8 +162,13 @@ def make_image_report_demo(out_dir: str, *, num_images: int = 400, image_size: i
     if num_images < 10 or image_size < 16:
         raise ValueError(f"need num_images >= 10 and image_size >= 16, got {num_images}, {image_size}")
     params = {"num_images": num_images, "image_size": image_size, "seed": seed}
-    if demo_is_current(out_dir, params):
-        return out_dir
+    write = functools.partial(_write_image_report_demo, params=params,
+                              num_images=num_images, image_size=image_size, seed=seed)
+    return build_demo(out_dir, params, write)
+
+
+def _write_image_report_demo(out_dir: str, *, params: dict, num_images, image_size, seed) -> None:
+    """Write the files of `make_image_report_demo` into `out_dir` (a fresh temporary directory)."""
     for sub in ("images", "arrow"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     rng = np.random.default_rng([seed, 0])
@@ -205,5 +211,3 @@ def make_image_report_demo(out_dir: str, *, num_images: int = 400, image_size: i
     train_tokenizer(texts, os.path.join(out_dir, "tokenizer"))
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump({"classification_labels": list(SHAPES), "nli_labels": list(NLI_LABELS), "params": params}, f, indent=1)
-    mark_demo_complete(out_dir, params)
-    return out_dir

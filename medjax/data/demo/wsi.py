@@ -20,13 +20,14 @@ deterministic given `seed`; structures are laid out in microns, so 20x and 40x s
 from __future__ import annotations
 
 import csv
+import functools
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from medjax.data.demo import demo_is_current, mark_demo_complete
+from medjax.data.demo import build_demo
 from medjax.data.readers.wsi_write import write_pyramidal_tiff
 
 TISSUE_CLASSES = ("stroma", "tumor", "lymphocytes")
@@ -154,8 +155,13 @@ def make_wsi_demo(out_dir: str, *, num_slides: int = 4, size: int = 3072, seed: 
     if num_slides < 1 or size < 512:
         raise ValueError(f"make_wsi_demo: need num_slides >= 1 and size >= 512, got {num_slides}, {size}")
     params = {"num_slides": num_slides, "size": size, "seed": seed, "compression": compression}
-    if demo_is_current(out_dir, params):
-        return out_dir
+    write = functools.partial(_write_wsi_demo, params=params,
+                              num_slides=num_slides, size=size, seed=seed, compression=compression)
+    return build_demo(out_dir, params, write)
+
+
+def _write_wsi_demo(out_dir: str, *, params: dict, num_slides, size, seed, compression) -> None:
+    """Write the files of `make_wsi_demo` into `out_dir` (a fresh temporary directory)."""
     os.makedirs(os.path.join(out_dir, "slides"), exist_ok=True)
     slide_rows, label_rows = [], []
     for index in range(num_slides):
@@ -177,8 +183,6 @@ def make_wsi_demo(out_dir: str, *, num_slides: int = 4, size: int = 3072, seed: 
     _write_csv(os.path.join(out_dir, "tile_labels.csv"), ("slide_id", "x", "y", "label", "label_name"), label_rows)
     _write_csv(os.path.join(out_dir, "slides.csv"), ("slide_id", "file", "mpp", "magnification", "label", "label_name"),
                slide_rows)
-    mark_demo_complete(out_dir, params)
-    return out_dir
 
 
 def _write_csv(path: str, header: tuple[str, ...], rows: list[tuple]) -> None:

@@ -16,6 +16,7 @@ image-report contrast is learnable; splits 80/10/10. Deterministic given `seed`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -24,7 +25,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medjax.data.readers.ct import save_nifti
-from medjax.data.demo import demo_is_current, mark_demo_complete
+from medjax.data.demo import build_demo
 from medjax.data.demo.image_report import train_tokenizer
 
 ZONES = [(v, h) for v in ("upper", "lower") for h in ("right", "left")]  # patient's right = image left
@@ -120,8 +121,13 @@ def make_xray_ct_reports_demo(out_dir: str, *, num_xrays: int = 240, num_cts: in
                          f"{num_cts}, {image_size}, {ct_shape}")
     params = {"num_xrays": num_xrays, "num_cts": num_cts, "image_size": image_size, "ct_shape": list(ct_shape),
               "seed": seed}
-    if demo_is_current(out_dir, params, ("xray/manifest.jsonl", "ct/manifest.jsonl")):
-        return out_dir
+    write = functools.partial(_write_xray_ct_reports_demo, params=params,
+                              num_xrays=num_xrays, num_cts=num_cts, image_size=image_size, ct_shape=ct_shape, seed=seed)
+    return build_demo(out_dir, params, write, ("xray/manifest.jsonl", "ct/manifest.jsonl"))
+
+
+def _write_xray_ct_reports_demo(out_dir: str, *, params: dict, num_xrays, num_cts, image_size, ct_shape, seed) -> None:
+    """Write the files of `make_xray_ct_reports_demo` into `out_dir` (a fresh temporary directory)."""
     os.makedirs(os.path.join(out_dir, "xray", "images"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "ct", "volumes"), exist_ok=True)
     reports, xray_rows, ct_rows = [], [], []
@@ -153,5 +159,3 @@ def make_xray_ct_reports_demo(out_dir: str, *, num_xrays: int = 240, num_cts: in
     train_tokenizer(reports, os.path.join(out_dir, "tokenizer"), vocab_size=300)
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
         json.dump({"xray_labels": list(XRAY_LABELS), "ct_labels": list(CT_LABELS), "params": params}, f, indent=1)
-    mark_demo_complete(out_dir, params)
-    return out_dir

@@ -76,9 +76,15 @@ def global_batch_dataset(
     prefetch_threads: int = 2, on_bad_example: str = "error",
 ) -> grain.IterDataset:
     """Per-process batches (dicts of stacked numpy arrays) of `global_batch // process_count` examples;
-    with `on_bad_example="skip"` each batch also holds `bad_examples.SKIPPED_KEY` (int32 per example)."""
-    if len(source) < global_batch:
-        raise ValueError(f"the dataset has {len(source)} examples, fewer than one global batch of {global_batch}")
+    with `on_bad_example="skip"` each batch also holds `bad_examples.SKIPPED_KEY` (int32 per example).
+
+    The stream runs on over epoch boundaries, so a source smaller than one global batch (a 1% label fraction,
+    say) still trains: each batch then holds every example more than once, each epoch in a fresh order."""
+    if len(source) == 0:
+        raise ValueError("the dataset has no examples")
+    if num_epochs is not None and len(source) * num_epochs < global_batch:
+        raise ValueError(f"the dataset has {len(source)} examples x {num_epochs} epochs, fewer than one global "
+                         f"batch of {global_batch}")
     local_batch = process_batch_size(global_batch, process_count)
     order = grain.MapDataset.range(len(source))
     if shuffle:
