@@ -46,6 +46,7 @@ from medjax.models import unimedi as unimedi_lib
 from medjax.models.dinov2 import DINOHead, ema_update
 from medjax.nn.bert import BertEncoder
 from medjax.params import merge_params
+from medjax.tasks import unimedi_tables
 from medjax.tasks.base import TaskBase
 
 
@@ -415,19 +416,9 @@ class UniMedITask(TaskBase):
         return results
 
     def results_table(self, exp: str, columns) -> str:
-        """One table per protocol: retrieval (R@1/5, in %), zero-shot AUC, linear-probe AUC / accuracy."""
-        lines = []
-        for title, keep in (("Retrieval (R@K, %)", lambda k: "_ir_" in k or "_tr_" in k),
-                            ("Zero-shot (AUC)", lambda k: "zero_shot" in k),
-                            ("Linear probe", lambda k: "_probe" in k)):
-            keys = [k for k in columns[0][1] if keep(k)]
-            if not keys:
-                continue
-            lines += [f"**{title}**", "", "| Method | " + " | ".join(f"{label} {k}" for label, _ in columns for k in keys)
-                      + " |", "|---|" + "---|" * (len(keys) * len(columns)),
-                      f"| medjax {exp} | " + " | ".join(f"{r[k]:.2f}" if "_ir_" in k or "_tr_" in k else
-                                                         f"{100 * r[k]:.2f}" for _, r in columns for k in keys) + " |", ""]
-        return "\n".join(lines).rstrip()
+        """The paper's layout (`medjax.tasks.unimedi_tables`): linear classification at each label fraction,
+        zero-shot AUC, retrieval R@K; one row per evaluated checkpoint."""
+        return unimedi_tables.results_table(exp, columns, self.config.eval.label_fractions)
 
 
 def _labels(dataset, kind: str) -> np.ndarray | None:
