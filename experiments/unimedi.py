@@ -80,10 +80,12 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         c.model.update(dict(image_size=64, volume_shape=(16, 64, 64), num_selected_slices=2, width=64, depth=4,
                             num_heads=4, drop_path=0.0, remat="none", text_width=64, text_depth=2, text_heads=4,
                             text_mlp_dim=128, max_positions=32, embed_dim=64))
-        c.head.update(dict(out_dim=256, hidden_dim=128, bottleneck_dim=32))
+        # 64 prototypes (our choice): Sinkhorn spreads a batch's 16 [CLS] rows evenly over them; with 256 the DINO
+        # terms stayed near ln K over the demo (loss 13.7 -> 11.0 in 200 steps; 10.6 -> 7.9 in 300 steps with 64)
+        c.head.update(dict(out_dim=64, hidden_dim=128, bottleneck_dim=32))
         c.distill.mask_ratio = 0.5
         c.eval.label_fractions = (0.1, 1.0)
-        c.train.update(dict(steps=200, batch_size=16, log_every=10, checkpoint_every=100, eval_batch_size=16))
+        c.train.update(dict(steps=300, batch_size=16, log_every=10, checkpoint_every=100, eval_batch_size=16))
         c.optim.update(dict(lr=5e-4, warmup_fraction=0.1))
     elif variant == "tiny":
         c.data.update(dict(max_length=12, spacing=(1.5, 1.5, 2.5)))
