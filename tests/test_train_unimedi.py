@@ -46,7 +46,7 @@ def test_mixed_batches_train_and_evaluate(demo, tmp_path):
         assert key in results and np.isfinite(results[key]), key
     assert 0.0 <= results["2d_tr_r1"] <= results["2d_tr_r5"] <= 100.0
     table = task.results_table("unimedi", [("tiny", results)])
-    assert "Retrieval" in table and "Linear probe" in table
+    assert "retrieval" in table and "Linear classification" in table and "| medjax unimedi (tiny) |" in table
 
 
 @pytest.mark.parametrize("fraction, used, unused", [(1.0, "patch_embed", "volume_embed"),

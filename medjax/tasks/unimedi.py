@@ -34,6 +34,7 @@ from PIL import Image
 from medjax.data import demo as demo_lib
 from medjax.data.errors import DataError
 from medjax.data.readers.image_report import ImageReportDataset, load_tokenizer, pick_sentence, tokenize
+from medjax.data.pipelines.bad_examples import SKIPPED_KEY
 from medjax.data.pipelines.global_batches import global_batch_dataset, process_batch_size
 from medjax.data.verify import image_report_checks, volume_report_checks
 from medjax.data.readers.volume_report import VolumeReportDataset
@@ -45,6 +46,7 @@ from medjax.models import unimedi as unimedi_lib
 from medjax.models.dinov2 import DINOHead, ema_update
 from medjax.nn.bert import BertEncoder
 from medjax.params import merge_params
+from medjax.tasks import unimedi_tables
 from medjax.tasks.base import TaskBase
 
 
@@ -79,13 +81,23 @@ class VolumeExample:
                 "volume_input_ids": text["input_ids"], "volume_attention_mask": text["attention_mask"]}
 
 
+def merge_kinds(parts) -> dict:
+    """One batch dict from the per-kind batches; with data.on_bad_example=skip each kind carries its per-example
+    skip counts, which are concatenated (2D first) so the trainer sums them over the whole batch."""
+    merged = {k: v for p in parts for k, v in p.items() if k != SKIPPED_KEY}
+    skipped = [p[SKIPPED_KEY] for p in parts if SKIPPED_KEY in p]
+    if skipped:
+        merged[SKIPPED_KEY] = np.concatenate(skipped)
+    return merged
+
+
 def _zip_batches(*datasets):
     """One iterator of merged batch dicts from per-kind pipelines (each checkpointable; the zip's state is theirs)."""
     import grain.experimental as grain_experimental
 
     if len(datasets) == 1:
         return datasets[0]
-    return grain_experimental.ZipIterDataset(list(datasets)).map(lambda parts: {k: v for p in parts for k, v in p.items()})
+    return grain_experimental.ZipIterDataset(list(datasets)).map(merge_kinds)
 
 
 def dino_momentum(base: float, total_steps: int):
@@ -285,13 +297,20 @@ class UniMedITask(TaskBase):
         return dataset
 
     def train_data(self):
+        return self.mixed_batches(jax.process_index(), jax.process_count())
+
+    def mixed_batches(self, process_index: int, process_count: int):
+        """This process's share of every global batch: `batch_2d / process_count` image-report and
+        `batch_3d / process_count` volume-report samples (the 2D:3D ratio is data.fraction_2d), each kind its own
+        seeded `global_batch_dataset` stream (so the processes' shares, in process order, are the global
+        batch), zipped into one checkpointable iterator whose state is the two streams' positions."""
         d = self.config.data
-        common = dict(seed=int(self.config.seed), process_index=jax.process_index(),
-                      process_count=jax.process_count(), prefetch_threads=int(d.prefetch_threads))
+        common = dict(seed=int(self.config.seed), process_index=process_index, process_count=process_count,
+                      prefetch_threads=int(d.prefetch_threads), on_bad_example=self.on_bad_example)
         parts = []
         for size in (self.batch_2d, self.batch_3d):
             if size:
-                process_batch_size(size, jax.process_count())
+                process_batch_size(size, process_count)
         if self.batch_2d:
             parts.append(global_batch_dataset(self.image_set(d.split), global_batch=self.batch_2d,
                                               transform=ImageExample(self.tokenizer, self.config.model.image_size,
@@ -397,19 +416,9 @@ class UniMedITask(TaskBase):
         return results
 
     def results_table(self, exp: str, columns) -> str:
-        """One table per protocol: retrieval (R@1/5, in %), zero-shot AUC, linear-probe AUC / accuracy."""
-        lines = []
-        for title, keep in (("Retrieval (R@K, %)", lambda k: "_ir_" in k or "_tr_" in k),
-                            ("Zero-shot (AUC)", lambda k: "zero_shot" in k),
-                            ("Linear probe", lambda k: "_probe" in k)):
-            keys = [k for k in columns[0][1] if keep(k)]
-            if not keys:
-                continue
-            lines += [f"**{title}**", "", "| Method | " + " | ".join(f"{label} {k}" for label, _ in columns for k in keys)
-                      + " |", "|---|" + "---|" * (len(keys) * len(columns)),
-                      f"| medjax {exp} | " + " | ".join(f"{r[k]:.2f}" if "_ir_" in k or "_tr_" in k else
-                                                         f"{100 * r[k]:.2f}" for _, r in columns for k in keys) + " |", ""]
-        return "\n".join(lines).rstrip()
+        """The paper's layout (`medjax.tasks.unimedi_tables`): linear classification at each label fraction,
+        zero-shot AUC, retrieval R@K; one row per evaluated checkpoint."""
+        return unimedi_tables.results_table(exp, columns, self.config.eval.label_fractions)
 
 
 def _labels(dataset, kind: str) -> np.ndarray | None:
