@@ -29,6 +29,10 @@ def make_test_demo(kind: str, out: str) -> str:
         from medjax.data.demo.xray_ct_reports import make_xray_ct_reports_demo
 
         return make_xray_ct_reports_demo(out, num_xrays=24, num_cts=16, image_size=32, ct_shape=(24, 24, 16))
+    if kind == "ct_reports":
+        from medjax.data.demo.ct_reports import make_ct_reports_demo
+
+        return make_ct_reports_demo(out, num_train=8, num_valid=4, shape=(26, 26, 12))
     raise ValueError(f"no test demo of kind {kind!r}")
 
 
@@ -45,4 +49,6 @@ def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
         return [f"data.dir={root('image_report')}"]
     if task == "unimedi":
         return [f"data.dir={root('xray_ct_reports')}"]
+    if task == "fvlm":
+        return [f"data.dir={root('ct_reports')}"]
     raise ValueError(f"tests/conftest.py: no test data for task {task!r}; add it to tiny_data_overrides")

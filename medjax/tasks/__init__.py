@@ -14,6 +14,7 @@ TASKS = {
     "ptunifier_retrieval": "medjax.tasks.ptunifier_retrieval:PTUnifierRetrievalTask",
     "ptunifier_nli": "medjax.tasks.ptunifier_nli:PTUnifierNLITask",
     "unimedi": "medjax.tasks.unimedi:UniMedITask",
+    "fvlm": "medjax.tasks.fvlm:FVLMTask",
 }
 
 

@@ -14,6 +14,7 @@ DEMO_MAKERS = {
     "wsi": "medjax.data.demo.wsi:make_wsi_demo",
     "image_report": "medjax.data.demo.image_report:make_image_report_demo",
     "xray_ct_reports": "medjax.data.demo.xray_ct_reports:make_xray_ct_reports_demo",
+    "ct_reports": "medjax.data.demo.ct_reports:make_ct_reports_demo",
 }
 
 
