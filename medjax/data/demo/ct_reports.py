@@ -4,15 +4,15 @@
 `make_ct_reports_demo(out_dir)` writes, for each split in ("train", "valid"):
 - `<split>/volumes/<split>_<n>_a_1.nii.gz`: int16 HU chest CTs (RAS affine, 1.25 x 1.25 x 3 mm) with four
   anatomies: lungs (-850 HU), heart (40 HU), esophagus (a 25 HU tube with an air lumen), aorta (a 150 HU
-  tube), a spine and soft tissue;
+  tube, non-contrast), a spine and soft tissue;
 - `<split>/masks/<same name>`: uint8 anatomy masks already merged to fVLM's 4 labels (1 lung, 2 heart,
   3 esophagus, 4 aorta);
 - `<split>_findings.json`, `<split>_conclusions.json`: `{scan_key: {organ: text}}` (the key: the file name
   without `.nii.gz`), an empty conclusion for a normal organ;
 - `<split>_labels.csv`: `VolumeName` + CT-RATE label columns (0/1);
 - `tokenizer/`: a byte-level BPE tokenizer trained on the texts; `.complete` (written last).
-Findings are visible in the image: a lung nodule (a 60 HU sphere in the named lung), cardiomegaly (a heart
-1.4x wider), a hiatal hernia (a wide, air-filled lower esophagus), arterial wall calcification (a 700 HU
+Findings are visible in the image: a lung nodule (a 60 HU sphere, radius a fifth of the chest, in the named lung), cardiomegaly (a heart
+1.5x wider), a hiatal hernia (a wide, air-filled lower esophagus), arterial wall calcification (a 1000 HU
 ring in the aortic wall); each organ is abnormal with probability `abnormal_rate`. Deterministic given `seed`.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from medjax.data.readers.ct import save_nifti
 ORGANS = ("lung", "heart", "esophagus", "aorta")
 LABELS = ("Lung nodule", "Cardiomegaly", "Hiatal hernia", "Arterial wall calcification")  # CT-RATE columns
 SPACING = (1.25, 1.25, 3.0)
+DEMO_VERSION = 2  # bump when the rendering changes, so cached demos are made again
 
 
 def _findings(rng: np.random.Generator, rate: float) -> dict:
@@ -69,7 +70,7 @@ def render(f: dict, shape: tuple[int, int, int], rng: np.random.Generator) -> tu
         lungs[side] = ((u - cu - jitter()) / 0.32) ** 2 + (v / 0.5) ** 2 + (w / 0.85) ** 2 <= 1
         hu[lungs[side]] = -850.0
         mask[lungs[side]] = 1
-    scale = 1.4 if f["heart"] else 1.0
+    scale = 1.5 if f["heart"] else 1.0
     heart = ((u - 0.05 - jitter()) / (0.2 * scale)) ** 2 + ((v - 0.2) / 0.2) ** 2 + ((w + 0.3) / 0.3) ** 2 <= 1
     hu[heart], mask[heart] = 40.0, 2
     hu[(u / 0.1) ** 2 + ((v + 0.58) / 0.1) ** 2 <= 1] = 500.0  # spine
@@ -80,12 +81,12 @@ def render(f: dict, shape: tuple[int, int, int], rng: np.random.Generator) -> tu
     hu[lumen & ((w < -0.3) & f["esophagus"] | (rng.random(shape) < 0.3))] = -900.0
     radial = np.sqrt(((u - 0.12) / 0.09) ** 2 + ((v + 0.3) / 0.09) ** 2)
     aorta = (radial <= 1) & (np.abs(w) < 0.9)
-    hu[aorta], mask[aorta] = 150.0, 4
+    hu[aorta], mask[aorta] = 45.0, 4  # non-contrast, as CT-RATE
     if f["aorta"]:
-        hu[aorta & (radial > 0.65) & (rng.random(shape) < 0.6)] = 700.0
+        hu[aorta & (radial > 0.5) & (rng.random(shape) < 0.8)] = 1000.0
     if f["lung"]:
         cu = (-0.45 if f["lung"] == "right" else 0.45) + jitter()
-        r = rng.uniform(0.12, 0.16)
+        r = rng.uniform(0.2, 0.26)
         hu[((u - cu) ** 2 + (v - jitter(0.1)) ** 2 + (w - rng.uniform(-0.4, 0.5)) ** 2 <= r ** 2) & lungs[f["lung"]]] = 60.0
     hu = ndimage.gaussian_filter(hu, 0.6) + rng.normal(0, 15, shape)
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16), mask
@@ -98,7 +99,7 @@ def make_ct_reports_demo(out_dir: str, *, num_train: int = 96, num_valid: int = 
     if num_train < 4 or num_valid < 2 or min(shape) < 8:
         raise ValueError(f"need >= 4 train and >= 2 valid scans and shape entries >= 8; got {num_train}, "
                          f"{num_valid}, {shape}")
-    params = {"num_train": num_train, "num_valid": num_valid, "shape": list(shape), "abnormal_rate": abnormal_rate,
+    params = {"version": DEMO_VERSION, "num_train": num_train, "num_valid": num_valid, "shape": list(shape), "abnormal_rate": abnormal_rate,
               "seed": seed}
     if demo_is_current(out_dir, params, ("train_findings.json", "valid_labels.csv")):
         return out_dir
