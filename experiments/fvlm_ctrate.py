@@ -16,6 +16,10 @@ optimizer in the original; we run what it runs), 377 warmup steps from 1e-6, cos
 Our choices: RAS reorientation before resampling (the original does none); a single cosine over the run
 (the original restarts it per epoch); MAE ImageNet initialisation of the ViT is not wired into `init`
 (the 2D -> 3D position embedding is `medjax.models.fvlm.pos_embed_from_2d`).
+Known limitation (open): from scratch, the demo's loss drops within ~20 steps to the uniform-prediction value
+(organs x ln(batch), 11.09 at batch 16) and stays there for 150-400 steps: the organ-pooled image embeddings
+of one batch have cosine ~0.99 at init, so the per-sample gradients cancel; fVLM relies on an MAE-initialised
+ViT, and users of the original report a loss that does not fall with its released config.
 """
 from __future__ import annotations
 
