@@ -35,6 +35,10 @@ def make_test_demo(kind: str, out: str) -> str:
         from medjax.data.demo.pathology_chat import make_pathology_chat_demo
 
         return make_pathology_chat_demo(out, num_tiles=16, num_eval=4)
+    if kind == "ct_reports":
+        from medjax.data.demo.ct_reports import make_ct_reports_demo
+
+        return make_ct_reports_demo(out, num_train=8, num_valid=4, shape=(26, 26, 12))
     raise ValueError(f"no test demo of kind {kind!r}")
 
 
@@ -53,4 +57,6 @@ def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
         return [f"data.dir={root('xray_ct_reports')}"]
     if task == "pathchat":
         return [f"data.dir={root('pathology_chat')}"]
+    if task == "fvlm":
+        return [f"data.dir={root('ct_reports')}"]
     raise ValueError(f"tests/conftest.py: no test data for task {task!r}; add it to tiny_data_overrides")

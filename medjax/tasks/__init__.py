@@ -16,6 +16,7 @@ TASKS = {
     "ptunifier_nli": "medjax.tasks.ptunifier_nli:PTUnifierNLITask",
     "unimedi": "medjax.tasks.unimedi:UniMedITask",
     "pathchat": "medjax.tasks.pathchat:PathChatTask",
+    "fvlm": "medjax.tasks.fvlm:FVLMTask",
 }
 
 

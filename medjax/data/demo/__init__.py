@@ -21,6 +21,7 @@ DEMO_MAKERS = {
     "image_report": "medjax.data.demo.image_report:make_image_report_demo",
     "xray_ct_reports": "medjax.data.demo.xray_ct_reports:make_xray_ct_reports_demo",
     "pathology_chat": "medjax.data.demo.pathology_chat:make_pathology_chat_demo",
+    "ct_reports": "medjax.data.demo.ct_reports:make_ct_reports_demo",
 }
 
 

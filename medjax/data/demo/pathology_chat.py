@@ -24,7 +24,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medjax.data.demo import demo_is_current, mark_demo_complete
+from medjax.data.demo import build_demo
 
 DIAGNOSES = ("adenocarcinoma", "squamous cell carcinoma", "lymphoma", "sarcoma")
 ARCHITECTURE = {"adenocarcinoma": "hollow glandular rings", "squamous cell carcinoma": "concentric keratin pearls",
@@ -108,44 +108,43 @@ def make_pathology_chat_demo(out_dir: str, num_tiles: int = 240, tile_size: int 
                              vocab_size: int = 1000, seed: int = 0) -> str:
     params = dict(num_tiles=num_tiles, tile_size=tile_size, num_eval=num_eval, vocab_size=vocab_size, seed=seed,
                   version=2)  # version: bumped when the content changes, so caches are remade
-    if demo_is_current(out_dir, params, ("pretrain.json", "instruct_train.json", "tokenizer/tokenizer.json")):
-        return out_dir
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(out_dir, "tiles"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "pathqabench"), exist_ok=True)
-    pretrain, train, val, mcq, open_ended, texts = [], [], [], [], [], []
-    for i in range(num_tiles + num_eval):
-        diagnosis, grade = DIAGNOSES[i % len(DIAGNOSES)], GRADES[int(rng.integers(2))]
-        image = f"tiles/{i:05d}.png"
-        Image.fromarray(render_tile(diagnosis, grade, tile_size, rng)).save(os.path.join(out_dir, image))
-        record = {"id": f"{i:05d}", "image": image, "conversations": conversation(diagnosis, grade, rng)}
-        texts += [turn["value"] for turn in record["conversations"]]
-        if i < num_tiles:
-            train.append(record)
-            pretrain.append({"id": f"{i:05d}", "image": image, "conversations": [
-                {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption(diagnosis, grade)}]})
-            texts.append(caption(diagnosis, grade))
-            continue
-        val.append(record)
-        order = rng.permutation(len(DIAGNOSES))
-        choices = [DIAGNOSES[k] for k in order]
-        mcq.append({"id": f"q{i:05d}", "image": image, "question": "What is the most likely diagnosis?",
-                    "choices": choices, "answer": "ABCD"[choices.index(diagnosis)],
-                    "context": f"A biopsy from the {ORGANS[diagnosis]}."})
-        open_ended.append({"id": f"o{i:05d}", "image": image, "question": "Describe the architecture.",
-                           "reference": f"There are {ARCHITECTURE[diagnosis]}."})
-    texts += [f"A biopsy from the {organ}. " + " ".join(f"{a}. {d}" for a, d in zip("ABCD", DIAGNOSES))
-              for organ in ORGANS.values()]
-    # The prompt templates' fixed words (medjax/tasks/pathchat_data.py), so they get merges of their own.
-    texts += ["A chat between a curious human and an artificial intelligence assistant.", "USER: ASSISTANT:",
-              "[INST] <<SYS>> <</SYS>> [/INST]", "You are a helpful language and vision assistant.",
-              "Options: Answer with the option's letter."] * 20
-    for name, records in (("pretrain.json", pretrain), ("instruct_train.json", train), ("instruct_val.json", val)):
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1)
-    for name, rows in (("mcq.jsonl", mcq), ("open.jsonl", open_ended)):
-        with open(os.path.join(out_dir, "pathqabench", name), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    _train_tokenizer(texts, out_dir, vocab_size)
-    mark_demo_complete(out_dir, params)
-    return out_dir
+    def write(out_dir: str) -> None:  # into a fresh temporary directory (build_demo renames it into place)
+        rng = np.random.default_rng(seed)
+        os.makedirs(os.path.join(out_dir, "tiles"), exist_ok=True)
+        os.makedirs(os.path.join(out_dir, "pathqabench"), exist_ok=True)
+        pretrain, train, val, mcq, open_ended, texts = [], [], [], [], [], []
+        for i in range(num_tiles + num_eval):
+            diagnosis, grade = DIAGNOSES[i % len(DIAGNOSES)], GRADES[int(rng.integers(2))]
+            image = f"tiles/{i:05d}.png"
+            Image.fromarray(render_tile(diagnosis, grade, tile_size, rng)).save(os.path.join(out_dir, image))
+            record = {"id": f"{i:05d}", "image": image, "conversations": conversation(diagnosis, grade, rng)}
+            texts += [turn["value"] for turn in record["conversations"]]
+            if i < num_tiles:
+                train.append(record)
+                pretrain.append({"id": f"{i:05d}", "image": image, "conversations": [
+                    {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption(diagnosis, grade)}]})
+                texts.append(caption(diagnosis, grade))
+                continue
+            val.append(record)
+            order = rng.permutation(len(DIAGNOSES))
+            choices = [DIAGNOSES[k] for k in order]
+            mcq.append({"id": f"q{i:05d}", "image": image, "question": "What is the most likely diagnosis?",
+                        "choices": choices, "answer": "ABCD"[choices.index(diagnosis)],
+                        "context": f"A biopsy from the {ORGANS[diagnosis]}."})
+            open_ended.append({"id": f"o{i:05d}", "image": image, "question": "Describe the architecture.",
+                               "reference": f"There are {ARCHITECTURE[diagnosis]}."})
+        texts += [f"A biopsy from the {organ}. " + " ".join(f"{a}. {d}" for a, d in zip("ABCD", DIAGNOSES))
+                  for organ in ORGANS.values()]
+        # The prompt templates' fixed words (medjax/tasks/pathchat_data.py), so they get merges of their own.
+        texts += ["A chat between a curious human and an artificial intelligence assistant.", "USER: ASSISTANT:",
+                  "[INST] <<SYS>> <</SYS>> [/INST]", "You are a helpful language and vision assistant.",
+                  "Options: Answer with the option's letter."] * 20
+        for name, records in (("pretrain.json", pretrain), ("instruct_train.json", train), ("instruct_val.json", val)):
+            with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+                json.dump(records, f, indent=1)
+        for name, rows in (("mcq.jsonl", mcq), ("open.jsonl", open_ended)):
+            with open(os.path.join(out_dir, "pathqabench", name), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        _train_tokenizer(texts, out_dir, vocab_size)
+
+    return build_demo(out_dir, params, write, ("pretrain.json", "instruct_train.json", "tokenizer/tokenizer.json"))
