@@ -12,21 +12,13 @@ import socket
 import time
 import warnings
 
+from medjax.parallel.ports import pid_alive
+
 LOCK_NAME = "medjax.lock"
 
 
 class WorkdirLockedError(RuntimeError):
     """Another live run holds the workdir."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _read(path: str) -> dict:
@@ -53,7 +45,7 @@ class WorkdirLock:
             except FileExistsError:
                 holder = _read(self.path)
                 host, pid = holder.get("host"), holder.get("pid")
-                if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+                if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
                     warnings.warn(f"{self.path}: taking over a stale lock of pid {pid} on {host} (that process "
                                   "is gone)", stacklevel=2)
                     try:

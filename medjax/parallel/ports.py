@@ -73,7 +73,8 @@ def reserve_port(host: str = "127.0.0.1", attempts: int = 100) -> PortReservatio
     raise RuntimeError(f"reserve_port: no free port on {host} after {attempts} attempts (locks in {LOCK_DIR})")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (signal 0)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,7 +96,7 @@ def _hold(argv: list[str]) -> None:
     reservation = reserve_port()
     print(reservation.port, flush=True)
     sys.stdout.close()
-    while _alive(pid):
+    while pid_alive(pid):
         time.sleep(0.5)
     reservation.close()
 

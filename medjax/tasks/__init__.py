@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 
+from medjax.errors import MedjaxInputError
+
 TASKS = {
     "mrm": "medjax.tasks.mrm:MRMTask",
     "mrm_mae": "medjax.tasks.mrm_mae:MRMMAETask",
@@ -23,7 +25,7 @@ TASKS = {
 def task_class(name: str):
     """The registered TaskBase subclass called `name` (a config's `task`)."""
     if name not in TASKS:
-        raise ValueError(f"config.task: unknown task {name!r}; registered: {sorted(TASKS)}")
+        raise MedjaxInputError(f"config.task: unknown task {name!r}; registered: {sorted(TASKS)}")
     module_name, class_name = TASKS[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 

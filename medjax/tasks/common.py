@@ -43,3 +43,27 @@ def label_fraction_label(saved_config: dict) -> str | None:
     and PTUnifier's classification table); None when its saved config has no label fraction."""
     fraction = saved_config.get("data", {}).get("label_fraction")
     return f"{fraction * 100:g}%" if fraction is not None else None
+
+
+def report_encoder(model_cfg, tokenizer, dtype, tokenizer_source: str):
+    """(BERT-family report encoder, its converted variables or None): from the local Hugging Face directory
+    `model.init_text` (e.g. BioClinicalBERT, CXR-BERT; `medjax.convert.hf.load`), else a scratch BertEncoder of
+    the `model.text_*` fields with the tokenizer's vocabulary (`model.vocab_size` 0). A tokenizer with more tokens
+    than the encoder's vocabulary is refused."""
+    from medjax.config import ConfigError
+    from medjax.nn.bert import BertEncoder
+
+    m = model_cfg
+    if m.get("init_text", ""):
+        from medjax.convert import hf
+
+        text, variables = hf.load(m.init_text, dtype=dtype)
+    else:
+        text = BertEncoder(vocab_size=int(m.vocab_size) or len(tokenizer), width=m.text_width, depth=m.text_depth,
+                           num_heads=m.text_heads, mlp_dim=m.text_mlp_dim, max_positions=m.max_positions,
+                           add_pooling_layer=False, dtype=dtype)
+        variables = None
+    if len(tokenizer) > text.vocab_size:
+        raise ConfigError(f"the tokenizer ({tokenizer_source}) has {len(tokenizer)} tokens, more than the text "
+                          f"encoder's vocab_size={text.vocab_size} (model.vocab_size / model.init_text)")
+    return text, variables

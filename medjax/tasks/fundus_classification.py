@@ -25,12 +25,13 @@ from medjax.models.vit_classifier import ViTClassifier
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase, markdown_table
 from medjax.tasks.common import Subset, data_root, label_fraction_label
+from medjax.errors import MedjaxInputError
 
 
 def label_subset(labels: np.ndarray, fraction: float, seed: int, num_classes: int) -> np.ndarray:
     """Indices of a stratified `fraction` of the rows (at least one per present class), seeded."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
+        raise MedjaxInputError(f"data.label_fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
@@ -151,10 +152,10 @@ class FundusClassificationTask(TaskBase):
         """The ViT encoder of an MRM pretraining run (`image_encoder`) or of a classifier (`encoder`)."""
         source = pretrained.get("image_encoder", pretrained.get("encoder"))
         if source is None:
-            raise ValueError(f"init: the checkpoint has no `image_encoder` or `encoder` params (top-level keys: {sorted(pretrained)})")
+            raise MedjaxInputError(f"init: the checkpoint has no `image_encoder` or `encoder` params (top-level keys: {sorted(pretrained)})")
         encoder, mismatched = merge_params(params["encoder"], source)
         if mismatched:
-            raise ValueError("init: the pretrained encoder does not match the model config: " + ", ".join(mismatched[:8]))
+            raise MedjaxInputError("init: the pretrained encoder does not match the model config: " + ", ".join(mismatched[:8]))
         return dict(params, encoder=encoder)
 
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:

@@ -29,10 +29,11 @@ from medjax.data.readers.image_report import load_tokenizer, tokenize
 from medjax.losses.organ_contrastive import organ_losses
 from medjax.metrics.roc_threshold import binary_metrics
 from medjax.models import fvlm as fvlm_lib
-from medjax.nn.bert import BertEncoder
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase
+from medjax.tasks.common import report_encoder
 from medjax.tasks.fvlm_data import CTReportDataset, FVLMExample
+from medjax.errors import MedjaxInputError
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "weighted_f1", "precision")
 
@@ -47,18 +48,7 @@ class FVLMTask(TaskBase):
         self.crop_shape = tuple(int(s) for s in d.crop_shape)
         dtype = jnp.dtype(config.dtype)
         self.text_init = m.get("init_text", "")
-        if self.text_init:
-            from medjax.convert import hf
-
-            text, self._text_variables = hf.load(self.text_init, dtype=dtype)
-        else:
-            text = BertEncoder(vocab_size=int(m.vocab_size) or len(self.tokenizer), width=m.text_width,
-                               depth=m.text_depth, num_heads=m.text_heads, mlp_dim=m.text_mlp_dim,
-                               max_positions=m.max_positions, add_pooling_layer=False, dtype=dtype)
-            self._text_variables = None
-        if len(self.tokenizer) > text.vocab_size:
-            raise ValueError(f"the tokenizer ({d.tokenizer or self.root}) has {len(self.tokenizer)} tokens, more than "
-                             f"the text encoder's vocab_size={text.vocab_size}")
+        text, self._text_variables = report_encoder(m, self.tokenizer, dtype, d.tokenizer or self.root)
         vision = fvlm_lib.VolumeViT(volume_shape=self.crop_shape, patch=tuple(m.patch), width=m.width, depth=m.depth,
                                     num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout=m.dropout,
                                     key_blocks=tuple(m.key_blocks), remat=m.remat, dtype=dtype)
@@ -129,7 +119,7 @@ class FVLMTask(TaskBase):
         d, model = self.config.data, self.model
         test = self.dataset(d.eval_split)
         if not test.label_names:
-            raise ValueError(f"{os.path.join(self.root, d.eval_split + '_labels.csv')}: the zero-shot evaluation needs "
+            raise MedjaxInputError(f"{os.path.join(self.root, d.eval_split + '_labels.csv')}: the zero-shot evaluation needs "
                              "the split's label CSV")
         image_fn = jax.jit(lambda p, v, m: model.apply({"params": p}, v, m, method=fvlm_lib.FVLM.image_embeddings))
         text_fn = jax.jit(lambda p, i, a: model.apply({"params": p}, i, a, method=fvlm_lib.FVLM.text_embeddings))
@@ -145,7 +135,7 @@ class FVLMTask(TaskBase):
         per_label = {}
         for column, organ, name in self.config.eval.labels:
             if column not in test.label_names or organ not in self.organs:
-                raise ValueError(f"eval.labels: ({column!r}, {organ!r}): column not in {test.label_names} or organ not "
+                raise MedjaxInputError(f"eval.labels: ({column!r}, {organ!r}): column not in {test.label_names} or organ not "
                                  f"in data.organs {self.organs}")
             c, o = test.label_names.index(column), self.organs.index(organ)
             tokens = [tokenize(self.tokenizer, p, int(d.max_length)) for p in (f"Not {name}.", f"{name}.")]

@@ -33,6 +33,7 @@ from medjax.data.errors import DataError, DataFileNotFoundError
 from medjax.data.readers.ct import CTDataError, load_ct_pair
 from medjax.data.readers.image_report import tokenize
 from medjax.data.verify import FileCheck
+from medjax.errors import MedjaxInputError
 
 ORGANS = ("lung", "heart", "esophagus", "aorta")
 SPACING = (1.0, 1.0, 3.0)  # mm (x, y, z)
@@ -103,7 +104,7 @@ class CTReportDataset:
 
     def __init__(self, root: str, split: str, *, organs: Sequence[str] = ORGANS, mask_labels: str = "merged"):
         if mask_labels not in MASK_LABELS:
-            raise ValueError(f"data.mask_labels={mask_labels!r}: expected one of {', '.join(MASK_LABELS)}")
+            raise MedjaxInputError(f"data.mask_labels={mask_labels!r}: expected one of {', '.join(MASK_LABELS)}")
         self.root, self.split, self.organs, self.mask_labels = root, split, tuple(organs), mask_labels
         findings_path = os.path.join(root, f"{split}_findings.json")
         conclusions_path = os.path.join(root, f"{split}_conclusions.json")

@@ -15,6 +15,7 @@ from medjax.losses.mrm import mrm_loss
 from medjax.models import mrm as mrm_lib
 from medjax.tasks.base import TaskBase, model_config
 from medjax.tasks.common import data_root
+from medjax.errors import MedjaxInputError
 
 
 FIXED_POSITION_TABLE = r"^image_encoder/pos_embed$"
@@ -120,6 +121,6 @@ class MRMTask(TaskBase):
                 totals[k] = totals.get(k, 0.0) + float(v) * n
             count += n
         if count == 0:
-            raise ValueError(f"evaluation needs at least train.eval_batch_size={self.run.eval_batch_size} rows")
+            raise MedjaxInputError(f"evaluation needs at least train.eval_batch_size={self.run.eval_batch_size} rows")
         return {k: v / count for k, v in totals.items()}
 

@@ -17,6 +17,7 @@ from medjax.models.mrm_mae import MAE
 from medjax.tasks.base import TaskBase
 from medjax.tasks.mrm import FIXED_POSITION_TABLE
 from medjax.tasks.common import data_root
+from medjax.errors import MedjaxInputError
 
 MODEL_KEYS = ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "mask_ratio", "decoder_width",
               "decoder_depth", "decoder_heads", "pos_embed", "remat", "scan")
@@ -94,5 +95,5 @@ class MRMMAETask(TaskBase):
             total += float(self._eval_loss(params, batch)) * len(valid)
             count += len(valid)
         if not count:
-            raise ValueError(f"evaluation needs at least train.eval_batch_size={self.run.eval_batch_size} rows")
+            raise MedjaxInputError(f"evaluation needs at least train.eval_batch_size={self.run.eval_batch_size} rows")
         return {"recon_image": total / count, "examples": float(count)}

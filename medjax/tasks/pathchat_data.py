@@ -31,6 +31,7 @@ from PIL import Image
 from medjax.data.errors import DataError
 from medjax.data.readers.image_io import read_image
 from medjax.data.readers.text_io import read_json
+from medjax.errors import MedjaxInputError
 
 IGNORE = -100
 IMAGE_TOKEN = "<image>"
@@ -103,7 +104,7 @@ def render(turns: Sequence[tuple[str, str]], template: str, where: str) -> list[
             pieces += [(BOS, False), ("[INST] " + system, False)] + [(p, False) for p in _question(question)]
             pieces += [(" [/INST]", False), (" " + answer.strip() + " ", True), (EOS, True)]
         return pieces
-    raise ValueError(f"data.template={template!r}: expected one of {', '.join(TEMPLATES)}")
+    raise MedjaxInputError(f"data.template={template!r}: expected one of {', '.join(TEMPLATES)}")
 
 
 def encode(pieces, tokenizer, image_token_id: int, num_image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +195,7 @@ class ConversationExample:
     def __init__(self, tokenizer, template: str, image_size: int, max_length: int, image_token_id: int,
                  num_image_tokens: int):
         if template not in TEMPLATES:
-            raise ValueError(f"data.template={template!r}: expected one of {', '.join(TEMPLATES)}")
+            raise MedjaxInputError(f"data.template={template!r}: expected one of {', '.join(TEMPLATES)}")
         self.tokenizer, self.template, self.image_size = tokenizer, template, int(image_size)
         self.max_length, self.image_token_id, self.num_image_tokens = int(max_length), image_token_id, num_image_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -30,6 +30,7 @@ from medjax.models import ptunifier as model_lib
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase
 from medjax.tasks.common import data_root
+from medjax.errors import MedjaxInputError
 
 POOL_PARAMS = r"^(visual_prompts|textual_prompts)(/|$)"  # frozen with reproduce_released_code (optim_config)
 BATCH_KEYS = ("image", "text_ids", "text_mask", "text_ids_mlm", "text_labels_mlm")
@@ -38,7 +39,7 @@ BATCH_KEYS = ("image", "text_ids", "text_mask", "text_ids_mlm", "text_labels_mlm
 def _files(root: str, spec: str) -> list[str]:
     names = [s.strip() for s in str(spec).split(",") if s.strip()]
     if not names:
-        raise ValueError("data.train_files: expected one or more comma-separated .jsonl manifests or .arrow files")
+        raise MedjaxInputError("data.train_files: expected one or more comma-separated .jsonl manifests or .arrow files")
     return [n if n.startswith("/") else f"{root}/{n}" for n in names]
 
 
@@ -68,19 +69,19 @@ class PTUnifierTask(TaskBase):
             if not cfg.vocab_size:
                 cfg.vocab_size = len(tokenizer)
             if len(tokenizer) > cfg.vocab_size:
-                raise ValueError(f"{self.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but "
+                raise MedjaxInputError(f"{self.tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but "
                                  f"model.vocab_size={cfg.vocab_size}")
             for field, token in (("cls_token_id", "cls_token_id"), ("sep_token_id", "sep_token_id"),
                                  ("pad_token_id", "pad_token_id")):
                 value = getattr(tokenizer, token)
                 if value is None:
-                    raise ValueError(f"{self.tokenizer_dir}: the tokenizer has no {token.replace('_id', '')}")
+                    raise MedjaxInputError(f"{self.tokenizer_dir}: the tokenizer has no {token.replace('_id', '')}")
                 cfg[field] = int(value)
             if self.released:
                 cfg.prompts_trainable = False
         longest = int(self.config.data.max_length) + (cfg.pad_token_id + 1 if cfg.roberta_positions else 0)
         if cfg.max_positions < longest:
-            raise ValueError(f"model.max_positions={cfg.max_positions} is too small for data.max_length="
+            raise MedjaxInputError(f"model.max_positions={cfg.max_positions} is too small for data.max_length="
                              f"{self.config.data.max_length} (needs >= {longest})")
         return cfg
 

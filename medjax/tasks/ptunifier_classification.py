@@ -21,6 +21,7 @@ from medjax.metrics.chance import AUC_CHANCE
 from medjax.metrics.classification import macro_auc
 from medjax.tasks.common import Subset, label_fraction_label
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
+from medjax.errors import MedjaxInputError
 
 
 class PTUnifierClassificationTask(PTUnifierFinetuneTask):
@@ -37,7 +38,7 @@ class PTUnifierClassificationTask(PTUnifierFinetuneTask):
 
     def num_outputs(self) -> int:
         if self.train_set.num_labels < 1:
-            raise ValueError(f"{self.path(self.config.data.train_split)}: no labels (classification needs at least one)")
+            raise MedjaxInputError(f"{self.path(self.config.data.train_split)}: no labels (classification needs at least one)")
         return self.train_set.num_labels
 
     def example(self, ex: dict, rng=None) -> dict:
@@ -80,7 +81,7 @@ def multilabel_f1(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 def _subset(dataset, fraction: float, seed: int) -> Subset:
     """A seeded random `fraction` of the rows (the original's 1% / 10% CheXpert training files)."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
+        raise MedjaxInputError(f"data.label_fraction must be in (0, 1], got {fraction}")
     n = len(dataset)
     keep = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, int(round(fraction * n)))])
     return Subset(dataset, keep)

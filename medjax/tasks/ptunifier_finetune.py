@@ -41,6 +41,7 @@ from medjax.nn.clip_vit import resize_position_embedding
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase
 from medjax.tasks.common import data_root
+from medjax.errors import MedjaxInputError
 
 PROMPT_POOL_PARAMS = r"^(visual_prompts|textual_prompts)(/|$)"  # frozen with freeze_prompt_pools
 
@@ -94,13 +95,13 @@ class PTUnifierFinetuneTask(TaskBase):
                 cfg.image_size = self.image_size  # the table lives at the fine-tuning grid (load_pretrained)
             for name in ("pad_token_id", "cls_token_id", "sep_token_id"):
                 if getattr(tok, name) is None:
-                    raise ValueError(f"the tokenizer has no {name}")
+                    raise MedjaxInputError(f"the tokenizer has no {name}")
                 cfg[name] = int(getattr(tok, name))
         if len(tok) > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tok)} tokens, more than model.vocab_size={cfg.vocab_size}")
+            raise MedjaxInputError(f"the tokenizer has {len(tok)} tokens, more than model.vocab_size={cfg.vocab_size}")
         longest = int(self.config.data.max_text_len) + (cfg.pad_token_id + 1 if cfg.roberta_positions else 0)
         if cfg.max_positions < longest:
-            raise ValueError(f"model.max_positions={cfg.max_positions} is too small for data.max_text_len="
+            raise MedjaxInputError(f"model.max_positions={cfg.max_positions} is too small for data.max_text_len="
                              f"{self.config.data.max_text_len} (needs >= {longest})")
         return cfg
 
@@ -195,7 +196,7 @@ class PTUnifierFinetuneTask(TaskBase):
         merged, skipped = merge_params(params, pretrained)
         missing = [s for s in skipped if not s.startswith("task_head")]
         if missing:
-            raise ValueError("init: the checkpoint does not match the model config: " + ", ".join(missing[:8]))
+            raise MedjaxInputError("init: the checkpoint does not match the model config: " + ", ".join(missing[:8]))
         return merged
 
     def adapt_position_table(self, params, pretrained):

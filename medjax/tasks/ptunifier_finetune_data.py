@@ -25,6 +25,7 @@ import numpy as np
 
 from medjax.data.readers.fundus_genome import DataError
 from medjax.data.readers.image_report import SPLITS, ImageReportDataset, read_jsonl
+from medjax.errors import MedjaxInputError
 
 NLI_LABELS = ("contradiction", "entailment", "neutral")  # the original's label ids (make_arrow_nli)
 CLOSED, OPEN = 0, 1
@@ -84,7 +85,7 @@ class VQADataset:
         self.questions: list[tuple[int, str, np.ndarray, int]] = []
         if path.endswith(".arrow"):
             if not num_answers:
-                raise ValueError(f"{path}: Arrow VQA sets need num_answers (the original vocabulary size, e.g. 498)")
+                raise MedjaxInputError(f"{path}: Arrow VQA sets need num_answers (the original vocabulary size, e.g. 498)")
             self.num_answers = int(num_answers)
             for i in range(self.images.num_images):
                 row, where = self.images.row(i), self.images.where(i)

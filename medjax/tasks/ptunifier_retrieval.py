@@ -17,6 +17,7 @@ from medjax.data.readers.image_report import ImageReportDataset, pick_sentence
 from medjax.metrics.chance import recall_at_k_chance
 from medjax.metrics.retrieval import retrieval_recall
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
+from medjax.errors import MedjaxInputError
 
 SCORES = ("itm", "itc", "both")
 
@@ -46,7 +47,7 @@ class PTUnifierRetrievalTask(PTUnifierFinetuneTask):
         Unimodal streams are computed once per image and text; only the fusion runs per pair."""
         b, k = batch["image"].shape[0], int(self.config.finetune.num_negatives)
         if not 0 < k < b:
-            raise ValueError(f"finetune.num_negatives={k} must be in [1, train.batch_size - 1 = {b - 1}]")
+            raise MedjaxInputError(f"finetune.num_negatives={k} must be in [1, train.batch_size - 1 = {b - 1}]")
         neg_rng, dropout_rng = jax.random.split(rng)
         shifts = jax.vmap(lambda key: jax.random.permutation(key, b - 1)[:k] + 1)(jax.random.split(neg_rng, b))
         texts = jnp.concatenate([jnp.arange(b)[:, None], (jnp.arange(b)[:, None] + shifts) % b], 1).reshape(-1)
@@ -72,7 +73,7 @@ class PTUnifierRetrievalTask(PTUnifierFinetuneTask):
     def evaluate(self, params) -> dict[str, float]:
         score = self.config.finetune.retrieval_score
         if score not in SCORES:
-            raise ValueError(f"finetune.retrieval_score={score!r}; expected itm, itc or both")
+            raise MedjaxInputError(f"finetune.retrieval_score={score!r}; expected itm, itc or both")
         j, e, ds = self._jit, self.run.eval_batch_size, self.eval_set
         images, texts = _ImagesOf(ds), _TextsOf(ds)
         text_image = np.array([i for i, _ in ds.index])

@@ -14,6 +14,7 @@ from medjax.tasks import ptunifier_finetune_data as finetune_data
 from medjax.metrics.chance import vqa_chance
 from medjax.metrics.vqa import vqa_accuracy
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
+from medjax.errors import MedjaxInputError
 
 
 class PTUnifierVQATask(PTUnifierFinetuneTask):
@@ -32,7 +33,7 @@ class PTUnifierVQATask(PTUnifierFinetuneTask):
 
     def num_outputs(self) -> int:
         if self.train_set.num_answers < 1:
-            raise ValueError(f"{self.path(self.config.data.train_split)}: no answers (VQA needs at least one)")
+            raise MedjaxInputError(f"{self.path(self.config.data.train_split)}: no answers (VQA needs at least one)")
         return self.train_set.num_answers
 
     def example(self, ex: dict, rng=None) -> dict:

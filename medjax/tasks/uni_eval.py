@@ -87,7 +87,7 @@ def _settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         try:
             settings.update(block.to_dict() if hasattr(block, "to_dict") else dict(block))
         except (KeyError, AttributeError) as error:
-            raise ValueError(f"config.uni_eval: {error}; known keys are those of uni_eval_config()") from error
+            raise MedjaxInputError(f"config.uni_eval: {error}; known keys are those of uni_eval_config()") from error
     if not settings.dir and not settings.roi_train:  # ROI benchmarks need no WSI data
         data_dir = config.get("data", {}).get("dir", "") if hasattr(config, "get") else ""
         if data_dir:
@@ -110,7 +110,7 @@ def extract_features(feature_fn: FeatureFn, tiles: Iterable[np.ndarray], batch_s
     feature_fn compiles once; results are fetched a few batches late, so the accelerator keeps working while
     the host reads the next tiles."""
     if batch_size < 1:
-        raise ValueError(f"extract_features: batch_size must be >= 1, got {batch_size}")
+        raise MedjaxInputError(f"extract_features: batch_size must be >= 1, got {batch_size}")
     out, batch, pending = [], [], []
 
     def fetch(keep: int):
@@ -118,7 +118,7 @@ def extract_features(feature_fn: FeatureFn, tiles: Iterable[np.ndarray], batch_s
             features, rows = pending.pop(0)
             features = np.asarray(features, np.float32)
             if features.ndim != 2 or features.shape[0] != batch_size:
-                raise ValueError(f"feature_fn must map (b, H, W, 3) to (b, D); got {features.shape} for b = {batch_size}")
+                raise MedjaxInputError(f"feature_fn must map (b, H, W, 3) to (b, D); got {features.shape} for b = {batch_size}")
             out.append(features[:rows])
 
     def flush():
@@ -136,7 +136,7 @@ def extract_features(feature_fn: FeatureFn, tiles: Iterable[np.ndarray], batch_s
         flush()
     fetch(keep=0)
     if not out:
-        raise ValueError("extract_features: no tiles")
+        raise MedjaxInputError("extract_features: no tiles")
     return np.concatenate(out)
 
 
@@ -162,7 +162,7 @@ def _read_csv(path: str, required: tuple[str, ...]) -> list[dict]:
         reader = csv.DictReader(handle)
         missing = set(required) - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected {','.join(required)}")
+            raise MedjaxInputError(f"{path}: missing column(s) {sorted(missing)}; expected {','.join(required)}")
         return list(reader)
 
 
@@ -173,7 +173,7 @@ def _split_flags(rows: list[dict], path: str) -> np.ndarray | None:
     values = [row["split"].strip().lower() for row in rows]
     bad = sorted(set(values) - {"train", "val", "test"})
     if bad:
-        raise ValueError(f"{path}: column 'split' must hold train, val or test, got {bad}")
+        raise MedjaxInputError(f"{path}: column 'split' must hold train, val or test, got {bad}")
     return np.array([v == "test" for v in values])
 
 
@@ -196,12 +196,12 @@ def _slide_path(root: str, row: dict, path: str) -> str:
         candidate = os.path.join(root, row["file"])
         if os.path.isfile(candidate):
             return candidate
-        raise ValueError(f"{path}: slide file {row['file']!r} of {row['slide_id']} not found under {root}")
+        raise MedjaxInputError(f"{path}: slide file {row['file']!r} of {row['slide_id']} not found under {root}")
     for ext in SLIDE_EXTENSIONS:
         candidate = os.path.join(_slides_dir(root), row["slide_id"] + ext)
         if os.path.isfile(candidate):
             return candidate
-    raise ValueError(f"{path}: no slide {row['slide_id']!r} in {_slides_dir(root)} (extensions {SLIDE_EXTENSIONS})")
+    raise MedjaxInputError(f"{path}: no slide {row['slide_id']!r} in {_slides_dir(root)} (extensions {SLIDE_EXTENSIONS})")
 
 
 def _bag_source(root: str, slide_rows: list[dict], slides_csv: str, settings, work_dir: str) -> WSITileSource:
@@ -215,7 +215,7 @@ def _bag_source(root: str, slide_rows: list[dict], slides_csv: str, settings, wo
             result = tile_slide(path, work_dir, patch_size=settings.patch_size, magnification=settings.magnification,
                                 params=PRESETS[settings.tiling_preset or ("demo" if settings.is_demo else "default")])
             if result.status != "ok":
-                raise ValueError(f"{path}: no tissue tiles for the ABMIL bag ({result.message})")
+                raise MedjaxInputError(f"{path}: no tissue tiles for the ABMIL bag ({result.message})")
             h5 = result.h5_path
         xy, attrs = read_coords(h5)
         if settings.abmil.max_tiles and len(xy) > settings.abmil.max_tiles:
@@ -235,7 +235,7 @@ def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, 
     """kNN and linear-probe metrics (`knn/...`, `linear/...`) on the train / test rows of tile features."""
     train = ~test
     if not test.any() or not train.any():
-        raise ValueError(f"UNI eval: need train and test tiles, got {train.sum()} train and {test.sum()} test")
+        raise MedjaxInputError(f"UNI eval: need train and test tiles, got {train.sum()} train and {test.sum()} test")
     num_classes = int(labels.max()) + 1
     knn = settings.knn
     k = min(int(knn.k), int(train.sum()))  # fewer train tiles than k (tiny sets): all of them
@@ -302,7 +302,7 @@ def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> di
     root = settings.dir
     labels_csv = os.path.join(root, "tile_labels.csv")
     if not os.path.isfile(labels_csv):
-        raise ValueError(f"uni_eval.dir {root!r}: no tile_labels.csv (slide_id,x,y,label[,split]); point "
+        raise MedjaxInputError(f"uni_eval.dir {root!r}: no tile_labels.csv (slide_id,x,y,label[,split]); point "
                          "uni_eval.dir at labelled WSI data or leave it empty for the demo")
     source = WSITileSource.from_labels_csv(labels_csv, _slides_dir(root), patch_size=settings.patch_size,
                                            magnification=settings.magnification)
@@ -318,7 +318,7 @@ def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> di
         try:
             slide_labels = np.array([int(row["label"]) for row in rows], np.int64)
         except ValueError as error:
-            raise ValueError(f"{slides_csv}: column 'label' must hold integers ({error})") from error
+            raise MedjaxInputError(f"{slides_csv}: column 'label' must hold integers ({error})") from error
         if settings.features_dir:
             bags = read_feature_bags(settings.features_dir, [row["slide_id"] for row in rows], slides_csv)
         else:
@@ -339,7 +339,7 @@ def uni_feature_fn(params: Any, *, dtype: Any = jnp.float32, **overrides) -> Fea
     -> the 1024-d CLS feature. The architecture is read off the params' shapes; `overrides` replace fields."""
     params = nn.unbox(params.get("params", params))
     if "encoder" not in params:
-        raise ValueError(f"uni_feature_fn: expected converted UNI params with an 'encoder' subtree, got keys "
+        raise MedjaxInputError(f"uni_feature_fn: expected converted UNI params with an 'encoder' subtree, got keys "
                          f"{sorted(params)}")
     model = uni_model(dtype=dtype, **{**uni_fields_from_params(params), **overrides})
     apply = jax.jit(lambda p, images: model.apply({"params": p}, images).astype(jnp.float32))

@@ -46,6 +46,7 @@ from medjax.losses import dino as dino_losses
 from medjax.models import dinov2 as dinov2_lib
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase
+from medjax.errors import MedjaxInputError
 
 
 # ---- schedules -----------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     final + (base - final) / 2 * (1 + cos(pi * i / n)) over the remaining n steps; `final` from `total_steps` on."""
     n = total_steps - warmup_steps - freeze_steps
     if n < 0:
-        raise ValueError(f"cosine_schedule: total_steps={total_steps} < warmup {warmup_steps} + freeze {freeze_steps}")
+        raise MedjaxInputError(f"cosine_schedule: total_steps={total_steps} < warmup {warmup_steps} + freeze {freeze_steps}")
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -108,7 +109,7 @@ def tile_dirs(config, log=print) -> tuple[str, str]:
         slides, coords = os.path.join(d.dir, d.slides_subdir), os.path.join(d.dir, d.coords_subdir)
         for path, what in ((slides, "slides"), (coords, "CLAM coordinate files <slide_id>.h5")):
             if not os.path.isdir(path):
-                raise ValueError(f"data.dir={d.dir!r}: no {path} ({what}); tile the slides first: python -m "
+                raise MedjaxInputError(f"data.dir={d.dir!r}: no {path} ({what}); tile the slides first: python -m "
                                  f"medjax.data tile --slides {slides} --out {coords}")
         return slides, coords
     root = demo_lib.ensure_demo("wsi", log=log)
@@ -187,7 +188,7 @@ class UNIPretrainTask(TaskBase):
         self.mask_ratio, self.mask_probability = tuple(ib.mask_ratio), float(ib.mask_probability)
         self.centering = config.dino.centering
         if self.centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
+            raise MedjaxInputError(f"dino.centering must be 'centering' or 'sinkhorn_knopp', got {self.centering!r}")
         total, epoch = self.run.total_steps, int(config.schedule.epoch_length)
         t = config.teacher
         self.momentum_fn = cosine_schedule(t.momentum, t.final_momentum, total)
@@ -224,7 +225,7 @@ class UNIPretrainTask(TaskBase):
         if scheme == "dinov2":
             student = dinov2_init(student, jax.random.fold_in(params_rng, 1))
         elif scheme != "flax":
-            raise ValueError(f"model.weight_init must be 'dinov2' or 'flax', got {scheme!r}")
+            raise MedjaxInputError(f"model.weight_init must be 'dinov2' or 'flax', got {scheme!r}")
         params = {"student": student, "teacher": jax.tree.map(lambda x: x, student),  # DINOv2: teacher = student
                   "teacher_temp": jnp.asarray(self.teacher_temp_fn(0), jnp.float32)}
         if self.centering == "centering":

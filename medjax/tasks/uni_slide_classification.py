@@ -22,6 +22,7 @@ import optax
 from medjax.metrics.classification import quadratic_weighted_kappa
 from medjax.metrics.multiclass import classification_metrics, multiclass_auc
 from medjax.models.abmil import GatedABMIL, pad_bags
+from medjax.errors import MedjaxInputError
 
 # AdamW whose lr and weight decay live in the optimizer state (set per step from the host), so one jitted
 # step serves every training run of a model configuration.
@@ -32,7 +33,7 @@ def _check_labels(labels: Sequence[int], count: int, num_classes: int) -> np.nda
     labels = np.asarray(labels).ravel()
     if len(labels) != count or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 \
             or labels.max() >= num_classes:
-        raise ValueError(f"ABMIL: need {count} integer slide labels in [0, {num_classes}), got {labels[:10]}")
+        raise MedjaxInputError(f"ABMIL: need {count} integer slide labels in [0, {num_classes}), got {labels[:10]}")
     return labels.astype(np.int32)
 
 
@@ -122,7 +123,7 @@ def slide_level_eval(bags: list[np.ndarray], labels: np.ndarray, test: np.ndarra
         smallest = min(np.bincount(labels, minlength=num_classes))
         k = min(int(cfg.folds), int(smallest))
         if k < 2:
-            raise ValueError(f"{where}: ABMIL cross-validation needs >= 2 slides of every class, got counts "
+            raise MedjaxInputError(f"{where}: ABMIL cross-validation needs >= 2 slides of every class, got counts "
                              f"{np.bincount(labels, minlength=num_classes).tolist()}; add slides or a split column")
         fold = stratified_folds(labels, k, cfg.seed)
         folds = [(fold != f, fold == f) for f in range(k)]

@@ -44,10 +44,11 @@ from medjax.metrics.classification import macro_auc
 from medjax.metrics.retrieval import report_retrieval_recall
 from medjax.models import unimedi as unimedi_lib
 from medjax.models.dinov2 import DINOHead, ema_update
-from medjax.nn.bert import BertEncoder
 from medjax.params import merge_params
 from medjax.tasks import unimedi_tables
 from medjax.tasks.base import TaskBase
+from medjax.tasks.common import report_encoder
+from medjax.errors import MedjaxInputError
 
 
 def normalize_pixels(x: np.ndarray) -> np.ndarray:
@@ -116,25 +117,14 @@ class UniMedITask(TaskBase):
         self.tokenizer = load_tokenizer(d.tokenizer or os.path.join(self.root, "tokenizer"))
         fraction = float(d.fraction_2d)
         if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"data.fraction_2d={fraction} must be in [0, 1]")
+            raise MedjaxInputError(f"data.fraction_2d={fraction} must be in [0, 1]")
         self.batch_2d = int(round(fraction * self.global_batch))
         self.batch_3d = self.global_batch - self.batch_2d
         self.volume_shape = tuple(int(s) for s in m.volume_shape)
         self.k = int(m.num_selected_slices)
         dtype = jnp.dtype(config.dtype)
         self.text_init = m.get("init_text", "")
-        if self.text_init:
-            from medjax.convert import hf
-
-            text, self._text_variables = hf.load(self.text_init, dtype=dtype)
-        else:
-            text = BertEncoder(vocab_size=int(m.vocab_size) or len(self.tokenizer), width=m.text_width,
-                               depth=m.text_depth, num_heads=m.text_heads, mlp_dim=m.text_mlp_dim,
-                               max_positions=m.max_positions, add_pooling_layer=False, dtype=dtype)
-            self._text_variables = None
-        if len(self.tokenizer) > text.vocab_size:
-            raise ValueError(f"the tokenizer ({d.tokenizer or self.root}) has {len(self.tokenizer)} tokens, more than "
-                             f"the text encoder's vocab_size={text.vocab_size}")
+        text, self._text_variables = report_encoder(m, self.tokenizer, dtype, d.tokenizer or self.root)
         vision = unimedi_lib.UniMedIVision(
             image_size=m.image_size, patch_size=m.patch_size, volume_shape=self.volume_shape,
             volume_patch=tuple(m.volume_patch), width=m.width, depth=m.depth, num_heads=m.num_heads,

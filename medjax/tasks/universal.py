@@ -31,6 +31,7 @@ from medjax.models import universal as universal_lib
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase, model_config
 from medjax.tasks.common import data_root
+from medjax.errors import MedjaxInputError
 
 _WHERE = "medjax/tasks/universal.py"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.npy"  # beside converted weights: their frozen text embeddings
@@ -52,7 +53,7 @@ def class_embedding_constants(model_cfg, weights_dir: str = "", log=print) -> di
         log(f"class embeddings: {beside} (beside the weights {weights_dir})")
         path = beside
     if not path:
-        raise ValueError(
+        raise MedjaxInputError(
             f"{_WHERE}: model.encoding='word_embedding' (the paper's setup) needs model.class_embeddings, the "
             f"(32, 512) CLIP text embeddings as .npy; make them with `python -m medjax.convert "
             f"embed-classes --clip CLIP_DIR --out emb.npy` and pass --set model.class_embeddings=emb.npy, or "

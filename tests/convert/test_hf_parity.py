@@ -256,8 +256,8 @@ def test_every_missing_unexpected_and_misshapen_key_is_named(tmp_path):
 
 
 def test_config_errors_name_the_file_and_field(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"config\.json.*'llama'.*clip_vision_model, clip_text_model, clip, bert"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"config\.json.*'gpt2'.*clip_vision_model, clip_text_model, clip, bert"):
         hf.load(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": "768"}))
     save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "model.safetensors"))
