@@ -70,7 +70,7 @@ def read_torch_file(path: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError as error:
         raise ImportError(f"{path}: reading PyTorch files needs torch; install the extra with "
-                          "`pip install -e .[torch]` (torch==2.13.0, CPU build)") from error
+                          "`pip install -e .[torch]` (torch==2.14.1)") from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises pickle / zip / runtime errors for bad files
