@@ -4,6 +4,7 @@
   relation_mask   Pallas relation-masking attention vs its jnp reference
   dynamic_conv3d  Pallas dynamic head vs its jnp reference
   sliding_window  Universal Model CT sliding-window inference vs MONAI + PyTorch
+  generate        PathChat / LLaVA generation: time to first token, tokens/s (KV cache)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ BENCHES = {
     "relation_mask": "medjax.bench.relation_mask",
     "dynamic_conv3d": "medjax.bench.dynamic_conv3d",
     "sliding_window": "medjax.bench.sliding_window",
+    "generate": "medjax.bench.generate",
 }
 
 
