@@ -79,3 +79,15 @@ def test_token_stream_matches_generate_and_stops_at_eos():
     np.testing.assert_array_equal(np.stack(list(stream), axis=1), streamed)  # a stream can be iterated again
     again = generate_lib.TokenStream(model, variables, ids, attention_mask=mask, max_new_tokens=7, eos_token_id=eos)
     assert again.compile_seconds < stream.compile_seconds  # the compiled programs are reused
+
+
+def test_bench_generate_prints_ttft_and_tokens_per_second(checkpoint, capsys):
+    from medjax.bench import generate as bench_generate
+
+    directory, task, _, _ = checkpoint
+    bench_generate.main(["--variant", "tiny", "--set", f"data.dir={task.root}", "--new-tokens", "3", "--repeats", "1",
+                         "--params", directory])
+    header, _, row = capsys.readouterr().out.strip().splitlines()[-3:]
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert cells["exp"] == "pathchat_stage2" and cells["new"] == "3" and cells["prompt"] == "36"
+    assert float(cells["TTFT ms"]) > 0 and float(cells["decode tok/s/row"]) > 0 and float(cells["program tok/s"]) > 0
