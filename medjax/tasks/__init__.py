@@ -9,6 +9,8 @@ TASKS = {
     "mrm": "medjax.tasks.mrm:MRMTask",
     "mrm_mae": "medjax.tasks.mrm_mae:MRMMAETask",
     "fundus_classification": "medjax.tasks.fundus_classification:FundusClassificationTask",
+    "fundus_multilabel": "medjax.tasks.fundus_multilabel:FundusMultiLabelTask",
+    "fundus_segmentation": "medjax.tasks.fundus_segmentation:FundusSegmentationTask",
     "universal": "medjax.tasks.universal:UniversalTask",
     "uni_pretrain": "medjax.tasks.uni_pretrain:UNIPretrainTask",
     "ptunifier": "medjax.tasks.ptunifier:PTUnifierTask",
