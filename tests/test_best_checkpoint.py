@@ -87,7 +87,7 @@ def test_restart_keeps_the_best_value(tmp_path):
 
 
 def test_interrupted_swap_is_put_back(tmp_path):
-    run(tmp_path, steps=2)
+    run(tmp_path, steps=1)
     best = str(tmp_path / "best")
     os.rename(best, best + ".old")  # a crash between the two renames of a swap
     os.makedirs(best + ".tmp")
@@ -96,7 +96,7 @@ def test_interrupted_swap_is_put_back(tmp_path):
 
 
 def test_no_validation_no_best(tmp_path):
-    run(tmp_path, steps=2, eval_every=0)  # the task declares a metric, but nothing validates
+    run(tmp_path, steps=1, eval_every=0)  # the task declares a metric, but nothing validates
     assert best_lib.best_dir(str(tmp_path)) is None
 
 
