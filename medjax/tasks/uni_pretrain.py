@@ -167,7 +167,8 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
     return dinov2_lib.DINOv2Network(
         image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
         mlp_ratio=m.mlp_ratio, layerscale_init=m.layerscale_init, drop_path=m.drop_path,
-        drop_path_uniform=m.drop_path_uniform, num_register_tokens=m.num_register_tokens,
+        drop_path_uniform=m.drop_path_uniform, drop_add_residual=m.get("drop_add_residual", False),
+        num_register_tokens=m.num_register_tokens,
         interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias, remat=m.remat,
         scan=m.get("scan"),
         head_out_dim=h.out_dim, head_hidden_dim=h.hidden_dim, head_bottleneck_dim=h.bottleneck_dim,
