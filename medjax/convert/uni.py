@@ -32,7 +32,10 @@ from flax import traverse_util
 
 from medjax.convert.torch_io import (KeyReport, ParamMap, apply_mapping, attention_params, check_keys, copy_param,
                                      layer_norm_params, linear_params, read_state_dict)
-from medjax.models.uni import ARCH_FIELDS, UNI2_H, UNI_VIT_L16, UNIEncoder, uni_model  # noqa: F401 (public names)
+from medjax.models.uni import ARCH_FIELDS, UNI2_H, UNI_VIT_L16, UNIEncoder, uni_model
+
+__all__ = ["UNI2_H", "UNI_VIT_L16", "UNIEncoder", "load", "load_with_report", "load_state_dict_with_report",
+           "param_shapes", "timm_checkpoint_shapes", "timm_fields_from_state_dict", "timm_vit_map", "uni_model"]
 from medjax.nn import transformer
 
 Dtype = Any

@@ -338,14 +338,18 @@ class UNIPretrainTask(TaskBase):
         return uni_results_table(exp, columns)
 
     def load_pretrained(self, params, pretrained):
-        """Another UNI pretraining run's params (every leaf of the same path and shape), or converted UNI weights
-        ({"encoder": ...}: put into both student and teacher backbones)."""
+        """Another UNI pretraining run's params (every leaf of the same path and shape), or converted weights
+        ({"encoder": ...[, "dino_head", "ibot_head"]}: `python -m medjax.convert uni` / `dinov2`), put into both
+        the student and the teacher: the encoder into the backbones, converted DINOv2 heads into the heads."""
         pretrained = pretrained.get("params", pretrained) if isinstance(pretrained, dict) else pretrained
         if isinstance(pretrained, dict) and "encoder" in pretrained and "student" not in pretrained:
             merged = dict(params)
             for side in ("student", "teacher"):
                 net = dict(params[side])
                 net["backbone"], _ = merge_params(params[side]["backbone"], pretrained["encoder"])
+                for head in ("dino_head", "ibot_head"):
+                    if head in pretrained and head in net:
+                        net[head], _ = merge_params(params[side][head], pretrained[head])
                 merged[side] = net
             return merged
         return merge_params(params, pretrained)[0]
