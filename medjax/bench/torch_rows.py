@@ -215,7 +215,6 @@ def uni_row(config, batch_size: int, sides: tuple[str, ...]) -> RowSides:
 # ---------------------------------------------------------------------------------------- PathChat's Llama
 
 def pathchat_row(config, batch_size: int, sides: tuple[str, ...], seq_len: int = 256) -> RowSides:
-    import jax
     import jax.numpy as jnp
     import optax
     import transformers
@@ -247,7 +246,6 @@ def pathchat_row(config, batch_size: int, sides: tuple[str, ...], seq_len: int =
 
         built["medjax"] = jax_side(loss_fn, lambda p, b: model.apply({"params": p}, b["inputs"]),
                                    variables["params"], batch)
-        del jax
     if "torch" in sides:
         x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
 
