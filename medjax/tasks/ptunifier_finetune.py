@@ -6,6 +6,7 @@ pipeline and the eval-batch loop. One task per downstream kind, each registered 
 * `ptunifier_classification` medjax/tasks/ptunifier_classification.py  (CheXpert, RSNA pneumonia)
 * `ptunifier_retrieval`      medjax/tasks/ptunifier_retrieval.py       (ROCO)
 * `ptunifier_nli`            medjax/tasks/ptunifier_nli.py             (RadNLI)
+* `ptunifier_melinda`        medjax/tasks/ptunifier_melinda.py         (MELINDA)
 
 Optimisation as the original (configuration, experiments/_ptunifier_finetune.py): AdamW (0.9, 0.98), wd
 0.01 except biases/norms, lr 5e-6 with x`head` for the heads and x`multi_modal` for the fusion,
@@ -131,7 +132,8 @@ class PTUnifierFinetuneTask(TaskBase):
     def checked_dataset(self, split: str):
         """`dataset(split)` with its images checked at build (data.verify, medjax.data.verify)."""
         dataset = self.dataset(split)
-        if isinstance(dataset, (finetune_data.VQADataset, finetune_data.MultiLabelDataset)):
+        if isinstance(dataset, (finetune_data.VQADataset, finetune_data.MultiLabelDataset,
+                                finetune_data.ImageTextLabelDataset)):
             self.verify_data(image_report_checks(dataset.images))  # their images: an ImageReportDataset
         elif isinstance(dataset, ImageReportDataset):
             self.verify_data(image_report_checks(dataset))

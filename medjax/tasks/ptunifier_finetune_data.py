@@ -12,6 +12,10 @@ datasets), from JSONL manifests or the original's Arrow files.
   one-string lists, integer `label`); classes in the original's order (its Arrow files and `cls_head`):
   contradiction 0, entailment 1, neutral 2, whether given by name or by index, in either format.
 * retrieval (ROCO): the image-report data itself (`medjax.data.readers.image_report`).
+* image + text single-label classification (MELINDA): JSONL {"image", "caption", <label_column>: name or
+  index, "split"} or the original's Arrow (image, caption list, one label per caption in <label_column>:
+  `i_meth`, `p_meth`, `i_meth_label`, `p_meth_label`); class names are numbered in sorted order over ALL
+  rows of the file, as the original's `make_arrow_melinda` does over its three splits.
 
 A file name may hold `{split}` (the originals keep one Arrow file per split).
 """
@@ -198,3 +202,61 @@ class NLIDataset:
     def __getitem__(self, i: int) -> dict:
         a, b, label = self.pairs[i]
         return {"text_a": a, "text_b": b, "label": np.int32(label)}
+
+
+class ImageTextLabelDataset:
+    """(image, caption, class) samples, one per caption (the original's `CLSMELINDADataset`). Items:
+    {"image": PIL, "caption": str, "label": int32}. `classes`: the sorted class names when the file names
+    them (JSONL), else None (the labels are already class indices, as in the original's Arrow files)."""
+
+    def __init__(self, path: str, split: str | None, *, label_column: str):
+        self.images = ImageReportDataset(path, split=split, caption_field="caption", per_caption=True)
+        self.classes = _class_names(path, label_column) if not path.endswith(".arrow") else None
+        index = {name: k for k, name in enumerate(self.classes or ())}
+        self.labels = []
+        for i, caps in enumerate(self.images.captions):
+            row, where = self.images.row(i), self.images.where(i)
+            if label_column not in row:
+                raise DataError(f"{where}: missing field {label_column!r} (the class label)")
+            value = row[label_column]
+            values = value if isinstance(value, list) else [value] * len(caps)
+            if len(values) != len(caps):
+                raise DataError(f"{where}: field {label_column!r} holds {len(values)} labels for {len(caps)} captions")
+            self.labels.append([_class_index(v, index, where, label_column) for v in values])
+
+    @property
+    def num_classes(self) -> int:
+        """The named classes, else the largest index + 1."""
+        return len(self.classes) if self.classes is not None else 1 + max(max(v) for v in self.labels)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.images[i]
+        return {"image": ex["image"], "caption": ex["caption"],
+                "label": np.int32(self.labels[ex["image_index"]][ex["caption_index"]])}
+
+    def describe(self, i: int) -> str:
+        return self.images.describe(i)
+
+
+def _class_names(path: str, column: str) -> list[str] | None:
+    """Sorted distinct string labels of `column` over every row of a JSONL file; None when they are indices."""
+    values = set()
+    for line, row in read_jsonl(path, (column,)):
+        for v in row[column] if isinstance(row[column], list) else [row[column]]:
+            values.add(v if isinstance(v, str) else None)
+    if None in values and len(values) > 1:
+        raise DataError(f"{path}: field {column!r} mixes class names and indices")
+    return None if None in values else sorted(values)
+
+
+def _class_index(value, index: dict, where: str, column: str) -> int:
+    if index:
+        if value not in index:
+            raise DataError(f"{where}: field {column!r} = {value!r} is not a class name")
+        return index[value]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise DataError(f"{where}: field {column!r} = {value!r}, expected a class name or a non-negative index")
