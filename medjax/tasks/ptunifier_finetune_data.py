@@ -12,6 +12,8 @@ datasets), from JSONL manifests or the original's Arrow files.
   one-string lists, integer `label`); classes in the original's order (its Arrow files and `cls_head`):
   contradiction 0, entailment 1, neutral 2, whether given by name or by index, in either format.
 * retrieval (ROCO): the image-report data itself (`medjax.data.readers.image_report`).
+* report generation / summarisation (MIMIC-CXR): JSONL {"image", "findings", "impression", "split"} or the
+  original's Arrow `clm_mimic_cxr_{split}.arrow` (image, caption, findings / impression lists, split).
 * image + text single-label classification (MELINDA): JSONL {"image", "caption", <label_column>: name or
   index, "split"} or the original's Arrow (image, caption list, one label per caption in <label_column>:
   `i_meth`, `p_meth`, `i_meth_label`, `p_meth_label`); class names are numbered in sorted order over ALL
@@ -260,3 +262,39 @@ def _class_index(value, index: dict, where: str, column: str) -> int:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
         return int(value)
     raise DataError(f"{where}: field {column!r} = {value!r}, expected a class name or a non-negative index")
+
+
+class ReportDataset:
+    """(image, findings, impression) samples, one per findings text (the original's `CLMMIMICCXRDataset`).
+    Items: {"image": PIL, "findings": str, "impression": str}."""
+
+    def __init__(self, path: str, split: str | None):
+        self.images = ImageReportDataset(path, split=split, caption_field="findings", per_caption=True)
+        self.impressions = []
+        for i, findings in enumerate(self.images.captions):
+            row, where = self.images.row(i), self.images.where(i)
+            if "impression" not in row:
+                raise DataError(f"{where}: missing field 'impression'")
+            value = row["impression"]
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, list) or len(values) != len(findings) or not all(
+                    isinstance(v, str) and v.strip() for v in values):
+                raise DataError(f"{where}: field 'impression' must hold one non-empty text per findings text "
+                                f"({len(findings)}), got {value!r:.80}")
+            self.impressions.append(values)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def texts(self, field: str) -> list[str]:
+        """Every sample's "findings" or "impression" (no image decoding)."""
+        return [self.images.captions[i][j] if field == "findings" else self.impressions[i][j]
+                for i, j in self.images.index]
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.images[i]
+        return {"image": ex["image"], "findings": ex["caption"],
+                "impression": self.impressions[ex["image_index"]][ex["caption_index"]]}
+
+    def describe(self, i: int) -> str:
+        return self.images.describe(i)
