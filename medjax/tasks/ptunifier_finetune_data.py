@@ -3,8 +3,8 @@ datasets), from JSONL manifests or the original's Arrow files.
 
 * VQA (VQA-RAD, SLAKE, MedVQA-2019): JSONL, one question per line
       {"image": path, "question": str, "answer": str, "answer_type": "closed"|"open", "split": ...}
-  answers are normalised (lower case, punctuation and articles dropped) and numbered in order of first
-  appearance over ALL splits (the original's `make_arrow_vqa` vocabulary); or the original's Arrow
+  answers are normalised as the original's `normalize_word` (medjax/data/vqa_answers.py: punctuation,
+  number words to digits, articles, contractions) and numbered in order of first appearance over ALL splits (the original's `make_arrow_vqa` vocabulary); or the original's Arrow
   (one row per image: questions, answer_labels, answer_scores, answer_type (0 closed, 1 open) lists).
 * multi-label classification (CheXpert, RSNA pneumonia): JSONL {"image", "labels": [0/1, ...]} or Arrow
   with the label list in `label_column` (the original's `chexpert` / `pnsa_pneumonia`).
@@ -24,18 +24,16 @@ A file name may hold `{split}` (the originals keep one Arrow file per split).
 from __future__ import annotations
 
 import os
-import re
-import string
 
 import numpy as np
 
 from medjax.data.readers.fundus_genome import DataError
 from medjax.data.readers.image_report import SPLITS, ImageReportDataset, read_jsonl
+from medjax.data.vqa_answers import normalize_answer
 from medjax.errors import MedjaxInputError
 
 NLI_LABELS = ("contradiction", "entailment", "neutral")  # the original's label ids (make_arrow_nli)
 CLOSED, OPEN = 0, 1
-_ARTICLES = {"a", "an", "the"}
 
 
 def resolve(root: str, name: str, split: str) -> str:
@@ -53,14 +51,6 @@ def row_split(split: str) -> str | None:
     """The rows of `split` to keep in its file: train/val/test filter by the file's `split` field; any other
     split name is a file of its own (a fixed subset) and keeps every row (None)."""
     return split if split in SPLITS else None
-
-
-def normalize_answer(answer) -> str:
-    """Lower case, punctuation removed (except inside numbers), articles dropped, spaces collapsed."""
-    text = str(answer).lower().strip()
-    text = re.sub(r"(?<!\d)[.,](?!\d)", " ", text)
-    text = text.translate(str.maketrans({c: " " for c in string.punctuation if c not in ".,"}))
-    return " ".join(w for w in text.split() if w not in _ARTICLES)
 
 
 def answer_vocabulary(path: str) -> list[str]:
