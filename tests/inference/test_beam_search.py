@@ -1,6 +1,7 @@
 """Beam search (medjax/inference/beam_search.py) against exhaustive search when the beam is wide enough to
 keep every prefix, against a step-by-step Python transcription of Hugging Face 4.6's BeamSearchScorer for
 narrow beams (early stopping, EOS ranks, finalize), on a tiny report decoder, and compiled once."""
+import functools
 import itertools
 
 import chex
@@ -16,16 +17,36 @@ from medjax.models.ptunifier_reportgen import ReportDecoder
 V, EOS, PAD = 4, 2, 1
 
 
-def toy_logits(seed: int, vocab: int = V, length: int = 8, scale: float = 2.0):
-    """A causal toy model: logits(y_<=t) = A[y_t] + B[y_{t-1}] + C[t]."""
+def toy_tables(seed: int, vocab: int = V, length: int = 8, scale: float = 2.0):
     rng = np.random.default_rng(seed)
-    a, b, c = (jnp.asarray(rng.normal(size=s) * scale, jnp.float32) for s in ((vocab, vocab), (vocab, vocab), (length, vocab)))
+    return tuple(jnp.asarray(rng.normal(size=s) * scale, jnp.float32) for s in ((vocab, vocab), (vocab, vocab),
+                                                                                (length, vocab)))
+
+
+def toy_fn(tables):
+    """A causal toy model: logits(y_<=t) = A[y_t] + B[y_{t-1}] + C[t]."""
+    a, b, c = tables
 
     def fn(tokens, t):
         last = jax.lax.dynamic_index_in_dim(tokens, t, 1, keepdims=False)
         prev = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), 1, keepdims=False)
         return a[last] + jnp.where(t > 0, b[prev], 0.0) + c[t]
-    return jax.jit(fn)
+    return fn
+
+
+_toy_step = jax.jit(lambda tables, tokens, t: toy_fn(tables)(tokens, t))
+
+
+def toy_logits(seed: int, vocab: int = V, length: int = 8, scale: float = 2.0):
+    """The toy model of `seed` as a jitted (tokens, t) -> logits (compiled once for all seeds)."""
+    tables = toy_tables(seed, vocab, length, scale)
+    return lambda tokens, t: _toy_step(tables, tokens, t)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "length", "sample"))
+def toy_beam_search(tables, starts, lp, key, *, k, length, sample=False):
+    return beam_search(toy_fn(tables), starts, beam_size=k, max_length=length, eos_id=EOS, pad_id=PAD,
+                       length_penalty=lp, sample=sample, top_k=3, rng=key)
 
 
 def log_probs(fn, prefix, length):
@@ -100,20 +121,20 @@ def _padded(seq, length):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_wide_beam_equals_exhaustive_search(seed):
-    fn, length = toy_logits(seed), 4
-    starts = jnp.array([0, 3], jnp.int32)
-    seqs, scores = jax.jit(lambda s: beam_search(fn, s, beam_size=18, max_length=length, eos_id=EOS, pad_id=PAD))(starts)
+    fn, length = toy_logits(seed, length=4), 4
+    seqs, scores = toy_beam_search(toy_tables(seed, length=4), jnp.array([0, 3], jnp.int32), 1.0, jax.random.key(0),
+                                   k=18, length=length)
     for row, start in enumerate([0, 3]):
         score, best = brute_force(fn, start, length)
         assert list(np.asarray(seqs[row])) == _padded(best, length)
         np.testing.assert_allclose(float(scores[row]), score, rtol=1e-5)
 
 
-@pytest.mark.parametrize("seed,k,lp", [(3, 2, 1.0), (4, 3, 0.0), (6, 1, 2.0)])
+@pytest.mark.parametrize("seed,k,lp", [(3, 2, 1.0), (4, 2, 0.0), (5, 3, 1.0), (6, 3, 2.0)])
 def test_narrow_beam_follows_hf_beam_search_scorer(seed, k, lp):
     fn, length = toy_logits(seed, length=7), 7
-    seqs, scores = beam_search(fn, jnp.array([0, 3], jnp.int32), beam_size=k, max_length=length, eos_id=EOS, pad_id=PAD,
-                               length_penalty=lp)
+    seqs, scores = toy_beam_search(toy_tables(seed, length=7), jnp.array([0, 3], jnp.int32), lp, jax.random.key(0),
+                                   k=k, length=length)
     for row, start in enumerate([0, 3]):
         score, best = hf46_reference(fn, start, k, length, lp)
         assert list(np.asarray(seqs[row])) == _padded(best, length)
@@ -124,7 +145,7 @@ def test_tiny_decoder_beam_search_is_exhaustive_and_compiles_once():
     decoder = ReportDecoder(V, width=8, depth=1, num_heads=2, mlp_dim=16, max_positions=12, pad_token_id=PAD,
                             dropout=0.0)
     states = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 8))
-    params = nn.meta.unbox(decoder.init(jax.random.PRNGKey(0), jnp.zeros((2, 4), jnp.int32), states))
+    params = nn.meta.unbox(jax.jit(decoder.init)(jax.random.PRNGKey(0), jnp.zeros((2, 4), jnp.int32), states))
     length = 4
 
     @jax.jit
@@ -144,9 +165,8 @@ def test_tiny_decoder_beam_search_is_exhaustive_and_compiles_once():
 
 
 def test_beam_sampling_draws_valid_hypotheses_and_depends_on_the_key():
-    fn, length = toy_logits(7, length=6, scale=0.3), 6
-    run = jax.jit(lambda key: beam_search(fn, jnp.zeros((4,), jnp.int32), beam_size=3, max_length=length, eos_id=EOS,
-                                          pad_id=PAD, sample=True, top_k=3, rng=key))
+    tables, length = toy_tables(7, length=6, scale=0.3), 6
+    run = functools.partial(toy_beam_search, tables, jnp.zeros((4,), jnp.int32), 1.0, k=3, length=length, sample=True)
     a, sa = run(jax.random.PRNGKey(0))
     b, _ = run(jax.random.PRNGKey(1))
     assert a.shape == (4, length) and np.isfinite(np.asarray(sa)).all()
