@@ -63,6 +63,6 @@ def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
         return [f"data.dir={root('xray_ct_reports')}"]
     if task == "pathchat":
         return [f"data.dir={root('pathology_chat')}"]
-    if task == "fvlm":
+    if task in ("fvlm", "visd"):
         return [f"data.dir={root('ct_reports')}"]
     raise ValueError(f"tests/conftest.py: no test data for task {task!r}; add it to tiny_data_overrides")

@@ -23,6 +23,7 @@ TASKS = {
     "unimedi": "medjax.tasks.unimedi:UniMedITask",
     "pathchat": "medjax.tasks.pathchat:PathChatTask",
     "fvlm": "medjax.tasks.fvlm:FVLMTask",
+    "visd": "medjax.tasks.visd:ViSDTask",
 }
 
 
