@@ -57,12 +57,12 @@ def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
         return [f"data.dir={root('ct')}", f"data.cache_dir={os.path.join(tmp_dir, 'ct_cache')}"]
     if task == "uni_pretrain":
         return [f"data.dir={root('wsi')}"]
-    if task in ("ptunifier", "ptunifier_vqa", "ptunifier_classification", "ptunifier_retrieval", "ptunifier_nli"):
+    if task == "ptunifier" or task.startswith("ptunifier_"):  # the fine-tuning tasks read the same demo
         return [f"data.dir={root('image_report')}"]
     if task == "unimedi":
         return [f"data.dir={root('xray_ct_reports')}"]
     if task == "pathchat":
         return [f"data.dir={root('pathology_chat')}"]
-    if task == "fvlm":
+    if task in ("fvlm", "visd"):
         return [f"data.dir={root('ct_reports')}"]
     raise ValueError(f"tests/conftest.py: no test data for task {task!r}; add it to tiny_data_overrides")

@@ -4,6 +4,8 @@
   relation_mask   Pallas relation-masking attention vs its jnp reference
   dynamic_conv3d  Pallas dynamic head vs its jnp reference
   sliding_window  Universal Model CT sliding-window inference vs MONAI + PyTorch
+  vs-torch        one experiment's train step in medjax vs its PyTorch original (same weights), alternating
+  memory          one experiment's train-step memory plan (compile only, abstract shapes), largest buffers
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ BENCHES = {
     "relation_mask": "medjax.bench.relation_mask",
     "dynamic_conv3d": "medjax.bench.dynamic_conv3d",
     "sliding_window": "medjax.bench.sliding_window",
+    "memory": "medjax.bench.memory",
+    "vs_torch": "medjax.bench.vs_torch",
 }
 
 

@@ -228,6 +228,21 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
 
+def drop_add_residual_stochastic_depth(x: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], rate: float,
+                                       rng: jax.Array) -> jax.Array:
+    """x + stochastic-depth residual, computing the residual only for the kept samples (DINOv2
+    `layers/block.py` `drop_add_residual_stochastic_depth`): a random subset of max(int(b (1 - rate)), 1) of the
+    b samples goes through `residual_fn` (a per-sample function, e.g. ls1(attn(norm1(.)))), and their residuals
+    are added scaled by b / subset, the others unchanged -- each sample is kept with probability subset / b, so
+    E[out] = x + residual_fn(x), as with DropPath, at (1 - rate) of the branch's FLOPs. `rate` is static (the
+    subset size is a shape); the subset is drawn over the whole (global) batch."""
+    b = x.shape[0]
+    keep = max(int(b * (1.0 - rate)), 1)
+    subset = jax.random.permutation(rng, b)[:keep]
+    residual = residual_fn(x[subset])
+    return x.at[subset].add((residual * (b / keep)).astype(x.dtype))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm x + attn(LN(x)[, LN(x_kv)]), then x + mlp(LN(x)); or post-norm (`pre_norm=False`, BERT)
     LN(x + attn(x)), then LN(x + mlp(x)).
@@ -236,6 +251,9 @@ class TransformerBlock(nn.Module):
     block when `x_kv` is None, a cross-modality block when `x_kv` is given. Param names: `norm_names`
     (attention norm, MLP norm, x_kv norm), `attention_name`, and the MLP under `mlp_name` (None: its fc1/fc2
     directly in the block, the CLIP / BERT Hugging Face layout); LayerScale gammas "ls1"/"ls2" (timm).
+
+    `drop_add_residual` (DINOv2 `Block.forward`): in training with a drop-path rate above 0.1 each residual
+    branch runs on the kept samples only (`drop_add_residual_stochastic_depth`); at 0.1 or below, DropPath.
     """
 
     num_heads: int
@@ -252,6 +270,7 @@ class TransformerBlock(nn.Module):
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # dropout on each branch before its residual sum, in training (BERT)
     fused_attention: bool = True
+    drop_add_residual: bool = False  # DINOv2's subset stochastic depth above rate 0.1 (class doc)
     sow_query_logits: bool = False  # MultiHeadAttention.sow_query_logits
     norm_names: tuple[str, str, str] = ("norm1", "norm2", "norm_kv")
     mlp_name: str | None = "mlp"
@@ -265,6 +284,14 @@ class TransformerBlock(nn.Module):
         gamma = self.param(name, nn.with_logical_partitioning(
             nn.initializers.constant(self.layerscale_init), ("embed",)), (x.shape[-1],), self.param_dtype)
         return x * gamma.astype(x.dtype)
+
+    def _subset_rate(self, drop_path_rate) -> float:
+        """The static drop-path rate `drop_add_residual` needs (a traced per-layer rate cannot size a subset)."""
+        rate = self.drop_path if drop_path_rate is None else drop_path_rate
+        if not isinstance(rate, (int, float)):
+            raise ValueError("medjax/nn/transformer.py TransformerBlock.drop_add_residual needs a static drop-path "
+                             "rate: use a uniform schedule (drop_path_uniform) or unrolled blocks (scan=False)")
+        return float(rate)
 
     def _mlp(self, x: jax.Array) -> jax.Array:
         mlp_dim = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
@@ -293,6 +320,22 @@ class TransformerBlock(nn.Module):
             return nn.Dropout(self.hidden_dropout)(y, deterministic=not train) if self.hidden_dropout else y
         if x_kv is not None:
             x_kv = nn.with_logical_constraint(x_kv, TOKENS)
+        if train and self.drop_add_residual and self._subset_rate(drop_path_rate) > 0.1:  # DINOv2's threshold
+            if x_kv is not None or mask is not None or not self.pre_norm:
+                raise ValueError("medjax/nn/transformer.py TransformerBlock.drop_add_residual: only for pre-norm "
+                                 "self-attention blocks without a mask (DINOv2's Block)")
+            rate = self._subset_rate(drop_path_rate)
+
+            def branch(fn, i):
+                def residual(y):
+                    y = self._layer_scale(fn(y), f"ls{i}")
+                    return nn.Dropout(self.hidden_dropout)(y, deterministic=False) if self.hidden_dropout else y
+                return residual
+            attn_branch = branch(lambda y: attention(norm(0)(y), train=train), 1)
+            x = drop_add_residual_stochastic_depth(x, attn_branch, rate, self.make_rng("dropout"))
+            x = drop_add_residual_stochastic_depth(x, branch(lambda y: self._mlp(norm(1)(y)), 2), rate,
+                                                   self.make_rng("dropout"))
+            return nn.with_logical_constraint(x, TOKENS)
         if self.pre_norm:
             kv = None if x_kv is None else norm(2)(x_kv)
             x = x + drop(attention(norm(0)(x), kv, mask, train=train), 1)

@@ -18,9 +18,12 @@ TASKS = {
     "ptunifier_classification": "medjax.tasks.ptunifier_classification:PTUnifierClassificationTask",
     "ptunifier_retrieval": "medjax.tasks.ptunifier_retrieval:PTUnifierRetrievalTask",
     "ptunifier_nli": "medjax.tasks.ptunifier_nli:PTUnifierNLITask",
+    "ptunifier_melinda": "medjax.tasks.ptunifier_melinda:PTUnifierMelindaTask",
+    "ptunifier_reportgen": "medjax.tasks.ptunifier_reportgen:PTUnifierReportGenTask",
     "unimedi": "medjax.tasks.unimedi:UniMedITask",
     "pathchat": "medjax.tasks.pathchat:PathChatTask",
     "fvlm": "medjax.tasks.fvlm:FVLMTask",
+    "visd": "medjax.tasks.visd:ViSDTask",
 }
 
 
