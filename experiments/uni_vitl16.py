@@ -70,6 +70,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         # RandomApply, so global 1 is never blurred, global 2 with p 0.9, local crops with 0.5
         # (medjax.data.pipelines.wsi_tiles.DINOV2_CODE_BLUR_PROBS). The papers' (BYOL / DINO) values: (1.0, 0.1, 0.5).
         blur_probs=(0.0, 0.9, 0.5),
+        # colour jitter (brightness, contrast, saturation, hue) with its probability, grayscale, solarize (global 2)
+        jitter=(0.4, 0.4, 0.2, 0.1), jitter_prob=0.8, grayscale_prob=0.2, solarize_prob=0.2,
     ))
     c.schedule = ml_collections.ConfigDict(dict(epoch_length=1250))  # DINOv2 OFFICIAL_EPOCH_LENGTH
     epoch = c.schedule.get_ref("epoch_length")  # optim steps below follow --set schedule.epoch_length

@@ -296,8 +296,11 @@ class UNIPretrainTask(TaskBase):
 
     def transform(self) -> DinoTransform:
         c = self.config.crops
+        photometric = {k: (tuple(c[k]) if k == "jitter" else float(c[k]))
+                       for k in ("jitter", "jitter_prob", "grayscale_prob", "solarize_prob") if k in c}
         multicrop = DinoMultiCrop(global_size=c.global_size, local_size=c.local_size, global_scale=tuple(c.global_scale),
-                                  local_scale=tuple(c.local_scale), num_local=c.num_local, blur_probs=tuple(c.blur_probs))
+                                  local_scale=tuple(c.local_scale), num_local=c.num_local, blur_probs=tuple(c.blur_probs),
+                                  **photometric)
         return DinoTransform(multicrop)
 
     def batch_masks(self) -> BatchMasks:
