@@ -80,7 +80,7 @@ def work_unit(task) -> tuple[str, int] | None:
     return None if work is None else (work[1], int(work[0]))
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medjax.bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", required=True)
@@ -96,7 +96,11 @@ def main(argv=None) -> None:
                         "are read (the GPU suite); input files the task needs at build time get placeholders")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s of one device for MFU (default: the table for known GPUs/TPUs)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
     from medjax.parallel import multihost
 
     multihost.initialize()  # several processes (e.g. under launch/*.sh) time one global step together
