@@ -5,6 +5,8 @@
   dynamic_conv3d  Pallas dynamic head vs its jnp reference
   sliding_window  Universal Model CT sliding-window inference vs MONAI + PyTorch
   vs-torch        one experiment's train step in medjax vs its PyTorch original (same weights), alternating
+  llama_step      a Llama-7B-shaped decoder's train step: FLOPs, MFU, compiled memory
+  gpu_suite       the whole GPU suite (time-capped items, JSON + markdown); --dry-run plans it anywhere
   memory          one experiment's train-step memory plan (compile only, abstract shapes), largest buffers
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ BENCHES = {
     "sliding_window": "medjax.bench.sliding_window",
     "memory": "medjax.bench.memory",
     "vs_torch": "medjax.bench.vs_torch",
+    "llama_step": "medjax.bench.llama_step",
+    "gpu_suite": "medjax.bench.gpu_suite",
 }
 
 

@@ -26,6 +26,7 @@ class StepSide:
     forward: Callable[[], np.ndarray]
     memory: Callable[[], dict] = dict
     params: int = 0
+    compiled: Any = None  # medjax: the compiled train step (for XLA's cost analysis)
 
 
 def jax_side(loss_fn: Callable[[Any, Any], Any], forward_fn: Callable[[Any, Any], Any], params: Any, batch: Any,
@@ -63,7 +64,7 @@ def jax_side(loss_fn: Callable[[Any, Any], Any], forward_fn: Callable[[Any, Any]
 
     # forward() reads the current weights: call it before step() to compare the initial (shared) weights
     return StepSide("medjax", step, lambda: np.asarray(forward(state["params"], batch), np.float32), memory,
-                    params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+                    params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)), compiled=compiled)
 
 
 def torch_side(module, loss_fn: Callable[[Any], Any], forward_fn: Callable[[Any], Any], *,

@@ -13,9 +13,9 @@ backward (a `custom_vjp`): autodiff of the unrolled form would be 153 separate r
 backward keeps only the inputs and recomputes the reference one chunk of classes at a time
 (`lax.map` over `backward_chunk(classes)` classes, dfeatures summed over the chunks), so training holds
 (batch, voxels, chunk, 8) hidden activations at a time instead of (batch, voxels, classes, 8) several
-times over: at the paper's 96^3 crop and 32 classes each full array is 864 MiB, and the reference's
-vjp kept five of them alive through the backward pass (the train step's planned peak fell from 19.4 to
-see `python -m medjax.bench memory --exp universal_swin`).
+times over: at the paper's 96^3 crop and 32 classes each full array is 864 MiB, and keeping the
+reference's vjp put several of them in the Universal train step's peak (planned on CPU at batch 1 by
+`python -m medjax.bench memory --exp universal_swin --batch-size 1`: 19,815 MiB before, 15,312 after).
 """
 from __future__ import annotations
 
