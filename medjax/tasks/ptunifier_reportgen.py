@@ -14,6 +14,7 @@ the original copies `language_encoder` and `mlm_head` into `clm_head`.
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -62,10 +63,16 @@ class PTUnifierReportGenTask(PTUnifierFinetuneTask):
     def max_target_len(self) -> int:
         return int(self.config.finetune.max_target_len)
 
+    @functools.cached_property
+    def target_tokenizer(self):
+        """A copy of the tokenizer for the targets: a fast tokenizer holds its truncation length as state, and
+        the loader threads tokenise inputs (data.max_text_len) and targets (max_target_len) concurrently."""
+        return copy.deepcopy(self.tokenizer)
+
     def target(self, text: str) -> dict:
         from medjax.data.readers.image_report import tokenize
 
-        enc = tokenize(self.tokenizer, text.lower(), self.max_target_len)
+        enc = tokenize(self.target_tokenizer, text.lower(), self.max_target_len)
         return {"target_ids": enc["input_ids"], "target_mask": enc["attention_mask"]}
 
     def example(self, ex: dict, rng=None) -> dict:

@@ -11,6 +11,7 @@ from medjax import config as config_lib
 from medjax import evaluate as evaluate_cli
 from medjax import optim as optim_lib
 from medjax.tasks import build_task
+from medjax.tasks.ptunifier_finetune import PROMPT_POOL_PARAMS
 from medjax.tasks.ptunifier_reportgen import decoder_from_text
 from medjax.trainer import Trainer
 
@@ -28,6 +29,7 @@ def test_tiny_report_generation_trains_and_evaluates(demo_root, tmp_path, capsys
     config = config_lib.get_config("ptunifier_reportgen", "tiny", [f"data.dir={demo_root}", *FAST])
     task = build_task(config, log=lambda *_: None)
     assert task.mode == "vision" and task.target_field == "findings"
+    assert not task.model.prompts_trainable and PROMPT_POOL_PARAMS in task.optim_config().frozen  # released protocol
     result = Trainer(config, task, str(tmp_path)).run()
     assert result["step"] == 2 and np.isfinite(result["losses"]).all()
     assert abs(result["losses"][0] - np.log(task.model_cfg.vocab_size)) < 1.0  # a random decoder: ~ln(vocab)
@@ -80,3 +82,26 @@ def test_released_configs():
     assert [mults[f"{n}/kernel"] for n in names] == [50.0, 50.0, 5.0, 5.0, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="unknown variant"):
         config_lib.get_config("ptunifier_reportgen", "slake")
+
+
+def test_inputs_and_targets_tokenise_at_their_lengths_from_concurrent_loader_threads(demo_root):
+    """A fast tokenizer keeps its truncation length as state: the targets have their own tokenizer copy, so the
+    loader threads' inputs (data.max_text_len) and targets (max_target_len) never take each other's length."""
+    import threading
+
+    task = build_task(config_lib.get_config("ptunifier_reportgen", "tiny", [f"data.dir={demo_root}"]),
+                      log=lambda *_: None)
+    assert task.target_tokenizer is not task.tokenizer
+    text = "There is a small red circle in the upper left region. A blue square is seen in the lower right region."
+    wrong = []
+
+    def run(encode, key, length):
+        wrong.extend(len(encode(text)[key]) != length for _ in range(200))
+
+    threads = [threading.Thread(target=run, args=(task.text, "text_ids", task.max_length)),
+               threading.Thread(target=run, args=(task.target, "target_ids", task.max_target_len))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert task.max_length != task.max_target_len and not any(wrong)
