@@ -18,6 +18,12 @@ import ml_collections
 
 from experiments import fvlm_ctrate
 
+# ViSD-Boost's eval.py prompts ("Not <name>." / "<name>."), per CT-RATE column (fVLM's CT_RATE_LABELS order)
+VISD_PROMPTS = ("Emphysema", "Atelectatic", "Lung nodule", "Lung opacity", "Pulmonary fibrotic", "Pleural effusion",
+                "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+                "Interlobular septal thickening", "Cardiomegaly", "Pericardial effusion",
+                "Coronary artery wall calcification", "Hiatal hernia", "Arterial wall calcification")
+VISD_LABELS = tuple((column, organ, name) for (column, organ, _), name in zip(fvlm_ctrate.CT_RATE_LABELS, VISD_PROMPTS))
 STAGES = {"vse": 8420, "vqvae": 4210, "vlp": 16840}  # full-size steps (842 per CT-RATE epoch of batch 56)
 STATE = r"^(batch_stats|codebook|momentum)/"  # written by the task's post_update, never by the optimizer
 FROZEN = {
@@ -43,6 +49,7 @@ def visd_config(stage: str, variant: str = "full") -> ml_collections.ConfigDict:
     c.loss.update(dict(vse_temperature=0.07, momentum=0.995))
     c.train.steps = STAGES[stage]
     c.optim.frozen = FROZEN[stage]
+    c.eval.labels = VISD_LABELS
 
     if variant == "demo":
         c.data.update(dict(crop_shape=(16, 64, 64), max_length=24))

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
 _WHERE = "medjax/nn/resnet3d.py"
@@ -41,12 +42,49 @@ STRIDES = (1, 2, 2, 2)
 DILATIONS = (1, 1, 2, 4)
 
 
+def stem_conv_by_planes(x: jax.Array, kernel: jax.Array, stride_hw: Sequence[int], padding: int,
+                        precision: Any = None) -> jax.Array:
+    """A depth-stride-1 3D convolution of a ONE-channel volume as one 2D convolution over the (H, W) planes:
+    the depth axis folded into the batch, the kd depth taps as kd groups of output channels, the shifted groups
+    summed (out[d] = sum_i conv2d(x_pad[d + i], W[i])). XLA:CPU's 3D convolution emitter is at its worst with
+    one input channel (medjax.nn.volume_conv): for the 7^3 stem this is ~20x faster; the same linear map."""
+    b, d, h, w, _ = x.shape
+    kd, kh, kw, _, c = kernel.shape
+    xp = jnp.pad(x, [(0, 0), (padding, padding), (0, 0), (0, 0), (0, 0)])
+    planes_kernel = jnp.transpose(kernel[..., 0, :], (1, 2, 0, 3)).reshape(kh, kw, 1, kd * c)
+    y = lax.conv_general_dilated(xp.reshape(b * (d + 2 * padding), h, w, 1), planes_kernel, tuple(stride_hw),
+                                 [(padding, padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 precision=precision)
+    y = y.reshape(b, d + 2 * padding, y.shape[1], y.shape[2], kd, c)
+    depth_out = d + 2 * padding - kd + 1
+    return sum(y[:, i:i + depth_out, :, :, i] for i in range(kd))
+
+
+def resnet_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                                preferred_element_type=None):
+    """`lax.conv_general_dilated`, except on CPU for a one-channel input with depth stride 1, no dilation and
+    symmetric padding (the stem): `stem_conv_by_planes`."""
+    pads = None if isinstance(padding, str) else {tuple(p) for p in padding}
+    if (jax.default_backend() == "cpu" and lhs.ndim == 5 and lhs.shape[-1] == 1 and rhs.shape[3] == 1
+            and window_strides[0] == 1 and pads is not None and len(pads) == 1 and feature_group_count == 1
+            and batch_group_count == 1 and all(v is None or tuple(v) == (1, 1, 1) for v in (lhs_dilation, rhs_dilation))
+            and next(iter(pads))[0] == next(iter(pads))[1]):
+        out = stem_conv_by_planes(lhs, rhs, window_strides[1:], next(iter(pads))[0], precision)
+        return out.astype(preferred_element_type) if preferred_element_type is not None else out
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+                                    precision=precision, preferred_element_type=preferred_element_type)
+
+
 def conv(features: int, kernel: int, stride: Sequence[int] | int, dilation: int, padding: int, dtype: Dtype,
          param_dtype: Dtype, name: str) -> nn.Conv:
     """Conv3d without bias, kaiming-normal fan_out init (MedicalNet), kernel (k, k, k, in, out)."""
     stride = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
     return nn.Conv(features, (kernel,) * 3, strides=stride, padding=[(padding, padding)] * 3,
                    kernel_dilation=(dilation,) * 3, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
+                   conv_general_dilated=resnet_conv_general_dilated,
                    kernel_init=nn.with_logical_partitioning(nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                                                             (None, None, None, "channels", None)))
 
