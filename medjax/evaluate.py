@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     from medjax import config as config_lib
     from medjax import provenance
     from medjax.tasks import build_task
+    from medjax.tasks.base import RunSettings
 
     columns = []
     for path in args.checkpoint:
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         if not args.data and saved.get("data", {}).get("dir"):
             overrides.append(f"data.dir={saved['data']['dir']}")
         config = config_lib.get_config(args.exp, variant, overrides)  # a ConfigError: one line, exit 2 (medjax.cli)
-        task = build_task(config)
+        task = build_task(config, run=RunSettings.from_config(config, results_dir=args.out or path))
         try:
             directory, record, params = restore_checked(checkpoint_to_evaluate(path, args.latest), config, task)
             try:
