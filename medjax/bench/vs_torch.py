@@ -11,7 +11,8 @@ their references), the same loss on the same random batch, AdamW on both (`medja
    (`compiled.memory_analysis()`, `medjax.bench._timing.CompiledMemory`). On a GPU the same children
    would report device memory; this bench runs the PyTorch side on the host's CPU cores.
 2. In this process: both outputs in eval mode before any update (max |medjax - torch|), then one untimed
-   step each (medjax's compile happens when its side is built; its time is reported), `--warmup` untimed
+   step each (medjax's compile happens when its side is built, read back from the memory child's entry
+   in a persistent compilation cache of the run when there is one; its time is reported), `--warmup` untimed
    rounds and `--repeats` timed rounds that ALTERNATE medjax, torch, medjax, torch, ... so that a shared
    machine's drift falls on both; per side the median, min and max seconds per step, and the ratio
    torch median / medjax median (> 1: medjax is faster).
@@ -28,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 MEMORY_TAG = "VS_TORCH_MEMORY "  # the line a memory child prints its JSON result on
@@ -147,11 +149,23 @@ def memory_child(args) -> dict:
     return result
 
 
-def measure_memory(args) -> dict[str, dict]:
+def use_compilation_cache(directory: str) -> None:
+    """Share compiled executables between this process and its memory children (JAX's persistent cache, every
+    compile cached), so that the medjax side is compiled once per run; an already configured cache is kept."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def measure_memory(args, cache_dir: str) -> dict[str, dict]:
     """side -> the memory child's figures (or {"error": ...})."""
     out = {}
+    env = dict(os.environ, MEDJAX_VS_TORCH_CACHE=cache_dir)
     for side in SIDES:
-        proc = subprocess.run(child_command(args, side), capture_output=True, text=True)
+        proc = subprocess.run(child_command(args, side), capture_output=True, text=True, env=env)
         result = parse_child_output(proc.stdout)
         if proc.returncode != 0 or not result:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -188,12 +202,16 @@ HEADERS = ("impl", "build s (medjax: + compile)", "step s median", "min", "max",
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.memory_child:
+        if os.environ.get("MEDJAX_VS_TORCH_CACHE"):
+            use_compilation_cache(os.environ["MEDJAX_VS_TORCH_CACHE"])
         memory_child(args)
         return
     from medjax.bench import _timing
     from medjax.bench.step_pair import max_abs_difference
 
-    memory = {} if args.no_memory else measure_memory(args)
+    cache = tempfile.TemporaryDirectory(prefix="medjax-vs-torch-")
+    use_compilation_cache(cache.name)
+    memory = {} if args.no_memory else measure_memory(args, cache.name)
     build_s, sides = {}, {}
     row = None
     for side in SIDES:  # built one at a time to time each build; the weights are the same either way
@@ -225,3 +243,4 @@ def main(argv=None) -> None:
             json.dump({"exp": args.exp, "variant": args.variant, "batch_size": args.batch_size, "shapes": row.shapes,
                        "weights": row.weights, "max_abs_difference": difference, "times": times, "losses": losses,
                        "memory": memory, "build_s": build_s, "host": os.uname().nodename}, f, indent=1)
+    cache.cleanup()

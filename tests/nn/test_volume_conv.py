@@ -133,8 +133,8 @@ def test_other_layouts_pass_through(layout, monkeypatch):
 
 @pytest.mark.parametrize("channels", [8, 2])  # Winograd, and the 27-tap loop (few input channels)
 def test_dispatcher_gradient_is_the_lax_convolutions(channels):
-    """volume_conv_general_dilated's custom_vjp (dx by the flipped-kernel convolution, dkernel by lax) gives
-    lax's gradients at a size that takes a rewrite."""
+    """volume_conv_general_dilated's custom_vjp (dx by the flipped-kernel convolution, dkernel by the rewrite's
+    kernel transpose) gives lax's gradients at a size that takes a rewrite."""
     shape = (1, 13, 12, 12, channels)
     keys = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(keys[0], shape)
