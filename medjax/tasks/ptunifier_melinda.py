@@ -1,7 +1,8 @@
 """PTUnifier image + text single-label classification on MELINDA (Chen et al., ICCV 2023, Sec. 4, Table 4;
 the original's `compute_cls` with neither `vision_only` nor `language_only`): figure and caption through the
 full two-stream path, logits = head([tanh(W L_0); tanh(W V_0)]), cross-entropy over the method classes;
-top-1 accuracy. Label sets (the original's `label_size`): i_meth 85, p_meth 45, i_meth_label 15,
+top-1 accuracy (validation on `val` selects the best checkpoint with `train.eval_every`, as the original's
+`val/the_metric`). Label sets (the original's `label_size`): i_meth 85, p_meth 45, i_meth_label 15,
 p_meth_label 7."""
 from __future__ import annotations
 
@@ -51,6 +52,20 @@ class PTUnifierMelindaTask(PTUnifierFinetuneTask):
         return self.jitted(self.model.joint_logits)
 
     def evaluate(self, params) -> dict[str, float]:
-        logits, kept = self.outputs(params, self.eval_set, self._logits, ("image", "text_ids", "text_mask"), ("label",))
+        return self.scores(params, self.eval_set)
+
+    def validate(self, params) -> dict[str, float]:
+        """Accuracy on the `val` split (the original's `val/the_metric`), never on the test split."""
+        return self.scores(params, self.val_set)
+
+    def selection_metric(self):
+        return ("accuracy", "max")
+
+    @functools.cached_property
+    def val_set(self):
+        return self.checked_dataset("val")
+
+    def scores(self, params, dataset) -> dict[str, float]:
+        logits, kept = self.outputs(params, dataset, self._logits, ("image", "text_ids", "text_mask"), ("label",))
         return {"accuracy": accuracy(kept["label"], logits.argmax(-1)), "examples": float(len(logits)),
                 "accuracy_chance": majority_fraction(kept["label"])}

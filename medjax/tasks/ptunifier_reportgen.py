@@ -129,10 +129,26 @@ class PTUnifierReportGenTask(PTUnifierFinetuneTask):
         return generated
 
     def evaluate(self, params) -> dict[str, float]:
-        generated = self.generate(params, self.eval_set)
-        references = [t.lower() for t in self.eval_set.texts(self.target_field)]  # whole, as the original's gt_texts
+        return self.scores(params, self.eval_set)
+
+    def validate(self, params) -> dict[str, float]:
+        """The scores on the `val` split, never the test split."""
+        return self.scores(params, self.val_set)
+
+    def selection_metric(self):
+        """The original's `the_metric`: BLEU-1 + ... + BLEU-4 for report generation; for summarisation it sums
+        torchmetrics' ROUGE-1/2/L F, of which medjax computes ROUGE-L (the pycocoevalcap one)."""
+        return ("bleu_sum", "max") if self.mode == "vision" else ("rouge_l", "max")
+
+    @functools.cached_property
+    def val_set(self):
+        return self.checked_dataset("val")
+
+    def scores(self, params, dataset) -> dict[str, float]:
+        generated = self.generate(params, dataset)
+        references = [t.lower() for t in dataset.texts(self.target_field)]  # whole, as the original's gt_texts
         scores = caption_scores(references, generated, tokenizer=str(self.config.finetune.eval_tokenizer))
-        return dict(scores, examples=float(len(generated)))
+        return dict(scores, bleu_sum=sum(scores[f"bleu_{n}"] for n in range(1, 5)), examples=float(len(generated)))
 
     # ---- initialisation ------------------------------------------------------------------------
     def load_pretrained(self, params, pretrained):

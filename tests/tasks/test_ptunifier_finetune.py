@@ -80,6 +80,7 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
     elif kind == "ptunifier_melinda":  # i_meth = the first finding's shape: 5 classes named in sorted order
         assert task.model.num_outputs == 5 and task.train_set.classes == sorted(task.train_set.classes)
         assert results["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and results["examples"] == 4
+        assert task.selection_metric() == ("accuracy", "max") and task.validate(after)["examples"] == 4  # val split
     else:
         for prefix in ("", "itc_"):
             for way in ("ir", "tr"):

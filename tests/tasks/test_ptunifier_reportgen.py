@@ -2,6 +2,8 @@
 with a finite loss near ln(vocab), then `python -m medjax.evaluate` on the workdir prints the paper's table
 (BLEU-1..4, ROUGE-L); the decoder initialised from a pretraining run's text encoder and MLM head; the
 released configs' modes, lengths and lr groups."""
+import json
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -15,7 +17,8 @@ from medjax.tasks.ptunifier_finetune import PROMPT_POOL_PARAMS
 from medjax.tasks.ptunifier_reportgen import decoder_from_text
 from medjax.trainer import Trainer
 
-FAST = ("model.fusion_layers=1", "mesh.num_devices=1", "train.steps=2", "train.checkpoint_every=2")
+FAST = ("model.fusion_layers=1", "mesh.num_devices=1", "train.steps=2", "train.checkpoint_every=2",
+        "train.eval_every=2")  # validation on `val` at the end keeps best/ by BLEU-1..4's sum (the original's)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,9 @@ def test_tiny_report_generation_trains_and_evaluates(demo_root, tmp_path, capsys
     result = Trainer(config, task, str(tmp_path)).run()
     assert result["step"] == 2 and np.isfinite(result["losses"]).all()
     assert abs(result["losses"][0] - np.log(task.model_cfg.vocab_size)) < 1.0  # a random decoder: ~ln(vocab)
+    assert task.selection_metric() == ("bleu_sum", "max")
+    best = json.loads((tmp_path / "best" / "medjax_best.json").read_text())
+    assert best["metric"] == "bleu_sum" and best["step"] == 2 and 0.0 <= best["value"] <= 4.0
     capsys.readouterr()
     assert evaluate_cli.main(["--exp", "ptunifier_reportgen", "--checkpoint", str(tmp_path), "--set",
                               f"data.dir={demo_root}", "--set", "model.fusion_layers=1"]) == 0
