@@ -53,12 +53,12 @@ def visd_config(stage: str, variant: str = "full") -> ml_collections.ConfigDict:
 
     if variant == "demo":
         c.data.update(dict(crop_shape=(16, 64, 64), max_length=24))
-        c.model.update(dict(width=16, token_dim=32, embed_dim=32, dropout=0.0, text_width=64, text_depth=2,
+        c.model.update(dict(width=8, token_dim=32, embed_dim=32, dropout=0.0, text_width=64, text_depth=2,
                             text_heads=4, text_mlp_dim=128, max_positions=32))
         c.model.vq.update(dict(dim=64, num_heads=4, head_dim=16, mlp_dim=128, dropout=0.0, codes_per_organ=16))
         c.eval.labels = fvlm_ctrate.DEMO_LABELS
-        c.train.update(dict(steps={"vse": 80, "vqvae": 80, "vlp": 120}[stage], batch_size=16, log_every=10,
-                            checkpoint_every=40, eval_batch_size=8))
+        c.train.update(dict(steps={"vse": 60, "vqvae": 60, "vlp": 80}[stage], batch_size=8 if stage == "vse" else 16,
+                            log_every=5, checkpoint_every=20, eval_batch_size=8))  # vse: 8 scans x 2 views
         c.optim.update(dict(lr=5e-4, warmup_steps=10, min_lr=1e-5))
     elif variant == "tiny":
         c.data.update(dict(crop_shape=(16, 32, 32), max_length=12))
