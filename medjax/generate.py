@@ -14,6 +14,10 @@ as Hugging Face's `generate` (transformers 5.23) computes it:
   pad token (= EOS when none is set). Generation ends early only when every row has stopped; the result
   is (batch, tokens + generated) int32, the prompt included, as HF's `sequences`.
 - Prompts are left-padded (`attention_mask` 0 before the text); positions are cumsum(mask) - 1.
+
+`TokenStream` runs the same `prefill` and `decode_step` as two programs compiled ahead of time, yielding each
+step's tokens to the host (streaming; `python -m medjax.bench generate` times it). `python -m medjax.generate`
+(`CLI_USAGE` below) answers a question about an image with a PathChat / LLaVA checkpoint, streaming the text.
 """
 from __future__ import annotations
 
