@@ -105,6 +105,19 @@ class TaskBase:
         """The paper's metrics on the evaluation split."""
         raise NotImplementedError(f"{type(self).__name__}.evaluate")
 
+    # ---- validation and the best-validation checkpoint (medjax.best_checkpoint) -------------------------
+    def validate(self, params: Any) -> dict[str, float]:
+        """Metrics on the validation split: what `train.eval_every` logs (as val/<name>) and the best-validation
+        checkpoint selects by (`train.select_metric`). Default: `evaluate(params)`; a task whose `evaluate` reads
+        a test split overrides this, so that the selection never sees test data."""
+        return self.evaluate(params)
+
+    def selection_metric(self) -> tuple[str, str] | None:
+        """(a `validate` metric, "max" | "min"): what the best-validation checkpoint follows when
+        `train.select_metric` is "" (e.g. the original's `ModelCheckpoint(monitor=...)`); None: none is kept
+        unless the config names one."""
+        return None
+
     # ---- data checks (issue #15), for the tasks' dataset builders -------------------------------------
     @property
     def on_bad_example(self) -> str:
