@@ -261,7 +261,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m medjax.generate", description=CLI_USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", required=True, help="a PathChat / LLaVA experiment (e.g. pathchat_stage2)")
-    p.add_argument("--params", required=True, help="a training workdir (its latest checkpoint) or a params directory")
+    p.add_argument("--params", required=True,
+                   help="a training workdir (its best-validation checkpoint if kept, else the latest) or a params dir")
     p.add_argument("--image", required=True, help="the image the question is about (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, help="the question, asked in the experiment's chat template")
     p.add_argument("--variant", default=None, help="config variant; default: the one in the workdir's config.json")
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
 
     from medjax import config as config_lib
     from medjax.checkpoint import CheckpointError
-    from medjax.evaluate import restore_checked, saved_config
+    from medjax.evaluate import checkpoint_to_evaluate, restore_checked, saved_config
     from medjax.tasks import build_task
 
     args = build_parser().parse_args(argv)
@@ -324,7 +325,7 @@ def main(argv=None) -> int:
     say = lambda message: print(message, file=sys.stderr)  # noqa: E731 - stdout is the answer only
     task = build_task(config, log=say)
     try:
-        _, _, params = restore_checked(args.params, config, task)
+        _, _, params = restore_checked(checkpoint_to_evaluate(args.params, log=say), config, task)  # best/ first
     except CheckpointError as err:
         say(f"error: {err}")
         return 2
