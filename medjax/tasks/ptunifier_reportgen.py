@@ -164,17 +164,19 @@ def decoder_from_text(params: dict) -> dict:
     """`params` with report_decoder's embeddings, self-attention / FFN of its first layers and lm head copied
     from the text encoder (`text`) and the MLM head (the original's `clm_head` initialisation; the decoder's
     cross-attention keeps its own init)."""
+    copy_of = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731  (own buffers:
+    # the train state is donated, and one buffer twice in a donated tree is an error)
     text = unstack_layers(params["text"])
     decoder = dict(params["report_decoder"])
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings", "embedding_norm"):
-        decoder[name] = text[name]
+        decoder[name] = copy_of(text[name])
     for i in range(sum(k.startswith("layers_") for k in decoder)):
         source, layer = text.get(f"layers_{i}"), dict(decoder[f"layers_{i}"])
         if source is None:
             break
-        layer.update(self_attention=source["attention"], self_attention_norm=source["attention_norm"],
-                     fc1=source["fc1"], fc2=source["fc2"], output_norm=source["output_norm"])
+        layer.update(copy_of(dict(self_attention=source["attention"], self_attention_norm=source["attention_norm"],
+                                  fc1=source["fc1"], fc2=source["fc2"], output_norm=source["output_norm"])))
         decoder[f"layers_{i}"] = layer
-    decoder.update(lm_transform=params["mlm_transform"], lm_norm=params["mlm_norm"], lm_decoder=params["mlm_decoder"],
-                   lm_bias=params["mlm_bias"])
+    decoder.update(copy_of(dict(lm_transform=params["mlm_transform"], lm_norm=params["mlm_norm"],
+                                lm_decoder=params["mlm_decoder"], lm_bias=params["mlm_bias"])))
     return dict(params, report_decoder=decoder)
