@@ -60,7 +60,9 @@ def universal_config(variant: str, backbone: str, exp: str) -> ml_collections.Co
         class_embeddings="",  # (32, 512) .npy; required for word_embedding
         norm_groups=16,  # GroupNorm(16) in precls_conv and GAP
         num_classes=32,
-        remat=False,  # recompute Swin blocks in the backward pass (memory for FLOPs; not in the original)
+        # what the backward pass recomputes (memory for FLOPs; not in the original): "none", "swin" (Swin
+        # blocks), "all" (Swin blocks + encoder/decoder residual blocks); medjax.nn.swin_unetr.REMAT_POLICIES
+        remat="none",
     ))
     c.loss = ml_collections.ConfigDict(dict(bce_weight=1.0, dice_weight=1.0, dice_smooth=1.0))
     c.eval = ml_collections.ConfigDict(dict(

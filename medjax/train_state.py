@@ -41,12 +41,11 @@ def _opt_state_specs(abstract_opt_state, param_specs, abstract_params) -> Any:
     return jax.tree_util.tree_map_with_path(spec_for, abstract_opt_state)
 
 
-def create_sharded_state(
-    init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, rng: jax.Array,
+def state_shardings(
+    init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, param_rng: jax.Array,
     mesh: Mesh, rules,
-) -> tuple[TrainState, TrainState]:
-    """(state, state_shardings); `init_params(rng)` returns boxed (logically partitioned) params."""
-    param_rng, state_rng = jax.random.split(rng)
+) -> TrainState:
+    """The train state's shardings, from abstract shapes only (jax.eval_shape of init; nothing allocated)."""
     boxed = jax.eval_shape(init_params, param_rng)
     param_specs = rules_lib.logical_to_mesh_specs(boxed, mesh, rules)
     abstract_params = nn.meta.unbox(boxed)
@@ -57,7 +56,32 @@ def create_sharded_state(
         "opt_state": _opt_state_specs(abstract_opt, param_specs, abstract_params),
         "rng": PartitionSpec(),
     }
-    shardings = rules_lib.specs_to_shardings(specs, mesh)
+    return rules_lib.specs_to_shardings(specs, mesh)
+
+
+def abstract_sharded_state(
+    init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, rng: jax.Array,
+    mesh: Mesh, rules,
+) -> tuple[TrainState, TrainState]:
+    """(state as ShapeDtypeStructs with shardings, state_shardings): what `create_sharded_state` would make,
+    for ahead-of-time lowering without allocating it (`python -m medjax.bench memory`)."""
+    param_rng, state_rng = jax.random.split(rng)
+    shardings = state_shardings(init_params, tx, param_rng, mesh, rules)
+
+    def init_state(prng):
+        params = nn.meta.unbox(init_params(prng))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": state_rng}
+
+    return abstract_state(shardings, jax.eval_shape(init_state, param_rng)), shardings
+
+
+def create_sharded_state(
+    init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, rng: jax.Array,
+    mesh: Mesh, rules,
+) -> tuple[TrainState, TrainState]:
+    """(state, state_shardings); `init_params(rng)` returns boxed (logically partitioned) params."""
+    param_rng, state_rng = jax.random.split(rng)
+    shardings = state_shardings(init_params, tx, param_rng, mesh, rules)
 
     def init_state(prng):
         params = nn.meta.unbox(init_params(prng))

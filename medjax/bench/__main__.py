@@ -4,6 +4,11 @@
   relation_mask   Pallas relation-masking attention vs its jnp reference
   dynamic_conv3d  Pallas dynamic head vs its jnp reference
   sliding_window  Universal Model CT sliding-window inference vs MONAI + PyTorch
+  vs-torch        one experiment's train step in medjax vs its PyTorch original (same weights), alternating
+  llama_step      a Llama-7B-shaped decoder's train step: FLOPs, MFU, compiled memory
+  gpu_suite       the whole GPU suite (time-capped items, JSON + markdown); --dry-run plans it anywhere
+  memory          one experiment's train-step memory plan (compile only, abstract shapes), largest buffers
+  generate        PathChat / LLaVA generation: time to first token, tokens/s (KV cache)
 """
 from __future__ import annotations
 
@@ -17,6 +22,11 @@ BENCHES = {
     "relation_mask": "medjax.bench.relation_mask",
     "dynamic_conv3d": "medjax.bench.dynamic_conv3d",
     "sliding_window": "medjax.bench.sliding_window",
+    "memory": "medjax.bench.memory",
+    "vs_torch": "medjax.bench.vs_torch",
+    "llama_step": "medjax.bench.llama_step",
+    "gpu_suite": "medjax.bench.gpu_suite",
+    "generate": "medjax.bench.generate",
 }
 
 

@@ -52,8 +52,16 @@ class CompiledMemory:
 def compiled_memory(fn: Callable[..., Any], *args: Any, **jit_kwargs: Any) -> CompiledMemory | None:
     """Memory plan of `jax.jit(fn, **jit_kwargs)` at `args` (arrays or ShapeDtypeStructs);
     None when the backend does not report one."""
-    compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
-    stats = compiled.memory_analysis()
+    return memory_of(jax.jit(fn, **jit_kwargs).lower(*args).compile())
+
+
+def memory_of(compiled: Any) -> CompiledMemory | None:
+    """The memory plan of an already compiled program (`jax.jit(f).lower(...).compile()`); None when the
+    backend does not report one."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
     if stats is None:
         return None
     if isinstance(stats, Sequence):  # some backends report one entry per device program
@@ -151,3 +159,39 @@ def comparison_cells(reference: Callable[..., Any], kernel: Callable[..., Any], 
     ker_m = ker.memory.peak_bytes if ker and ker.memory else None
     err = f"{relative_l2_error(ref.output, ker.output):.1e}" if ref and ker else "n/a"
     return [ms(ref_s), ms(ker_s), ratio(ref_s, ker_s), mib(ref_m), mib(ker_m), ratio(ref_m, ker_m), err]
+
+
+def alternating_times(runs: dict[str, Callable[[], Any]], *, warmup: int, repeats: int,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """name -> seconds of each of `repeats` timed calls. After `warmup` untimed rounds, each round calls every
+    implementation once, in the order of `runs` (a, b, a, b, ...), so drift in a shared machine's speed falls
+    on all of them alike. Every `runs` value must block until its work is done."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"medjax/bench/_timing.py alternating_times: need repeats >= 1 and warmup >= 0, "
+                         f"got {repeats}, {warmup}")
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return times
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeSummary:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> "TimeSummary":
+        if not seconds:
+            raise ValueError("medjax/bench/_timing.py TimeSummary.of: no timings")
+        return cls(statistics.median(seconds), min(seconds), max(seconds))
+
+    def describe(self) -> str:
+        return f"{self.median:.3f} ({self.min:.3f}-{self.max:.3f})"

@@ -1,4 +1,4 @@
-"""python -m medjax.bench step --exp NAME [--variant V] [--steps N] [--set k=v] [--compare k=v1,v2 ...]
+"""python -m medjax.bench step --exp NAME [--variant V] [--steps N] [--synthetic] [--set k=v] [--compare k=v1,v2 ...]
 
 Times one experiment's jitted train step on the current devices: ahead-of-time compile time,
 compiled memory (from the compiler), steps/s and examples/s, FLOPs per step and device (XLA's cost
@@ -41,8 +41,9 @@ def flops_per_step(compiled) -> float | None:
     return float(flops) if flops else None
 
 
-def measure(config, steps: int) -> dict:
-    """Compile and time `steps` train steps (after one warm-up step) of one config."""
+def measure(config, steps: int, synthetic: bool = False) -> dict:
+    """Compile and time `steps` train steps (after one warm-up step) of one config; `synthetic`: on the task's
+    `init_batch()` (zeros of the training shapes) instead of its data pipeline."""
     import jax
 
     from medjax.tasks import build_task
@@ -51,9 +52,13 @@ def measure(config, steps: int) -> dict:
     task = build_task(config, log=lambda *_: None)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, task, workdir)
-        iterator = iter(task.train_data())
-        batches = [global_batch(next(iterator), trainer.batch_sharding, trainer.process_count)
-                   for _ in range(min(steps + 1, 4))]
+        if synthetic:
+            local = {k: v[:v.shape[0] // trainer.process_count] for k, v in task.init_batch().items()}
+            batches = [global_batch(local, trainer.batch_sharding, trainer.process_count)]
+        else:
+            iterator = iter(task.train_data())
+            batches = [global_batch(next(iterator), trainer.batch_sharding, trainer.process_count)
+                       for _ in range(min(steps + 1, 4))]
         compiled, compile_s, memory = trainer.compile(batches[0])
         state = trainer.state
         with jax.set_mesh(trainer.mesh):
@@ -75,7 +80,7 @@ def work_unit(task) -> tuple[str, int] | None:
     return None if work is None else (work[1], int(work[0]))
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medjax.bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", required=True)
@@ -86,9 +91,16 @@ def main(argv=None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--compare", action="append", default=[], metavar="KEY=V1,V2",
                    help="one row per value (repeatable: every combination), e.g. dtype=float32,bfloat16")
+    p.add_argument("--synthetic", action="store_true",
+                   help="time the step on the task's init_batch() (zeros of the training shapes): no data files "
+                        "are read (the GPU suite); input files the task needs at build time get placeholders")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s of one device for MFU (default: the table for known GPUs/TPUs)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
     from medjax.parallel import multihost
 
     multihost.initialize()  # several processes (e.g. under launch/*.sh) time one global step together
@@ -110,9 +122,16 @@ def main(argv=None) -> None:
           "| tokens or voxels/s | GFLOP/step/device | MFU | arg+temp MiB | peak RSS MiB |")
     say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     memories = []
+    placeholders = tempfile.TemporaryDirectory()
     for setting in settings_to_compare(args.compare):
         config = config_lib.get_config(args.exp, args.variant, overrides + setting)
-        result = measure(config, args.steps)
+        if args.synthetic:
+            from medjax.bench.memory import placeholder_overrides
+
+            config = config_lib.get_config(args.exp, args.variant, overrides + setting + [
+                o for o in placeholder_overrides(config, placeholders.name)
+                if not any(g.startswith(o.split("=")[0] + "=") for g in overrides + setting)])
+        result = measure(config, args.steps, synthetic=args.synthetic)
         seconds, flops, memory = result["step_s"], result["flops"], result["memory"]
         peak = args.peak_tflops * 1e12 if args.peak_tflops else peaks.peak_flops(device.device_kind, config.dtype)
         utilisation = peaks.mfu(flops, seconds, peak) if flops else None
@@ -131,3 +150,4 @@ def main(argv=None) -> None:
         memories.append((" ".join(setting) or "-", describe_memory(memory)))
     for setting, text in memories:
         say(f"{setting}: {text}")
+    placeholders.cleanup()

@@ -4,6 +4,7 @@
     python -m medjax.convert uni --torch UNI/pytorch_model.bin --out params/          (UNI or UNI2-h)
     python -m medjax.convert dinov2 --torch teacher_checkpoint.pth --out params/      (a DINOv2 training run)
     python -m medjax.convert export-timm --params runs/uni_vitl16-full --out backbone.safetensors   (-> timm keys)
+    python -m medjax.convert visd --torch checkpoint.pth --vqvae checkpoint_vqvae.pth --out params/
     python -m medjax.convert hf --path clip-vit-base-patch32/ --out params/ [--tower text]
     python -m medjax.convert embed-classes --clip CLIP_DIR --out class_embeddings.npy
 
@@ -104,6 +105,13 @@ def _export_timm(args) -> int:
     return 0
 
 
+def _visd(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import visd
+
+    params, report = visd.load_with_report(args.torch, args.vqvae)
+    return params, report, " (the visd task's tree: model, batch_stats, codebook)"
+
+
 def _hf(args) -> tuple[dict, KeyReport, str]:
     from medjax.convert import hf
 
@@ -168,6 +176,11 @@ def main(argv=None) -> int:
     p.add_argument("--trust-pickle", action="store_true",
                    help="torch.load(weights_only=False): only for files from a trusted source")
     p.set_defaults(run=_ptunifier)
+    p = sub.add_parser("visd", help="the released ViSD-Boost checkpoint.pth (+ checkpoint_vqvae.pth)")
+    p.add_argument("--torch", required=True, help="checkpoint.pth ({'model': state_dict})")
+    p.add_argument("--vqvae", default=None, help="checkpoint_vqvae.pth, loaded first as the original's eval.py does")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_visd)
     p = sub.add_parser("hf", help="a local Hugging Face CLIP / BERT / RoBERTa directory")
     p.add_argument("--path", required=True, help="directory with config.json and the weights")
     p.add_argument("--out", required=True)

@@ -161,7 +161,7 @@ class UniversalModel(nn.Module):
         return nn.with_logical_constraint(logits, ("batch", None, None, None, None))
 
 
-def make_backbone(name: str, *, feature_size: int = 48, legacy_merging: bool = True, remat: bool = False,
+def make_backbone(name: str, *, feature_size: int = 48, legacy_merging: bool = True, remat: bool | str = False,
                   dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Module:
     """The backbone module for `name` ("swinunetr": Swin UNETR at `feature_size`; "unet": UNet3D)."""
     if name == "swinunetr":
@@ -176,6 +176,13 @@ def make_backbone(name: str, *, feature_size: int = 48, legacy_merging: bool = T
     raise ValueError(f"{_WHERE} make_backbone: backbone must be one of {BACKBONES}, got {name!r}")
 
 
+def _remat(value: Any) -> bool | str:
+    """model.remat: a bool or a policy name of `medjax.nn.swin_unetr.REMAT_POLICIES` ("none", "swin", "all")."""
+    from medjax.nn.swin_unetr import remat_policy
+
+    return remat_policy(value if isinstance(value, bool) else str(value), f"{_WHERE} universal_from_config model.remat")
+
+
 def universal_from_config(model_cfg: Any) -> UniversalModel:
     """A UniversalModel from an experiment's `model` block: backbone, feature_size, legacy_merging, remat,
     encoding, norm_groups, num_classes, dtype, kernel_impl (`param_dtype` float32); other keys (e.g.
@@ -186,7 +193,7 @@ def universal_from_config(model_cfg: Any) -> UniversalModel:
     dtype = parse_dtype(cfg.get("dtype", "float32"), f"{_WHERE} universal_from_config model.dtype")
     backbone = make_backbone(cfg.get("backbone", "swinunetr"), feature_size=int(cfg.get("feature_size", 48)),
                              legacy_merging=bool(cfg.get("legacy_merging", True)),
-                             remat=bool(cfg.get("remat", False)), dtype=dtype)
+                             remat=_remat(cfg.get("remat", False)), dtype=dtype)
     return UniversalModel(backbone=backbone, num_classes=int(cfg.get("num_classes", NUM_CLASSES)),
                           encoding=cfg.get("encoding", "word_embedding"), norm_groups=int(cfg.get("norm_groups", 16)),
                           kernel_impl=cfg.get("kernel_impl", "auto"), dtype=dtype)

@@ -130,6 +130,21 @@ def check_volume(x: jax.Array, multiple: int, where: str) -> None:
                          f"along every axis (pad or crop the volume, e.g. sliding windows of 96^3)")
 
 
+REMAT_POLICIES = {
+    "none": "keep every activation (False)",
+    "swin": "recompute each Swin block in the backward pass (True)",
+    "all": "recompute each Swin block and each encoder / decoder residual block (their inputs are kept)",
+}
+
+
+def remat_policy(remat: bool | str, where: str) -> str:
+    """`remat` as a REMAT_POLICIES name (False -> "none", True -> "swin"); a clear error for other values."""
+    policy = {False: "none", True: "swin"}.get(remat, remat) if isinstance(remat, bool) else str(remat)
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"{where}: remat={remat!r}; choose one of {sorted(REMAT_POLICIES)} (or False / True)")
+    return policy
+
+
 class SwinUNETRBackbone(nn.Module):
     """Swin UNETR without the final 1x1x1 conv: x (batch, X, Y, Z, C) -> (dec4, out) with dec4 (batch, X/32,
     Y/32, Z/32, 16F) and out (batch, X, Y, Z, F), F = feature_size (module docstring)."""
@@ -140,7 +155,7 @@ class SwinUNETRBackbone(nn.Module):
     window_size: int = 7
     legacy_merging: bool = True  # MONAI 0.9 PatchMerging order (the released Universal Model weights)
     mlp_ratio: float = 4.0
-    remat: bool = False  # recompute each Swin block's activations in the backward pass
+    remat: bool | str = False  # REMAT_POLICIES: what the backward pass recomputes instead of keeping
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -149,23 +164,26 @@ class SwinUNETRBackbone(nn.Module):
         del train  # no dropout / stochastic depth (module docstring of medjax.nn.swin)
         where = f"{_WHERE} SwinUNETRBackbone"
         check_volume(x, 32, where)
+        policy = remat_policy(self.remat, where)
+        basic, up = (nn.remat(UnetrBasicBlock), nn.remat(UnetrUpBlock)) if policy == "all" else (
+            UnetrBasicBlock, UnetrUpBlock)
         if len(self.depths) != 4 or len(self.num_heads) != 4:
             raise ValueError(f"{where}: Swin UNETR has 4 stages; got depths={tuple(self.depths)}, "
                              f"num_heads={tuple(self.num_heads)}")
         f, kinds = self.feature_size, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.with_logical_constraint(x.astype(self.dtype), VOLUME)
         hidden = SwinViT(f, tuple(self.depths), tuple(self.num_heads), (self.window_size,) * 3, 2, self.legacy_merging,
-                         self.mlp_ratio, self.remat, name="swinViT", **kinds)(x)
-        enc0 = UnetrBasicBlock(f, name="encoder1", **kinds)(x)
-        enc1 = UnetrBasicBlock(f, name="encoder2", **kinds)(hidden[0])
-        enc2 = UnetrBasicBlock(2 * f, name="encoder3", **kinds)(hidden[1])
-        enc3 = UnetrBasicBlock(4 * f, name="encoder4", **kinds)(hidden[2])
-        dec4 = UnetrBasicBlock(16 * f, name="encoder10", **kinds)(hidden[4])
-        dec3 = UnetrUpBlock(8 * f, name="decoder5", **kinds)(dec4, hidden[3])
-        dec2 = UnetrUpBlock(4 * f, name="decoder4", **kinds)(dec3, enc3)
-        dec1 = UnetrUpBlock(2 * f, name="decoder3", **kinds)(dec2, enc2)
-        dec0 = UnetrUpBlock(f, name="decoder2", **kinds)(dec1, enc1)
-        out = UnetrUpBlock(f, name="decoder1", **kinds)(dec0, enc0)
+                         self.mlp_ratio, policy != "none", name="swinViT", **kinds)(x)
+        enc0 = basic(f, name="encoder1", **kinds)(x)
+        enc1 = basic(f, name="encoder2", **kinds)(hidden[0])
+        enc2 = basic(2 * f, name="encoder3", **kinds)(hidden[1])
+        enc3 = basic(4 * f, name="encoder4", **kinds)(hidden[2])
+        dec4 = basic(16 * f, name="encoder10", **kinds)(hidden[4])
+        dec3 = up(8 * f, name="decoder5", **kinds)(dec4, hidden[3])
+        dec2 = up(4 * f, name="decoder4", **kinds)(dec3, enc3)
+        dec1 = up(2 * f, name="decoder3", **kinds)(dec2, enc2)
+        dec0 = up(f, name="decoder2", **kinds)(dec1, enc1)
+        out = up(f, name="decoder1", **kinds)(dec0, enc0)
         return nn.with_logical_constraint(dec4, VOLUME), nn.with_logical_constraint(out, VOLUME)
 
 
@@ -179,7 +197,7 @@ class SwinUNETR(nn.Module):
     num_heads: Sequence[int] = (3, 6, 12, 24)
     window_size: int = 7
     legacy_merging: bool = False  # plain MONAI >= 1.5 models use the fixed order
-    remat: bool = False
+    remat: bool | str = False  # REMAT_POLICIES
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -301,11 +301,15 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, x_kv: jax.Array | None = None, *, mask: jax.Array | None = None,
-                 train: bool = False, drop_path_rate: jax.Array | float | None = None) -> jax.Array:
+                 train: bool = False, drop_path_rate: jax.Array | float | None = None,
+                 relation_mask_ratio: float | None = None) -> jax.Array:
+        """`relation_mask_ratio` (static): this call's MRM ratio instead of the field's, same params (MRM's
+        masking inside an encoder's own layers, `medjax.models.mrm.MRM.mask_layers`)."""
         x = nn.with_logical_constraint(x, TOKENS)
         norm = lambda i: layer_norm(  # noqa: E731
             self.dtype, self.param_dtype, self.norm_names[i], eps=self.layer_norm_eps)
-        attention = MultiHeadAttention(self.num_heads, relation_mask_ratio=self.relation_mask_ratio,
+        ratio = self.relation_mask_ratio if relation_mask_ratio is None else float(relation_mask_ratio)
+        attention = MultiHeadAttention(self.num_heads, relation_mask_ratio=ratio,
                                        kernel_impl=self.kernel_impl, dropout_rate=self.attention_dropout,
                                        fused=self.fused_attention, sow_query_logits=self.sow_query_logits,
                                        dtype=self.dtype, param_dtype=self.param_dtype, name=self.attention_name)
@@ -382,15 +386,16 @@ class _StackBlock(TransformerBlock):
     """A block of a stack: (x, drop_path_rate, mask, train, collect) -> (x, x if collect), the shape nn.scan
     needs (carry, per-layer input) -> (carry, per-layer output); `train`/`collect` are static."""
 
-    def __call__(self, x, drop_path_rate, mask, train, collect):  # type: ignore[override]
-        x = super().__call__(x, mask=mask, train=train, drop_path_rate=drop_path_rate)
+    def __call__(self, x, drop_path_rate, mask, train, collect, relation_mask_ratio=None):  # type: ignore[override]
+        x = super().__call__(x, mask=mask, train=train, drop_path_rate=drop_path_rate,
+                             relation_mask_ratio=relation_mask_ratio)
         return x, (x if collect else None)
 
 
 def _remat(cls, policy: str, *, prevent_cse: bool):
     if policy == "none":
         return cls
-    return nn.remat(cls, static_argnums=(4, 5), policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
+    return nn.remat(cls, static_argnums=(4, 5, 6), policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, **block_fields):
@@ -411,16 +416,25 @@ def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, *
 
 
 def run_stack(blocks, x: jax.Array, rates: Sequence[float], *, mask: jax.Array | None = None, train: bool = False,
-              collect: bool = False) -> tuple[jax.Array, jax.Array | None]:
+              collect: bool = False, relation_mask_ratios: Sequence[float] | None = None
+              ) -> tuple[jax.Array, jax.Array | None]:
     """x through a `block_stack`; also every block's output stacked (depth, ...) when `collect`. A scanned
     stack with a non-uniform drop-path schedule gets the rates as its scanned input (so no per-layer value
-    forces the unrolled path)."""
+    forces the unrolled path). `relation_mask_ratios`: a per-layer MRM ratio for this pass (unrolled stacks
+    only: a scanned stack runs one program for every layer)."""
     if isinstance(blocks, (list, tuple)):
+        ratios = [None] * len(blocks) if relation_mask_ratios is None else list(relation_mask_ratios)
+        if len(ratios) != len(blocks):
+            raise ValueError(f"medjax/nn/transformer.py run_stack: {len(ratios)} relation_mask_ratios for "
+                             f"{len(blocks)} layers")
         outputs = []
-        for block in blocks:
-            x, _ = block(x, None, mask, train, False)
+        for block, ratio in zip(blocks, ratios):
+            x, _ = block(x, None, mask, train, False, ratio)
             outputs.append(x)
         return x, (jnp.stack(outputs) if collect and outputs else None)
+    if relation_mask_ratios is not None and any(relation_mask_ratios):
+        raise ValueError("medjax/nn/transformer.py run_stack: per-layer relation masking needs an unrolled stack "
+                         "(scan=False; e.g. model.scan=false with MRM's model.mask_layers)")
     uniform = len(set(float(r) for r in rates)) <= 1
     per_layer = None if uniform else jnp.asarray(np.asarray(rates, np.float32))
     return blocks(x, per_layer, mask, train, collect)

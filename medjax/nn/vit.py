@@ -331,6 +331,21 @@ class ViTEncoder(nn.Module):
         tokens, _ = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train)
         return self.norm(tokens)
 
+    def encode_relation_masked(self, tokens: jax.Array, ratio: float, layers, *, train: bool = False) -> jax.Array:
+        """`encode` with MRM's relation masking (ratio `ratio`) in the attention of the blocks `layers` (0-based),
+        with the same params as the plain pass (MRM's `mask_layers` placement; unrolled blocks only)."""
+        layers = sorted(set(int(i) for i in layers))
+        if layers and not 0 <= layers[0] <= layers[-1] < self.depth:
+            raise ValueError(f"medjax/nn/vit.py ViTEncoder.encode_relation_masked: layers {layers} outside "
+                             f"0..{self.depth - 1}")
+        if self.scanned:
+            raise ValueError("medjax/nn/vit.py ViTEncoder.encode_relation_masked: relation masking in chosen layers "
+                             "needs unrolled blocks (set model.scan=false)")
+        ratios = [float(ratio) if i in layers else 0.0 for i in range(self.depth)]
+        tokens, _ = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train,
+                                          relation_mask_ratios=ratios)
+        return self.norm(tokens)
+
     def hidden_states(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
         """Every block's output on embedded tokens, stacked (depth, batch, tokens, width), before the final
         norm (the scan's per-layer outputs when scanned; nothing falls back to the unrolled path)."""

@@ -71,10 +71,19 @@ def test_taps_accumulate_in_float32_for_bfloat16():
 
 
 def _conv_dims(fn, *args):
-    """Spatial ranks of the convolutions in fn's jaxpr."""
-    jaxpr = jax.make_jaxpr(fn)(*args)
-    return [len(e.params["dimension_numbers"].lhs_spec) - 2 for e in jaxpr.eqns
-            if e.primitive.name == "conv_general_dilated"]
+    """Spatial ranks of the convolutions in fn's jaxpr (and its sub-jaxprs, e.g. the rewrites' custom_vjp)."""
+    from jax.extend import core as jex_core
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "conv_general_dilated":
+                yield len(e.params["dimension_numbers"].lhs_spec) - 2
+            for value in e.params.values():
+                sub = getattr(value, "jaxpr", value)
+                if isinstance(sub, jex_core.Jaxpr):
+                    yield from walk(sub)
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 def test_flax_conv_takes_a_rewrite_only_where_it_applies(monkeypatch):
@@ -120,3 +129,28 @@ def test_other_layouts_pass_through(layout, monkeypatch):
     kernel = jnp.zeros((4, 4, 3, 3, 3))
     assert _conv_dims(lambda x: volume_conv_general_dilated(x, kernel, (1, 1, 1), ((1, 1),) * 3,
                                                             dimension_numbers=layout), x) == [3]
+
+
+@pytest.mark.parametrize("channels", [8, 2])  # Winograd, and the 27-tap loop (few input channels)
+def test_dispatcher_gradient_is_the_lax_convolutions(channels):
+    """volume_conv_general_dilated's custom_vjp (dx by the flipped-kernel convolution, dkernel by the rewrite's
+    kernel transpose) gives lax's gradients at a size that takes a rewrite."""
+    shape = (1, 13, 12, 12, channels)
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], shape)
+    kernel = jax.random.normal(keys[1], (3, 3, 3, channels, 5)) / np.sqrt(27 * channels)
+    cotangent = jax.random.normal(keys[2], shape[:-1] + (5,))
+    assert cpu_rewrite(x, kernel, (1, 1, 1), ((1, 1),) * 3, None, None, DN, 1, 1) is not None
+
+    def ours(x, k):
+        return volume_conv_general_dilated(x, k, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=DN)
+
+    def value_and_grads(fn):
+        out, pullback = jax.vjp(fn, x, kernel)
+        return out, pullback(cotangent)
+
+    ref, (ref_dx, ref_dk) = jax.jit(lambda: value_and_grads(_lax_conv))()
+    out, (dx, dk) = jax.jit(lambda: value_and_grads(ours))()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(dk, ref_dk, rtol=1e-5, atol=2e-4)
