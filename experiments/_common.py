@@ -20,7 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         stop_at=0,  # stop (with a checkpoint) at this step, schedule still spanning `steps`; 0 = run to `steps`
         eval_batch_size=64,
-        eval_every=0,  # > 0: run the task's evaluation every this many steps and log its metrics (eval/...)
+        eval_every=0,  # > 0: run the task's validation every this many steps (and at the end), logged as val/...
+        # the best-validation checkpoint (<workdir>/best, medjax.best_checkpoint; evaluate reads it): a metric of
+        # the task's validation ("" = the task's declared one, if any) and "max" | "min" ("" = the task's, or max)
+        select_metric="",
+        select_mode="",
     ))
     # medjax.optim's one schema for every family (its module doc says what each key does).
     c.optim = ml_collections.ConfigDict(dict(

@@ -35,6 +35,7 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
         image_size=336, patch_size=14, vision_width=1024, vision_feature_depth=23, vision_heads=16,
         vision_mlp_dim=4096,  # CLIP ViT-L/14-336 up to its penultimate layer
         projector="attention_pool", num_queries=128,  # PathChat's projector; 128 queries is our choice
+        freeze_vision=True,  # no gradient reaches the vision tower (LLaVA, PathChat keep it frozen)
         vocab_size=32000, width=5120, depth=40, num_heads=40, num_kv_heads=0, mlp_dim=13824,  # Llama 2 13B
         rms_norm_eps=1e-5, rope_theta=10000.0,
         scan=True, remat="full",  # one scanned 40-layer stack, recomputed in the backward pass

@@ -28,7 +28,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         demo_subdir="aptos",
         label_fraction=1.0,  # 0.01 / 0.1 / 1.0 in the paper's table
         label_seed=42,
-        train_split="train", eval_split="test",
+        train_split="train", val_split="val", eval_split="test",  # val: train.eval_every / the best checkpoint
         rotation=0.0, hflip=True,  # ContIG's APTOS loader: horizontal flip only
     ))
     enc = pretrain.model

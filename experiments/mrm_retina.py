@@ -46,6 +46,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         decoder_width=512, decoder_depth=8, decoder_heads=16, genome_decoder_depth=2,
         # Relation masking ratios tau and the weight lambda: not given in the paper; our choice.
         tau_image=0.5, tau_genome=0.5, tau_cross=0.5, lam=1.0,
+        # Where self-modality masking sits (medjax/models/mrm.py): [] = one extra block on the embeddings (our
+        # choice: the encoder's own layers stay plain attention); [i, ...] = inside the image encoder's attention
+        # layers i (needs scan=false). relation_output "literal": the paper's z^S = R^M V, no residual / MLP.
+        mask_layers=[], relation_output="block",
         norm_pix_loss=True,  # MAE's per-patch normalised pixel target
         remat="none",  # image encoder blocks: "none" | "full" | "dots_saveable" (recompute in backward)
         scan=None,  # nn.scan the image encoder's blocks; None: when depth >= 12 (params under blocks/)

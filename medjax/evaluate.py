@@ -1,8 +1,10 @@
-"""python -m medjax.evaluate --exp NAME --checkpoint DIR [DIR ...] [--variant V] [--data DIR] [--set k=v]
+"""python -m medjax.evaluate --exp NAME --checkpoint DIR [DIR ...] [--latest] [--variant V] [--data DIR] [--set k=v]
 
 Loads each checkpoint's params, runs the task's evaluation and prints the metrics as a markdown
 table laid out like the paper's (one column group per checkpoint, labelled by the task's `column_label`),
-writing CSV and JSON beside it.
+writing CSV and JSON beside it. A training workdir holding a best-validation checkpoint (`DIR/best`,
+medjax.best_checkpoint: `train.eval_every` + `train.select_metric`) is evaluated at it; `--latest` takes the
+newest training checkpoint instead.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, help="config variant; default: the one saved in the workdir's config.json")
     p.add_argument("--data", default=None, help="dataset directory (sets data.dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--latest", action="store_true",
+                   help="evaluate a workdir's newest training checkpoint, not its best-validation one (DIR/best)")
     p.add_argument("--out", default=None, help="where to write results.{md,csv,json}; default: the first checkpoint dir")
     return p
 
@@ -33,6 +37,20 @@ def saved_config(workdir: str) -> dict:
         with open(path) as f:
             return json.load(f)
     return {}
+
+
+def checkpoint_to_evaluate(path: str, latest: bool = False, log=print) -> str:
+    """`path/best` (the best-validation checkpoint) when `path` is a workdir that has one and not `latest`,
+    else `path` (medjax.checkpoint.params_dir then takes its newest step that verifies)."""
+    from medjax import best_checkpoint
+
+    best = None if latest else best_checkpoint.best_dir(path)
+    if best is None:
+        return path
+    record = best_checkpoint.read_best(best)
+    log(f"evaluating the best-validation checkpoint {best} ({best_checkpoint.VALIDATION_PREFIX}{record['metric']}="
+        f"{record['value']:.6g}, {record['mode']}, step {record['step']}; --latest for the newest checkpoint)")
+    return best
 
 
 def restore_checked(path: str, config, task):
@@ -65,6 +83,7 @@ def main(argv=None) -> int:
     from medjax import config as config_lib
     from medjax import provenance
     from medjax.tasks import build_task
+    from medjax.tasks.base import RunSettings
 
     columns = []
     for path in args.checkpoint:
@@ -74,9 +93,9 @@ def main(argv=None) -> int:
         if not args.data and saved.get("data", {}).get("dir"):
             overrides.append(f"data.dir={saved['data']['dir']}")
         config = config_lib.get_config(args.exp, variant, overrides)  # a ConfigError: one line, exit 2 (medjax.cli)
-        task = build_task(config)
+        task = build_task(config, run=RunSettings.from_config(config, results_dir=args.out or path))
         try:
-            directory, record, params = restore_checked(path, config, task)
+            directory, record, params = restore_checked(checkpoint_to_evaluate(path, args.latest), config, task)
             try:
                 results = task.evaluate(params)
             except flax.errors.FlaxError as err:  # converted or unrecorded params that do not fit the model

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medjax import best_checkpoint as best_lib
 from medjax import checkpoint as checkpoint_lib
 from medjax.config import ConfigError
 from medjax.data.pipelines.bad_examples import SKIPPED_KEY
@@ -96,6 +97,9 @@ def validate_run_config(config) -> None:
     for key in ("stop_at", "eval_every"):
         if int(train.get(key, 0)) < 0:
             raise ConfigError(f"config train.{key}={train[key]}: expected an integer >= 0 (0 = off)")
+    if str(train.get("select_mode", "") or "") not in ("",) + best_lib.MODES:
+        raise ConfigError(f"config train.select_mode={train.select_mode!r}: expected one of {', '.join(best_lib.MODES)} "
+                          "(or '' for the task's)")
     lr = float(config.optim.lr)
     if not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"config optim.lr={config.optim.lr}: expected a finite learning rate > 0")
@@ -124,6 +128,7 @@ class Trainer:
         self.checkpointer = checkpoint_lib.Checkpointer(
             self.workdir, interval=int(train.checkpoint_every), keep=int(train.keep_checkpoints),
             provenance=provenance_lib.run_record(config))
+        self.selection = best_lib.selection(config, task)  # (metric, mode) of the best-validation checkpoint, or None
         step_fn = make_train_step(task, self.tx, self.schedule, int(train.grad_accum))
         replicated = mesh_lib.replicated(self.mesh)
         self.train_step = jax.jit(
@@ -217,6 +222,10 @@ class Trainer:
                 f.write(config.to_json_best_effort(indent=2))
         data_iterator = iter(self.task.train_data())
         writer.log(self.restore_or_init(data_iterator))
+        best = None
+        if self.selection is not None:  # after the restore: its value survives a restart (medjax.best_checkpoint)
+            best = best_lib.BestCheckpoint(self.workdir, *self.selection, provenance=self.checkpointer.provenance,
+                                           log=writer.log)
         step = int(jax.device_get(self.state["step"]))
         writer.resume_from(step)  # drop metrics rows a previous run logged past the restored step
         if step >= min(stop_at, total_steps):
@@ -260,9 +269,11 @@ class Trainer:
                         interval_start, interval_examples, interval_skipped = time.perf_counter(), 0, 0.0
                 if saving:
                     self.checkpointer.save(step, self.state, data_iterator, force=final)
-                if eval_every and step % eval_every == 0:
-                    results = self.task.evaluate(self.state["params"])
-                    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+                if eval_every and (step % eval_every == 0 or (final and best is not None)):
+                    results = self.task.validate(self.state["params"])
+                    writer.write(step, {f"{best_lib.VALIDATION_PREFIX}{k}": v for k, v in results.items()})
+                    if best is not None:
+                        best.update(step, results, self.state["params"])
                 if self._stop_requested(agree=sync):
                     if pending:
                         losses.extend(v["loss"] for v in self._check_finite(pending))

@@ -9,6 +9,10 @@ def make_test_demo(kind: str, out: str) -> str:
 
         make_fundus_genome_demo(out, participants=24, image_size=48, num_snps=200, seed=0)
         return out
+    if kind == "fundus_transfer":
+        from medjax.data.demo.fundus_transfer import make_fundus_transfer_demo
+
+        return make_fundus_transfer_demo(out, rfmid_images=(16, 8, 8), palm_images=30, image_size=48)
     if kind == "ct":
         from medjax.data.demo.ct import make_ct_demo
 
@@ -47,16 +51,18 @@ def tiny_data_overrides(config, root, tmp_dir: str) -> list[str]:
     task = config.task
     if task in ("mrm", "mrm_mae", "fundus_classification"):
         return [f"data.dir={os.path.join(root('fundus_genome'), config.data.get('demo_subdir', '') or '')}"]
+    if task in ("fundus_multilabel", "fundus_segmentation"):
+        return [f"data.dir={os.path.join(root('fundus_transfer'), config.data.demo_subdir)}"]
     if task == "universal":
         return [f"data.dir={root('ct')}", f"data.cache_dir={os.path.join(tmp_dir, 'ct_cache')}"]
     if task == "uni_pretrain":
         return [f"data.dir={root('wsi')}"]
-    if task in ("ptunifier", "ptunifier_vqa", "ptunifier_classification", "ptunifier_retrieval", "ptunifier_nli"):
+    if task == "ptunifier" or task.startswith("ptunifier_"):  # the fine-tuning tasks read the same demo
         return [f"data.dir={root('image_report')}"]
     if task == "unimedi":
         return [f"data.dir={root('xray_ct_reports')}"]
     if task == "pathchat":
         return [f"data.dir={root('pathology_chat')}"]
-    if task == "fvlm":
+    if task in ("fvlm", "visd"):
         return [f"data.dir={root('ct_reports')}"]
     raise ValueError(f"tests/conftest.py: no test data for task {task!r}; add it to tiny_data_overrides")

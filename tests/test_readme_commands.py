@@ -46,7 +46,7 @@ COMMANDS = readme_commands()
 def test_the_readme_lists_the_commands_a_user_runs():
     modules = {m for m, _ in COMMANDS}
     assert {"medjax.train", "medjax.evaluate", "medjax.predict", "medjax.convert", "medjax.data",
-            "medjax.bench"} <= modules
+            "medjax.bench", "medjax.generate"} <= modules
     fine_tune = [a for m, a in COMMANDS if m == "medjax.train" and "mrm_aptos" in a and "data.label_fraction=0.1" in a]
     assert fine_tune and "--variant" in fine_tune[0]
     assert any(m == "medjax.predict" and "runs/universal_swin-demo" in a for m, a in COMMANDS)  # a demo predict
@@ -85,6 +85,13 @@ def test_readme_command_parses_and_builds_its_config(module, argv):
         # the variant evaluate / predict read from a training workdir's config.json: the README's runs/<exp>-demo
         variant = args.variant or ("demo" if any(w.rstrip("/").endswith("-demo") for w in where) else None)
         config_lib.get_config(args.exp, variant, _overrides(args))
+    elif module == "medjax.generate":
+        from medjax import generate
+
+        args = generate.build_parser().parse_args(argv)
+        config = config_lib.get_config(args.exp, "demo" if args.params.rstrip("/").endswith("-demo") else None,
+                                       list(args.overrides))
+        assert config.task == "pathchat"
     elif module == "medjax.data":
         from medjax.data.__main__ import build_parser
 

@@ -8,6 +8,7 @@
   llama_step      a Llama-7B-shaped decoder's train step: FLOPs, MFU, compiled memory
   gpu_suite       the whole GPU suite (time-capped items, JSON + markdown); --dry-run plans it anywhere
   memory          one experiment's train-step memory plan (compile only, abstract shapes), largest buffers
+  generate        PathChat / LLaVA generation: time to first token, tokens/s (KV cache)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ BENCHES = {
     "vs_torch": "medjax.bench.vs_torch",
     "llama_step": "medjax.bench.llama_step",
     "gpu_suite": "medjax.bench.gpu_suite",
+    "generate": "medjax.bench.generate",
 }
 
 

@@ -1,7 +1,10 @@
 """PyTorch / Hugging Face weights -> medjax params, one CLI for every converter.
 
     python -m medjax.convert universal --torch clip_driven_universal_swin_unetr.pth --out params/ [--backbone unet]
-    python -m medjax.convert uni --torch UNI/pytorch_model.bin --out params/
+    python -m medjax.convert uni --torch UNI/pytorch_model.bin --out params/          (UNI or UNI2-h)
+    python -m medjax.convert dinov2 --torch teacher_checkpoint.pth --out params/      (a DINOv2 training run)
+    python -m medjax.convert export-timm --params runs/uni_vitl16-full --out backbone.safetensors   (-> timm keys)
+    python -m medjax.convert visd --torch checkpoint.pth --vqvae checkpoint_vqvae.pth --out params/
     python -m medjax.convert hf --path clip-vit-base-patch32/ --out params/ [--tower text]
     python -m medjax.convert embed-classes --clip CLIP_DIR --out class_embeddings.npy
 
@@ -78,6 +81,37 @@ def _uni(args) -> tuple[dict, KeyReport, str]:
     return variables["params"], report, ""
 
 
+def _dinov2(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import dinov2
+
+    model, variables, report = dinov2.load_with_report(args.torch)
+    heads = [name for name in ("dino_head", "ibot_head") if name in variables["params"]]
+    return variables["params"], report, (f" (encoder width {model.width}, depth {model.depth}, "
+                                         f"{model.num_register_tokens} registers; heads: {', '.join(heads) or 'none'})")
+
+
+def _export_timm(args) -> int:
+    """A trained backbone -> timm keys (medjax.convert.export_timm)."""
+    from medjax.convert import export_timm
+
+    try:
+        kwargs = export_timm.export(args.params, args.out)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(error_line(error), file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    print(f"wrote {args.out} (timm VisionTransformer state dict) and {args.out}.timm.json\n"
+          f"timm.create_model('vit_large_patch16_224', pretrained=False, {shown})")
+    return 0
+
+
+def _visd(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import visd
+
+    params, report = visd.load_with_report(args.torch, args.vqvae)
+    return params, report, " (the visd task's tree: model, batch_stats, codebook)"
+
+
 def _hf(args) -> tuple[dict, KeyReport, str]:
     from medjax.convert import hf
 
@@ -128,6 +162,13 @@ def main(argv=None) -> int:
     p.add_argument("--torch", required=True, help="pytorch_model.bin, .safetensors or a directory holding one")
     p.add_argument("--out", required=True)
     p.set_defaults(run=_uni)
+    p = sub.add_parser("dinov2", help="a DINOv2 training checkpoint (teacher_checkpoint.pth, model_*.pth, hub backbone)")
+    p.add_argument("--torch", required=True, help="teacher_checkpoint.pth ({'teacher': ...}), model_final.pth or a backbone")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_dinov2)
+    p = sub.add_parser("export-timm", help="a trained UNI / DINOv2 backbone -> a timm VisionTransformer state dict")
+    p.add_argument("--params", required=True, help="a uni_pretrain workdir / checkpoint (teacher) or converted params")
+    p.add_argument("--out", required=True, help="output .safetensors (or .bin / .pth with torch)")
     p = sub.add_parser("ptunifier", help="the released PTUnifier Lightning checkpoint (.ckpt)")
     p.add_argument("--torch", required=True, help="the .ckpt (or a plain state dict)")
     p.add_argument("--out", required=True)
@@ -135,6 +176,11 @@ def main(argv=None) -> int:
     p.add_argument("--trust-pickle", action="store_true",
                    help="torch.load(weights_only=False): only for files from a trusted source")
     p.set_defaults(run=_ptunifier)
+    p = sub.add_parser("visd", help="the released ViSD-Boost checkpoint.pth (+ checkpoint_vqvae.pth)")
+    p.add_argument("--torch", required=True, help="checkpoint.pth ({'model': state_dict})")
+    p.add_argument("--vqvae", default=None, help="checkpoint_vqvae.pth, loaded first as the original's eval.py does")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_visd)
     p = sub.add_parser("hf", help="a local Hugging Face CLIP / BERT / RoBERTa directory")
     p.add_argument("--path", required=True, help="directory with config.json and the weights")
     p.add_argument("--out", required=True)
@@ -146,6 +192,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.kind == "embed-classes":
         return _embed_classes(args)
+    if args.kind == "export-timm":
+        return _export_timm(args)
 
     source = getattr(args, "torch", None) or args.path
     try:

@@ -8,12 +8,14 @@ The state dict's key names are the LightningModule's: `vision_encoder.visual.*` 
 `attn.in_proj_weight`), `language_encoder.*` (HF RobertaModel), `multi_modal_{language,vision}_proj`,
 `modality_type_embeddings`, `multi_modal_{language,vision}_layers.{i}` (METER BertCrossLayer),
 `multi_modal_{language,vision}_pooler`, `mlm_head`, `itm_head`, `itc_head`, `pseudo_vision_token_pool`,
-`pseudo_language_token_pool`. The model's shape-defined fields (widths, depths, vocabulary, positions,
+`pseudo_language_token_pool`, and a fine-tuned checkpoint's head: `vqa_head` / `cls_head` / `mlc_head`
+(-> PTUnifierFinetune's task_head), `irtr_head` (-> the ITM head's "matched" row, which retrieval scores
+with), `clm_proj` + `clm_head` (-> PTUnifierReportGen's decoder). The model's shape-defined fields (widths, depths, vocabulary, positions,
 pool size, image size) are read from the tensors; head counts and the rest come from PTUNIFIER_FULL
 or keyword overrides. A vision position table of another grid is resized bicubically to the model's
 image size, as the original's `adapt_position_encoding`. Every missing or unexpected key and every shape
 mismatch is reported by name; tensors the model does not use (CLIP's text-side leftovers, the RoBERTa
-pooler, buffers, fine-tuning heads) are skipped and listed in the report's `ignored`. The layers are
+pooler, buffers, the MIM head) are skipped and listed in the report's `ignored`. The layers are
 mapped onto the unrolled layout (`vision/layers_{i}`, `text/layers_{i}`) and stacked into `layers/...`
 (leading layer axis) for a tower that the model's `scan` field (a keyword override here) scans.
 
@@ -49,8 +51,10 @@ _IGNORED = (
     r"vision_encoder\.(token_embedding\.weight|positional_embedding|ln_final\.(weight|bias))",  # CLIP text side
     r"language_encoder\.pooler\.dense\.(weight|bias)",  # RoBERTa's pooler: PTUnifier pools after fusion
     r".*\.position_ids", r".*\.token_type_ids",  # buffers
-    r"(vqa_head|cls_head|mlc_head|irtr_head|clm_proj|clm_head|mim_head)\..*",  # fine-tuning / unused heads
+    r"mim_head\..*",  # MIM (not in the paper's objectives)
 )
+HEADS = ("vqa_head", "cls_head", "mlc_head")  # nn.Sequential(Linear, LayerNorm, GELU, Linear) -> task_head
+_CLM = "clm_head.bert."
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -156,8 +160,9 @@ def co_attention_map(src: str, dst: tuple[str, ...], shapes) -> dict[str, ParamM
     return entries
 
 
-def ptunifier_map(model: PTUnifier, shapes) -> dict[str, ParamMap]:
-    """Every PTUnifier param <- its Lightning state-dict key (fused CLIP in_proj shown split)."""
+def ptunifier_map(model: PTUnifier, shapes, task_head: str = "vqa_head") -> dict[str, ParamMap]:
+    """Every PTUnifier param <- its Lightning state-dict key (fused CLIP in_proj shown split); `task_head`: the
+    checkpoint's name of a fine-tuned classifier head (HEADS)."""
     text = SimpleNamespace(depth=model.text_depth, add_pooling_layer=False)
     entries = clip_visual_map(model, shapes)
     entries |= _under(hf.bert_map(text, _sub_shapes(shapes, ("text",)), "language_encoder."), ("text",))
@@ -178,6 +183,34 @@ def ptunifier_map(model: PTUnifier, shapes) -> dict[str, ParamMap]:
     entries |= linear_params("itc_head.language_proj", ("itc_text_proj",), shapes, bias=False)
     entries["pseudo_vision_token_pool"] = copy_param(("visual_prompts", "pool"), shapes)
     entries["pseudo_language_token_pool"] = copy_param(("textual_prompts", "pool"), shapes)
+    return entries | finetuned_heads_map(model, shapes, task_head)
+
+
+def finetuned_heads_map(model: PTUnifier, shapes, task_head: str = "vqa_head") -> dict[str, ParamMap]:
+    """The fine-tuning heads the model has: `task_head` (`vqa_head` / `cls_head` / `mlc_head`) -> task_head (fc1, norm, fc2:
+    the Sequential's 0, 1, 3), `clm_proj` -> clm_proj + clm_norm and `clm_head` (BertGenerationDecoder:
+    RoBERTa embeddings, decoder layers with cross-attention, MLM head) -> report_decoder. (`irtr_head`, the
+    fine-tuned retrieval score, is written into the ITM head's "matched" row by `convert_state_dict`.)"""
+    entries = {}
+    if getattr(model, "num_outputs", 0):
+        name = task_head
+        entries |= linear_params(f"{name}.0", ("task_head", "fc1"), shapes)
+        entries |= layer_norm_params(f"{name}.1", ("task_head", "norm"), shapes)
+        entries |= linear_params(f"{name}.3", ("task_head", "fc2"), shapes)
+    if hasattr(model, "decoder_layers"):
+        entries |= linear_params("clm_proj.0", ("clm_proj",), shapes)
+        entries |= layer_norm_params("clm_proj.1", ("clm_norm",), shapes)
+        dec = ("report_decoder",)
+        for torch_name, flax_name in (("word_embeddings", "word_embeddings"), ("position_embeddings",
+                                      "position_embeddings"), ("token_type_embeddings", "token_type_embeddings")):
+            entries[f"{_CLM}embeddings.{torch_name}.weight"] = copy_param(dec + (flax_name, "embedding"), shapes)
+        entries |= layer_norm_params(f"{_CLM}embeddings.LayerNorm", dec + ("embedding_norm",), shapes)
+        for i in range(model.decoder_layers):
+            entries |= co_attention_map(f"{_CLM}encoder.layer.{i}", dec + (f"layers_{i}",), shapes)
+        entries |= linear_params("clm_head.lm_head.transform.dense", dec + ("lm_transform",), shapes)
+        entries |= layer_norm_params("clm_head.lm_head.transform.LayerNorm", dec + ("lm_norm",), shapes)
+        entries |= linear_params("clm_head.lm_head.decoder", dec + ("lm_decoder",), shapes, bias=False)
+        entries["clm_head.lm_head.bias"] = copy_param(dec + ("lm_bias",), shapes)
     return entries
 
 
@@ -225,17 +258,49 @@ def convert_state_dict(state: Mapping[str, np.ndarray], model: PTUnifier, source
     state = _resize_positions(dict(state), model)
     layout = param_shapes(model)
     shapes = transformer.unrolled_shapes(layout, hf.STACK)  # the checkpoint's layer i -> layers_{i}
-    mapping = ptunifier_map(model, shapes)
-    report = check_keys(_fused_shapes(model, mapping), {k: tuple(v.shape) for k, v in state.items()}, ignore=_IGNORED)
+    mapping = ptunifier_map(model, shapes, next((h for h in HEADS if f"{h}.3.weight" in state), "vqa_head"))
+    expected = _fused_shapes(model, mapping)
+    irtr = {k: state[k] for k in ("irtr_head.weight", "irtr_head.bias") if k in state}
+    if irtr:  # Linear(2H, 1), initialised from and replacing the ITM head's "matched" row
+        expected |= {"irtr_head.weight": (1, 2 * model.hidden_size), "irtr_head.bias": (1,)}
+    report = check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, ignore=_IGNORED)
     report.raise_if_problems(source)
-    used = _split_in_proj({k: v for k, v in state.items() if k not in report.ignored}, model.vision_depth)
+    used = _split_in_proj({k: v for k, v in state.items() if k not in report.ignored and k not in irtr},
+                          model.vision_depth)
     params, _ = apply_mapping(shapes, mapping, used, source, param_dtype=param_dtype)
+    if irtr:
+        itm = dict(params["itm_head"])
+        itm["kernel"] = itm["kernel"].at[:, 1].set(jnp.asarray(irtr["irtr_head.weight"][0], itm["kernel"].dtype))
+        itm["bias"] = itm["bias"].at[1].set(jnp.asarray(irtr["irtr_head.bias"][0], itm["bias"].dtype))
+        params = dict(params, itm_head=itm)
     # layers_{i} -> one scanned `layers` (axis 0: the layer) in each tower the model scans
     return transformer.match_layer_layout(params, traverse_util.unflatten_dict(layout), hf.STACK), report
 
 
+def model_for_state_dict(state: Mapping[str, np.ndarray], fields: dict, *, mode: str = "vision",
+                         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> PTUnifier:
+    """The model a checkpoint's heads call for: PTUnifierReportGen (`clm_head`; `mode`: its input path, which
+    the weights do not tell), PTUnifierFinetune with a task head of the `vqa_head` / `cls_head` / `mlc_head`'s
+    classes, else the pretraining PTUnifier."""
+    from medjax.models.ptunifier_finetune import PTUnifierFinetune
+    from medjax.models.ptunifier_reportgen import PTUnifierReportGen
+
+    kinds = dict(dtype=dtype, param_dtype=param_dtype)
+    if "clm_proj.0.weight" in state:
+        layers = len({m.group(1) for k in state for m in [re.fullmatch(rf"{re.escape(_CLM)}encoder\.layer\.(\d+)\..*", k)]
+                      if m})
+        return PTUnifierReportGen(**fields, mode=mode, decoder_layers=layers, **kinds)
+    heads = [h for h in HEADS if f"{h}.3.weight" in state]
+    if len(heads) > 1:
+        raise ValueError(f"medjax/convert/ptunifier.py: the checkpoint holds several task heads {heads}; expected one")
+    if heads:
+        return PTUnifierFinetune(**fields, num_outputs=int(state[f"{heads[0]}.3.weight"].shape[0]), **kinds)
+    return PTUnifier(**fields, **kinds)
+
+
 def load_with_report(path: str, *, trust_pickle: bool = False, dtype: Dtype = jnp.float32,
-                     param_dtype: Dtype = jnp.float32, **overrides) -> tuple[PTUnifier, dict, KeyReport]:
+                     param_dtype: Dtype = jnp.float32, mode: str = "vision", **overrides
+                     ) -> tuple[PTUnifier, dict, KeyReport]:
     """`load`, also returning the key report."""
     state = read_lightning_state_dict(path, trust_pickle=trust_pickle)
     unknown = sorted(set(overrides) - set(PTUNIFIER_FULL) - set(_LAYOUT_FIELDS))
@@ -243,7 +308,7 @@ def load_with_report(path: str, *, trust_pickle: bool = False, dtype: Dtype = jn
         raise ValueError(f"medjax/convert/ptunifier.py: unknown model field(s) {unknown}; "
                          f"fields: {sorted(PTUNIFIER_FULL) + list(_LAYOUT_FIELDS)}")
     fields = {**PTUNIFIER_FULL, **config_from_state_dict(state, path), **overrides}
-    model = PTUnifier(**fields, dtype=dtype, param_dtype=param_dtype)
+    model = model_for_state_dict(state, fields, mode=mode, dtype=dtype, param_dtype=param_dtype)
     params, report = convert_state_dict(state, model, path, param_dtype=param_dtype)
     if report.ignored:
         _log.info("%s: ignored %d tensors not part of the pretraining model: %s", path, len(report.ignored),
@@ -252,11 +317,12 @@ def load_with_report(path: str, *, trust_pickle: bool = False, dtype: Dtype = jn
 
 
 def load(path: str, *, trust_pickle: bool = False, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-         **overrides) -> tuple[PTUnifier, dict]:
-    """(model, variables) from a PTUnifier Lightning checkpoint; `overrides` of PTUNIFIER_FULL's fields
-    (e.g. image_size=384 resizes the position table for fine-tuning) and `scan` (the towers' layer layout)."""
+         mode: str = "vision", **overrides) -> tuple[PTUnifier, dict]:
+    """(model, variables) from a PTUnifier Lightning checkpoint, pretrained or fine-tuned (model_for_state_dict);
+    `overrides` of PTUNIFIER_FULL's fields (e.g. image_size=384 resizes the position table for fine-tuning)
+    and `scan` (the towers' layer layout); `mode` for a report-generation checkpoint."""
     model, variables, _ = load_with_report(path, trust_pickle=trust_pickle, dtype=dtype, param_dtype=param_dtype,
-                                           **overrides)
+                                           mode=mode, **overrides)
     return model, variables
 
 

@@ -69,3 +69,18 @@ def partial_label_bce_dice(logits: jax.Array, labels: jax.Array, label_mask: jax
     mean_dice = jnp.sum(jnp.where(mask, dice_loss, 0.0)) / denom
     loss = bce_weight * mean_bce + dice_weight * mean_dice
     return loss, {"bce": mean_bce, "dice_loss": mean_dice, "labelled_pairs": count}
+
+
+def pooled_bce_dice(logits: jax.Array, labels: jax.Array, *, bce_weight: float = 0.2, dice_weight: float = 0.8,
+                    smooth: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """ContIG's PALM loss (HealthML/ContIG `palm_myopia_segmentation.py`: `loss_fn`, `DiceLoss`), used by MRM's
+    segmentation transfer: bce_weight * BCEWithLogits (mean over every element) + dice_weight * (1 - (2 sum p t +
+    smooth) / (sum p + sum t + smooth)), the soft Dice pooled over the whole batch and every class (the
+    original flattens the (batch, classes, H, W) tensors). Returns (loss, {"bce", "dice_loss"})."""
+    if logits.shape != labels.shape:
+        raise ValueError(f"{_WHERE} pooled_bce_dice: logits {logits.shape} and labels {labels.shape} differ")
+    logits, labels = logits.astype(jnp.float32), labels.astype(jnp.float32)
+    bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+    probs = jax.nn.sigmoid(logits)
+    dice_loss = 1.0 - (2.0 * jnp.sum(probs * labels) + smooth) / (jnp.sum(probs) + jnp.sum(labels) + smooth)
+    return bce_weight * bce + dice_weight * dice_loss, {"bce": bce, "dice_loss": dice_loss}

@@ -34,6 +34,12 @@ def recall_at_k_chance(k: int, candidates: int) -> float:
     return min(k, candidates) / candidates if candidates else 0.0
 
 
+def multiple_choice_chance(choice_counts) -> float:
+    """Accuracy of a uniformly random pick among each question's choices: the mean of 1 / choices (our choice:
+    PathQABench-style questions shuffle their options, so no letter is favoured)."""
+    counts = np.asarray(choice_counts, np.float64)
+    return float(np.mean(1.0 / counts)) if counts.size else 0.0
+
 
 def vqa_chance(targets: np.ndarray, answer_types: np.ndarray, num_answers: int) -> dict[str, float]:
     """`{overall,closed,open}_chance` in percent (as `medjax.metrics.vqa.vqa_accuracy`): the best single answer

@@ -111,3 +111,14 @@ def per_class_scores(pred: np.ndarray, gt: np.ndarray, classes: Sequence[int], *
         scores[c] = (dice(p, g, ignore_empty=ignore_empty),
                      normalized_surface_dice(p, g, tol, spacing, ignore_empty=ignore_empty))
     return scores
+
+
+def pooled_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice pooled over a whole split, 2 sum(p g) / (sum p + sum g), of bool or [0, 1] arrays of one shape:
+    with soft probabilities `pred` it is ContIG's PALM `dice(y, y_pred)` (HealthML/ContIG
+    `palm_myopia_segmentation.py`, over every pixel of every image and class); NaN when both sums are 0."""
+    pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} must have one shape")
+    total = pred.sum() + gt.sum()
+    return float(2.0 * (pred * gt).sum() / total) if total > 0 else float("nan")

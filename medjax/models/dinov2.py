@@ -100,6 +100,7 @@ class DINOv2Network(nn.Module):
     layerscale_init: float | None = 1e-5
     drop_path: float = 0.3
     drop_path_uniform: bool = True
+    drop_add_residual: bool = False  # DINOv2's subset stochastic depth (nn.transformer.drop_add_residual_stochastic_depth)
     num_register_tokens: int = 0
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
@@ -122,6 +123,7 @@ class DINOv2Network(nn.Module):
             class_token=True, drop_path=self.drop_path, layerscale_init=self.layerscale_init, remat=self.remat,
             scan=self.scan,
             num_register_tokens=self.num_register_tokens, use_mask_token=True, drop_path_uniform=self.drop_path_uniform,
+            drop_add_residual=self.drop_add_residual,
             dynamic_image_size=True, interpolate_offset=self.interpolate_offset,
             interpolate_antialias=self.interpolate_antialias, **kinds)
         head = dict(hidden_dim=self.head_hidden_dim, bottleneck_dim=self.head_bottleneck_dim,

@@ -12,7 +12,17 @@ Forward pass (section numbers of the paper):
   token, `snn_layers` layers of `genome_width`).
 - Self-modality relation masking (Sec. 3.2.1): one pre-norm Transformer block per modality whose
   attention relations softmax(QK^T/sqrt(d)) lose their top-tau entries per row (tau_image /
-  tau_genome): z_I^S, z_G^S from z_I^0, z_G^0.
+  tau_genome): z_I^S, z_G^S from z_I^0, z_G^0. Where it sits is a choice (the paper does not say):
+  * `mask_layers=()` (default): one extra block on the embeddings, as above. Why: the encoder's own layers
+    stay plain attention, so the unmasked path z_I is exactly the encoder that transfers, the masked path
+    reuses those weights on relation-masked tokens, and the masking costs one attention per modality.
+  * `mask_layers=(i, ...)`: the masking happens inside the image encoder's own attention in those layers
+    (0-based; same weights, unrolled encoder, `model.scan=false`): z_I^S = the encoder with masked layers on
+    z_I^0 (final norm included); the cross block then gives z_I^C, which is z_{I,M} (the encoder has run).
+    The genome side keeps its block (the SNN has no attention).
+  * `relation_output="literal"`: every extra masking block (self and cross) is the paper's literal
+    z^S = R^M V (`RelationMaskedValues`: Q, K, V linear maps, heads concatenated; no norm, output projection,
+    residual or MLP); "block" (default) is the pre-norm Transformer block around R^M V.
 - Cross-modality relation masking (Sec. 3.2.1): a pre-norm cross-attention block with Q from z_I^S
   and K, V from z_G^S (ratio tau_cross) gives z_I^C; the mirror block (Q from z_G^S, K, V from
   z_I^S) gives z_G^C. Different image and genome widths are bridged by the K/V projections.
@@ -49,6 +59,8 @@ import jax.numpy as jnp
 
 from medjax.dtypes import parse_dtype
 from medjax.nn.snn import SNN
+from medjax.kernels.relation_mask import relation_mask_attention
+from medjax.nn.transformer import HeadsDense
 from medjax.nn.vit import TOKENS, EncoderBlock, ViTEncoder, layer_norm
 
 Dtype = Any
@@ -87,6 +99,32 @@ class GenomeTokenizer(nn.Module):
         x = _dense(self.width, ("snps", "embed"), self.dtype, self.param_dtype, "proj")(x)
         x = x + _position_embedding(self, tokens, self.width).astype(x.dtype)
         return nn.with_logical_constraint(x, TOKENS)
+
+
+class RelationMaskedValues(nn.Module):
+    """MRM Sec. 3.2.1 literally: z = R^M V with Q = z_q W_Q + b, K = z_kv W_K + b, V = z_kv W_V + b (heads of
+    width/heads), R^M the row-wise top-tau-masked softmax(Q K^T / sqrt(d)) (`relation_mask_attention`), the heads
+    concatenated: (batch, q_tokens, width of z_q). Nothing else: no norm, output projection, residual or MLP."""
+
+    num_heads: int
+    ratio: float
+    kernel_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None) -> jax.Array:
+        x_kv = x_q if x_kv is None else x_kv
+        width = x_q.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"medjax/models/mrm.py RelationMaskedValues: num_heads={self.num_heads} must divide "
+                             f"the width {width}")
+        heads = (self.num_heads, width // self.num_heads)
+        proj = lambda name: HeadsDense(heads, ("embed", "heads", "kv"), 1, True, self.dtype,  # noqa: E731
+                                       self.param_dtype, name=name)
+        q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
+        out = relation_mask_attention(q, k, v, ratio=self.ratio, impl=self.kernel_impl)
+        return nn.with_logical_constraint(out.reshape(x_q.shape[:2] + (width,)), TOKENS)
 
 
 class FusionDecoder(nn.Module):
@@ -143,11 +181,18 @@ class MRM(nn.Module):
     pos_embed: str = "learned"
     remat: bool | str = "none"  # the image encoder's blocks: "none" | "full" | "dots_saveable" (True = "full")
     scan: bool | str | None = None  # nn.scan the image encoder's blocks (None: depth >= 12; ViTEncoder.scan)
+    # where self-modality relation masking sits (module docstring): () = one extra block on the embeddings;
+    # (i, ...) = inside the image encoder's own attention layers i (0-based)
+    mask_layers: tuple[int, ...] = ()
+    relation_output: str = "block"  # "block": a Transformer block around R^M V; "literal": z^S = R^M V
     kernel_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def _check_fields(self) -> None:
+        if self.relation_output not in ("block", "literal"):
+            raise ValueError(f"medjax/models/mrm.py MRM.relation_output={self.relation_output!r}; expected 'block' or "
+                             "'literal'")
         if self.pos_embed not in ("sincos", "learned"):
             raise ValueError(f"medjax/models/mrm.py MRM.pos_embed={self.pos_embed!r}; expected 'sincos' or 'learned'")
         for name in ("tau_image", "tau_genome", "tau_cross", "snn_dropout"):
@@ -180,16 +225,21 @@ class MRM(nn.Module):
                                name="genome_tokenizer")(genome)  # (B, T, genome_width)
         z_i = image_encoder.encode(z_i0, train=train)
         z_g = snn(z_g0, train=train)
+        def relation_mask(heads, ratio, name, x, x_kv=None):  # one extra masking block (module docstring)
+            if self.relation_output == "literal":
+                return RelationMaskedValues(heads, ratio, self.kernel_impl, **kinds, name=name)(x, x_kv)
+            return block(heads, relation_mask_ratio=ratio, name=name)(x, x_kv, train=train)
+
         # Sec. 3.2.1: self-modality, then cross-modality relation masking.
-        z_i_s = block(self.num_heads, relation_mask_ratio=self.tau_image, name="image_self_mask")(z_i0, train=train)
-        z_g_s = block(self.genome_heads, relation_mask_ratio=self.tau_genome, name="genome_self_mask")(
-            z_g0, train=train)
-        z_i_c = block(self.num_heads, relation_mask_ratio=self.tau_cross, name="image_cross_mask")(
-            z_i_s, z_g_s, train=train)
-        z_g_c = block(self.genome_heads, relation_mask_ratio=self.tau_cross, name="genome_cross_mask")(
-            z_g_s, z_i_s, train=train)
+        if self.mask_layers:  # inside the image encoder's own attention layers
+            z_i_s = image_encoder.encode_relation_masked(z_i0, self.tau_image, self.mask_layers, train=train)
+        else:
+            z_i_s = relation_mask(self.num_heads, self.tau_image, "image_self_mask", z_i0)
+        z_g_s = relation_mask(self.genome_heads, self.tau_genome, "genome_self_mask", z_g0)
+        z_i_c = relation_mask(self.num_heads, self.tau_cross, "image_cross_mask", z_i_s, z_g_s)
+        z_g_c = relation_mask(self.genome_heads, self.tau_cross, "genome_cross_mask", z_g_s, z_i_s)
         # Sec. 3.2.2: the same encoders on the relation-masked tokens, then fused decoding.
-        z_i_m = image_encoder.encode(z_i_c, train=train)
+        z_i_m = z_i_c if self.mask_layers else image_encoder.encode(z_i_c, train=train)
         z_g_m = snn(z_g_c, train=train)
         decoder = partial(FusionDecoder, self.decoder_width, num_heads=self.decoder_heads, mlp_ratio=self.mlp_ratio,
                           **kinds)
@@ -233,6 +283,8 @@ def mrm_from_config(model_cfg: Any, *, num_snps: int) -> MRM:
         raise ValueError(f"medjax/models/mrm.py mrm_from_config: model.num_snps={cfg['num_snps']} but the genome "
                          f"data has {num_snps} SNPs")
     kwargs = {key: value for key, value in cfg.items() if key in fields}
+    if "mask_layers" in kwargs:
+        kwargs["mask_layers"] = tuple(int(i) for i in (kwargs["mask_layers"] or ()))
     for key in ("dtype", "param_dtype"):
         if key in kwargs:
             kwargs[key] = parse_dtype(kwargs[key], f"medjax/models/mrm.py mrm_from_config model.{key}")

@@ -3,6 +3,7 @@
 load path for path and a pretraining checkpoint can be evaluated directly (zero-shot retrieval).
 
     VQA:            logits = head([tanh(W L_0); tanh(W V_0)])      image + question, BCE over answers
+    MELINDA:        logits = head([tanh(W L_0); tanh(W V_0)])      figure + caption, CE over methods
     classification: logits = head(cls(X^v, PT^l))                  image only, textual prompts, BCE
     NLI:            logits = head(cls(PT^v, X^l))                  text pair only, visual prompts, CE
     retrieval:      s(I, T) = ITM logit "matched" of cls(X^v, X^l)  (the original initialises its
@@ -54,8 +55,12 @@ class PTUnifierFinetune(PTUnifier):
         if self.num_outputs:
             self.task_head = ClassifierHead(self.num_outputs, self.dtype, self.param_dtype)
 
-    def vqa_logits(self, images, input_ids, attention_mask, *, train: bool = False) -> jax.Array:
+    def joint_logits(self, images, input_ids, attention_mask, *, train: bool = False) -> jax.Array:
+        """Image + text classification (VQA answers, MELINDA methods): the head on the joint feature."""
         return self.task_head(self.infer(images, input_ids, attention_mask, train=train)["cls_feats"])
+
+    def vqa_logits(self, images, input_ids, attention_mask, *, train: bool = False) -> jax.Array:
+        return self.joint_logits(images, input_ids, attention_mask, train=train)
 
     def image_logits(self, images, *, train: bool = False) -> jax.Array:
         """Vision-only classification: the text stream is the image-selected textual prompts."""

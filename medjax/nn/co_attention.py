@@ -9,7 +9,9 @@ number. Each stream is one layer; the two streams of a block run in parallel on 
 
 Post-LN as BERT (Devlin et al., 2019, Fig. 2); attention probabilities are dropped out (attention
 dropout) and each sub-layer output before its residual sum (hidden dropout), both 0.1 in the paper's
-configuration. Masks are (batch, tokens) 1/0 padding masks of the keys.
+configuration. Masks are (batch, tokens) 1/0 padding masks of the keys. With `causal` the same layer is a
+Transformer decoder layer (HF RobertaLayer with is_decoder and add_cross_attention: causal self-attention,
+cross-attention to the encoder states, FFN), as PTUnifier's report decoder uses it.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class CoAttentionLayer(nn.Module):
     layer_norm_eps: float = 1e-5  # RoBERTa's config (the fusion layers are built from the text encoder's config)
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    causal: bool = False  # True: token i attends to tokens <= i in self-attention (a decoder layer, HF is_decoder)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -59,7 +62,12 @@ class CoAttentionLayer(nn.Module):
         attend = lambda name: MultiHeadAttention(  # noqa: E731  (medjax/nn/transformer.py, with a key mask)
             self.num_heads, dropout_rate=self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype,
             name=name)
-        h = attend("self_attention")(x, x, key_padding_mask(x_mask), train=train)
+        self_mask = key_padding_mask(x_mask)
+        if self.causal:
+            tokens = x.shape[1]
+            lower = jnp.tril(jnp.ones((tokens, tokens), bool))[None, None]
+            self_mask = lower if self_mask is None else self_mask & lower
+        h = attend("self_attention")(x, x, self_mask, train=train)
         x = norm("self_attention_norm")(x + drop(h))
         h = attend("cross_attention")(x, y, key_padding_mask(y_mask), train=train)
         x = norm("cross_attention_norm")(x + drop(h))

@@ -228,6 +228,21 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
 
+def drop_add_residual_stochastic_depth(x: jax.Array, residual_fn: Callable[[jax.Array], jax.Array], rate: float,
+                                       rng: jax.Array) -> jax.Array:
+    """x + stochastic-depth residual, computing the residual only for the kept samples (DINOv2
+    `layers/block.py` `drop_add_residual_stochastic_depth`): a random subset of max(int(b (1 - rate)), 1) of the
+    b samples goes through `residual_fn` (a per-sample function, e.g. ls1(attn(norm1(.)))), and their residuals
+    are added scaled by b / subset, the others unchanged -- each sample is kept with probability subset / b, so
+    E[out] = x + residual_fn(x), as with DropPath, at (1 - rate) of the branch's FLOPs. `rate` is static (the
+    subset size is a shape); the subset is drawn over the whole (global) batch."""
+    b = x.shape[0]
+    keep = max(int(b * (1.0 - rate)), 1)
+    subset = jax.random.permutation(rng, b)[:keep]
+    residual = residual_fn(x[subset])
+    return x.at[subset].add((residual * (b / keep)).astype(x.dtype))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm x + attn(LN(x)[, LN(x_kv)]), then x + mlp(LN(x)); or post-norm (`pre_norm=False`, BERT)
     LN(x + attn(x)), then LN(x + mlp(x)).
@@ -236,6 +251,9 @@ class TransformerBlock(nn.Module):
     block when `x_kv` is None, a cross-modality block when `x_kv` is given. Param names: `norm_names`
     (attention norm, MLP norm, x_kv norm), `attention_name`, and the MLP under `mlp_name` (None: its fc1/fc2
     directly in the block, the CLIP / BERT Hugging Face layout); LayerScale gammas "ls1"/"ls2" (timm).
+
+    `drop_add_residual` (DINOv2 `Block.forward`): in training with a drop-path rate above 0.1 each residual
+    branch runs on the kept samples only (`drop_add_residual_stochastic_depth`); at 0.1 or below, DropPath.
     """
 
     num_heads: int
@@ -252,6 +270,7 @@ class TransformerBlock(nn.Module):
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # dropout on each branch before its residual sum, in training (BERT)
     fused_attention: bool = True
+    drop_add_residual: bool = False  # DINOv2's subset stochastic depth above rate 0.1 (class doc)
     sow_query_logits: bool = False  # MultiHeadAttention.sow_query_logits
     norm_names: tuple[str, str, str] = ("norm1", "norm2", "norm_kv")
     mlp_name: str | None = "mlp"
@@ -266,6 +285,14 @@ class TransformerBlock(nn.Module):
             nn.initializers.constant(self.layerscale_init), ("embed",)), (x.shape[-1],), self.param_dtype)
         return x * gamma.astype(x.dtype)
 
+    def _subset_rate(self, drop_path_rate) -> float:
+        """The static drop-path rate `drop_add_residual` needs (a traced per-layer rate cannot size a subset)."""
+        rate = self.drop_path if drop_path_rate is None else drop_path_rate
+        if not isinstance(rate, (int, float)):
+            raise ValueError("medjax/nn/transformer.py TransformerBlock.drop_add_residual needs a static drop-path "
+                             "rate: use a uniform schedule (drop_path_uniform) or unrolled blocks (scan=False)")
+        return float(rate)
+
     def _mlp(self, x: jax.Array) -> jax.Array:
         mlp_dim = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
         if self.mlp_name is None:
@@ -274,11 +301,15 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, x_kv: jax.Array | None = None, *, mask: jax.Array | None = None,
-                 train: bool = False, drop_path_rate: jax.Array | float | None = None) -> jax.Array:
+                 train: bool = False, drop_path_rate: jax.Array | float | None = None,
+                 relation_mask_ratio: float | None = None) -> jax.Array:
+        """`relation_mask_ratio` (static): this call's MRM ratio instead of the field's, same params (MRM's
+        masking inside an encoder's own layers, `medjax.models.mrm.MRM.mask_layers`)."""
         x = nn.with_logical_constraint(x, TOKENS)
         norm = lambda i: layer_norm(  # noqa: E731
             self.dtype, self.param_dtype, self.norm_names[i], eps=self.layer_norm_eps)
-        attention = MultiHeadAttention(self.num_heads, relation_mask_ratio=self.relation_mask_ratio,
+        ratio = self.relation_mask_ratio if relation_mask_ratio is None else float(relation_mask_ratio)
+        attention = MultiHeadAttention(self.num_heads, relation_mask_ratio=ratio,
                                        kernel_impl=self.kernel_impl, dropout_rate=self.attention_dropout,
                                        fused=self.fused_attention, sow_query_logits=self.sow_query_logits,
                                        dtype=self.dtype, param_dtype=self.param_dtype, name=self.attention_name)
@@ -289,6 +320,22 @@ class TransformerBlock(nn.Module):
             return nn.Dropout(self.hidden_dropout)(y, deterministic=not train) if self.hidden_dropout else y
         if x_kv is not None:
             x_kv = nn.with_logical_constraint(x_kv, TOKENS)
+        if train and self.drop_add_residual and self._subset_rate(drop_path_rate) > 0.1:  # DINOv2's threshold
+            if x_kv is not None or mask is not None or not self.pre_norm:
+                raise ValueError("medjax/nn/transformer.py TransformerBlock.drop_add_residual: only for pre-norm "
+                                 "self-attention blocks without a mask (DINOv2's Block)")
+            rate = self._subset_rate(drop_path_rate)
+
+            def branch(fn, i):
+                def residual(y):
+                    y = self._layer_scale(fn(y), f"ls{i}")
+                    return nn.Dropout(self.hidden_dropout)(y, deterministic=False) if self.hidden_dropout else y
+                return residual
+            attn_branch = branch(lambda y: attention(norm(0)(y), train=train), 1)
+            x = drop_add_residual_stochastic_depth(x, attn_branch, rate, self.make_rng("dropout"))
+            x = drop_add_residual_stochastic_depth(x, branch(lambda y: self._mlp(norm(1)(y)), 2), rate,
+                                                   self.make_rng("dropout"))
+            return nn.with_logical_constraint(x, TOKENS)
         if self.pre_norm:
             kv = None if x_kv is None else norm(2)(x_kv)
             x = x + drop(attention(norm(0)(x), kv, mask, train=train), 1)
@@ -339,15 +386,16 @@ class _StackBlock(TransformerBlock):
     """A block of a stack: (x, drop_path_rate, mask, train, collect) -> (x, x if collect), the shape nn.scan
     needs (carry, per-layer input) -> (carry, per-layer output); `train`/`collect` are static."""
 
-    def __call__(self, x, drop_path_rate, mask, train, collect):  # type: ignore[override]
-        x = super().__call__(x, mask=mask, train=train, drop_path_rate=drop_path_rate)
+    def __call__(self, x, drop_path_rate, mask, train, collect, relation_mask_ratio=None):  # type: ignore[override]
+        x = super().__call__(x, mask=mask, train=train, drop_path_rate=drop_path_rate,
+                             relation_mask_ratio=relation_mask_ratio)
         return x, (x if collect else None)
 
 
 def _remat(cls, policy: str, *, prevent_cse: bool):
     if policy == "none":
         return cls
-    return nn.remat(cls, static_argnums=(4, 5), policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
+    return nn.remat(cls, static_argnums=(4, 5, 6), policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, **block_fields):
@@ -368,16 +416,25 @@ def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, *
 
 
 def run_stack(blocks, x: jax.Array, rates: Sequence[float], *, mask: jax.Array | None = None, train: bool = False,
-              collect: bool = False) -> tuple[jax.Array, jax.Array | None]:
+              collect: bool = False, relation_mask_ratios: Sequence[float] | None = None
+              ) -> tuple[jax.Array, jax.Array | None]:
     """x through a `block_stack`; also every block's output stacked (depth, ...) when `collect`. A scanned
     stack with a non-uniform drop-path schedule gets the rates as its scanned input (so no per-layer value
-    forces the unrolled path)."""
+    forces the unrolled path). `relation_mask_ratios`: a per-layer MRM ratio for this pass (unrolled stacks
+    only: a scanned stack runs one program for every layer)."""
     if isinstance(blocks, (list, tuple)):
+        ratios = [None] * len(blocks) if relation_mask_ratios is None else list(relation_mask_ratios)
+        if len(ratios) != len(blocks):
+            raise ValueError(f"medjax/nn/transformer.py run_stack: {len(ratios)} relation_mask_ratios for "
+                             f"{len(blocks)} layers")
         outputs = []
-        for block in blocks:
-            x, _ = block(x, None, mask, train, False)
+        for block, ratio in zip(blocks, ratios):
+            x, _ = block(x, None, mask, train, False, ratio)
             outputs.append(x)
         return x, (jnp.stack(outputs) if collect and outputs else None)
+    if relation_mask_ratios is not None and any(relation_mask_ratios):
+        raise ValueError("medjax/nn/transformer.py run_stack: per-layer relation masking needs an unrolled stack "
+                         "(scan=False; e.g. model.scan=false with MRM's model.mask_layers)")
     uniform = len(set(float(r) for r in rates)) <= 1
     per_layer = None if uniform else jnp.asarray(np.asarray(rates, np.float32))
     return blocks(x, per_layer, mask, train, collect)

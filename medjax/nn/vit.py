@@ -177,7 +177,7 @@ class ViTEncoder(nn.Module):
     `drop_path_uniform` (DINOv2 ViT-L/g). With `dynamic_image_size` any image whose sides are multiples
     of the patch is accepted and the position embeddings are resized (module doc); otherwise the image
     must be `image_size` square. DINOv2's token order: [cls, registers, patches]; registers get no
-    position embedding.
+    position embedding; with `no_embed_class` (timm) neither does the class token.
 
     Layout: unrolled, the blocks are `blocks_0`, `blocks_1`, ...; with `scan` (None: depth >= 12) they are one
     nn.scan module `blocks` whose params have the layer on axis 0 (logical axis "layers"), so ViT-L/24
@@ -204,6 +204,9 @@ class ViTEncoder(nn.Module):
     interpolate_offset: float = 0.1  # DINOv2 `interpolate_offset` (0: plain resize to the grid)
     interpolate_antialias: bool = False  # DINOv2 `interpolate_antialias` (timm uses True)
     mlp_activation: str = "gelu"  # or "swiglu" (DINOv2 ViT-g's SwiGLU FFN), ... (transformer.ACTIVATIONS)
+    mlp_dim: int | None = None  # hidden width of the MLP (SwiGLU: of each half); None: mlp_ratio * width
+    no_embed_class: bool = False  # timm `no_embed_class` (DeiT-3, UNI2-h): position embeddings for the patches only
+    drop_add_residual: bool = False  # DINOv2's drop_add_residual_stochastic_depth for drop path > 0.1 (TransformerBlock)
     sow_cls_logits: bool = False  # every block sows [CLS]'s attention logits ("intermediates"; cls_attention_logits)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -216,6 +219,11 @@ class ViTEncoder(nn.Module):
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches: the class token and the registers."""
         return int(self.class_token) + self.num_register_tokens
+
+    @property
+    def num_position_prefix(self) -> int:
+        """Position embeddings before the patches' (the class token's, unless `no_embed_class`)."""
+        return 0 if self.no_embed_class else int(self.class_token)
 
     def setup(self):
         if self.image_size % self.patch_size:
@@ -240,15 +248,16 @@ class ViTEncoder(nn.Module):
                              "'normal' or 'sincos'")
         pos_init = token_init(0.02) if self.pos_embed_init == "normal" else nn.with_logical_partitioning(
             lambda key, shape, dtype: jnp.asarray(sincos_2d(self.width, self.image_size // self.patch_size,
-                                                            class_token=self.class_token)[None], dtype),
+                                                            class_token=bool(self.num_position_prefix))[None], dtype),
             (None, None, "embed"))
         self.pos_embed = self.param("pos_embed", pos_init,
-                                    (1, self.num_patches + int(self.class_token), self.width), self.param_dtype)
+                                    (1, self.num_patches + self.num_position_prefix, self.width), self.param_dtype)
         # Unrolled: blocks_0, blocks_1, ...; scanned: one "blocks" whose params have a leading layer axis.
         self.blocks = transformer.block_stack(
             self.depth, self.drop_path_rates(), scan=self.scanned, remat=transformer.resolve_remat(self.remat),
-            num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, layerscale_init=self.layerscale_init,
-            activation=self.mlp_activation, sow_query_logits=self.sow_cls_logits, dtype=self.dtype,
+            num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.mlp_dim,
+            layerscale_init=self.layerscale_init, activation=self.mlp_activation,
+            drop_add_residual=self.drop_add_residual, sow_query_logits=self.sow_cls_logits, dtype=self.dtype,
             param_dtype=self.param_dtype)
         self.norm = layer_norm(self.dtype, self.param_dtype)
 
@@ -281,7 +290,7 @@ class ViTEncoder(nn.Module):
     def position_embedding(self, grid: tuple[int, int]) -> jax.Array:
         """(1, [1 +] rows * cols, width): the learned embeddings, the patch part resized to `grid`."""
         pos = self.pos_embed
-        prefix, patches = pos[:, :int(self.class_token)], pos[0, int(self.class_token):]
+        prefix, patches = pos[:, :self.num_position_prefix], pos[0, self.num_position_prefix:]
         patches = resize_patch_positions(patches, grid, offset=self.interpolate_offset,
                                          antialias=self.interpolate_antialias)
         return jnp.concatenate([prefix, patches[None]], axis=1)
@@ -300,10 +309,13 @@ class ViTEncoder(nn.Module):
                 raise ValueError(f"medjax/nn/vit.py ViTEncoder.embed: masks must be (batch, patches) = "
                                  f"{x.shape[:2]}, got {masks.shape}")
             x = jnp.where(masks[..., None], self.mask_token.astype(x.dtype)[None], x)
+        if self.no_embed_class:  # timm: patches + positions, then [cls, registers] in front (no positions)
+            x = x + self.position_embedding(grid).astype(x.dtype)
         if self.class_token:
             cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.width))
             x = jnp.concatenate([cls, x], axis=1)
-        x = x + self.position_embedding(grid).astype(x.dtype)
+        if not self.no_embed_class:
+            x = x + self.position_embedding(grid).astype(x.dtype)
         if self.num_register_tokens:
             registers = jnp.broadcast_to(self.register_tokens.astype(x.dtype),
                                          (x.shape[0], self.num_register_tokens, self.width))
@@ -317,6 +329,21 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"medjax/nn/vit.py ViTEncoder.encode: expected tokens (batch, tokens, {self.width}), "
                              f"got {tokens.shape}")
         tokens, _ = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train)
+        return self.norm(tokens)
+
+    def encode_relation_masked(self, tokens: jax.Array, ratio: float, layers, *, train: bool = False) -> jax.Array:
+        """`encode` with MRM's relation masking (ratio `ratio`) in the attention of the blocks `layers` (0-based),
+        with the same params as the plain pass (MRM's `mask_layers` placement; unrolled blocks only)."""
+        layers = sorted(set(int(i) for i in layers))
+        if layers and not 0 <= layers[0] <= layers[-1] < self.depth:
+            raise ValueError(f"medjax/nn/vit.py ViTEncoder.encode_relation_masked: layers {layers} outside "
+                             f"0..{self.depth - 1}")
+        if self.scanned:
+            raise ValueError("medjax/nn/vit.py ViTEncoder.encode_relation_masked: relation masking in chosen layers "
+                             "needs unrolled blocks (set model.scan=false)")
+        ratios = [float(ratio) if i in layers else 0.0 for i in range(self.depth)]
+        tokens, _ = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train,
+                                          relation_mask_ratios=ratios)
         return self.norm(tokens)
 
     def hidden_states(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:

@@ -9,6 +9,8 @@ TASKS = {
     "mrm": "medjax.tasks.mrm:MRMTask",
     "mrm_mae": "medjax.tasks.mrm_mae:MRMMAETask",
     "fundus_classification": "medjax.tasks.fundus_classification:FundusClassificationTask",
+    "fundus_multilabel": "medjax.tasks.fundus_multilabel:FundusMultiLabelTask",
+    "fundus_segmentation": "medjax.tasks.fundus_segmentation:FundusSegmentationTask",
     "universal": "medjax.tasks.universal:UniversalTask",
     "uni_pretrain": "medjax.tasks.uni_pretrain:UNIPretrainTask",
     "ptunifier": "medjax.tasks.ptunifier:PTUnifierTask",
@@ -16,9 +18,12 @@ TASKS = {
     "ptunifier_classification": "medjax.tasks.ptunifier_classification:PTUnifierClassificationTask",
     "ptunifier_retrieval": "medjax.tasks.ptunifier_retrieval:PTUnifierRetrievalTask",
     "ptunifier_nli": "medjax.tasks.ptunifier_nli:PTUnifierNLITask",
+    "ptunifier_melinda": "medjax.tasks.ptunifier_melinda:PTUnifierMelindaTask",
+    "ptunifier_reportgen": "medjax.tasks.ptunifier_reportgen:PTUnifierReportGenTask",
     "unimedi": "medjax.tasks.unimedi:UniMedITask",
     "pathchat": "medjax.tasks.pathchat:PathChatTask",
     "fvlm": "medjax.tasks.fvlm:FVLMTask",
+    "visd": "medjax.tasks.visd:ViSDTask",
 }
 
 

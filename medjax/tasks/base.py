@@ -35,19 +35,22 @@ def model_config(config):
 class RunSettings:
     """What a task needs from the run (the `train` block, `init` and the workdir), passed in so that tasks
     read only their own config blocks. `workdir`: where the start-up data check caches its results
-    (`medjax.data.verify`); None (evaluate, bench, tests) = no cache."""
+    (`medjax.data.verify`); None (evaluate, bench, tests) = no cache. `results_dir`: where an evaluation writes
+    files beside its table (e.g. generated answers for judging): evaluate's --out or checkpoint; None = workdir."""
 
     global_batch: int
     eval_batch_size: int
     total_steps: int
     init: str = ""
     workdir: str | None = None
+    results_dir: str | None = None
 
     @classmethod
-    def from_config(cls, config, workdir: str | None = None) -> "RunSettings":
+    def from_config(cls, config, workdir: str | None = None, results_dir: str | None = None) -> "RunSettings":
         train = config.train
         return cls(global_batch=int(train.batch_size), eval_batch_size=int(train.eval_batch_size),
-                   total_steps=int(train.steps), init=str(config.get("init", "") or ""), workdir=workdir)
+                   total_steps=int(train.steps), init=str(config.get("init", "") or ""), workdir=workdir,
+                   results_dir=results_dir)
 
 
 def markdown_table(exp: str, columns: list[tuple[str, dict[str, float]]], percent: tuple[str, ...] = ()) -> str:
@@ -101,6 +104,19 @@ class TaskBase:
     def evaluate(self, params: Any) -> dict[str, float]:
         """The paper's metrics on the evaluation split."""
         raise NotImplementedError(f"{type(self).__name__}.evaluate")
+
+    # ---- validation and the best-validation checkpoint (medjax.best_checkpoint) -------------------------
+    def validate(self, params: Any) -> dict[str, float]:
+        """Metrics on the validation split: what `train.eval_every` logs (as val/<name>) and the best-validation
+        checkpoint selects by (`train.select_metric`). Default: `evaluate(params)`; a task whose `evaluate` reads
+        a test split overrides this, so that the selection never sees test data."""
+        return self.evaluate(params)
+
+    def selection_metric(self) -> tuple[str, str] | None:
+        """(a `validate` metric, "max" | "min"): what the best-validation checkpoint follows when
+        `train.select_metric` is "" (e.g. the original's `ModelCheckpoint(monitor=...)`); None: none is kept
+        unless the config names one."""
+        return None
 
     # ---- data checks (issue #15), for the tasks' dataset builders -------------------------------------
     @property

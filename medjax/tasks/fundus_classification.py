@@ -17,14 +17,15 @@ import optax
 
 from medjax.data.transforms.image import fundus_eval_transform, fundus_train_transform
 from medjax.data.readers.fundus_genome import FundusGenomeDataset
-from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
+from medjax.data.pipelines.global_batches import eval_batches
 from medjax.data.verify import image_checks
 from medjax.metrics.chance import AUC_CHANCE, KAPPA_CHANCE, majority_fraction
-from medjax.metrics.classification import accuracy, contig_grade, macro_auc, quadratic_weighted_kappa
+from medjax.metrics.classification import (accuracy, contig_grade, contig_grade_targets, macro_auc,
+                                           quadratic_weighted_kappa)
 from medjax.models.vit_classifier import ViTClassifier
-from medjax.params import merge_params
-from medjax.tasks.base import TaskBase, markdown_table
+from medjax.tasks.base import markdown_table
 from medjax.tasks.common import Subset, data_root, label_fraction_label
+from medjax.tasks.fundus_transfer import FundusTransferTask
 from medjax.errors import MedjaxInputError
 
 
@@ -52,7 +53,7 @@ def ordinal_class_probs(logits: jax.Array) -> jax.Array:
     return upper - lower
 
 
-class FundusClassificationTask(TaskBase):
+class FundusClassificationTask(FundusTransferTask):
     def __init__(self, config, log=print, run=None):
         super().__init__(config, log, run)
         self.root = data_root(config.data, log)
@@ -97,15 +98,6 @@ class FundusClassificationTask(TaskBase):
                                        hflip=self.config.data.hflip)
         return {"image": image, "label": np.int32(example["label"])}
 
-    def train_data(self):
-        # said here, not at construction: `evaluate` builds the task too, and its checkpoint's fraction is its own
-        self.log(f"fine-tuning on {len(self.train_set)} of {self._train_size} labelled training images "
-                 f"(data.label_fraction={self.config.data.label_fraction})")
-        return global_batch_dataset(
-            self.train_set, global_batch=self.global_batch, seed=int(self.config.seed),
-            transform=self._train_transform, process_index=jax.process_index(), process_count=jax.process_count(),
-            on_bad_example=self.on_bad_example)
-
     @functools.cached_property
     def _predict(self):
         """(sigmoid of the K outputs, class probabilities) of a batch of images."""
@@ -123,18 +115,26 @@ class FundusClassificationTask(TaskBase):
         self.verify_data(image_checks(dataset.image_paths, dataset.image_wheres))
         return dataset
 
-    def predict(self, params, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labels, predicted grades (`contig_grade`), class probabilities (N, num_classes)) over a split."""
+    def predict(self, params, split: str, with_loss: bool = False):
+        """(labels, predicted grades (`contig_grade`), class probabilities (N, num_classes)[, mean BCE of the
+        cumulative targets]) over a split."""
         dataset = self.split_dataset(split)
         transform = lambda ex: {"image": fundus_eval_transform(ex["image"]), "label": np.int32(ex["label"])}
-        labels, grades, probs = [], [], []
+        labels, grades, probs, sigmoids = [], [], [], []
         for batch in eval_batches(dataset, self.run.eval_batch_size, transform):
             valid = batch["valid"]
             sigmoid, class_probs = (np.asarray(a)[valid] for a in self._predict(params, batch["image"]))
             grades.append(contig_grade(sigmoid))
             probs.append(class_probs)
+            sigmoids.append(sigmoid)
             labels.append(batch["label"][valid])
-        return np.concatenate(labels), np.concatenate(grades), np.concatenate(probs)
+        labels = np.concatenate(labels)
+        out = (labels, np.concatenate(grades), np.concatenate(probs))
+        if not with_loss:
+            return out
+        p = np.clip(np.concatenate(sigmoids).astype(np.float64), 1e-7, 1 - 1e-7)
+        targets = contig_grade_targets(labels, self.num_classes)
+        return out + (float(np.mean(-(targets * np.log(p) + (1 - targets) * np.log(1 - p)))),)
 
     def evaluate(self, params) -> dict[str, float]:
         labels, grades, probs = self.predict(params, self.config.data.eval_split)
@@ -148,15 +148,19 @@ class FundusClassificationTask(TaskBase):
             "auc_chance": AUC_CHANCE, "kappa_chance": KAPPA_CHANCE, "accuracy_chance": majority_fraction(labels),
         }
 
+    def validate(self, params) -> dict[str, float]:
+        """Validation BCE (ContIG's selection: `ModelCheckpoint(monitor="valid_loss")`), kappa and accuracy on
+        `data.val_split`."""
+        labels, grades, probs, loss = self.predict(params, self.config.data.val_split, with_loss=True)
+        return {"loss": loss, "kappa": quadratic_weighted_kappa(labels, grades, self.num_classes),
+                "accuracy": accuracy(labels, grades)}
+
+    def selection_metric(self):
+        return ("loss", "min")
+
     def load_pretrained(self, params, pretrained):
         """The ViT encoder of an MRM pretraining run (`image_encoder`) or of a classifier (`encoder`)."""
-        source = pretrained.get("image_encoder", pretrained.get("encoder"))
-        if source is None:
-            raise MedjaxInputError(f"init: the checkpoint has no `image_encoder` or `encoder` params (top-level keys: {sorted(pretrained)})")
-        encoder, mismatched = merge_params(params["encoder"], source)
-        if mismatched:
-            raise MedjaxInputError("init: the pretrained encoder does not match the model config: " + ", ".join(mismatched[:8]))
-        return dict(params, encoder=encoder)
+        return dict(params, encoder=self.merge_encoder(params["encoder"], self.pretrained_encoder(pretrained)))
 
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """MRM Tab. 1's metrics: AUC, kappa and accuracy in percent."""

@@ -16,6 +16,7 @@ that label (the original's under-90%-complete rule, stricter: our choice for a s
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import flax.linen as nn
@@ -49,11 +50,16 @@ class FVLMTask(TaskBase):
         dtype = jnp.dtype(config.dtype)
         self.text_init = m.get("init_text", "")
         text, self._text_variables = report_encoder(m, self.tokenizer, dtype, d.tokenizer or self.root)
+        self.model = self.build_model(text, dtype)
+
+    def build_model(self, text, dtype):
+        """The image-report model around the text tower (a subclass swaps the vision side: ViSD-Boost)."""
+        m = self.config.model
         vision = fvlm_lib.VolumeViT(volume_shape=self.crop_shape, patch=tuple(m.patch), width=m.width, depth=m.depth,
                                     num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout=m.dropout,
                                     key_blocks=tuple(m.key_blocks), remat=m.remat, dtype=dtype)
-        self.model = fvlm_lib.FVLM(vision, text, num_organs=len(self.organs), pool_heads=m.pool_heads,
-                                   embed_dim=m.embed_dim, init_temperature=config.loss.init_temperature, dtype=dtype)
+        return fvlm_lib.FVLM(vision, text, num_organs=len(self.organs), pool_heads=m.pool_heads,
+                             embed_dim=m.embed_dim, init_temperature=self.config.loss.init_temperature, dtype=dtype)
 
     # ---- shapes ------------------------------------------------------------------------------------------
     def work_per_example(self):
@@ -113,25 +119,31 @@ class FVLMTask(TaskBase):
                                     on_bad_example=self.on_bad_example)
 
     # ---- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, params) -> dict[str, float]:
+    def embedding_functions(self, params):
+        """(image_fn(volumes, masks), text_fn(input_ids, attention_mask), temperature) of trained params, jitted."""
         params = params.get("params", params) if isinstance(params, dict) and "params" in params else params
         params = jax.device_put(nn.unbox(params))
-        d, model = self.config.data, self.model
+        model = self.model
+        image_fn = jax.jit(lambda p, v, m: model.apply({"params": p}, v, m, method=fvlm_lib.FVLM.image_embeddings))
+        text_fn = jax.jit(lambda p, i, a: model.apply({"params": p}, i, a, method=fvlm_lib.FVLM.text_embeddings))
+        return (functools.partial(image_fn, params), functools.partial(text_fn, params),
+                float(np.asarray(params["temp"])))
+
+    def evaluate(self, params) -> dict[str, float]:
+        d = self.config.data
         test = self.dataset(d.eval_split)
         if not test.label_names:
             raise MedjaxInputError(f"{os.path.join(self.root, d.eval_split + '_labels.csv')}: the zero-shot evaluation needs "
                              "the split's label CSV")
-        image_fn = jax.jit(lambda p, v, m: model.apply({"params": p}, v, m, method=fvlm_lib.FVLM.image_embeddings))
-        text_fn = jax.jit(lambda p, i, a: model.apply({"params": p}, i, a, method=fvlm_lib.FVLM.text_embeddings))
+        image_fn, text_fn, temp = self.embedding_functions(params)
         transform = FVLMExample(self.tokenizer, self.crop_shape, d.max_length, train=False)
         embeds, intact = [], []
         for batch in eval_batches(test, int(self.run.eval_batch_size), transform):
             valid = batch["valid"]
-            out = image_fn(params, jnp.asarray(batch["volumes"]), jnp.asarray(batch["masks"]))
+            out = image_fn(jnp.asarray(batch["volumes"]), jnp.asarray(batch["masks"]))
             embeds.append(np.asarray(out)[valid]), intact.append(batch["intact"][valid])
         embeds, intact = np.concatenate(embeds), np.concatenate(intact)
         labels = np.asarray(test.labels, np.float32)
-        temp = float(np.asarray(params["temp"]))
         per_label = {}
         for column, organ, name in self.config.eval.labels:
             if column not in test.label_names or organ not in self.organs:
@@ -141,7 +153,7 @@ class FVLMTask(TaskBase):
             tokens = [tokenize(self.tokenizer, p, int(d.max_length)) for p in (f"Not {name}.", f"{name}.")]
             ids = jnp.asarray(np.stack([t["input_ids"] for t in tokens]))[:, None]
             mask = jnp.asarray(np.stack([t["attention_mask"] for t in tokens]))[:, None]
-            prompts = np.asarray(text_fn(params, ids, mask))[:, 0]  # (2, E): negative, positive
+            prompts = np.asarray(text_fn(ids, mask))[:, 0]  # (2, E): negative, positive
             keep = intact[:, o]
             y = labels[keep, c]
             if not 0 < y.sum() < len(y):

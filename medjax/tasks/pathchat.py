@@ -14,7 +14,8 @@ Vicuna / Llama 2) for the LLaVA recipe; otherwise the towers are built from the 
 Evaluation (PathQABench's layout, `data.mcq_file` / `data.open_file`): multiple choice, image only and with
 the clinical context, as the option whose "{letter}. {choice}" reply has the highest log-likelihood (our
 choice: scoring instead of parsing a free answer); open-ended answers generated greedily and written, with
-the references, to `<workdir or data dir>/pathqabench_open_answers.jsonl` for judging; the eval loss on
+the references, to `pathqabench_open_answers.jsonl` beside evaluate's results (else in the workdir, else beside
+data.open_file) for judging; the eval loss on
 `data.eval_file`.
 """
 from __future__ import annotations
@@ -34,11 +35,12 @@ from medjax.data.pipelines.global_batches import eval_batches, global_batch_data
 from medjax.data.readers.image_io import read_image
 from medjax.data.readers.image_report import load_tokenizer, read_jsonl
 from medjax.data.verify import FileCheck
+from medjax.metrics.chance import CHANCE_SUFFIX, multiple_choice_chance
 from medjax.models.llava import Llava
 from medjax.nn.clip_vit import CLIPVisionTransformer
 from medjax.nn.llama import Llama
 from medjax.params import merge_params
-from medjax.tasks.base import TaskBase
+from medjax.tasks.base import TaskBase, markdown_table
 from medjax.tasks.pathchat_data import (IGNORE, IMAGE_TOKEN, ConversationDataset, ConversationExample, encode,
                                         image_pixels, pad_or_truncate, render)
 
@@ -70,7 +72,8 @@ class PathChatTask(TaskBase):
             from medjax.convert import hf
 
             self.model, self._llava_variables = hf.load(m.init_llava, scan=m.scan, dtype=dtype)
-            self.model = self.model.clone(projector=m.projector, num_queries=m.num_queries)
+            self.model = self.model.clone(projector=m.projector, num_queries=m.num_queries,
+                                          freeze_vision=bool(m.freeze_vision))
         else:
             vision = CLIPVisionTransformer(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width,
                                            depth=m.vision_feature_depth, num_heads=m.vision_heads,
@@ -90,7 +93,8 @@ class PathChatTask(TaskBase):
                 language, self._llm_variables = hf.load(m.init_llm, scan=m.scan, dtype=dtype)
                 language = language.clone(remat=m.remat)
             self.model = Llava(vision_tower=vision, language_model=language, image_token_id=self.image_token_id,
-                               projector=m.projector, num_queries=m.num_queries, dtype=dtype)
+                               projector=m.projector, num_queries=m.num_queries,
+                               freeze_vision=bool(m.freeze_vision), dtype=dtype)
         if len(self.tokenizer) > self.model.language_model.vocab_size:
             raise DataError(f"the tokenizer has {len(self.tokenizer)} tokens, more than the LLM's vocab_size="
                             f"{self.model.language_model.vocab_size}")
@@ -157,12 +161,30 @@ class PathChatTask(TaskBase):
                                     prefetch_threads=int(d.prefetch_threads), on_bad_example=self.on_bad_example)
 
     # ---- evaluation -------------------------------------------------------------------------------------
+    def _chat_template(self) -> str:
+        """The template questions are asked in: the run's, or vicuna_v1 after stage 1's "plain" (which has none)."""
+        return self.example.template if self.example.template != "plain" else "vicuna_v1"
+
+    def pixels(self, image_path: str) -> np.ndarray:
+        """The model's image input (size, size, 3) float32 of an image file (LLaVA-1.5's preprocessing)."""
+        return image_pixels(Image.fromarray(read_image(image_path)), self.image_size)
+
+    def prompt_ids(self, question: str, where: str) -> np.ndarray:
+        """int32 ids of a first human turn `<image>\\n{question}` in the chat template, up to where the assistant's
+        reply starts (what generation continues); refused naming `where` when longer than data.max_length."""
+        pieces = render([("human", IMAGE_TOKEN + "\n" + question), ("gpt", "x")], self._chat_template(), where)
+        prompt = pieces[:[i for i, (_, supervised) in enumerate(pieces) if supervised][0]]
+        ids, _ = encode(prompt, self.tokenizer, self.image_token_id, self.model.num_image_tokens)
+        if len(ids) > self.max_length:
+            raise DataError(f"{where}: the prompt has {len(ids)} tokens, more than data.max_length={self.max_length}")
+        return ids
+
     def _row(self, image_path: str, question: str, answer: str, where: str) -> dict:
         turns = [("human", IMAGE_TOKEN + "\n" + question), ("gpt", answer)]
-        ids, labels = encode(render(turns, self.example.template if self.example.template != "plain" else "vicuna_v1",
-                                    where), self.tokenizer, self.image_token_id, self.model.num_image_tokens)
+        ids, labels = encode(render(turns, self._chat_template(), where), self.tokenizer, self.image_token_id,
+                             self.model.num_image_tokens)
         row = pad_or_truncate(ids, labels, self.max_length, self.example.pad_id, self.image_token_id, where)
-        return dict(row, pixel_values=image_pixels(Image.fromarray(read_image(image_path)), self.image_size))
+        return dict(row, pixel_values=self.pixels(image_path))
 
     def evaluate(self, params) -> dict[str, float]:
         d = self.config.data
@@ -218,27 +240,23 @@ class PathChatTask(TaskBase):
                 picks.append(int(np.argmin(nll[offset:offset + k])))
                 offset += k
             out[f"mcq_{setting}_accuracy"] = float(np.mean(np.asarray(picks) == np.asarray(truth)))
+            out[f"mcq_{setting}_accuracy{CHANCE_SUFFIX}"] = multiple_choice_chance([len(r["choices"]) for _, r in rows])
         return out
+
+    def results_table(self, exp: str, columns) -> str:
+        """PathQABench's accuracies in percent, each with its chance level (a random pick) beside it."""
+        return markdown_table(exp, columns, percent=tuple(f"mcq_{s}_accuracy" for s in ("image_only", "with_context")))
 
     def _open_ended(self, params) -> int:
         from medjax.generate import generate
 
         path = self._file(self.config.data.open_file)
         rows = read_jsonl(path, required=("image", "question"))
-        out_dir = self.run.workdir or os.path.dirname(path)
-        template = self.example.template if self.example.template != "plain" else "vicuna_v1"
+        out_dir = self.run.results_dir or self.run.workdir or os.path.dirname(path)
         prompts, pixels = [], []
         for line, row in rows:
-            turns = [("human", IMAGE_TOKEN + "\n" + row["question"]), ("gpt", "x")]
-            pieces = render(turns, template, f"{path}: line {line}")
-            prompt = pieces[:[i for i, (_, sup) in enumerate(pieces) if sup][0]]  # up to the first reply
-            ids, _ = encode(prompt, self.tokenizer, self.image_token_id, self.model.num_image_tokens)
-            if len(ids) > self.max_length:
-                raise DataError(f"{path}: line {line}: field 'question': the prompt has {len(ids)} tokens, more than "
-                                f"data.max_length={self.max_length}")
-            prompts.append(ids)
-            pixels.append(image_pixels(Image.fromarray(read_image(os.path.join(self.root, row["image"]))),
-                                       self.image_size))
+            prompts.append(self.prompt_ids(row["question"], f"{path}: line {line}: field 'question'"))
+            pixels.append(self.pixels(os.path.join(self.root, row["image"])))
         size, texts = int(self.run.eval_batch_size), []
         for start in range(0, len(prompts), size):  # left-padded to max_length: one compiled program
             chunk = list(range(start, min(start + size, len(prompts))))

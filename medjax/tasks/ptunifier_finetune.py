@@ -6,6 +6,8 @@ pipeline and the eval-batch loop. One task per downstream kind, each registered 
 * `ptunifier_classification` medjax/tasks/ptunifier_classification.py  (CheXpert, RSNA pneumonia)
 * `ptunifier_retrieval`      medjax/tasks/ptunifier_retrieval.py       (ROCO)
 * `ptunifier_nli`            medjax/tasks/ptunifier_nli.py             (RadNLI)
+* `ptunifier_melinda`        medjax/tasks/ptunifier_melinda.py         (MELINDA)
+* `ptunifier_reportgen`      medjax/tasks/ptunifier_reportgen.py       (MIMIC-CXR report generation / summarisation)
 
 Optimisation as the original (configuration, experiments/_ptunifier_finetune.py): AdamW (0.9, 0.98), wd
 0.01 except biases/norms, lr 5e-6 with x`head` for the heads and x`multi_modal` for the fusion,
@@ -54,6 +56,7 @@ class PTUnifierFinetuneTask(TaskBase):
 
     TABLE: ClassVar[tuple[tuple[str, str], ...]] = ()
     TABLE_SCALE: ClassVar[float] = 1.0
+    NEW_PARAMS: ClassVar[tuple[str, ...]] = ("task_head",)  # top-level params a pretraining run lacks
 
     def __init__(self, config, log=print, run=None):
         super().__init__(config, log, run)
@@ -63,7 +66,7 @@ class PTUnifierFinetuneTask(TaskBase):
         self.train_set = self.training_set()
         log(f"ptunifier fine-tuning ({config.task}): {len(self.train_set)} training examples")
         self.model_cfg = self._model_config()
-        self.model = finetune_model_from_config(self.model_cfg, self.num_outputs(), jnp.dtype(config.dtype))
+        self.model = self.build_model(jnp.dtype(config.dtype))
 
     # ---- what a kind defines -------------------------------------------------------------------
     def dataset(self, split: str):
@@ -77,6 +80,10 @@ class PTUnifierFinetuneTask(TaskBase):
     def example(self, ex: dict, rng=None) -> dict:
         """Arrays of one example; `rng` is given for training examples only (augmentation: `self.image`)."""
         raise NotImplementedError(f"{type(self).__name__}.example")
+
+    def build_model(self, dtype):
+        """The backbone + task head of `num_outputs()` classes (a kind with another model overrides this)."""
+        return finetune_model_from_config(self.model_cfg, self.num_outputs(), dtype)
 
     def training_set(self):
         """The training rows: the whole `data.train_split` unless a kind subsamples it."""
@@ -131,7 +138,8 @@ class PTUnifierFinetuneTask(TaskBase):
     def checked_dataset(self, split: str):
         """`dataset(split)` with its images checked at build (data.verify, medjax.data.verify)."""
         dataset = self.dataset(split)
-        if isinstance(dataset, (finetune_data.VQADataset, finetune_data.MultiLabelDataset)):
+        if isinstance(dataset, (finetune_data.VQADataset, finetune_data.MultiLabelDataset,
+                                finetune_data.ImageTextLabelDataset, finetune_data.ReportDataset)):
             self.verify_data(image_report_checks(dataset.images))  # their images: an ImageReportDataset
         elif isinstance(dataset, ImageReportDataset):
             self.verify_data(image_report_checks(dataset))
@@ -194,7 +202,7 @@ class PTUnifierFinetuneTask(TaskBase):
         `adapt_position_encoding`)."""
         pretrained = self.adapt_position_table(params, pretrained)
         merged, skipped = merge_params(params, pretrained)
-        missing = [s for s in skipped if not s.startswith("task_head")]
+        missing = [s for s in skipped if not s.startswith(self.NEW_PARAMS)]
         if missing:
             raise MedjaxInputError("init: the checkpoint does not match the model config: " + ", ".join(missing[:8]))
         return merged

@@ -3,8 +3,8 @@ datasets), from JSONL manifests or the original's Arrow files.
 
 * VQA (VQA-RAD, SLAKE, MedVQA-2019): JSONL, one question per line
       {"image": path, "question": str, "answer": str, "answer_type": "closed"|"open", "split": ...}
-  answers are normalised (lower case, punctuation and articles dropped) and numbered in order of first
-  appearance over ALL splits (the original's `make_arrow_vqa` vocabulary); or the original's Arrow
+  answers are normalised as the original's `normalize_word` (medjax/data/vqa_answers.py: punctuation,
+  number words to digits, articles, contractions) and numbered in order of first appearance over ALL splits (the original's `make_arrow_vqa` vocabulary); or the original's Arrow
   (one row per image: questions, answer_labels, answer_scores, answer_type (0 closed, 1 open) lists).
 * multi-label classification (CheXpert, RSNA pneumonia): JSONL {"image", "labels": [0/1, ...]} or Arrow
   with the label list in `label_column` (the original's `chexpert` / `pnsa_pneumonia`).
@@ -12,24 +12,28 @@ datasets), from JSONL manifests or the original's Arrow files.
   one-string lists, integer `label`); classes in the original's order (its Arrow files and `cls_head`):
   contradiction 0, entailment 1, neutral 2, whether given by name or by index, in either format.
 * retrieval (ROCO): the image-report data itself (`medjax.data.readers.image_report`).
+* report generation / summarisation (MIMIC-CXR): JSONL {"image", "findings", "impression", "split"} or the
+  original's Arrow `clm_mimic_cxr_{split}.arrow` (image, caption, findings / impression lists, split).
+* image + text single-label classification (MELINDA): JSONL {"image", "caption", <label_column>: name or
+  index, "split"} or the original's Arrow (image, caption list, one label per caption in <label_column>:
+  `i_meth`, `p_meth`, `i_meth_label`, `p_meth_label`); class names are numbered in sorted order over ALL
+  rows of the file, as the original's `make_arrow_melinda` does over its three splits.
 
 A file name may hold `{split}` (the originals keep one Arrow file per split).
 """
 from __future__ import annotations
 
 import os
-import re
-import string
 
 import numpy as np
 
 from medjax.data.readers.fundus_genome import DataError
 from medjax.data.readers.image_report import SPLITS, ImageReportDataset, read_jsonl
+from medjax.data.vqa_answers import normalize_answer
 from medjax.errors import MedjaxInputError
 
 NLI_LABELS = ("contradiction", "entailment", "neutral")  # the original's label ids (make_arrow_nli)
 CLOSED, OPEN = 0, 1
-_ARTICLES = {"a", "an", "the"}
 
 
 def resolve(root: str, name: str, split: str) -> str:
@@ -47,14 +51,6 @@ def row_split(split: str) -> str | None:
     """The rows of `split` to keep in its file: train/val/test filter by the file's `split` field; any other
     split name is a file of its own (a fixed subset) and keeps every row (None)."""
     return split if split in SPLITS else None
-
-
-def normalize_answer(answer) -> str:
-    """Lower case, punctuation removed (except inside numbers), articles dropped, spaces collapsed."""
-    text = str(answer).lower().strip()
-    text = re.sub(r"(?<!\d)[.,](?!\d)", " ", text)
-    text = text.translate(str.maketrans({c: " " for c in string.punctuation if c not in ".,"}))
-    return " ".join(w for w in text.split() if w not in _ARTICLES)
 
 
 def answer_vocabulary(path: str) -> list[str]:
@@ -198,3 +194,97 @@ class NLIDataset:
     def __getitem__(self, i: int) -> dict:
         a, b, label = self.pairs[i]
         return {"text_a": a, "text_b": b, "label": np.int32(label)}
+
+
+class ImageTextLabelDataset:
+    """(image, caption, class) samples, one per caption (the original's `CLSMELINDADataset`). Items:
+    {"image": PIL, "caption": str, "label": int32}. `classes`: the sorted class names when the file names
+    them (JSONL), else None (the labels are already class indices, as in the original's Arrow files)."""
+
+    def __init__(self, path: str, split: str | None, *, label_column: str):
+        self.images = ImageReportDataset(path, split=split, caption_field="caption", per_caption=True)
+        self.classes = _class_names(path, label_column) if not path.endswith(".arrow") else None
+        index = {name: k for k, name in enumerate(self.classes or ())}
+        self.labels = []
+        for i, caps in enumerate(self.images.captions):
+            row, where = self.images.row(i), self.images.where(i)
+            if label_column not in row:
+                raise DataError(f"{where}: missing field {label_column!r} (the class label)")
+            value = row[label_column]
+            values = value if isinstance(value, list) else [value] * len(caps)
+            if len(values) != len(caps):
+                raise DataError(f"{where}: field {label_column!r} holds {len(values)} labels for {len(caps)} captions")
+            self.labels.append([_class_index(v, index, where, label_column) for v in values])
+
+    @property
+    def num_classes(self) -> int:
+        """The named classes, else the largest index + 1."""
+        return len(self.classes) if self.classes is not None else 1 + max(max(v) for v in self.labels)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.images[i]
+        return {"image": ex["image"], "caption": ex["caption"],
+                "label": np.int32(self.labels[ex["image_index"]][ex["caption_index"]])}
+
+    def describe(self, i: int) -> str:
+        return self.images.describe(i)
+
+
+def _class_names(path: str, column: str) -> list[str] | None:
+    """Sorted distinct string labels of `column` over every row of a JSONL file; None when they are indices."""
+    values = set()
+    for line, row in read_jsonl(path, (column,)):
+        for v in row[column] if isinstance(row[column], list) else [row[column]]:
+            values.add(v if isinstance(v, str) else None)
+    if None in values and len(values) > 1:
+        raise DataError(f"{path}: field {column!r} mixes class names and indices")
+    return None if None in values else sorted(values)
+
+
+def _class_index(value, index: dict, where: str, column: str) -> int:
+    if index:
+        if value not in index:
+            raise DataError(f"{where}: field {column!r} = {value!r} is not a class name")
+        return index[value]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise DataError(f"{where}: field {column!r} = {value!r}, expected a class name or a non-negative index")
+
+
+class ReportDataset:
+    """(image, findings, impression) samples, one per findings text (the original's `CLMMIMICCXRDataset`).
+    Items: {"image": PIL, "findings": str, "impression": str}."""
+
+    def __init__(self, path: str, split: str | None):
+        self.images = ImageReportDataset(path, split=split, caption_field="findings", per_caption=True)
+        self.impressions = []
+        for i, findings in enumerate(self.images.captions):
+            row, where = self.images.row(i), self.images.where(i)
+            if "impression" not in row:
+                raise DataError(f"{where}: missing field 'impression'")
+            value = row["impression"]
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, list) or len(values) != len(findings) or not all(
+                    isinstance(v, str) and v.strip() for v in values):
+                raise DataError(f"{where}: field 'impression' must hold one non-empty text per findings text "
+                                f"({len(findings)}), got {value!r:.80}")
+            self.impressions.append(values)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def texts(self, field: str) -> list[str]:
+        """Every sample's "findings" or "impression" (no image decoding)."""
+        return [self.images.captions[i][j] if field == "findings" else self.impressions[i][j]
+                for i, j in self.images.index]
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.images[i]
+        return {"image": ex["image"], "findings": ex["caption"],
+                "impression": self.impressions[ex["image_index"]][ex["caption_index"]]}
+
+    def describe(self, i: int) -> str:
+        return self.images.describe(i)

@@ -343,7 +343,7 @@ def uni_feature_fn(params: Any, *, dtype: Any = jnp.float32, **overrides) -> Fea
                          f"{sorted(params)}")
     model = uni_model(dtype=dtype, **{**uni_fields_from_params(params), **overrides})
     apply = jax.jit(lambda p, images: model.apply({"params": p}, images).astype(jnp.float32))
-    params = jax.device_put(params)
+    params = jax.device_put({"encoder": params["encoder"]})  # converted DINOv2 heads are not part of the feature
     return lambda images: apply(params, jnp.asarray(images))
 
 

@@ -167,7 +167,8 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
     return dinov2_lib.DINOv2Network(
         image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
         mlp_ratio=m.mlp_ratio, layerscale_init=m.layerscale_init, drop_path=m.drop_path,
-        drop_path_uniform=m.drop_path_uniform, num_register_tokens=m.num_register_tokens,
+        drop_path_uniform=m.drop_path_uniform, drop_add_residual=m.get("drop_add_residual", False),
+        num_register_tokens=m.num_register_tokens,
         interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias, remat=m.remat,
         scan=m.get("scan"),
         head_out_dim=h.out_dim, head_hidden_dim=h.hidden_dim, head_bottleneck_dim=h.bottleneck_dim,
@@ -295,8 +296,11 @@ class UNIPretrainTask(TaskBase):
 
     def transform(self) -> DinoTransform:
         c = self.config.crops
+        photometric = {k: (tuple(c[k]) if k == "jitter" else float(c[k]))
+                       for k in ("jitter", "jitter_prob", "grayscale_prob", "solarize_prob") if k in c}
         multicrop = DinoMultiCrop(global_size=c.global_size, local_size=c.local_size, global_scale=tuple(c.global_scale),
-                                  local_scale=tuple(c.local_scale), num_local=c.num_local, blur_probs=tuple(c.blur_probs))
+                                  local_scale=tuple(c.local_scale), num_local=c.num_local, blur_probs=tuple(c.blur_probs),
+                                  **photometric)
         return DinoTransform(multicrop)
 
     def batch_masks(self) -> BatchMasks:
@@ -337,14 +341,18 @@ class UNIPretrainTask(TaskBase):
         return uni_results_table(exp, columns)
 
     def load_pretrained(self, params, pretrained):
-        """Another UNI pretraining run's params (every leaf of the same path and shape), or converted UNI weights
-        ({"encoder": ...}: put into both student and teacher backbones)."""
+        """Another UNI pretraining run's params (every leaf of the same path and shape), or converted weights
+        ({"encoder": ...[, "dino_head", "ibot_head"]}: `python -m medjax.convert uni` / `dinov2`), put into both
+        the student and the teacher: the encoder into the backbones, converted DINOv2 heads into the heads."""
         pretrained = pretrained.get("params", pretrained) if isinstance(pretrained, dict) else pretrained
         if isinstance(pretrained, dict) and "encoder" in pretrained and "student" not in pretrained:
             merged = dict(params)
             for side in ("student", "teacher"):
                 net = dict(params[side])
                 net["backbone"], _ = merge_params(params[side]["backbone"], pretrained["encoder"])
+                for head in ("dino_head", "ibot_head"):
+                    if head in pretrained and head in net:
+                        net[head], _ = merge_params(params[side][head], pretrained[head])
                 merged[side] = net
             return merged
         return merge_params(params, pretrained)[0]

@@ -2,8 +2,8 @@
 as pytorch_model.bin / .safetensors against `medjax.convert.uni.load`, fp32 within 1e-4; and the full
 ViT-L/16 layout checked abstractly against the same PyTorch reference (no weights allocated on either side).
 
-timm itself is not a dependency (it needs torchvision, whose PyPI wheels do not load beside the project's
-CPU torch), so the reference is `TimmViT` below: a re-statement of the forward pass of timm 1.0's
+Here the reference is `TimmViT` below (tests/convert/test_uni_timm_parity.py checks UNI and UNI2-h against timm
+itself, which the test extra now installs): a re-statement of the forward pass of timm 1.0's
 `timm.models.vision_transformer.VisionTransformer` as UNI configures it (class token, learned position
 embeddings with no_embed_class=False, qkv bias, LayerScale, LayerNorm eps 1e-6, global_pool="token",
 num_classes=0), whose module names reproduce timm's state-dict keys exactly.
@@ -189,14 +189,14 @@ def test_bad_checkpoints_name_every_problem(tmp_path):
     assert len(expected) == 4 + 2 * 14 + 2  # cls, pos, patch w/b; 14 tensors per block; final norm
     state = {key: np.zeros(shape, np.float32) for key, shape in expected.items()}
     del state["blocks.1.ls1.gamma"]
-    state["reg_token"] = np.zeros((1, 4, 32), np.float32)
+    state["fc_norm.weight"] = np.zeros((32,), np.float32)
     state["blocks.0.mlp.fc1.weight"] = np.zeros((64, 32), np.float32)
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError) as error:
         uni.load(str(tmp_path / "bad.safetensors"), **TINY)
     message = str(error.value)
     assert "bad.safetensors" in message and "missing (1): blocks.1.ls1.gamma" in message
-    assert "unexpected (1): reg_token" in message
+    assert "unexpected (1): fc_norm.weight" in message
     assert "blocks.0.mlp.fc1.weight has shape (64, 32), expected (128, 32)" in message
     with pytest.raises(ValueError, match="unknown model field"):
         uni.uni_model(heads=3)

@@ -11,9 +11,10 @@ from medjax import config as config_lib
 from medjax.tasks import build_task
 from medjax import optim as optim_lib
 
-EXPERIMENTS = ("ptunifier_vqa", "ptunifier_cls", "ptunifier_retrieval", "ptunifier_nli")
+EXPERIMENTS = ("ptunifier_vqa", "ptunifier_cls", "ptunifier_retrieval", "ptunifier_nli", "ptunifier_melinda")
 TASK_OF = {"ptunifier_vqa": "ptunifier_vqa", "ptunifier_cls": "ptunifier_classification",
-           "ptunifier_retrieval": "ptunifier_retrieval", "ptunifier_nli": "ptunifier_nli"}
+           "ptunifier_retrieval": "ptunifier_retrieval", "ptunifier_nli": "ptunifier_nli",
+           "ptunifier_melinda": "ptunifier_melinda"}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,10 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
         assert 0.0 <= results["auc"] <= 1.0 and 0.0 <= results["f1"] <= 1.0 and results["examples"] == 32
     elif kind == "ptunifier_nli":
         assert results["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and results["examples"] == 4
+    elif kind == "ptunifier_melinda":  # i_meth = the first finding's shape: 5 classes named in sorted order
+        assert task.model.num_outputs == 5 and task.train_set.classes == sorted(task.train_set.classes)
+        assert results["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and results["examples"] == 4
+        assert task.selection_metric() == ("accuracy", "max") and task.validate(after)["examples"] == 4  # val split
     else:
         for prefix in ("", "itc_"):
             for way in ("ir", "tr"):
@@ -83,10 +88,12 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
                 assert 25.0 <= r5 <= r10 == 100.0 and 0.0 <= r1 <= r5  # 4 test pairs: R@5 and R@10 are 100
     table = task.results_table(exp, [("demo", results)])
     header = {"ptunifier_vqa": "demo Open | demo Closed | demo Overall", "ptunifier_classification": "demo AUC | demo F1",
-              "ptunifier_nli": "demo Accuracy", "ptunifier_retrieval": "demo I2T R@1"}[kind]
+              "ptunifier_nli": "demo Accuracy", "ptunifier_retrieval": "demo I2T R@1",
+              "ptunifier_melinda": "demo Accuracy"}[kind]
     assert header in table and table.count("\n") == 2
     chance = {"ptunifier_vqa": "closed_chance", "ptunifier_classification": "auc_chance",
-              "ptunifier_nli": "accuracy_chance", "ptunifier_retrieval": "tr_r1_chance"}[kind]
+              "ptunifier_nli": "accuracy_chance", "ptunifier_retrieval": "tr_r1_chance",
+              "ptunifier_melinda": "accuracy_chance"}[kind]
     scale = 1.0 if kind in ("ptunifier_vqa", "ptunifier_retrieval") else 100.0
     assert f" (chance {scale * results[chance]:.2f})" in table  # beside its number (issue #23)
     if kind == "ptunifier_retrieval":
@@ -132,12 +139,18 @@ def test_param_groups_follow_the_original():
 def test_every_config_variant_loads():
     for exp, variants in (("ptunifier_vqa", ("full", "slake", "medvqa2019", "demo", "tiny")),
                           ("ptunifier_cls", ("full", "rsna", "demo", "tiny")),
-                          ("ptunifier_retrieval", ("full", "demo", "tiny")), ("ptunifier_nli", ("full", "demo", "tiny"))):
+                          ("ptunifier_retrieval", ("full", "demo", "tiny")), ("ptunifier_nli", ("full", "demo", "tiny")),
+                          ("ptunifier_melinda", ("full", "p_meth", "i_meth_label", "p_meth_label", "demo", "tiny"))):
         for variant in variants:
             c = config_lib.get_config(exp, variant)
             assert c.task == TASK_OF[exp] and c.optim.lr == (5e-6 if variant not in ("demo", "tiny") else c.optim.lr)
             if variant not in ("demo", "tiny"):
                 assert c.data.image_size == 384 and c.model.vision_width == 768
     assert config_lib.get_config("ptunifier_vqa", "slake").finetune.num_answers == 222
+    melinda = {v: config_lib.get_config("ptunifier_melinda", v) for v in ("full", "p_meth", "i_meth_label", "p_meth_label")}
+    assert {v: (c.data.label_column, c.finetune.num_classes) for v, c in melinda.items()} == {
+        "full": ("i_meth", 85), "p_meth": ("p_meth", 45), "i_meth_label": ("i_meth_label", 15),
+        "p_meth_label": ("p_meth_label", 7)}  # the original's label_size
+    assert not melinda["full"].data.resized_crop and melinda["full"].data.max_text_len == 128
     with pytest.raises(ValueError, match="unknown variant"):
         config_lib.get_config("ptunifier_nli", "slake")

@@ -96,3 +96,29 @@ def test_resized_crop_per_dataset_as_the_run_scripts():
 def test_retrieval_recall_on_val_as_the_original():
     assert config_lib.get_config("ptunifier_retrieval", "full").data.eval_split == "val"
     assert config_lib.get_config("ptunifier_retrieval", "full", ["data.eval_split=test"]).data.eval_split == "test"
+
+
+def test_melinda_classes_from_arrow_and_jsonl_agree(tmp_path):
+    """JSONL class names are numbered in sorted order over all rows (the original's make_arrow_melinda), so a
+    JSONL file and the original's Arrow file of the same data give the same labels, one per caption."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    png = (tmp_path / "a.png").read_bytes()
+    methods = ["western blot", "microscopy", "pcr", "microscopy"]
+    splits = ["train", "train", "test", "train"]
+    with open(tmp_path / "melinda.jsonl", "w") as f:
+        for i, (m, s) in enumerate(zip(methods, splits)):
+            f.write(json.dumps({"image": "a.png", "caption": f"figure {i}", "p_meth": m, "split": s}) + "\n")
+    write_arrow(str(tmp_path / "cls_melinda_train.arrow"), {
+        "image": [png] * 3, "caption": [["figure 0"], ["figure 1"], ["figure 3"]],
+        "p_meth": [[2], [0], [0]], "split": ["train"] * 3})  # sorted: microscopy 0, pcr 1, western blot 2
+    jsonl = finetune_data.ImageTextLabelDataset(str(tmp_path / "melinda.jsonl"), "train", label_column="p_meth")
+    arrow = finetune_data.ImageTextLabelDataset(str(tmp_path / "cls_melinda_train.arrow"), "train", label_column="p_meth")
+    assert jsonl.classes == ["microscopy", "pcr", "western blot"] and jsonl.num_classes == 3
+    assert [int(jsonl[i]["label"]) for i in range(3)] == [int(arrow[i]["label"]) for i in range(3)] == [2, 0, 0]
+    assert [jsonl[i]["caption"] for i in range(3)] == [arrow[i]["caption"] for i in range(3)]
+    with open(tmp_path / "bad.jsonl", "w") as f:
+        f.write(json.dumps({"image": "a.png", "caption": "c", "split": "train"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl: line 1: missing field 'p_meth'"):
+        finetune_data.ImageTextLabelDataset(str(tmp_path / "bad.jsonl"), "train", label_column="p_meth")

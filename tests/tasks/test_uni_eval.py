@@ -84,14 +84,15 @@ def test_uni_feature_fn_on_converted_params():
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
     variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), images))
     params = jax.tree.map(np.asarray, variables["params"])  # host arrays, as restore_params returns them
-    assert uni_fields_from_params(params) == {**fields, "scan": False}
+    read = {**fields, "mlp_dim": 32, "mlp_activation": "gelu", "num_register_tokens": 0, "no_embed_class": False}
+    assert uni_fields_from_params(params) == {**read, "scan": False}
     features = uni_feature_fn({"params": params})(images)
     assert features.shape == (2, 16)
     # the scanned layout (encoder/blocks, layer on axis 0) is read off the params as well
     from medjax.nn.transformer import stack_layers
 
     scanned = stack_layers(params)
-    assert uni_fields_from_params(scanned) == {**fields, "scan": True}
+    assert uni_fields_from_params(scanned) == {**read, "scan": True}
     np.testing.assert_allclose(uni_feature_fn({"params": scanned})(images), features, atol=1e-5)
     # the same computation jitted separately (a persistent-cache hit): the wrapper adds nothing
     np.testing.assert_allclose(features, jax.jit(model.apply)(variables, images), atol=1e-5)

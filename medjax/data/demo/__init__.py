@@ -16,6 +16,7 @@ COMPLETE_MARKER = ".complete"  # written last by each maker, holding the maker's
 # file lock, rename into place), so concurrent first uses are safe.
 DEMO_MAKERS = {
     "fundus_genome": "medjax.data.demo.fundus_genome:make_fundus_genome_demo",
+    "fundus_transfer": "medjax.data.demo.fundus_transfer:make_fundus_transfer_demo",
     "ct": "medjax.data.demo.ct:make_ct_demo",
     "wsi": "medjax.data.demo.wsi:make_wsi_demo",
     "image_report": "medjax.data.demo.image_report:make_image_report_demo",

@@ -42,6 +42,7 @@ APTOS_PER_PARTICIPANT = 1.25
 _EXUDATE_RGB = np.array((238, 216, 96))
 _RED_DOT_RGB = np.array((112, 14, 10))
 _DISC_RGB = np.array((250, 228, 170), dtype=np.float32)
+DISC_U, DISC_RADIUS = 0.55, 0.14  # the optic disc's centre (canonical right-eye frame) and radius (FOV radii)
 
 
 def _vessel_segments(rng: np.random.Generator, grade: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
@@ -79,9 +80,11 @@ def _vessel_segments(rng: np.random.Generator, grade: int) -> list[tuple[np.ndar
     return segments
 
 
-def render_fundus(rng: np.random.Generator, grade: int, eye: str, size: int) -> np.ndarray:
+def render_fundus(rng: np.random.Generator, grade: int, eye: str, size: int, geometry: dict | None = None) -> np.ndarray:
     """A synthetic colour fundus photograph, uint8 (size, size + size // 4, 3), field of view a
-    disc of radius ~0.47 size on black (real photographs are wider than tall)."""
+    disc of radius ~0.47 size on black (real photographs are wider than tall). `geometry`, a dict, receives
+    where things are (cx, cy, radius in pixels, mirror, the optic disc's canonical centre (0.55, disc_v) and
+    radius DISC_RADIUS), for drawing masks; the picture is the same with or without it."""
     height, width = size, size + size // 4
     radius = 0.47 * size * rng.uniform(0.97, 1.0)
     cx = width / 2 + rng.uniform(-0.02, 0.02) * size
@@ -101,7 +104,10 @@ def render_fundus(rng: np.random.Generator, grade: int, eye: str, size: int) -> 
     image = tint * shade[..., None]
 
     disc_v = rng.uniform(-0.06, 0.06)
-    disc_weight = 1.0 / (1.0 + (((u - 0.55) ** 2 + (v - disc_v) ** 2) / 0.14 ** 2) ** 4)
+    disc_weight = 1.0 / (1.0 + (((u - DISC_U) ** 2 + (v - disc_v) ** 2) / DISC_RADIUS ** 2) ** 4)
+    if geometry is not None:
+        geometry.update(cx=cx, cy=cy, radius=radius, mirror=mirror, disc_u=DISC_U, disc_v=disc_v,
+                        disc_radius=DISC_RADIUS, height=height, width=width)
     image = image * (1 - disc_weight[..., None]) + _DISC_RGB * disc_weight[..., None]
 
     vessels = Image.new("L", (width, height), 0)

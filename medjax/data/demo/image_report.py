@@ -12,6 +12,10 @@
 - `vqa.jsonl`: `{"image", "question", "answer", "answer_type": "closed"|"open", "split"}`: yes/no
   questions about presence and position, open questions about colour, position, shape and count;
 - `classification.jsonl`: `{"image", "labels": five 0/1 (one per shape), "split"}`;
+- `melinda.jsonl`: `{"image", "caption": report, "i_meth": the first finding's shape, "p_meth": its
+  colour, "split"}` (MELINDA's image + text classification layout);
+- `reports.jsonl`: `{"image", "findings": report, "impression": a one-line summary, "split"}` (the
+  MIMIC-CXR report generation / summarisation layout);
 - `nli.jsonl`: `{"text_a": report without sizes, "text_b": statement, "label", "split"}` with label
   entailment (a true colour/position), contradiction (a wrong one) or neutral (the unreported size);
 - `tokenizer/`: a byte-level BPE tokenizer with RoBERTa's special tokens and ids (<s> 0, <pad> 1,
@@ -39,6 +43,7 @@ SIZES = ("small", "large")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 NUMBERS = ("zero", "one", "two")
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa's ids 0..4
+DEMO_FILES = ("manifest.jsonl", "vqa.jsonl", "classification.jsonl", "nli.jsonl", "melinda.jsonl", "reports.jsonl")
 
 
 def _draw_finding(draw: ImageDraw.ImageDraw, f: dict, size: int) -> None:
@@ -133,6 +138,12 @@ def _nli(findings: list[dict], rng: np.random.Generator) -> tuple[str, str]:
     return f"The {f['shape']} is in the {vertical} half.", label
 
 
+def _impression(findings: list[dict]) -> str:
+    """A one-sentence summary of the findings (colour and shape), the demo's MIMIC-CXR "impression"."""
+    names = " and ".join(f"{f['colour']} {f['shape']}" for f in findings)
+    return f"{NUMBERS[len(findings)].capitalize()} finding{'s' if len(findings) > 1 else ''}: {names}."
+
+
 def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 400) -> None:
     """A byte-level BPE tokenizer with RoBERTa's special tokens and template, saved for AutoTokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -164,7 +175,7 @@ def make_image_report_demo(out_dir: str, *, num_images: int = 400, image_size: i
     params = {"num_images": num_images, "image_size": image_size, "seed": seed}
     write = functools.partial(_write_image_report_demo, params=params,
                               num_images=num_images, image_size=image_size, seed=seed)
-    return build_demo(out_dir, params, write)
+    return build_demo(out_dir, params, write, required=DEMO_FILES)
 
 
 def _write_image_report_demo(out_dir: str, *, params: dict, num_images, image_size, seed) -> None:
@@ -177,7 +188,8 @@ def _write_image_report_demo(out_dir: str, *, params: dict, num_images, image_si
     n_train, n_val = int(0.8 * num_images), int(0.9 * num_images)
     split[order[:n_train]], split[order[n_train:n_val]], split[order[n_val:]] = "train", "val", "test"
 
-    manifest, vqa, cls, nli, arrow_rows = [], [], [], [], {s: [] for s in ("train", "val", "test")}
+    manifest, vqa, cls, nli, melinda, reports = [], [], [], [], [], []
+    arrow_rows = {s: [] for s in ("train", "val", "test")}
     for i in range(num_images):
         item_rng = np.random.default_rng([seed, 1, i])
         findings = _sample_findings(item_rng)
@@ -194,6 +206,10 @@ def _write_image_report_demo(out_dir: str, *, params: dict, num_images, image_si
             vqa.append({"image": rel, "question": q, "answer": a, "answer_type": t, "image_id": image_id, "split": s})
         present = {f["shape"] for f in findings}
         cls.append({"image": rel, "labels": [int(name in present) for name in SHAPES], "image_id": image_id, "split": s})
+        melinda.append({"image": rel, "caption": report, "i_meth": findings[0]["shape"],
+                        "p_meth": findings[0]["colour"], "image_id": image_id, "split": s})
+        reports.append({"image": rel, "findings": report, "impression": _impression(findings), "image_id": image_id,
+                        "split": s})
         hypothesis, label = _nli(findings, item_rng)
         nli.append({"text_a": _report(findings, item_rng, with_size=False), "text_b": hypothesis, "label": label,
                     "split": s})
@@ -202,6 +218,8 @@ def _write_image_report_demo(out_dir: str, *, params: dict, num_images, image_si
     _write_jsonl(os.path.join(out_dir, "vqa.jsonl"), vqa)
     _write_jsonl(os.path.join(out_dir, "classification.jsonl"), cls)
     _write_jsonl(os.path.join(out_dir, "nli.jsonl"), nli)
+    _write_jsonl(os.path.join(out_dir, "melinda.jsonl"), melinda)
+    _write_jsonl(os.path.join(out_dir, "reports.jsonl"), reports)
     for s, rows in arrow_rows.items():
         write_arrow(os.path.join(out_dir, "arrow", f"image_report_{s}.arrow"),
                     {"image": [r[0] for r in rows], "caption": [r[1] for r in rows],

@@ -1,10 +1,10 @@
 """Synthetic pathology instruction data in LLaVA's formats, for PathChat / LLaVA (Lu et al., Nature 2024).
 
 `make_pathology_chat_demo(out_dir)` writes:
-- `tiles/NNNNN.png`: "H&E tiles": a pink stroma background with nuclei drawn in one of four architectures
-  (diagnosis): adenocarcinoma (hollow glandular rings), squamous cell carcinoma (concentric keratin pearls),
-  lymphoma (sheets of small dark dots), sarcoma (parallel spindle streaks); the grade (low / high) sets the
-  nuclear density and the stain's darkness;
+- `tiles/NNNNN.png`: "H&E tiles": one of four architectures (diagnosis), each in its own stain palette:
+  adenocarcinoma (glands: white lumens in rims of nuclei, pale pink), squamous cell carcinoma (concentric keratin
+  pearls, orange-pink), lymphoma (sheets of small dark blue nuclei, lilac), sarcoma (parallel magenta spindle
+  streaks); the grade (low / high) sets the nuclear density and darkness;
 - `pretrain.json` (stage 1, template "plain"): a JSON list of LLaVA records `{"id", "image",
   "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]}`;
 - `instruct_train.json` / `instruct_val.json` (stage 2): multi-turn records whose answers depend on the tile
@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from medjax.data.demo import build_demo
+from medjax.tasks.pathchat_data import template_fixed_texts
 
 DIAGNOSES = ("adenocarcinoma", "squamous cell carcinoma", "lymphoma", "sarcoma")
 ARCHITECTURE = {"adenocarcinoma": "hollow glandular rings", "squamous cell carcinoma": "concentric keratin pearls",
@@ -35,29 +36,42 @@ IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
 
 
+# Each diagnosis has its own stain palette (stroma, nuclei) besides its architecture, as H&E shows them: glands with
+# white lumens, eosinophilic (orange-pink) keratin, basophilic (blue) lymphoid sheets, magenta spindle fascicles. The
+# colour makes the diagnosis visible to the demo's randomly initialised, frozen vision tower (features of random
+# ViTs keep mean colour, barely texture: with one palette for all four the tiles' image tokens were 0.998 cosine-
+# similar and the LLM learned to ignore them -- issue #23; our choice, the demo's planted signal).
+PALETTES = {"adenocarcinoma": ((240, 200, 215), (120, 60, 160)),  # (stroma RGB, nuclei RGB)
+            "squamous cell carcinoma": ((245, 170, 150), (200, 80, 60)),
+            "lymphoma": ((200, 170, 220), (50, 40, 140)), "sarcoma": ((230, 150, 190), (150, 30, 110))}
+
+
 def render_tile(diagnosis: str, grade: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (size, size, 3) tile: pink stroma with the diagnosis's nuclear architecture at the grade's density."""
-    stroma = tuple(int(c) for c in np.array([236, 180, 200]) + rng.integers(-12, 12, 3))
+    """uint8 (size, size, 3) tile: the diagnosis's stroma colour with its nuclear architecture drawn in its nuclear
+    colour, at the grade's density and darkness (high grade: twice the structures, 40 % darker nuclei)."""
+    stroma, nucleus = PALETTES[diagnosis]
+    stroma = tuple(int(c) for c in np.array(stroma) + rng.integers(-10, 10, 3))
     canvas = Image.new("RGB", (size, size), stroma)
     draw = ImageDraw.Draw(canvas)
-    dark = 0.55 if grade == "high" else 1.0
-    nucleus = tuple(int(c * dark) for c in (110, 50, 150))
-    count = int((10 if grade == "high" else 5) * (size / 32) ** 2 * rng.uniform(0.8, 1.2))
+    dark = 0.6 if grade == "high" else 1.0
+    nucleus = tuple(int(c * dark) for c in nucleus)
     s = size / 32
+    count = int((8 if grade == "high" else 4) * s ** 2 * rng.uniform(0.8, 1.2))
     for _ in range(count):
         x, y = rng.uniform(0, size, 2)
-        if diagnosis == "adenocarcinoma":
-            r = 3.5 * s
-            draw.ellipse((x - r, y - r, x + r, y + r), outline=nucleus, width=max(1, int(s)))
-        elif diagnosis == "squamous cell carcinoma":
-            for r, fill in ((4 * s, nucleus), (2.5 * s, (250, 120, 150)), (1 * s, nucleus)):
+        if diagnosis == "adenocarcinoma":  # glands: a white lumen in a rim of nuclei
+            r = rng.uniform(3.5, 5.5) * s
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(252, 250, 252), outline=nucleus,
+                         width=max(1, int(1.5 * s)))
+        elif diagnosis == "squamous cell carcinoma":  # keratin pearls: concentric nuclei / keratin / nucleus
+            for r, fill in ((5 * s, nucleus), (3.5 * s, (250, 140, 110)), (1.5 * s, nucleus)):
                 draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif diagnosis == "lymphoma":
-            for dx, dy in rng.uniform(-3 * s, 3 * s, (4, 2)):
-                r = 0.9 * s
+        elif diagnosis == "lymphoma":  # sheets of small round dark nuclei
+            for dx, dy in rng.uniform(-4 * s, 4 * s, (8, 2)):
+                r = 1.2 * s
                 draw.ellipse((x + dx - r, y + dy - r, x + dx + r, y + dy + r), fill=nucleus)
-        else:
-            draw.line((x - 5 * s, y - 1.5 * s, x + 5 * s, y + 1.5 * s), fill=nucleus, width=max(1, int(1.2 * s)))
+        else:  # sarcoma: parallel spindle-shaped streaks
+            draw.line((x - 8 * s, y - 2.5 * s, x + 8 * s, y + 2.5 * s), fill=nucleus, width=max(1, int(1.5 * s)))
     noise = rng.normal(0, 6, (size, size, 3))
     return np.clip(np.asarray(canvas, np.float32) + noise, 0, 255).astype(np.uint8)
 
@@ -107,7 +121,7 @@ def _train_tokenizer(texts: list[str], out_dir: str, vocab_size: int) -> None:
 def make_pathology_chat_demo(out_dir: str, num_tiles: int = 240, tile_size: int = 32, num_eval: int = 32,
                              vocab_size: int = 1000, seed: int = 0) -> str:
     params = dict(num_tiles=num_tiles, tile_size=tile_size, num_eval=num_eval, vocab_size=vocab_size, seed=seed,
-                  version=2)  # version: bumped when the content changes, so caches are remade
+                  version=4)  # version: bumped when the content changes, so caches are remade
     def write(out_dir: str) -> None:  # into a fresh temporary directory (build_demo renames it into place)
         rng = np.random.default_rng(seed)
         os.makedirs(os.path.join(out_dir, "tiles"), exist_ok=True)
@@ -135,10 +149,11 @@ def make_pathology_chat_demo(out_dir: str, num_tiles: int = 240, tile_size: int 
                                "reference": f"There are {ARCHITECTURE[diagnosis]}."})
         texts += [f"A biopsy from the {organ}. " + " ".join(f"{a}. {d}" for a, d in zip("ABCD", DIAGNOSES))
                   for organ in ORGANS.values()]
-        # The prompt templates' fixed words (medjax/tasks/pathchat_data.py), so they get merges of their own.
-        texts += ["A chat between a curious human and an artificial intelligence assistant.", "USER: ASSISTANT:",
-                  "[INST] <<SYS>> <</SYS>> [/INST]", "You are a helpful language and vision assistant.",
-                  "Options: Answer with the option's letter."] * 20
+        # As the templates put them: replies after a space (" {answer}"), so their first word is one token with its
+        # space (else a lone "▁" starts every reply and also ends it, before </s>: the demo answered nothing), and
+        # the templates' fixed texts (system prompts, role tags) with merges of their own.
+        texts += [" " + text for text in texts]
+        texts += template_fixed_texts() * 20
         for name, records in (("pretrain.json", pretrain), ("instruct_train.json", train), ("instruct_val.json", val)):
             with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
                 json.dump(records, f, indent=1)
