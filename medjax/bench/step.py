@@ -75,7 +75,7 @@ def measure(config, steps: int, synthetic: bool = False) -> dict:
 
 
 def work_unit(task) -> tuple[str, int] | None:
-    """What one example is worth, from the task's `work_per_example()`: ("tokens", n) or ("voxels", n)."""
+    """What one example is worth, from the task's `work_per_example()`: ("tokens", n), ("voxels", n) or ("pixels", n)."""
     work = task.work_per_example()
     return None if work is None else (work[1], int(work[0]))
 

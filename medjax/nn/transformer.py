@@ -392,10 +392,11 @@ class _StackBlock(TransformerBlock):
         return x, (x if collect else None)
 
 
-def _remat(cls, policy: str, *, prevent_cse: bool):
+def _remat(cls, policy: str, *, prevent_cse: bool, static_argnums: tuple[int, ...]):
+    """`train`, `collect` (and, unrolled, the per-call relation-mask ratio) are static; argnum 0 is self."""
     if policy == "none":
         return cls
-    return nn.remat(cls, static_argnums=(4, 5, 6), policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
+    return nn.remat(cls, static_argnums=static_argnums, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, **block_fields):
@@ -405,9 +406,9 @@ def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, *
     if len(rates) != depth:
         raise ValueError(f"medjax/nn/transformer.py block_stack: {len(rates)} drop-path rates for {depth} layers")
     if not scan:
-        block = _remat(_StackBlock, remat, prevent_cse=True)
+        block = _remat(_StackBlock, remat, prevent_cse=True, static_argnums=(4, 5, 6))
         return [block(drop_path=float(rate), **block_fields) for rate in rates]
-    block = _remat(_StackBlock, remat, prevent_cse=False)  # scan already keeps the recomputation apart
+    block = _remat(_StackBlock, remat, prevent_cse=False, static_argnums=(4, 5))  # scan already keeps the recomputation apart
     scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
                       metadata_params={nn.PARTITION_NAME: LAYERS})

@@ -18,7 +18,11 @@ from medjax.tasks.uni_pretrain import UNIPretrainTask, cosine_schedule
 
 @pytest.fixture(scope="module")
 def task():
-    return UNIPretrainTask(config_lib.get_config("uni_vitl16", "tiny"), log=lambda *_: None)  # no data is read
+    """tiny's shapes with the recipe's teacher momentum and base lr (tiny and demo raise both for short runs)."""
+    config = config_lib.get_config("uni_vitl16", "tiny")
+    full = config_lib.get_config("uni_vitl16", "full")
+    config.teacher.momentum, config.optim.lr = full.teacher.momentum, full.optim.lr
+    return UNIPretrainTask(config, log=lambda *_: None)  # no data is read
 
 
 def gelu(x):

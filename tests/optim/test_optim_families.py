@@ -79,6 +79,7 @@ def test_universal_decays_every_param_as_torch_adamw():
 
 def test_dinov2_matches_its_previous_optimizer():
     config = config_lib.get_config("uni_vitl16", "tiny")  # epoch 2 steps, batch 4, depth 2
+    config.optim.lr = config_lib.get_config("uni_vitl16", "full").optim.lr  # the recipe's base lr (tiny raises it)
     new_tx, new_lr = optim_lib.make_optimizer(config.optim, STEPS, global_batch=4)
     old = SimpleNamespace(lr=4e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.04, weight_decay_end=0.4, b1=0.9,
                           b2=0.999, eps=1e-8, clip_grad=3.0, layer_decay=0.9, patch_embed_lr_mult=0.2,
