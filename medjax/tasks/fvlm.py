@@ -129,6 +129,17 @@ class FVLMTask(TaskBase):
         return (functools.partial(image_fn, params), functools.partial(text_fn, params),
                 float(np.asarray(params["temp"])))
 
+    def eval_image_embeddings(self, test: CTReportDataset, image_fn) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings (scans, organs, E), intact (scans, organs) bool) of the test split: each scan's centre
+        crop (module docstring)."""
+        transform = FVLMExample(self.tokenizer, self.crop_shape, self.config.data.max_length, train=False)
+        embeds, intact = [], []
+        for batch in eval_batches(test, int(self.run.eval_batch_size), transform):
+            valid = batch["valid"]
+            out = image_fn(jnp.asarray(batch["volumes"]), jnp.asarray(batch["masks"]))
+            embeds.append(np.asarray(out)[valid]), intact.append(batch["intact"][valid])
+        return np.concatenate(embeds), np.concatenate(intact)
+
     def evaluate(self, params) -> dict[str, float]:
         d = self.config.data
         test = self.dataset(d.eval_split)
@@ -136,13 +147,7 @@ class FVLMTask(TaskBase):
             raise MedjaxInputError(f"{os.path.join(self.root, d.eval_split + '_labels.csv')}: the zero-shot evaluation needs "
                              "the split's label CSV")
         image_fn, text_fn, temp = self.embedding_functions(params)
-        transform = FVLMExample(self.tokenizer, self.crop_shape, d.max_length, train=False)
-        embeds, intact = [], []
-        for batch in eval_batches(test, int(self.run.eval_batch_size), transform):
-            valid = batch["valid"]
-            out = image_fn(jnp.asarray(batch["volumes"]), jnp.asarray(batch["masks"]))
-            embeds.append(np.asarray(out)[valid]), intact.append(batch["intact"][valid])
-        embeds, intact = np.concatenate(embeds), np.concatenate(intact)
+        embeds, intact = self.eval_image_embeddings(test, image_fn)
         labels = np.asarray(test.labels, np.float32)
         per_label = {}
         for column, organ, name in self.config.eval.labels:
