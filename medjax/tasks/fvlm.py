@@ -28,6 +28,7 @@ from medjax.data import demo as demo_lib
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.data.readers.image_report import load_tokenizer, tokenize
 from medjax.losses.organ_contrastive import organ_losses
+from medjax.metrics.chance import AUC_CHANCE, CHANCE_SUFFIX, majority_fraction, weighted_f1_chance
 from medjax.metrics.roc_threshold import binary_metrics
 from medjax.models import fvlm as fvlm_lib
 from medjax.params import merge_params
@@ -37,6 +38,15 @@ from medjax.tasks.fvlm_data import CTReportDataset, FVLMExample
 from medjax.errors import MedjaxInputError
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "weighted_f1", "precision")
+CHANCE_METRICS = ("auc", "accuracy", "weighted_f1", "precision")  # those with an input-blind level in the table
+
+
+def label_chance(labels: np.ndarray) -> dict[str, float]:
+    """One label's input-blind levels (medjax.metrics.chance): AUC 0.5; accuracy and weighted F1 of always
+    predicting the majority class; precision of a random positive call = the prevalence."""
+    y = np.asarray(labels).astype(np.int64)
+    return {"auc" + CHANCE_SUFFIX: AUC_CHANCE, "accuracy" + CHANCE_SUFFIX: majority_fraction(y),
+            "weighted_f1" + CHANCE_SUFFIX: weighted_f1_chance(y), "precision" + CHANCE_SUFFIX: float(y.mean())}
 
 
 class FVLMTask(TaskBase):
@@ -166,9 +176,9 @@ class FVLMTask(TaskBase):
             logits = embeds[keep, o] @ prompts.T / temp
             logits -= logits.max(1, keepdims=True)
             score = np.exp(logits[:, 1]) / np.exp(logits).sum(1)
-            per_label[column] = binary_metrics(y, score)
+            per_label[column] = dict(binary_metrics(y, score), **label_chance(y))
         results = {f"{m}": float(np.mean([r[m] for r in per_label.values()])) if per_label else float("nan")
-                   for m in METRICS}
+                   for m in METRICS + tuple(m + CHANCE_SUFFIX for m in CHANCE_METRICS)}
         results["labels_evaluated"] = float(len(per_label))
         for column, r in per_label.items():
             results[f"auc/{column}"] = r["auc"]
@@ -178,7 +188,8 @@ class FVLMTask(TaskBase):
         """The CT-RATE zero-shot table (Precision / ACC / F1 / AUC, %), the papers' rows above ours."""
         lines = ["| Method | Precision | ACC | F1 | AUC |", "|---|---|---|---|---|",
                  "| fVLM (paper) | 37.9 | 71.8 | 75.1 | 77.8 |", "| ViSD-Boost (paper) | 38.7 | 73.1 | 75.9 | 79.0 |"]
-        for label, r in columns:
+        for label, r in columns:  # chance (medjax.metrics.chance, macro over the same labels) beside each number
             lines.append(f"| medjax {exp} {label} | " + " | ".join(
-                f"{100 * r[k]:.1f}" for k in ("precision", "accuracy", "weighted_f1", "auc")) + " |")
+                f"{100 * r[k]:.1f}" + (f" (chance {100 * r[k + CHANCE_SUFFIX]:.1f})" if k + CHANCE_SUFFIX in r else "")
+                for k in ("precision", "accuracy", "weighted_f1", "auc")) + " |")
         return "\n".join(lines)
