@@ -11,7 +11,7 @@ Evaluation (`evaluate`, the CT-RATE zero-shot protocol): per label of `eval.labe
 prompt name), the organ's embedding of each scan's centre crop against the prompts "Not <name>." and
 "<name>."; score = softmax([v.t_neg, v.t_pos] / temp)[1]; AUC, then accuracy, sensitivity, specificity,
 weighted F1 and precision at the top-left ROC threshold (`medjax.metrics.roc_threshold`), macro over the
-labels that have both classes in the split. Scans whose organ is not intact in the crop are skipped for
+labels that have both classes in the split, each beside its input-blind level (`label_chance`). Scans whose organ is not intact in the crop are skipped for
 that label (the original's under-90%-complete rule, stricter: our choice for a single window).
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ each an experiment initialised from the previous one's workdir (`--set init=DIR`
   "vlp"   fVLM's organ-level image-report contrast (medjax.losses.organ_contrastive) on the hybrid
           (normality-boosted) features; the VQ-VAE frozen.
 The model: medjax.models.visd; the data, text tower, temperature clamp and CT-RATE zero-shot evaluation:
-fVLM's (medjax.tasks.fvlm, this task's base).
+fVLM's (medjax.tasks.fvlm, this task's base), except that each organ is scored in its own organ-centred window
+(`eval.windows="organ"`, medjax.tasks.visd_data.organ_window; "centre" = fVLM's centre crop).
 
 Params (one tree in every stage, so each stage's `init=` takes the previous one's leaves):
   {"model": the ViSD params, "batch_stats": the backbone's running BN statistics, "codebook": the VQ
