@@ -35,7 +35,7 @@ def test_aot_only_plans_a_sharded_step_without_allocating(demo_roots, capsys):
                                                           "mesh.rules=fsdp_tp"]
     assert step.mesh_overrides("fsdp=8", ["mesh.rules=fsdp"]) == ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]
     demo = demo_roots("pathology_chat")
-    overrides = [f"data.dir={demo}", "data.max_length=16"]
+    overrides = [f"data.dir={demo}", "data.max_length=16", "model.depth=1", "train.batch_size=8"]
     task = build_task(config_lib.get_config("pathchat_stage2", "tiny", overrides), log=lambda *_: None)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(jax.eval_shape(task.init_params,
                                                                                         jax.random.key(0)))))
