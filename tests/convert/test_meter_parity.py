@@ -27,12 +27,9 @@ FRESH = ("itc_image_norm", "itc_text_norm", "itc_image_proj", "itc_text_proj", "
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, demo_roots):
     """(task, torch METER, fresh task params, params after init= the converted METER, the CLI's output)."""
-    from medjax.data.demo.image_report import make_image_report_demo
-
-    tmp = tmp_path_factory.mktemp("meter")
-    demo = make_image_report_demo(str(tmp / "demo"), num_images=10, image_size=32)
+    tmp, demo = tmp_path_factory.mktemp("meter"), demo_roots("image_report")
     # the tiny PTUnifier (width 32, 2 heads, 1 CLIP block, 1 text layer) with CLIP's 4x FFN
     config = config_lib.get_config("ptunifier", "tiny", [f"data.dir={demo}", "model.vision_mlp_dim=128"])
     task = build_task(config, log=lambda *_: None)
