@@ -11,14 +11,16 @@ SMALL = ("embedding", "pool", "class_embedding", "position_embedding")
 
 
 def draw(rng: np.random.Generator, name: str, shape) -> np.ndarray:
-    noise = rng.normal(size=shape).astype(np.float32)
+    noise = rng.normal(size=shape)
     if name == "scale":
-        return 1.0 + 0.1 * noise
-    if name == "bias":
-        return 0.1 * noise
-    if name in SMALL or len(shape) < 2:
-        return 0.02 * noise
-    return noise / np.sqrt(shape[0])
+        value = 1.0 + 0.1 * noise
+    elif name == "bias":
+        value = 0.1 * noise
+    elif name in SMALL or len(shape) < 2:
+        value = 0.02 * noise
+    else:
+        value = noise / np.sqrt(shape[0])
+    return value.astype(np.float32)
 
 
 def random_params(abstract, seed: int = 0):
