@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax.linen import unbox
 
 from medjax import config as config_lib
 from medjax.checkpoint import restore_params
@@ -21,18 +20,16 @@ from medjax.convert import meter
 from medjax.convert.__main__ import main as convert_main
 from medjax.tasks import build_task
 from tests.convert.ptunifier_torch import Dims, TorchMETER
+from tests.models.random_params import random_params
 
 TOL = 1e-4
 FRESH = ("itc_image_norm", "itc_text_norm", "itc_image_proj", "itc_text_proj", "visual_prompts", "textual_prompts")
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, demo_roots):
     """(task, torch METER, fresh task params, params after init= the converted METER, the CLI's output)."""
-    from medjax.data.demo.image_report import make_image_report_demo
-
-    tmp = tmp_path_factory.mktemp("meter")
-    demo = make_image_report_demo(str(tmp / "demo"), num_images=10, image_size=32)
+    tmp, demo = tmp_path_factory.mktemp("meter"), demo_roots("image_report")
     # the tiny PTUnifier (width 32, 2 heads, 1 CLIP block, 1 text layer) with CLIP's 4x FFN
     config = config_lib.get_config("ptunifier", "tiny", [f"data.dir={demo}", "model.vision_mlp_dim=128"])
     task = build_task(config, log=lambda *_: None)
@@ -48,7 +45,7 @@ def converted(tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert convert_main(["meter", ckpt, "--out", out, "--heads", str(m.vision_heads)]) == 0
-    fresh = jax.device_get(unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0))))
+    fresh = random_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))  # stands in for the init
     merged = task.load_pretrained(fresh, restore_params(out))  # what the trainer does with --set init=out
     return task, model, fresh, merged, printed.getvalue(), restore_params(out)
 
