@@ -77,7 +77,7 @@ def test_slice_scores_equal_numpy_attention_of_the_model(model_and_params):
 
 
 def test_scanned_encoder_gives_the_same_slice_scores(model_and_params):
-    from medjax.nn.transformer import stack_layers
+    from medjax.nn.transformer_layout import stack_layers
 
     model, params, volume = model_and_params
     scanned = tiny_model(scan=True)
