@@ -120,3 +120,27 @@ def test_pretrain_finetune_evaluate(fundus_demo, pretrained, tmp_path):
     assert "| Method | 50% auc | 50% kappa | 50% accuracy |" in table
     results = json.load(open(os.path.join(fine, "results.json")))[0]
     assert 0.0 <= results["auc"] <= 1.0 and -1.0 <= results["kappa"] <= 1.0 and results["examples"] > 0
+
+
+def test_per_chromosome_genotypes_through_the_config(fundus_demo, tmp_path):
+    """`--set data.genotypes='ukb_chr{c}_v2'` (ContIG's one PLINK file set per chromosome) reaches the reader from
+    the experiment config: each item's genome is every s-th SNP within each chromosome's file (ContIG's
+    `slice(0, None, s)` per file), in chromosome order, dosages as count_A1=False."""
+    from medjax.data.readers.plink import read_plink, write_plink
+
+    root = tmp_path / "ukb"
+    root.mkdir()
+    (root / "manifest.csv").write_text(open(os.path.join(fundus_demo, "manifest.csv")).read())
+    os.symlink(os.path.join(fundus_demo, "images"), root / "images")
+    merged = read_plink(os.path.join(fundus_demo, "genotypes"))
+    files = {1: merged.genotypes[:, :70].astype(int), 2: merged.genotypes[:, 70:130].astype(int)}
+    for c, genotypes in files.items():
+        write_plink(str(root / f"ukb_chr{c}_v2"), genotypes, merged.iids, chromosomes=[c] * genotypes.shape[1])
+    config = config_lib.get_config("mrm_retina", "tiny", [f"data.dir={root}", "data.genotypes=ukb_chr{c}_v2",
+                                                          "data.chromosomes=[1, 2]", "data.snp_stride=3",
+                                                          *SINGLE_DEVICE])
+    task = build_task(config, **QUIET)
+    row = merged.iids.index(task.dataset.participant_ids[0])
+    expected = np.concatenate([files[c][row, slice(0, None, 3)] for c in (1, 2)])
+    np.testing.assert_array_equal(task.dataset[0]["genome"], expected)
+    assert task.dataset.num_snps == len(range(0, 70, 3)) + len(range(0, 60, 3))

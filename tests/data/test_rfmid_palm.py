@@ -29,7 +29,7 @@ def test_rfmid_layout_and_contig_labels(transfer_demo):
     item = train[0]
     assert item["image"].shape == (32, 32, 3) and item["image"].dtype == np.uint8
     assert item["label"].shape == (43,) and item["label"].dtype == np.float32
-    assert [len(RFMiDDataset(root, s, image_size=32)) for s in ("train", "val", "test")] == [16, 8, 8]
+    assert [len(RFMiDDataset(root, s, image_size=32)) for s in ("train", "val", "test")] == [64, 16, 48]
     assert RFMiDDataset(root, "test", image_size=32, drop=()).num_labels == 46
 
 
