@@ -34,6 +34,15 @@ def _loss(model, params, train=False):
     return jnp.mean(jnp.sin(out))
 
 
+_jit_loss = jax.jit(_loss, static_argnums=(0, 2))  # one compile per (model, train), not one per op
+
+
+@pytest.fixture(scope="module")
+def reference(unrolled_params):
+    """Loss and gradients of the plain unrolled stack (no remat), which every layout and remat policy must give."""
+    return jax.jit(jax.value_and_grad(lambda p: _loss(ViTEncoder(**KW, scan=False), p)))(unrolled_params)
+
+
 def test_layouts_and_helpers(unrolled_params):
     scanned_model = ViTEncoder(**KW, scan=True)
     abstract = jax.eval_shape(scanned_model.init, jax.random.key(0), IMAGES)["params"]
@@ -74,12 +83,11 @@ def test_auto_scan_and_switches():
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
-def test_scanned_matches_unrolled_values_and_gradients(unrolled_params, remat):
+def test_scanned_matches_unrolled_values_and_gradients(unrolled_params, reference, remat):
     unrolled, scanned = ViTEncoder(**KW, scan=False, remat=remat), ViTEncoder(**KW, scan=True, remat=remat)
     stacked = layout.stack_layers(unrolled_params)
     a, ga = jax.jit(jax.value_and_grad(lambda p: _loss(unrolled, p)))(unrolled_params)
     b, gb = jax.jit(jax.value_and_grad(lambda p: _loss(scanned, p)))(stacked)
-    reference = jax.jit(jax.value_and_grad(lambda p: _loss(ViTEncoder(**KW, scan=False), p)))(unrolled_params)
     np.testing.assert_allclose(a, reference[0], rtol=1e-6)
     np.testing.assert_allclose(b, reference[0], rtol=1e-6)
     _close(ga, reference[1], rtol=1e-4, atol=1e-7)
@@ -94,9 +102,10 @@ def test_drop_path_schedule_is_scanned():
     params = jax.jit(unrolled.init)(jax.random.key(4), IMAGES)["params"]
     assert unrolled.drop_path_rates() == [0.0, 0.25, 0.5]
     stacked = layout.stack_layers(params)
-    np.testing.assert_allclose(_loss(scanned, stacked), _loss(unrolled, params), rtol=1e-6)
-    trained = [float(_loss(scanned, stacked, train=True)) for _ in range(1)]
-    assert np.isfinite(trained).all() and trained[0] != pytest.approx(float(_loss(scanned, stacked)), abs=1e-6)
+    evaluated = _jit_loss(scanned, stacked, False)
+    np.testing.assert_allclose(evaluated, _jit_loss(unrolled, params, False), rtol=1e-6)
+    trained = [float(_jit_loss(scanned, stacked, True)) for _ in range(1)]
+    assert np.isfinite(trained).all() and trained[0] != pytest.approx(float(evaluated), abs=1e-6)
 
 
 def test_hidden_states_and_intermediate_layers(unrolled_params):
