@@ -87,9 +87,14 @@ def universal_config(variant: str, backbone: str, exp: str) -> ml_collections.Co
     if variant == "demo":  # the CT demo data on 2 CPU cores in a few minutes
         c.model.update(small_model)
         c.data.crop_size = small_crop
-        c.eval.sw_batch_size = 2
-        c.train.update(dict(steps=40, batch_size=2, log_every=5, checkpoint_every=20))
-        c.optim.update(dict(lr=1e-3, warmup_steps=4))
+        # The demo's voxels are 2.0-2.8 mm (medjax.data.demo.ct): resampled at its own ~2.5 mm rather than 1.5 mm
+        # (which only interpolates), a 32^3 crop holds ~40% of the miniature abdomen instead of ~15%, so most
+        # labelled organs are in every crop; NSD tolerance one voxel, as for the full setup.
+        c.data.spacing = (2.5, 2.5, 2.5)
+        c.eval.update(dict(sw_batch_size=2, nsd_tolerance_mm=2.5))
+        # 40 steps left the Dice loss flat at ~0.96 and every organ but the liver at Dice 0 (issue #23).
+        c.train.update(dict(steps=200, batch_size=2, log_every=10, checkpoint_every=100))
+        c.optim.update(dict(lr=1e-3, warmup_steps=10))
     elif variant == "tiny":  # the test-sized code path
         c.model.update(small_model)
         c.data.crop_size = small_crop
