@@ -51,3 +51,23 @@ def test_aot_only_plans_a_sharded_step_without_allocating(demo_roots, capsys):
     assert argument > 0 and temp > 0 and abs(both - (argument + temp)) < 0.2
     # each device holds about 1/8 of params + 2 Adam moments (fp32), and a share of the batch
     assert argument < 3 * 4 * params / 2**20
+
+
+def test_a_step_too_big_for_the_device_is_not_allocated(demo_roots, monkeypatch):
+    """`bench step` refuses, with the needed and available memory and the --aot-only command, a config whose
+    params + optimizer state alone exceed one device's memory (a paper-size step on a small host)."""
+    import jax
+
+    from medjax.bench import memory, step
+
+    config = config_lib.get_config("pathchat_stage2", "tiny", [f"data.dir={demo_roots('pathology_chat')}",
+                                                               "mesh.num_devices=1"])
+    said = []
+    say = lambda text, **_: said.append(text)  # noqa: E731
+    params, need = memory.state_bytes_per_device(config)
+    assert 8 * params < need < 12 * params + 1024  # fp32 params + two Adam moments (none for the frozen vision tower)
+    monkeypatch.setattr(memory, "available_bytes_per_device", lambda device: need + 1)
+    assert step.fits("pathchat_stage2", config, jax.devices()[0], say) and not said
+    monkeypatch.setattr(memory, "available_bytes_per_device", lambda device: need - 1)
+    assert not step.fits("pathchat_stage2", config, jax.devices()[0], say)
+    assert "not run" in said[0] and "--aot-only" in said[0]
