@@ -3,7 +3,8 @@
 Full variant: PathChat's architecture (Lu et al., Nature 2024) with public stand-ins where its weights are not
 released: a ViT-L vision tower (CLIP ViT-L/14-336 as in LLaVA-1.5, penultimate layer: 23 of 24 blocks, via
 `model.init_vision`; UNI's ViT-L/16 once converted), the attention-pooling projector, Llama 2 13B (`model.init_llm`,
-e.g. Llama-2-13b-chat-hf). What neither paper states is our choice, marked so.
+e.g. Llama-2-13b-chat-hf). Variant full_7b: the same with Llama 2 7B (width 4096, 32 layers, 32 heads, MLP 11008).
+What neither paper states is our choice, marked so.
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
                             vision_mlp_dim=64, num_queries=4, width=32, depth=2, num_heads=4, mlp_dim=64))
         c.train.update(dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8))
         c.eval.max_new_tokens = 4
+    elif variant == "full_7b":  # the same recipe with Llama 2 7B (LLaVA-1.5-7B's LLM size; Touvron et al. 2023)
+        c.model.update(dict(width=4096, depth=32, num_heads=32, mlp_dim=11008))
     elif variant != "full":
-        raise ValueError(f"pathchat_stage{stage}: unknown variant {variant!r}; choose full, demo or tiny")
+        raise ValueError(f"pathchat_stage{stage}: unknown variant {variant!r}; choose full, full_7b, demo or tiny")
     return c

@@ -23,11 +23,13 @@ from experiments._common import base_config
 
 def finetune_config(variant: str, task: str, *, file: str, demo_file: str, max_text_len: int, batch_size: int,
                     steps: int, head_multiplier: float, multi_modal_multiplier: float,
-                    resized_crop: bool = True, **finetune) -> ml_collections.ConfigDict:
+                    resized_crop: bool = True, epochs: int = 0, **finetune) -> ml_collections.ConfigDict:
     """The config of the registered fine-tuning `task` (medjax.tasks.TASKS, e.g. "ptunifier_vqa") at
     `variant` ("full" or a named paper dataset variant: the given settings; "demo" / "tiny": the demo
     dataset and the demo / tiny backbone); `finetune` (the task's own settings) becomes the `finetune`
-    block when given."""
+    block when given. `epochs`: the original's max_epoch, which `steps` spans; the paper variants validate
+    on `val` once per epoch (train.eval_every = steps / epochs, Lightning's default) and keep the best
+    checkpoint by the task's selection metric (the original's ModelCheckpoint(monitor="val/the_metric"))."""
     size = variant if variant in ("demo", "tiny") else "full"
     pretrain = ptunifier.get_config(size)
     c = base_config()
@@ -42,13 +44,15 @@ def finetune_config(variant: str, task: str, *, file: str, demo_file: str, max_t
         kind="image_report",
         file=file,  # JSONL manifest or the original's Arrow file; "{split}" is replaced by the split
         train_split="train", eval_split="test",
+        val_split="val",  # what train.eval_every validates on (the best-validation checkpoint), never the test split
         tokenizer="",  # a local Hugging Face tokenizer directory (BioMed-RoBERTa's); "" = <dir>/tokenizer
         image_size=384,  # fine-tuning resolution (paper)
         max_text_len=max_text_len,
         resized_crop=bool(resized_crop),  # clip_resizedcrop (RandomResizedCrop 0.9-1) for training images
     ))
     c.model = pretrain.model.copy_and_resolve_references()
-    c.train.update(dict(steps=steps, batch_size=batch_size, log_every=50, checkpoint_every=1000, eval_batch_size=64))
+    c.train.update(dict(steps=steps, batch_size=batch_size, log_every=50, checkpoint_every=1000, eval_batch_size=64,
+                        eval_every=max(1, steps // epochs) if epochs else 0))
     c.optim.update(dict(lr=5e-6, schedule="linear", warmup_steps=0, warmup_fraction=0.1, weight_decay=0.01,
                         b1=0.9, b2=0.98, eps=1e-8, clip_norm=0.0))
     # the original's lr_multiplier_head / lr_multiplier_multi_modal, by top-level name prefix (its head_names
@@ -59,10 +63,11 @@ def finetune_config(variant: str, task: str, *, file: str, demo_file: str, max_t
     c.optim.wd_mults = ptunifier.PTUNIFIER_WD_MULTS
     if variant == "demo":
         c.data.update(dict(file=demo_file, image_size=pretrain.model.image_size, max_text_len=pretrain.data.max_length))
-        c.train.update(dict(steps=80, batch_size=16, log_every=10, checkpoint_every=40, eval_batch_size=32))
+        c.train.update(dict(steps=80, batch_size=16, log_every=10, checkpoint_every=40, eval_batch_size=32,
+                            eval_every=0))
         c.optim.lr = 1e-4
     elif variant == "tiny":
         c.data.update(dict(file=demo_file, image_size=pretrain.model.image_size, max_text_len=pretrain.data.max_length))
-        c.train.update(dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8))
+        c.train.update(dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8, eval_every=0))
         c.optim.lr = 1e-3
     return c

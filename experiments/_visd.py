@@ -50,13 +50,16 @@ def visd_config(stage: str, variant: str = "full") -> ml_collections.ConfigDict:
     c.train.steps = STAGES[stage]
     c.optim.frozen = FROZEN[stage]
     c.eval.labels = VISD_LABELS
+    # the released eval's organ-centred windows (medjax.tasks.visd_data), 112 x 288 x 352 as fVLM's eval;
+    # eval.windows="centre" scores fVLM's centre crop instead
+    c.eval.update(dict(windows="organ", window_shape=(112, 288, 352), min_organ_fraction=0.9))
 
     if variant == "demo":
         c.data.update(dict(crop_shape=(16, 64, 64), max_length=24))
         c.model.update(dict(width=8, token_dim=32, embed_dim=32, dropout=0.0, text_width=64, text_depth=2,
                             text_heads=4, text_mlp_dim=128, max_positions=32))
         c.model.vq.update(dict(dim=64, num_heads=4, head_dim=16, mlp_dim=128, dropout=0.0, codes_per_organ=16))
-        c.eval.labels = fvlm_ctrate.DEMO_LABELS
+        c.eval.update(dict(labels=fvlm_ctrate.DEMO_LABELS, window_shape=(16, 64, 64)))
         c.train.update(dict(steps={"vse": 60, "vqvae": 60, "vlp": 80}[stage], batch_size=8 if stage == "vse" else 16,
                             log_every=1, checkpoint_every=20, eval_batch_size=8))  # vse: 8 scans x 2 views
         c.optim.update(dict(lr=5e-4, warmup_steps=10, min_lr=1e-5))
@@ -66,7 +69,7 @@ def visd_config(stage: str, variant: str = "full") -> ml_collections.ConfigDict:
         c.model.update(dict(depth=10, width=4, token_dim=16, embed_dim=8, dropout=0.0, text_width=32, text_depth=1,
                             text_heads=4, text_mlp_dim=64, max_positions=16))
         c.model.vq.update(dict(dim=16, depth=1, num_heads=2, head_dim=8, mlp_dim=32, dropout=0.0, codes_per_organ=2))
-        c.eval.labels = fvlm_ctrate.DEMO_LABELS
+        c.eval.update(dict(labels=fvlm_ctrate.DEMO_LABELS, window_shape=(16, 32, 32)))
         c.train.update(dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=4))
         c.optim.update(dict(lr=1e-3, warmup_steps=1, min_lr=0.0))
     elif variant != "full":

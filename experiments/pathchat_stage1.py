@@ -8,7 +8,7 @@ alone (Lu et al., Nature 2024; Liu et al., CVPR 2024), template "plain".
 
 `--data DIR` holds `pretrain.json` (LLaVA's format: `[{"id", "image", "conversations": [human "<image>",
 gpt caption]}]`, images relative to DIR) and, unless data.tokenizer is given, `tokenizer/` (with `<image>`).
-Variants: full (the paper), demo, tiny (tests); the shared block is experiments/_pathchat.py.
+Variants: full (the paper: Llama 2 13B), full_7b (Llama 2 7B), demo, tiny (tests); the shared block is experiments/_pathchat.py.
 """
 from experiments._pathchat import pathchat_config
 

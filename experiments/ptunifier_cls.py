@@ -17,18 +17,19 @@ from __future__ import annotations
 
 from experiments._ptunifier_finetune import finetune_config
 
-DATASETS = {  # variant: (file, label column, steps)
-    "full": ("mlc_chexpert_{split}.arrow", "chexpert", 12000),
-    "rsna": ("mlc_psna_pneumonia_{split}.arrow", "pnsa_pneumonia", 3500),
+DATASETS = {  # variant: (file, label column, steps, epochs)
+    "full": ("mlc_chexpert_{split}.arrow", "chexpert", 12000, 1),
+    "rsna": ("mlc_psna_pneumonia_{split}.arrow", "pnsa_pneumonia", 3500, 3),
 }
 
 
 def get_config(variant: str = "full"):
     if variant not in DATASETS and variant not in ("demo", "tiny"):
         raise ValueError(f"ptunifier_cls: unknown variant {variant!r}; choose {', '.join(DATASETS)}, demo or tiny")
-    file, column, steps = DATASETS.get(variant, DATASETS["full"])
+    file, column, steps, epochs = DATASETS.get(variant, DATASETS["full"])
     c = finetune_config(variant, "ptunifier_classification", file=file, demo_file="classification.jsonl",
-                        max_text_len=32, batch_size=16, steps=steps, head_multiplier=50, multi_modal_multiplier=10)
+                        max_text_len=32, batch_size=16, steps=steps, head_multiplier=50, multi_modal_multiplier=10,
+                        epochs=epochs)
     c.data.label_column = column  # the label list's column in the original's Arrow files (JSONL: "labels")
     c.data.label_fraction = 1.0  # 0.01 / 0.1 / 1.0: the share of training images (seeded random subset)
     c.data.label_seed = 0

@@ -28,7 +28,7 @@ def get_config(variant: str = "full"):
                          f"{', '.join(LABELS)}, demo or tiny")
     c = finetune_config(variant, "ptunifier_melinda",
                         file="cls_melinda_{split}.arrow", demo_file="melinda.jsonl", max_text_len=128, batch_size=16,
-                        steps=5400, head_multiplier=10, multi_modal_multiplier=5, resized_crop=False,
+                        steps=5400, head_multiplier=10, multi_modal_multiplier=5, resized_crop=False, epochs=20,
                         num_classes=0 if variant in ("demo", "tiny") else LABELS[column])
     c.data.label_column = column  # the class column (Arrow: one label per caption)
     return c

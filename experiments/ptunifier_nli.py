@@ -19,4 +19,5 @@ def get_config(variant: str = "full"):
     if variant not in ("full", "demo", "tiny"):
         raise ValueError(f"ptunifier_nli: unknown variant {variant!r}; choose full, demo or tiny")
     return finetune_config(variant, "ptunifier_nli", file="nli_radnli_plus_{split}.arrow", demo_file="nli.jsonl",
-                           max_text_len=64, batch_size=16, steps=14040, head_multiplier=50, multi_modal_multiplier=5)
+                           max_text_len=64, batch_size=16, steps=14040, head_multiplier=50, multi_modal_multiplier=5,
+                           epochs=20)

@@ -37,7 +37,7 @@ def get_config(variant: str = "full"):
                          "demo or tiny")
     mode, target_len = VARIANTS.get(variant, VARIANTS["full"])
     c = finetune_config(variant, "ptunifier_reportgen", file="clm_mimic_cxr_{split}.arrow", demo_file="reports.jsonl",
-                        max_text_len=256, batch_size=128, steps=31700, head_multiplier=50, multi_modal_multiplier=5,
+                        max_text_len=256, batch_size=128, steps=31700, head_multiplier=50, multi_modal_multiplier=5, epochs=15,
                         resized_crop=True, mode=mode, max_target_len=target_len, num_beams=5, length_penalty=1.0,
                         beam_sample=False, top_k=50, decoder_layers=0, init_decoder_from_text=True,
                         eval_tokenizer="auto")

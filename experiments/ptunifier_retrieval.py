@@ -23,7 +23,7 @@ def get_config(variant: str = "full"):
     # retrieval_score: how evaluation scores the pairs, "itm" (the paper), "itc" or "both"
     negatives = {"demo": 7, "tiny": 3}.get(variant, 15)
     c = finetune_config(variant, "ptunifier_retrieval", file="irtr_roco_{split}.arrow", demo_file="manifest.jsonl",
-                           max_text_len=40, batch_size=256, steps=2557, head_multiplier=5, multi_modal_multiplier=5,
+                           max_text_len=40, batch_size=256, steps=2557, head_multiplier=5, multi_modal_multiplier=5, epochs=10,
                            num_negatives=negatives, retrieval_score="itm")
     if variant != "tiny":  # the tests' tiny run keeps the test split
         c.data.eval_split = "val"  # the original's compute_irtr_recall reads val, even in test-only mode; test: an option

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from experiments._ptunifier_finetune import finetune_config
 
-DATASETS = {  # variant: (file, answers, batch, steps, clip_resizedcrop as the released run scripts)
-    "full": ("vqa_vqa_rad_{split}.arrow", 498, 64, 2400, False),
-    "slake": ("vqa_slack_{split}.arrow", 222, 32, 2306, True),
-    "medvqa2019": ("vqa_medvqa_2019_{split}.arrow", 79, 32, 4000, True),
+DATASETS = {  # variant: (file, answers, batch, steps, epochs, clip_resizedcrop as the released run scripts)
+    "full": ("vqa_vqa_rad_{split}.arrow", 498, 64, 2400, 50, False),
+    "slake": ("vqa_slack_{split}.arrow", 222, 32, 2306, 15, True),
+    "medvqa2019": ("vqa_medvqa_2019_{split}.arrow", 79, 32, 4000, 10, True),
 }
 
 
 def get_config(variant: str = "full"):
     if variant not in DATASETS and variant not in ("demo", "tiny"):
         raise ValueError(f"ptunifier_vqa: unknown variant {variant!r}; choose {', '.join(DATASETS)}, demo or tiny")
-    file, answers, batch, steps, resized_crop = DATASETS.get(variant, DATASETS["full"])
+    file, answers, batch, steps, epochs, resized_crop = DATASETS.get(variant, DATASETS["full"])
     # num_answers: the original's answer-vocabulary size for its Arrow files (JSONL: from the data)
     return finetune_config(variant, "ptunifier_vqa", file=file, demo_file="vqa.jsonl", max_text_len=32,
                            batch_size=batch, steps=steps, head_multiplier=50, multi_modal_multiplier=5,
-                           resized_crop=resized_crop, num_answers=answers)
+                           resized_crop=resized_crop, epochs=epochs, num_answers=answers)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.nn.transformer import match_layer_layout
+from medjax.nn.transformer_layout import match_layer_layout
 
 
 def path_string(path) -> str:

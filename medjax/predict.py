@@ -5,7 +5,7 @@ Segments a CT with the CLIP-Driven Universal Model (Liu et al., ICCV 2023, arXiv
 original's `pred_pseudo.py`: the NIfTI is preprocessed as for training (`medjax.data.transforms.ct_preprocess`: RAS,
 the experiment's spacing and HU window, cropped to its foreground), predicted by
 `medjax.inference.universal_predictor` (sliding windows of the model's crop size, overlap 0.5, Gaussian
-weighting, sigmoid > eval.threshold, post-processing for all 32 classes). The class-id label map (0
+weighting, sigmoid > eval.threshold, post-processing for the `eval.classes`, by default all 32). The class-id label map (0
 background, 1..32 in `medjax.ontology.universal_classes.CLASS_NAMES` order; tumours over their organs) is
 resampled, nearest neighbour, from the RAS grid back onto the input's own voxel grid and written with the
 input's shape and affine. `--per-class` also writes one 0/1 mask per class beside it: OUT_<class>.nii.gz.
@@ -105,13 +105,32 @@ def main(argv=None) -> int:
         overrides = {k: v for k, v in (("batch_size", args.batch_size), ("overlap", args.overlap)) if v is not None}
         settings = InferenceSettings.from_config(config, **overrides)
         predictor = UniversalPredictor(model.apply, (jax.device_put(variables),), settings)
-        written = segment_file(args.input, args.out, predictor.masks, spacing=tuple(config.data.spacing),
+        written = segment_file(args.input, args.out, _class_masks(predictor, config), spacing=tuple(config.data.spacing),
                                hu_range=tuple(config.data.hu_range), per_class=args.per_class)
     except (config_lib.ConfigError, CTDataError, FileNotFoundError, ValueError, CheckpointError) as err:
         print(error_line(err), file=sys.stderr)
         return EXIT_INPUT_ERROR
     print(f"wrote {written[0]}" + (f" and {len(written) - 1} per-class masks" if len(written) > 1 else ""))
     return 0
+
+
+def _class_masks(predictor, config) -> Callable[[np.ndarray], np.ndarray]:
+    """`predictor.masks` restricted to `eval.classes` (empty: all 32): the classes the weights were trained on.
+    A class no training dataset labels never gets a gradient (`medjax.losses.segmentation`), so its untrained
+    logits would paint noise over the map: the demo variants, whose five datasets label 18 classes, list them."""
+    from medjax.inference.postprocess import NUM_CLASSES
+
+    classes = tuple(int(c) for c in (config.eval.get("classes", ()) or ())) or tuple(range(1, NUM_CLASSES + 1))
+    bad = [c for c in classes if not 1 <= c <= NUM_CLASSES]
+    if bad:
+        raise ValueError(f"config eval.classes: class ids must be 1..{NUM_CLASSES}, got {bad}")
+    keep = np.zeros(NUM_CLASSES, bool)
+    keep[[c - 1 for c in classes]] = True
+
+    def masks(volume: np.ndarray) -> np.ndarray:
+        return np.asarray(predictor.masks(volume, classes)) & keep
+
+    return masks
 
 
 def saved_variant(params_dir: str) -> str | None:

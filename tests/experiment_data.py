@@ -12,7 +12,9 @@ def make_test_demo(kind: str, out: str) -> str:
     if kind == "fundus_transfer":
         from medjax.data.demo.fundus_transfer import make_fundus_transfer_demo
 
-        return make_fundus_transfer_demo(out, rfmid_images=(16, 8, 8), palm_images=30, image_size=48)
+        # RFMiD: enough test images for the demo-learns check (tests/test_train_mrm_transfer.py), drawn at the
+        # demo model's 64 px
+        return make_fundus_transfer_demo(out, rfmid_images=(64, 16, 48), palm_images=30, image_size=64)
     if kind == "ct":
         from medjax.data.demo.ct import make_ct_demo
 

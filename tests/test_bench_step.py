@@ -19,3 +19,35 @@ def test_task_token_counts(fundus_demo):
     aptos = build_task(config_lib.get_config("mrm_aptos", "tiny", [f"data.dir={os.path.join(fundus_demo, 'aptos')}"]),
                        log=lambda *_: None)
     assert aptos.work_per_example() == (17, "tokens")
+
+
+def test_aot_only_plans_a_sharded_step_without_allocating(demo_roots, capsys):
+    """`bench step --aot-only --mesh fsdp=4,tensor=2` on 8 host devices: the tiny PathChat (Llama) step is compiled
+    from abstract shapes for a (1, 4, 2) mesh with the fsdp_tp rules; the row gives the param count and XLA's
+    per-device plan; no param-sized array is created."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from medjax.bench import step
+
+    assert step.mesh_overrides("fsdp=4,tensor=2", []) == ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
+                                                          "mesh.rules=fsdp_tp"]
+    assert step.mesh_overrides("fsdp=8", ["mesh.rules=fsdp"]) == ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]
+    demo = demo_roots("pathology_chat")
+    overrides = [f"data.dir={demo}", "data.max_length=16", "model.depth=1", "train.batch_size=8"]
+    task = build_task(config_lib.get_config("pathchat_stage2", "tiny", overrides), log=lambda *_: None)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(jax.eval_shape(task.init_params,
+                                                                                        jax.random.key(0)))))
+    before = {id(a) for a in jax.live_arrays()}
+    step.main(["--exp", "pathchat_stage2", "--variant", "tiny", "--aot-only", "--mesh", "fsdp=4,tensor=2",
+               *[arg for o in overrides for arg in ("--set", o)]])
+    created = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
+    assert created < 1024 < 4 * params  # at most a PRNG key; the params alone would be 4 bytes each
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| pathchat_stage2 | tiny")]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[3] == "data=1 fsdp=4 tensor=2 (8 x cpu)" and cells[4] == f"{params / 1e6:.2f}M" and cells[5] == "8"
+    argument, output, temp, both = (float(c.replace(",", "")) for c in cells[8:12])
+    assert argument > 0 and temp > 0 and abs(both - (argument + temp)) < 0.2
+    # each device holds about 1/8 of params + 2 Adam moments (fp32), and a share of the batch
+    assert argument < 3 * 4 * params / 2**20

@@ -63,6 +63,10 @@ def test_round_trip_keeps_the_input_grid(ct_file, tiny_params):
     assert len(per_class) == 32 and "label_liver.nii.gz" in per_class
     liver = nib.load(str(root / "out" / "label_liver.nii.gz"))
     assert liver.shape == SHAPE and set(np.unique(np.asarray(liver.dataobj))) <= {0, 1}
+    # tiny / demo write only the classes the demo labels (eval.classes): never the untrained left lung (17)
+    from medjax.data.demo.ct import labelled_classes
+    assert set(np.unique(label)) - {0} <= set(labelled_classes())
+    assert not np.asarray(nib.load(str(root / "out" / "label_left_lung.nii.gz")).dataobj).any()
 
 
 def test_label_lands_on_the_input_voxels(ct_file):

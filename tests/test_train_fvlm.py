@@ -8,7 +8,7 @@ import pytest
 from medjax import config as config_lib
 from medjax.metrics.roc_threshold import binary_metrics, top_left_threshold
 from medjax.tasks import build_task
-from medjax.tasks.fvlm import FVLMTask
+from medjax.tasks.fvlm import FVLMTask, label_chance
 from medjax.trainer import Trainer
 
 QUIET = dict(log=lambda *_: None)
@@ -34,7 +34,9 @@ def test_trains_clamps_and_evaluates(demo, tmp_path):
     assert float(np.asarray(nn.unbox(trained)["temp"])) <= 0.0705 + 1e-7  # clamped after each step
     results = task.evaluate(trained)
     assert results["labels_evaluated"] >= 1 and 0.0 <= results["auc"] <= 1.0
-    assert "| medjax fvlm_ctrate tiny |" in task.results_table("fvlm_ctrate", [("tiny", results)])
+    assert results["auc_chance"] == 0.5 and 0.5 <= results["accuracy_chance"] <= 1.0
+    table = task.results_table("fvlm_ctrate", [("tiny", results)])
+    assert "| medjax fvlm_ctrate tiny |" in table and "(chance 50.0) |" in table  # AUC's chance, last column
 
 
 def test_top_left_threshold_metrics_equal_sklearn():
@@ -54,3 +56,9 @@ def test_top_left_threshold_metrics_equal_sklearn():
     assert got["accuracy"] == pytest.approx(np.mean(predicted == labels))
     assert got["sensitivity"] == pytest.approx(predicted[labels].mean())
     assert got["specificity"] == pytest.approx((~predicted[~labels]).mean())
+
+
+def test_chance_levels_of_a_label():
+    got = label_chance(np.asarray([1, 0, 0, 0]))
+    assert got == pytest.approx({"auc_chance": 0.5, "accuracy_chance": 0.75, "weighted_f1_chance": 0.75 * 1.5 / 1.75,
+                                 "precision_chance": 0.25})

@@ -4,15 +4,15 @@ tests/test_trainer.py, every model under every preset in tests/parallel/test_pre
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from medjax import config as config_lib
+from medjax import train
 from medjax.checkpoint import restore_params
+from medjax.metric_writer import MetricWriter
 from medjax.tasks import build_task
 from medjax.trainer import Trainer
 from tests.experiment_data import tiny_data_overrides
@@ -20,7 +20,8 @@ from tests.experiment_data import tiny_data_overrides
 QUIET = dict(log=lambda *_: None)
 
 
-SINGLE_DEVICE = ["mesh.num_devices=1", "train.steps=2"]  # the same step as the CLI runs below: compiled once
+SINGLE_DEVICE = ["mesh.num_devices=1", "train.steps=2"]  # the APTOS CLI run and the Trainer below: compiled once
+RETINA = ["--set", "mesh.num_devices=1"]  # tiny: 4 steps, log every step, a checkpoint every 2
 
 
 def tiny_config(exp, data, *overrides):
@@ -44,58 +45,74 @@ def test_every_experiment_tiny_feeds_its_model(exp, demo_roots, tmp_path):
         assert np.asarray(batch[key]).dtype == np.asarray(init[key]).dtype, (exp, key)
 
 
-@pytest.mark.parametrize("exp", ["mrm_retina", "mrm_aptos"])
-def test_mrm_experiments_tiny_run_a_step(exp, fundus_demo, tmp_path):
-    """(The other families' tiny training runs: tests/test_train_{universal,uni,ptunifier}.py.)"""
-    config = tiny_config(exp, fundus_demo)
-    result = Trainer(config, build_task(config, **QUIET), str(tmp_path)).run()
-    assert result["step"] == 2 and np.isfinite(result["losses"]).all()
-
-
-def test_sigterm_saves_and_resumes(fundus_demo, tmp_path):
-    workdir = str(tmp_path / "run")
-    cmd = [sys.executable, "-u", "-m", "medjax.train", "--exp", "mrm_retina", "--variant", "tiny",
-           "--data", fundus_demo, "--workdir", workdir, "--set", "train.steps=100000",
-           "--set", "train.checkpoint_every=100000", "--set", "train.log_every=1"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    output = "".join(lines) + rest
-    assert proc.returncode == 0, output
-    assert "SIGTERM: saving a checkpoint" in output
-    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert saved and saved[-1] >= 3
-    # Same config (so the persistent compilation cache serves the step), stopping one step later.
-    resumed = subprocess.run(cmd + ["--set", f"train.stop_at={saved[-1] + 1}"],
-                             capture_output=True, text=True, env=env, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resumed from" in resumed.stdout and f"at step {saved[-1]}" in resumed.stdout
+def read_losses(workdir: str) -> dict[int, float]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps[-1] == saved[-1] + 1
+        rows = [json.loads(line) for line in f]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-def test_pretrain_finetune_evaluate(fundus_demo, tmp_path):
-    from medjax import evaluate, train
+@pytest.fixture(scope="module")
+def pretrained(fundus_demo, tmp_path_factory):
+    """mrm_retina tiny (4 steps, checkpoints at 2 and 4) through the train CLI, uninterrupted: (workdir, losses by
+    step). The SIGTERM run below uses the same config, so its step is the same compiled executable."""
+    workdir = str(tmp_path_factory.mktemp("mrm_pretrain"))
+    assert train.main(["--exp", "mrm_retina", "--variant", "tiny", "--data", fundus_demo, "--workdir", workdir,
+                       *RETINA]) == 0
+    return workdir, read_losses(workdir)
 
-    pre, fine = str(tmp_path / "pre"), str(tmp_path / "fine")
+
+def test_mrm_retina_tiny_trains(pretrained):
+    """(The other families' tiny training runs: tests/test_train_{universal,uni,ptunifier}.py; APTOS below.)"""
+    workdir, losses = pretrained
+    assert sorted(losses) == [1, 2, 3, 4] and np.isfinite(list(losses.values())).all()
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [2, 4]
+
+
+def test_sigterm_saves_and_resumes_exactly(fundus_demo, pretrained, tmp_path, capsys):
+    """SIGTERM after step 1 (the trainer's real handler: the signal is sent to this process) saves a checkpoint at
+    step 1 and exits cleanly; rerunning the same command resumes there, and steps 2-4 repeat the uninterrupted
+    run's losses exactly: same params, optimizer state, RNG and data iterator (the same batches in the same order).
+    (A SIGTERM to a separate process, multi-process: tests/parallel/test_multihost.py.)"""
+    _, uninterrupted = pretrained
+    workdir = str(tmp_path / "run")
+    argv = ["--exp", "mrm_retina", "--variant", "tiny", "--data", fundus_demo, "--workdir", workdir, *RETINA]
+    write = MetricWriter.write
+
+    def write_then_preempt(self, step, metrics):
+        write(self, step, metrics)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MetricWriter, "write", write_then_preempt)
+        assert train.main(argv) == 0
+    output = capsys.readouterr().out
+    assert "SIGTERM: saving a checkpoint at step 1 and exiting" in output and "stopped by SIGTERM" in output
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [1]
+    assert train.main(argv) == 0
+    assert f"resumed from {os.path.join(workdir, 'checkpoints')} at step 1" in capsys.readouterr().out
+    resumed = read_losses(workdir)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert resumed == uninterrupted  # bit for bit, steps 2-4 computed after the restore
+
+
+def test_pretrain_finetune_evaluate(fundus_demo, pretrained, tmp_path):
+    """APTOS tiny fine-tuned from the pretraining run through the CLIs, then evaluated."""
+    from medjax import evaluate
+
+    pre, fine = pretrained[0], str(tmp_path / "fine")
     single = [a for o in SINGLE_DEVICE for a in ("--set", o)]
-    assert train.main(["--exp", "mrm_retina", "--variant", "tiny", "--data", fundus_demo, "--workdir", pre, *single]) == 0
     assert train.main(["--exp", "mrm_aptos", "--variant", "tiny", "--data", os.path.join(fundus_demo, "aptos"),
                        "--workdir", fine, "--set", f"init={pre}", "--set", "data.label_fraction=0.5", *single]) == 0
+    losses = read_losses(fine)
+    assert sorted(losses) == [1, 2] and np.isfinite(list(losses.values())).all()
     # init= copies the pretrained image encoder into the classifier (checked before any update).
     config = tiny_config("mrm_aptos", fundus_demo, f"init={pre}")
     trainer = Trainer(config, build_task(config, **QUIET), str(tmp_path / "fresh"))
     assert trainer.restore_or_init(None).startswith("initialised from")
-    pretrained = restore_params(pre)["image_encoder"]
+    pretrained_encoder = restore_params(pre)["image_encoder"]
     loaded = jax.device_get(trainer.state["params"]["encoder"])
-    for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves(loaded), strict=True):
+    for a, b in zip(jax.tree.leaves(pretrained_encoder), jax.tree.leaves(loaded), strict=True):
         np.testing.assert_array_equal(a, b)
     trainer.checkpointer.close()
     assert evaluate.main(["--exp", "mrm_aptos", "--checkpoint", fine]) == 0
@@ -103,3 +120,27 @@ def test_pretrain_finetune_evaluate(fundus_demo, tmp_path):
     assert "| Method | 50% auc | 50% kappa | 50% accuracy |" in table
     results = json.load(open(os.path.join(fine, "results.json")))[0]
     assert 0.0 <= results["auc"] <= 1.0 and -1.0 <= results["kappa"] <= 1.0 and results["examples"] > 0
+
+
+def test_per_chromosome_genotypes_through_the_config(fundus_demo, tmp_path):
+    """`--set data.genotypes='ukb_chr{c}_v2'` (ContIG's one PLINK file set per chromosome) reaches the reader from
+    the experiment config: each item's genome is every s-th SNP within each chromosome's file (ContIG's
+    `slice(0, None, s)` per file), in chromosome order, dosages as count_A1=False."""
+    from medjax.data.readers.plink import read_plink, write_plink
+
+    root = tmp_path / "ukb"
+    root.mkdir()
+    (root / "manifest.csv").write_text(open(os.path.join(fundus_demo, "manifest.csv")).read())
+    os.symlink(os.path.join(fundus_demo, "images"), root / "images")
+    merged = read_plink(os.path.join(fundus_demo, "genotypes"))
+    files = {1: merged.genotypes[:, :70].astype(int), 2: merged.genotypes[:, 70:130].astype(int)}
+    for c, genotypes in files.items():
+        write_plink(str(root / f"ukb_chr{c}_v2"), genotypes, merged.iids, chromosomes=[c] * genotypes.shape[1])
+    config = config_lib.get_config("mrm_retina", "tiny", [f"data.dir={root}", "data.genotypes=ukb_chr{c}_v2",
+                                                          "data.chromosomes=[1, 2]", "data.snp_stride=3",
+                                                          *SINGLE_DEVICE])
+    task = build_task(config, **QUIET)
+    row = merged.iids.index(task.dataset.participant_ids[0])
+    expected = np.concatenate([files[c][row, slice(0, None, 3)] for c in (1, 2)])
+    np.testing.assert_array_equal(task.dataset[0]["genome"], expected)
+    assert task.dataset.num_snps == len(range(0, 70, 3)) + len(range(0, 60, 3))

@@ -10,7 +10,6 @@ import transformers
 
 from medjax import config as config_lib
 from medjax import optim as optim_lib
-from medjax.data.demo.image_report import make_image_report_demo
 from medjax.tasks import build_task
 from medjax.tasks.ptunifier import PTUnifierTask
 from medjax.trainer import Trainer
@@ -19,8 +18,8 @@ QUIET = dict(log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_image_report_demo(str(tmp_path_factory.mktemp("image_report")), num_images=30, image_size=32, seed=0)
+def demo(demo_roots):
+    return demo_roots("image_report")  # the session's image-report demo (tests/experiment_data.py: 40 images, 32 px)
 
 
 def tiny(demo, *overrides):
@@ -58,7 +57,11 @@ def test_optimizer_lr_groups_and_released_code_flag(demo, released):
     task = build_task(tiny(demo, f"reproduce_released_code={released}", "train.steps=100"), **QUIET)
     assert task.weights == {"mlm": 1.0, "itm": 0.5, "itc": 0.0 if released else 0.1}
     assert task.model.prompts_trainable is (not released)
-    params = _abstract_params(task)
+    full = _abstract_params(task)
+    # the leaves asserted below, one per lr group (the optimizer labels a tree by its paths, at init)
+    params = {"text": {"layers_0": {"fc1": full["text"]["layers_0"]["fc1"]}}, "fusion_0": {"text": {"fc1": full[
+        "fusion_0"]["text"]["fc1"]}}, "mlm_bias": full["mlm_bias"], "modality_type": full["modality_type"],
+        "visual_prompts": full["visual_prompts"]}
     tx, schedule = task.make_optimizer(100)
     assert float(schedule(0)) == 0.0 and abs(float(schedule(10)) - 1e-3) < 1e-9 and float(schedule(100)) == 0.0
     state = tx.init(params)

@@ -55,7 +55,7 @@ def test_one_kind_batches_train(demo, fraction, used, unused):
     task = build_task(tiny(demo, f"data.fraction_2d={fraction}"), **QUIET)
     batch = next(iter(task.train_data()))
     assert ("images" in batch) == (fraction > 0) and ("volumes" in batch) == (fraction < 1)
-    params = nn.unbox(task.init_params(jax.random.PRNGKey(0)))
+    params = nn.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))  # jitted: one compile, not one per op
     loss_and_grad = jax.jit(jax.value_and_grad(lambda p, b: task.loss_fn(p, b, jax.random.PRNGKey(1), True)[0]))
     loss, grads = loss_and_grad(params, batch)
     assert np.isfinite(float(loss))

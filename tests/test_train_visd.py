@@ -123,8 +123,9 @@ def test_vision_semantic_targets_and_loss_equal_numpy():
     normal = rng.random((3, 6)) < 0.5
     normal[2] = True  # an all-normal organ: skipped
     valid = rng.random((3, 6)) < 0.8
-    got = float(vision_semantic_loss(*(jnp.asarray(x) for x in (q_a, q_b, k_a, k_b, normal, valid)), 0.1))
-    np.testing.assert_allclose(got, _numpy_vse(q_a, q_b, k_a, k_b, normal, valid, 0.1), rtol=1e-5)
-    grad = jax.grad(lambda k: vision_semantic_loss(jnp.asarray(q_a), jnp.asarray(q_b), k, jnp.asarray(k_b),
-                                                   jnp.asarray(normal), jnp.asarray(valid)))(jnp.asarray(k_a))
+    # one jit for the value and the gradient wrt the momentum view (eager ops would compile one by one)
+    value_and_grad = jax.jit(jax.value_and_grad(
+        lambda k, q_a, q_b, k_b, normal, valid: vision_semantic_loss(q_a, q_b, k, k_b, normal, valid, 0.1)))
+    got, grad = value_and_grad(*(jnp.asarray(x) for x in (k_a, q_a, q_b, k_b, normal, valid)))
+    np.testing.assert_allclose(float(got), _numpy_vse(q_a, q_b, k_a, k_b, normal, valid, 0.1), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(grad), 0.0)  # no gradient into the momentum encoder

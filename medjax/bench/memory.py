@@ -104,11 +104,76 @@ def placeholder_overrides(config, directory: str) -> list[str]:
         overrides.append(f"model.class_embeddings={path}")
     if "dir" in config.data and not config.data.dir:
         overrides.append(f"data.dir={directory}")
+    if config.get("task") == "pathchat" and not config.data.tokenizer and not config.data.dir:
+        # PathChat reads its tokenizer at build time (the <image> id): a small local one; the LLM's vocab_size stays
+        from medjax.data.demo.pathology_chat import train_tokenizer
+        from medjax.tasks.pathchat_data import template_fixed_texts
+
+        train_tokenizer(template_fixed_texts(), directory, vocab_size=300)
+        overrides.append(f"data.tokenizer={os.path.join(directory, 'tokenizer')}")
     return overrides
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The ahead-of-time plan of one train step: the compiled program, its compile seconds, XLA's per-device
+    memory plan, the number of params and the mesh shape it was compiled for."""
+
+    compiled: object
+    seconds: float
+    memory: object  # medjax.bench._timing.CompiledMemory | None
+    params: int
+    mesh: dict
+
+
+def state_bytes_per_device(config) -> tuple[int, int]:
+    """(params, bytes of one device's shard of params + optimizer state) from abstract shapes (`jax.eval_shape`:
+    nothing allocated, nothing compiled): the least a train step needs on each device, activations not counted."""
+    import jax
+    import numpy as np
+
+    from medjax.parallel import mesh as mesh_lib
+    from medjax.parallel import rules as rules_lib
+    from medjax.tasks import build_task
+    from medjax.train_state import abstract_sharded_state
+
+    task = build_task(config, log=lambda *_: None)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    tx, _ = task.make_optimizer(int(config.train.steps))
+    state, _ = abstract_sharded_state(task.init_params, tx, jax.random.PRNGKey(int(config.seed)), mesh,
+                                      rules_lib.logical_rules(config.mesh.rules))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    shard = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+                for x in jax.tree.leaves(state) if getattr(x, "sharding", None) is not None)
+    return params, shard
+
+
+def available_bytes_per_device(device) -> int | None:
+    """Memory one device can use: its allocator's limit on GPU/TPU; on CPU the host's MemAvailable shared by the
+    host's devices (fake CPU devices share one RAM); None where unknown."""
+    import jax
+
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                fields = dict(line.split(":", 1) for line in f)
+            return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, jax.local_device_count())
+        except (OSError, KeyError, ValueError):
+            return None
+    try:
+        return int((device.memory_stats() or {}).get("bytes_limit", 0)) or None
+    except Exception:  # backends without memory_stats
+        return None
 
 
 def plan_train_step(config):
     """(compiled train step, compile seconds, CompiledMemory) lowered from abstract state and batch."""
+    plan = plan_step(config)
+    return plan.compiled, plan.seconds, plan.memory
+
+
+def plan_step(config) -> StepPlan:
+    """The train step lowered and compiled from abstract state and batch (nothing allocated): a StepPlan."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -136,7 +201,8 @@ def plan_train_step(config):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         compiled = step.lower(state, batch).compile()
     seconds = time.perf_counter() - start
-    return compiled, seconds, _timing.memory_of(compiled)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    return StepPlan(compiled, seconds, _timing.memory_of(compiled), params, dict(mesh.shape))
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,19 @@
 """python -m medjax.bench step --exp NAME [--variant V] [--steps N] [--synthetic] [--set k=v] [--compare k=v1,v2 ...]
+                              [--aot-only] [--mesh fsdp=4,tensor=2]
 
 Times one experiment's jitted train step on the current devices: ahead-of-time compile time,
 compiled memory (from the compiler), steps/s and examples/s, FLOPs per step and device (XLA's cost
 analysis of the compiled per-device program), MFU where the device's peak FLOP/s is known
 (medjax/parallel/peaks.py, or --peak-tflops), and the process's peak RSS.
+
+--aot-only compiles the step ahead of time from abstract shapes (`medjax.bench.memory.plan_step`: nothing is
+allocated, nothing runs) and prints XLA's per-device memory plan (arguments = params + optimizer state +
+batch shard, outputs, temporaries, planned peak) beside the param count and the mesh: a pod-scale plan on one
+host, e.g. with 8 fake CPU devices
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m medjax.bench step --exp pathchat_stage2 \
+        --variant full --aot-only --mesh fsdp=4,tensor=2
+--mesh AXIS=N,... sets mesh.data / mesh.fsdp / mesh.tensor (the rest 1) and, with tensor > 1, mesh.rules=fsdp_tp
+unless --set gives the rules.
 
 --compare KEY=V1,V2 (repeatable) runs one row per combination, e.g. the effect of bf16 compute:
     python -m medjax.bench step --exp mrm_retina --compare dtype=float32,bfloat16
@@ -74,6 +84,64 @@ def measure(config, steps: int, synthetic: bool = False) -> dict:
             "params": sum(x.size for x in jax.tree.leaves(state["params"])), "unit": work_unit(task)}
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_overrides(spec: str, overrides: list[str]) -> list[str]:
+    """--mesh "fsdp=4,tensor=2" -> mesh.data=1 mesh.fsdp=4 mesh.tensor=2 (+ mesh.rules=fsdp_tp with tensor > 1
+    unless `overrides` set mesh.rules)."""
+    sizes = {axis: 1 for axis in MESH_AXES}
+    for item in filter(None, spec.split(",")):
+        axis, sep, size = item.partition("=")
+        if not sep or axis not in sizes or not size.lstrip("-").isdigit():
+            raise SystemExit(f"error: --mesh expects AXIS=N,... with AXIS in {', '.join(MESH_AXES)}, got {item!r}")
+        sizes[axis] = int(size)
+    out = [f"mesh.{axis}={size}" for axis, size in sizes.items()]
+    if sizes["tensor"] > 1 and not any(o.startswith("mesh.rules=") for o in overrides):
+        out.append("mesh.rules=fsdp_tp")
+    return out
+
+
+def aot_plan(exp: str, config, setting: str, say) -> None:
+    """One --aot-only row: the step compiled from abstract shapes, XLA's per-device memory plan."""
+    import jax
+
+    from medjax.bench.memory import plan_step
+
+    plan = plan_step(config)
+    memory, mib = plan.memory, (lambda n: f"{n / 2**20:,.1f}")
+    params = f"{plan.params / 1e9:.2f}B" if plan.params >= 1e9 else f"{plan.params / 1e6:.2f}M"
+    mesh = " ".join(f"{axis}={size}" for axis, size in plan.mesh.items())
+    if memory is None:
+        cells = ["n/a"] * 5
+    else:
+        cells = [mib(memory.argument_bytes), mib(memory.output_bytes), mib(memory.temp_bytes),
+                 mib(memory.argument_bytes + memory.temp_bytes), mib(memory.peak_bytes)]
+    say(f"| {exp} | {config.variant} | {setting} | {mesh} ({jax.device_count()} x {jax.devices()[0].device_kind}) | "
+        f"{params} | {config.train.batch_size} | {config.dtype} | {plan.seconds:.1f} | "
+        + " | ".join(cells) + " |", flush=True)
+
+
+def fits(exp: str, config, device, say) -> bool:
+    """Whether one device's params + optimizer state (abstract shapes, `memory.state_bytes_per_device`) fit the
+    memory it has; if not, says so instead of allocating (a paper-size step on a small host) and points to the
+    plan that --aot-only prints."""
+    from medjax.bench.memory import available_bytes_per_device, state_bytes_per_device
+
+    available = available_bytes_per_device(device)
+    if available is None:
+        return True
+    params, need = state_bytes_per_device(config)
+    if need <= available:
+        return True
+    say(f"{exp} ({config.variant}, batch {config.train.batch_size}): not run -- {params / 1e9:.2f}B params; one "
+        f"device's params + optimizer state alone need {need / 2**30:.1f} GiB (activations come on top), "
+        f"{available / 2**30:.1f} GiB is available on {device.device_kind}. Its per-device plan without allocating: "
+        f"python -m medjax.bench step --exp {exp} --variant {config.variant} --aot-only [--mesh fsdp=8] "
+        "(with XLA_FLAGS=--xla_force_host_platform_device_count=8 for an 8-device mesh on one host)", flush=True)
+    return False
+
+
 def work_unit(task) -> tuple[str, int] | None:
     """What one example is worth, from the task's `work_per_example()`: ("tokens", n), ("voxels", n) or ("pixels", n)."""
     work = task.work_per_example()
@@ -94,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", action="store_true",
                    help="time the step on the task's init_batch() (zeros of the training shapes): no data files "
                         "are read (the GPU suite); input files the task needs at build time get placeholders")
+    p.add_argument("--aot-only", action="store_true",
+                   help="compile from abstract shapes and print the per-device memory plan; allocate and run nothing")
+    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
+                   help="the mesh, e.g. fsdp=8 or fsdp=4,tensor=2 (mesh.data/fsdp/tensor; tensor > 1: rules fsdp_tp)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s of one device for MFU (default: the table for known GPUs/TPUs)")
     return p
@@ -116,8 +188,26 @@ def main(argv=None) -> None:
         overrides.append(f"train.batch_size={args.batch_size}")
     if args.data:
         overrides.append(f"data.dir={args.data}")
+    if args.mesh:
+        overrides = mesh_overrides(args.mesh, overrides) + overrides
     device = jax.devices()[0]
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)  # only process 0 reports
+    if args.aot_only:
+        from medjax.bench.memory import placeholder_overrides
+
+        say("| exp | variant | settings | mesh (devices) | params | batch | dtype | compile s | argument MiB/device "
+            "| output MiB/device | temp MiB/device | argument+temp MiB/device | planned peak MiB/device |")
+        say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        with tempfile.TemporaryDirectory() as directory:
+            for setting in settings_to_compare(args.compare):
+                config = config_lib.get_config(args.exp, args.variant, overrides + setting)
+                extra = [o for o in placeholder_overrides(config, directory)
+                         if not any(g.startswith(o.split("=")[0] + "=") for g in overrides + setting)]
+                config = config_lib.get_config(args.exp, args.variant, overrides + setting + extra)
+                aot_plan(args.exp, config, " ".join(setting) or "-", say)
+        say("(XLA's plan for one device's program: arguments = its shard of params + optimizer state + batch; "
+            "peak = the compiler's, or arguments + outputs + temporaries - donated aliases where it reports none)")
+        return
     say("| exp | variant | settings | devices | params | batch | compile s | step s | steps/s | examples/s "
           "| tokens or voxels/s | GFLOP/step/device | MFU | arg+temp MiB | peak RSS MiB |")
     say("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -131,6 +221,8 @@ def main(argv=None) -> None:
             config = config_lib.get_config(args.exp, args.variant, overrides + setting + [
                 o for o in placeholder_overrides(config, placeholders.name)
                 if not any(g.startswith(o.split("=")[0] + "=") for g in overrides + setting)])
+        if not fits(args.exp, config, device, say):
+            continue
         result = measure(config, args.steps, synthetic=args.synthetic)
         seconds, flops, memory = result["step_s"], result["flops"], result["memory"]
         peak = args.peak_tflops * 1e12 if args.peak_tflops else peaks.peak_flops(device.device_kind, config.dtype)

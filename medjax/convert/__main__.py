@@ -5,6 +5,8 @@
     python -m medjax.convert dinov2 --torch teacher_checkpoint.pth --out params/      (a DINOv2 training run)
     python -m medjax.convert export-timm --params runs/uni_vitl16-full --out backbone.safetensors   (-> timm keys)
     python -m medjax.convert visd --torch checkpoint.pth --vqvae checkpoint_vqvae.pth --out params/
+    python -m medjax.convert ptunifier --torch ptunifier.ckpt --out params/           (pretrained or fine-tuned)
+    python -m medjax.convert meter meter_clip16_288_roberta_pretrain.ckpt --out params/   (METER -> PTUnifier)
     python -m medjax.convert hf --path clip-vit-base-patch32/ --out params/ [--tower text]
     python -m medjax.convert embed-classes --clip CLIP_DIR --out class_embeddings.npy
 
@@ -40,6 +42,9 @@ def format_report(source: str, report: KeyReport) -> str:
         lines.append(report.describe())
     if report.ignored:
         lines.append(f"  ignored ({len(report.ignored)}): {', '.join(report.ignored)}")
+    if report.absent:
+        lines.append(f"  not in the checkpoint, left to the model's initialisation at --set init= "
+                     f"({len(report.absent)}): {', '.join(report.absent)}")
     return "\n".join(lines)
 
 
@@ -72,6 +77,17 @@ def _ptunifier(args) -> tuple[dict, KeyReport, str]:
     overrides = {"image_size": args.image_size} if args.image_size else {}
     model, variables, report = ptunifier.load_with_report(args.torch, trust_pickle=args.trust_pickle, **overrides)
     return variables["params"], report, f" (image_size={model.image_size})"
+
+
+def _meter(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import meter
+
+    overrides = {"image_size": args.image_size} if args.image_size else {}
+    if args.heads:
+        overrides |= {f"{part}_heads": args.heads for part in ("vision", "text", "fusion")}
+    model, variables, report = meter.load_with_report(args.torch, trust_pickle=args.trust_pickle, **overrides)
+    return variables["params"], report, (f" (PTUnifier layout, image_size={model.image_size}; for "
+                                         "python -m medjax.train --exp ptunifier --set init=OUT)")
 
 
 def _uni(args) -> tuple[dict, KeyReport, str]:
@@ -176,6 +192,16 @@ def main(argv=None) -> int:
     p.add_argument("--trust-pickle", action="store_true",
                    help="torch.load(weights_only=False): only for files from a trusted source")
     p.set_defaults(run=_ptunifier)
+    p = sub.add_parser("meter", help="a METER-CLIP16 Lightning checkpoint (.ckpt) -> PTUnifier params (init of pretraining)")
+    p.add_argument("checkpoint", nargs="?", default="", help="e.g. meter_clip16_288_roberta_pretrain.ckpt (or --torch)")
+    p.add_argument("--torch", default="", help="the same, as the other converters take it")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=0, help="resize the vision position table to this image size")
+    p.add_argument("--heads", type=int, default=0,
+                   help="attention heads of the towers and the fusion (weights do not tell; 0 = METER's 12)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="torch.load(weights_only=False): only for files from a trusted source")
+    p.set_defaults(run=_meter)
     p = sub.add_parser("visd", help="the released ViSD-Boost checkpoint.pth (+ checkpoint_vqvae.pth)")
     p.add_argument("--torch", required=True, help="checkpoint.pth ({'model': state_dict})")
     p.add_argument("--vqvae", default=None, help="checkpoint_vqvae.pth, loaded first as the original's eval.py does")
@@ -190,6 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("--clip", required=True, help="local Hugging Face CLIP directory (model + tokenizer)")
     p.add_argument("--out", required=True, help="output .npy path")
     args = parser.parse_args(argv)
+    if args.kind == "meter":
+        if bool(args.checkpoint) == bool(args.torch):
+            parser.error("meter: give the checkpoint once, as CKPT or --torch CKPT")
+        args.torch = args.torch or args.checkpoint
     if args.kind == "embed-classes":
         return _embed_classes(args)
     if args.kind == "export-timm":

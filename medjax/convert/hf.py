@@ -253,6 +253,10 @@ def _key_prefix(state: Mapping[str, np.ndarray], prefix: str) -> str:
 def load_with_report(path: str, tower: str | None = None, *, scan: bool | str | None = False,
                      dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> tuple[nn.Module, dict, KeyReport]:
     """`load`, also returning the key report (its `ignored` lists the checkpoint keys not used)."""
+    if tower is None and os.path.isfile(os.path.join(path, "params.json")) \
+            and not os.path.isfile(os.path.join(path, "config.json")):  # Meta's original Llama release
+        from medjax.convert import hf_llama
+        return hf_llama.load_meta_with_report(path, scan=scan, dtype=dtype, param_dtype=param_dtype)
     config = read_config(path)
     source = os.path.join(path, "config.json")
     model_type = config.get("model_type")

@@ -10,6 +10,11 @@ their variables (safetensors read without torch; `medjax.convert.hf.load` dispat
   and `vision_tower.vision_model.*` (hub files of transformers 4). The vision tower is built only up to the
   feature layer (`vision_feature_layer`, -2: the penultimate layer's output); the checkpoint's later layers
   are listed in the report's `ignored`.
+- Meta's original Llama / Llama 2 release (`params.json` + `consolidated.NN.pth`, or `.safetensors`, one file per
+  model-parallel shard; `load_meta`): keys `tok_embeddings`, `layers.N.attention.w{q,k,v,o}`,
+  `layers.N.feed_forward.w{1,3,2}` (gate, up, down), `attention_norm` / `ffn_norm`, `norm`, `output`, shards
+  concatenated as Meta split them; its q/k rows interleave each head's rotary pairs, so they are permuted into
+  the rotate_half layout (`meta_to_rotate_half`, the permutation of transformers' convert_llama_weights_to_hf).
 Unsupported config features (rope scaling, attention / MLP biases, a layer list as feature layer) are
 rejected naming config.json and the field.
 """
@@ -226,4 +231,87 @@ def load_with_report(path: str, *, scan: bool | str | None = None, dtype: Dtype 
     if report.ignored:
         _log.info("%s: ignored %d tensors beyond the vision feature layer: %s", weights, len(report.ignored),
                   ", ".join(report.ignored))
+    return model, {"params": params}, report
+
+
+# ---- Meta's original checkpoints ----------------------------------------------------------------------
+META_FILES = re.compile(r"^consolidated\.(\d+)\.(pth|safetensors)$")
+# Meta key suffix -> (HF key suffix, the dim Meta's model-parallel shards split; None: replicated)
+_META_LAYER = {"attention.wq.weight": ("self_attn.q_proj.weight", 0), "attention.wk.weight": ("self_attn.k_proj.weight", 0),
+               "attention.wv.weight": ("self_attn.v_proj.weight", 0), "attention.wo.weight": ("self_attn.o_proj.weight", 1),
+               "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0), "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
+               "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
+               "attention_norm.weight": ("input_layernorm.weight", None),
+               "ffn_norm.weight": ("post_attention_layernorm.weight", None)}
+_META_TOP = {"tok_embeddings.weight": ("model.embed_tokens.weight", 1), "norm.weight": ("model.norm.weight", None),
+             "output.weight": ("lm_head.weight", 0)}
+
+
+def meta_to_rotate_half(weight, num_heads: int):
+    """q/k projection rows (heads * head_dim, in) from Meta's interleaved rotary layout (pairs (2i, 2i+1) of each
+    head) to rotate_half's (i, i + head_dim / 2): view (heads, head_dim / 2, 2, in), swap the middle axes."""
+    rows, cols = weight.shape
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def _meta_key(key: str, source: str) -> tuple[str, int | None] | None:
+    if key in _META_TOP:
+        return _META_TOP[key]
+    match = re.match(r"^layers\.(\d+)\.(.+)$", key)
+    if match and match.group(2) in _META_LAYER:
+        name, dim = _META_LAYER[match.group(2)]
+        return f"model.layers.{match.group(1)}.{name}", dim
+    if key == "rope.freqs" or key.endswith(".inner_attention.rope.freqs"):
+        return None  # recomputed from rope_theta
+    raise ValueError(f"{source}: key {key!r} is not a Meta Llama tensor")
+
+
+def load_meta_with_report(path: str, *, scan: bool | str | None = None, dtype: Dtype = jnp.float32,
+                          param_dtype: Dtype = jnp.float32) -> tuple[nn.Module, dict, KeyReport]:
+    """(Llama, variables, key report) of a directory of Meta's original release (module doc)."""
+    import json
+
+    import numpy as np
+
+    from medjax.convert.torch_io import read_weight_file
+
+    source = os.path.join(path, "params.json")
+    try:
+        with open(source) as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{source}: not a readable JSON object ({error})") from error
+    files = sorted((f for f in os.listdir(path) if META_FILES.match(f)), key=lambda f: int(META_FILES.match(f)[1]))
+    if not files:
+        raise FileNotFoundError(f"{path}: no consolidated.NN.pth / consolidated.NN.safetensors beside params.json")
+    for field in ("dim", "n_layers", "n_heads"):
+        if not isinstance(meta.get(field), int) or meta[field] <= 0:
+            raise ValueError(f"{source}: field {field!r} must be a positive integer, got {meta.get(field)!r}")
+    shards = [read_weight_file(os.path.join(path, f)) for f in files]
+    state, weights = {}, os.path.join(path, files[0])
+    for key in shards[0]:
+        target = _meta_key(key, weights)
+        if target is None:
+            continue
+        name, dim = target
+        parts = [np.asarray(shard[key]) for shard in shards]
+        state[name] = parts[0] if dim is None or len(parts) == 1 else np.concatenate(parts, axis=dim)
+    heads, kv_heads = meta["n_heads"], meta.get("n_kv_heads") or meta["n_heads"]
+    for key in [k for k in state if k.endswith(("q_proj.weight", "k_proj.weight"))]:
+        state[key] = meta_to_rotate_half(state[key], heads if key.endswith("q_proj.weight") else kv_heads)
+    embed = state.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ValueError(f"{weights}: no 'tok_embeddings.weight'")
+    mlp = state.get("model.layers.0.mlp.gate_proj.weight")
+    config = {"model_type": "llama", "vocab_size": int(embed.shape[0]), "hidden_size": meta["dim"],
+              "intermediate_size": int(mlp.shape[0]) if mlp is not None else 0, "num_hidden_layers": meta["n_layers"],
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+              "rms_norm_eps": float(meta.get("norm_eps", 1e-5)), "rope_theta": float(meta.get("rope_theta", 10000.0)),
+              "tie_word_embeddings": "lm_head.weight" not in state}
+    model = llama_from_config(config, source, scan=scan, dtype=dtype, param_dtype=param_dtype)
+    shapes = llama_shapes(model)
+    unrolled = transformer.unrolled_shapes(shapes, STACK)
+    params, report = apply_mapping(unrolled, llama_map(model, unrolled), state, weights, param_dtype=param_dtype)
+    if model.scanned:
+        params = transformer.stack_layers(params, STACK)
     return model, {"params": params}, report

@@ -25,10 +25,11 @@ only for a file from a trusted source, or save `ckpt["state_dict"]` alone once a
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -83,7 +84,8 @@ def read_lightning_state_dict(path: str, *, trust_pickle: bool = False) -> dict[
 
 
 def config_from_state_dict(state: Mapping[str, np.ndarray], source: str) -> dict:
-    """The PTUnifier fields the tensors determine (widths, depths, vocabulary, grid, pools, FFN sizes)."""
+    """The PTUnifier fields the tensors determine (widths, depths, vocabulary, grid, FFN sizes, and the pool size
+    when the checkpoint has the pools: a METER checkpoint has none, convert_state_dict reports them)."""
     def shape(key):
         if key not in state:
             raise ValueError(f"{source}: key {key!r} is missing; cannot infer the model configuration")
@@ -95,7 +97,8 @@ def config_from_state_dict(state: Mapping[str, np.ndarray], source: str) -> dict
     width, _, patch, _ = shape(f"{_VISUAL}conv1.weight")
     grid = round((shape(f"{_VISUAL}positional_embedding")[0] - 1) ** 0.5)
     vocab, text_width = shape("language_encoder.embeddings.word_embeddings.weight")
-    return dict(
+    pools = {"pool_size": shape("pseudo_vision_token_pool")[0]} if "pseudo_vision_token_pool" in state else {}
+    return pools | dict(
         patch_size=patch, image_size=grid * patch, vision_width=width,
         vision_depth=count(rf"{re.escape(_VISUAL)}transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
         vision_mlp_dim=shape(f"{_VISUAL}transformer.resblocks.0.mlp.c_fc.weight")[0],
@@ -107,7 +110,6 @@ def config_from_state_dict(state: Mapping[str, np.ndarray], source: str) -> dict
         hidden_size=shape("multi_modal_language_proj.weight")[0],
         fusion_layers=count(r"multi_modal_language_layers\.(\d+)\.attention\.self\.query\.weight"),
         fusion_mlp_dim=shape("multi_modal_language_layers.0.intermediate.dense.weight")[0],
-        pool_size=shape("pseudo_vision_token_pool")[0],
     )
 
 
@@ -253,18 +255,30 @@ def _resize_positions(state: dict[str, np.ndarray], model: PTUnifier) -> dict[st
 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], model: PTUnifier, source: str, *,
-                       param_dtype: Dtype = jnp.float32) -> tuple[dict, KeyReport]:
-    """A PTUnifier Lightning state dict -> params of `model`; raises naming every key problem."""
+                       param_dtype: Dtype = jnp.float32, absent: Iterable[str] = (),
+                       ignore: Iterable[str] = ()) -> tuple[dict, KeyReport]:
+    """A PTUnifier Lightning state dict -> params of `model`; raises naming every key problem. `absent`:
+    regular expressions of expected keys the checkpoint may lack (e.g. METER has no ITC head nor prompt
+    pools): their params are left out of the result (`--set init=` keeps the model's initialisation for
+    them) and listed in the report's `absent`; `ignore`: more patterns of checkpoint keys to skip."""
     state = _resize_positions(dict(state), model)
     layout = param_shapes(model)
     shapes = transformer.unrolled_shapes(layout, hf.STACK)  # the checkpoint's layer i -> layers_{i}
     mapping = ptunifier_map(model, shapes, next((h for h in HEADS if f"{h}.3.weight" in state), "vqa_head"))
+    patterns = [re.compile(p) for p in absent]
+    left_out = sorted(k for k in mapping if k not in state and any(p.fullmatch(k) for p in patterns))
+    if left_out:
+        paths = {mapping[k].path for k in left_out}
+        mapping = {k: e for k, e in mapping.items() if k not in left_out}
+        shapes = {p: s for p, s in shapes.items() if p not in paths}
+        layout = {p: s for p, s in layout.items() if p not in paths}
     expected = _fused_shapes(model, mapping)
     irtr = {k: state[k] for k in ("irtr_head.weight", "irtr_head.bias") if k in state}
     if irtr:  # Linear(2H, 1), initialised from and replacing the ITM head's "matched" row
         expected |= {"irtr_head.weight": (1, 2 * model.hidden_size), "irtr_head.bias": (1,)}
-    report = check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, ignore=_IGNORED)
+    report = check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, ignore=(*_IGNORED, *ignore))
     report.raise_if_problems(source)
+    report = dataclasses.replace(report, absent=tuple(left_out))
     used = _split_in_proj({k: v for k, v in state.items() if k not in report.ignored and k not in irtr},
                           model.vision_depth)
     params, _ = apply_mapping(shapes, mapping, used, source, param_dtype=param_dtype)

@@ -138,6 +138,7 @@ class KeyReport:
     unexpected: tuple[str, ...] = ()
     shape_mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()  # (key, expected, found)
     ignored: tuple[str, ...] = ()  # present, matched an ignore pattern, not used
+    absent: tuple[str, ...] = ()  # expected, allowed to be missing: left out of the params for the model's init
 
     @property
     def ok(self) -> bool:

@@ -8,6 +8,11 @@ annotates the class and whose ground truth holds it; the original skips empty la
 dataset as `dice/<dataset id>/<class>` when cases carry a dataset id, `dice/mean` and `nsd/mean`
 (mean over the scored classes of their means, the original's "average"), and `cases`. Class keys
 are the class names in snake case (`CLASS_KEYS`: "liver", "right_kidney", "liver_tumor", ...).
+
+Chance (issue #23, `medjax.metrics.chance`): beside every Dice key `k`, `k + "_chance"` is the Dice of the
+best input-blind mask, the whole evaluated volume (the foreground crop), averaged over the same cases:
+2|G| / (|V| + |G|) per case (our choice; an empty mask scores 0, and any input-blind mask that is not all of
+the volume does no better in expectation over where the organ lies). The tables print it beside the Dice.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from medjax.inference.universal_predictor import ALL_CLASSES, predict_masks
+from medjax.metrics.chance import CHANCE_SUFFIX
 from medjax.metrics.segmentation import per_class_scores
 from medjax.ontology import universal_classes as templates
 
@@ -53,6 +59,17 @@ def cases_from_cache(ct_cases: Iterable[Any], cache: Any) -> Iterator[dict]:
                "dataset_id": case.dataset_id, "name": case.image}
 
 
+def whole_volume_dice(label: np.ndarray, classes: Iterable[int]) -> dict[int, float]:
+    """{class: Dice of predicting the whole volume} = 2|G| / (|V| + |G|) for 1-based `classes` of (X, Y, Z, C)
+    channels; NaN where the class is absent (such cases are skipped, as for the model's Dice)."""
+    volume = float(np.prod(label.shape[:-1]))
+    out = {}
+    for c in classes:
+        size = float(np.count_nonzero(label[..., c - 1]))
+        out[c] = 2.0 * size / (volume + size) if size > 0 else float("nan")
+    return out
+
+
 def _nanmean(values: list[float]) -> float:
     kept = [v for v in values if not math.isnan(v)]
     return float(np.mean(kept)) if kept else float("nan")
@@ -69,8 +86,8 @@ def evaluate_cases(predict_fn: Callable[[np.ndarray, tuple[int, ...]], np.ndarra
     (X, Y, Z, 32) post-processed masks (e.g. `predict_masks` with the model bound); only the
     annotated classes are scored.
     """
-    overall: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    by_dataset: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    overall: dict[int, list[tuple[float, float, float]]] = defaultdict(list)  # (Dice, NSD, chance Dice)
+    by_dataset: dict[tuple[str, int], list[tuple[float, float, float]]] = defaultdict(list)
     count = 0
     for index, case in enumerate(cases):
         where = case.get("name", f"case {index}")
@@ -88,26 +105,35 @@ def evaluate_cases(predict_fn: Callable[[np.ndarray, tuple[int, ...]], np.ndarra
             raise ValueError(f"{where}: prediction {pred.shape} and label {label.shape} differ in shape")
         scores = per_class_scores(pred, label, classes, spacing=spacing, tolerance_mm=nsd_tolerance_mm,
                                   ignore_empty=ignore_empty)
-        for c, pair in scores.items():
+        chance = whole_volume_dice(label, classes)
+        for c, (dice_value, nsd_value) in scores.items():
+            pair = (dice_value, nsd_value, chance[c] if not math.isnan(dice_value) else float("nan"))
             overall[c].append(pair)
             if case.get("dataset_id"):
                 by_dataset[(str(case["dataset_id"]), c)].append(pair)
         count += 1
     results: dict[str, float] = {}
-    class_means = {"dice": [], "nsd": []}
-    for c in sorted(overall):
-        for i, metric in enumerate(("dice", "nsd")):
-            mean = _nanmean([pair[i] for pair in overall[c]])
-            if not math.isnan(mean):
-                results[f"{metric}/{CLASS_KEYS[c - 1]}"] = mean
-                class_means[metric].append(mean)
-    for (dataset, c), pairs in sorted(by_dataset.items()):
-        for i, metric in enumerate(("dice", "nsd")):
+    metrics = ("dice", "nsd", "dice" + CHANCE_SUFFIX)
+    class_means = {m: [] for m in metrics}
+
+    def put(prefix: str, pairs: list, means: dict | None) -> None:
+        for i, metric in enumerate(metrics):
             mean = _nanmean([pair[i] for pair in pairs])
             if not math.isnan(mean):
-                results[f"{metric}/{dataset}/{CLASS_KEYS[c - 1]}"] = mean
+                key = f"dice/{prefix}{CHANCE_SUFFIX}" if i == 2 else f"{metric}/{prefix}"
+                results[key] = mean
+                if means is not None:
+                    means[metric].append(mean)
+
+    for c in sorted(overall):
+        put(CLASS_KEYS[c - 1], overall[c], class_means)
+    for (dataset, c), pairs in sorted(by_dataset.items()):
+        put(f"{dataset}/{CLASS_KEYS[c - 1]}", pairs, None)
     for metric in ("dice", "nsd"):
         results[f"{metric}/mean"] = float(np.mean(class_means[metric])) if class_means[metric] else float("nan")
+    chance_means = class_means["dice" + CHANCE_SUFFIX]
+    if chance_means:
+        results[f"dice/mean{CHANCE_SUFFIX}"] = float(np.mean(chance_means))
     results["cases"] = float(count)
     return results
 
@@ -119,8 +145,23 @@ def _lookup(results: dict[str, float], metric: str, dataset: str, c: int) -> flo
     return None
 
 
-def _cell(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
+def _chance(results: dict[str, float], dataset: str, c: int) -> float | None:
+    for key in (f"dice/{dataset}/{CLASS_KEYS[c - 1]}", f"dice/{CLASS_KEYS[c - 1]}"):
+        if key in results and not math.isnan(results[key]):
+            return results.get(key + CHANCE_SUFFIX)
+    return None
+
+
+def _cell(value: float | None, chance: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.2f}" + (f" (chance {100 * chance:.2f})" if chance is not None else "")
+
+
+def _dice_cell(results: dict[str, float], metric: str, dataset: str, c: int) -> str:
+    """A Dice cell with its chance level beside it (`dice/..._chance`); NSD cells as they are."""
+    value = _lookup(results, metric, dataset, c)
+    return _cell(value, _chance(results, dataset, c) if metric == "dice" and value is not None else None)
 
 
 def _table(header: Sequence[str], rows: list[list[str]]) -> str:
@@ -139,9 +180,13 @@ def btcv_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
     rows = []
     for label, results in columns:
         values = [_lookup(results, "dice", BTCV_DATASET, c) for _, c in BTCV_COLUMNS]
+        chances = [_chance(results, BTCV_DATASET, c) for _, c in BTCV_COLUMNS]
         present = [v for v in values if v is not None]
-        rows.append([_method(exp, label), *map(_cell, values),
-                     _cell(float(np.mean(present)) if present else None)])
+        present_chance = [ch for v, ch in zip(values, chances) if v is not None and ch is not None]
+        rows.append([_method(exp, label), *(_dice_cell(results, "dice", BTCV_DATASET, c) for _, c in BTCV_COLUMNS),
+                     _cell(float(np.mean(present)) if present else None,
+                           float(np.mean(present_chance)) if present_chance and len(present_chance) == len(present)
+                           else None)])
     return _table(["Method", *(name for name, _ in BTCV_COLUMNS), "Avg"], rows)
 
 
@@ -152,7 +197,7 @@ def msd_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
                            for metric in ("DSC", "NSD")]
     rows = []
     for label, results in columns:
-        cells = [_cell(_lookup(results, metric, dataset, c)) for _, dataset, parts in MSD_TASKS for _, c in parts
+        cells = [_dice_cell(results, metric, dataset, c) for _, dataset, parts in MSD_TASKS for _, c in parts
                  for metric in ("dice", "nsd")]
         rows.append([_method(exp, label), *cells])
     return _table(header, rows)
@@ -174,8 +219,10 @@ def universal_results_table(exp: str, columns: list[tuple[str, dict[str, float]]
     if not parts:
         scored = [c for c in ALL_CLASSES if any(f"dice/{CLASS_KEYS[c - 1]}" in r for _, r in columns)]
         header = ["Method"] + [f"{templates.CLASS_NAMES[c - 1]} {m}" for c in scored for m in ("DSC", "NSD")]
-        rows = [[_method(exp, label)] + [_cell(results.get(f"{m}/{CLASS_KEYS[c - 1]}"))
-                                                           for c in scored for m in ("dice", "nsd")]
+        rows = [[_method(exp, label)] + [_cell(results.get(f"{m}/{CLASS_KEYS[c - 1]}"),
+                                               results.get(f"dice/{CLASS_KEYS[c - 1]}{CHANCE_SUFFIX}") if m == "dice"
+                                               else None)
+                                         for c in scored for m in ("dice", "nsd")]
                 for label, results in columns]
         parts.append(_table(header, rows))
     return "\n\n".join(parts)

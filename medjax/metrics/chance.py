@@ -56,3 +56,18 @@ def vqa_chance(targets: np.ndarray, answer_types: np.ndarray, num_answers: int) 
         out[f"{name}_chance"] = 100.0 * float(hits[mask].mean()) if mask.any() else float("nan")
     out["overall_chance"] = 100.0 * float(hits.mean()) if len(hits) else float("nan")
     return out
+
+
+def fixed_mask_dice_chance(masks: np.ndarray) -> float:
+    """Pooled Dice (`medjax.metrics.segmentation.pooled_dice`) of the best input-blind segmenter: one fixed binary
+    mask M drawn on every image, chosen with the split's own masks (our choice, like `majority_fraction`). With
+    c_p = the number of the n images whose pixel p is foreground and G = sum_p c_p, Dice(M) = 2 sum_{p in M} c_p /
+    (n |M| + G); for |M| = k the best M is the k most often foreground pixels, and the best k is taken. (An
+    all-foreground mask is k = every pixel.) NaN when no image has foreground. masks: (n, H, W) 0/1."""
+    masks = np.asarray(masks, np.float64)
+    counts = np.sort((masks > 0.5).reshape(len(masks), -1).sum(axis=0))[::-1]
+    total = counts.sum()
+    if total == 0:
+        return float("nan")
+    k = np.arange(1, counts.size + 1)
+    return float(np.max(2.0 * np.cumsum(counts) / (len(masks) * k + total)))

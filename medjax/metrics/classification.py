@@ -90,9 +90,16 @@ def ordinal_to_grade(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return np.cumprod(probs > threshold, axis=1).sum(axis=1).astype(np.int32)
 
 
-def contig_grade_targets(grades: np.ndarray, num_classes: int) -> np.ndarray:
+def contig_grade_targets(grades, num_classes: int):
     """ContIG's APTOS target: grade g of K classes -> K cumulative outputs [1]*(g+1) + [0]*(K-1-g) (the
-    first output is always on). float32 (N, K)."""
+    first output is always on). float32 (N, K). numpy grades are checked (integers in [0, K)); a jax array (the
+    jitted training loss, medjax.tasks.fundus_classification, traces this same function) is used as given."""
+    import jax
+
+    if isinstance(grades, jax.Array):
+        import jax.numpy as jnp
+
+        return (jnp.arange(num_classes)[None, :] <= grades[:, None]).astype(jnp.float32)
     grades = _check_classes(grades, num_classes, "grades")
     return (np.arange(num_classes)[None, :] <= grades[:, None]).astype(np.float32)
 

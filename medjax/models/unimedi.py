@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn.transformer import TOKENS, layer_intermediates
+from medjax.nn.transformer import TOKENS
+from medjax.nn.transformer_layout import layer_intermediates
 from medjax.nn.vit import ViTEncoder
 
 Dtype = Any

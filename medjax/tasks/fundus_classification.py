@@ -3,7 +3,8 @@
 APTOS 2019 exactly as ContIG (the authors' downstream loader): 5 diabetic-retinopathy grades as 5
 cumulative outputs (grade g -> [1]*(g+1) + [0]*(4-g), the first always on), BCE; predicted grade =
 (sigmoid > 0.5).sum() - 1 over the 5 outputs (`medjax.metrics.classification.contig_grade`, the one helper
-used for the training accuracy and for evaluation); quadratic-weighted kappa and accuracy from it, AUC
+used for the training accuracy and for evaluation; `contig_grade_targets` the targets of the training loss and of
+the validation BCE); quadratic-weighted kappa and accuracy from it, AUC
 (an addition) from the class probabilities of outputs 2..5 read as P(grade >= g).
 """
 from __future__ import annotations
@@ -88,7 +89,7 @@ class FundusClassificationTask(FundusTransferTask):
 
     def loss_fn(self, params, batch, rng, train):
         logits = self.model.apply({"params": params}, batch["image"], train=train, rngs={"dropout": rng})
-        targets = (jnp.arange(self.num_classes) <= batch["label"][:, None]).astype(jnp.float32)  # contig_grade_targets
+        targets = contig_grade_targets(batch["label"], self.num_classes)  # the tested helper, traced
         loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets).mean()
         grade = contig_grade(jax.nn.sigmoid(logits.astype(jnp.float32)))
         return loss, {"bce": loss, "train_accuracy": jnp.mean(grade == batch["label"])}

@@ -26,6 +26,7 @@ from medjax.data.readers.palm import STRUCTURES, PALMDataset
 from medjax.data.transforms.image import normalize_imagenet
 from medjax.data.verify import image_checks
 from medjax.losses.segmentation import pooled_bce_dice
+from medjax.metrics.chance import fixed_mask_dice_chance
 from medjax.metrics.segmentation import pooled_dice
 from medjax.models.vit_unet import ViTUNet
 from medjax.tasks.common import Subset, data_root
@@ -130,7 +131,10 @@ class FundusSegmentationTask(FundusTransferTask):
 
     def evaluate(self, params) -> dict[str, float]:
         masks, probs, loss = self.predict(params, self.config.data.eval_split)
-        return {**self._dice(masks, probs), "loss": loss, "examples": float(len(masks))}
+        # beside each Dice in the table: the best fixed mask's (an input-blind segmenter, medjax.metrics.chance)
+        chance = {f"dice_{name}_chance": fixed_mask_dice_chance(masks[..., c]) for c, name in enumerate(STRUCTURES)}
+        chance["dice_chance"] = float(np.nanmean(list(chance.values())))
+        return {**self._dice(masks, probs), "loss": loss, "examples": float(len(masks)), **chance}
 
     def validate(self, params) -> dict[str, float]:
         masks, probs, loss = self.predict(params, self.config.data.val_split)

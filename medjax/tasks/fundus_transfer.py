@@ -12,6 +12,7 @@ import numpy as np
 
 from medjax.data.pipelines.global_batches import global_batch_dataset
 from medjax.errors import MedjaxInputError
+from medjax.metrics.chance import CHANCE_SUFFIX
 from medjax.tasks.base import TaskBase
 from medjax.tasks.common import label_fraction_label
 
@@ -57,7 +58,8 @@ def transfer_column_label(saved_config: dict, path: str) -> str:
 def transfer_table(dataset: str, columns: list[tuple[str, dict[str, float]]], metrics: tuple[str, ...],
                    percent: bool = True) -> str:
     """MRM Tab. 1's layout for one dataset: a row per label fraction, a column per (pretraining, metric), from
-    columns labelled "<pretraining> <fraction>" (`transfer_column_label`). Cells of runs not given are "-"."""
+    columns labelled "<pretraining> <fraction>" (`transfer_column_label`). Each cell shows its chance level beside
+    it where the results hold one (`<metric>_chance`: "81.00 (chance 50.00)"); cells of runs not given are "-"."""
     methods, fractions, cells = [], [], {}
     for label, results in columns:
         method, _, fraction = label.rpartition(" ")
@@ -65,7 +67,12 @@ def transfer_table(dataset: str, columns: list[tuple[str, dict[str, float]]], me
         methods += [method] if method not in methods else []
         fractions += [fraction] if fraction not in fractions else []
         cells[method, fraction] = results
-    show = (lambda v: f"{100 * v:.2f}") if percent else (lambda v: f"{v:.4f}")
+    number = (lambda v: f"{100 * v:.2f}") if percent else (lambda v: f"{v:.4f}")
+
+    def show(r, k):  # with its chance level beside it where evaluate gave one (medjax.metrics.chance)
+        chance = r.get(k + CHANCE_SUFFIX)
+        return number(r[k]) + (f" (chance {number(chance)})" if chance is not None and np.isfinite(chance) else "")
+
     header = f"| {dataset} labels | " + " | ".join(f"{m} {k}" for k in metrics for m in methods) + " |"
     rule = "|---|" + "---|" * (len(metrics) * len(methods))
     rows = []
@@ -74,7 +81,7 @@ def transfer_table(dataset: str, columns: list[tuple[str, dict[str, float]]], me
         for k in metrics:
             for m in methods:
                 r = cells.get((m, fraction))
-                values.append(show(r[k]) if r is not None and k in r and np.isfinite(r[k]) else "-")
+                values.append(show(r, k) if r is not None and k in r and np.isfinite(r[k]) else "-")
         rows.append(f"| {fraction} | " + " | ".join(values) + " |")
     return "\n".join([header, rule, *rows])
 

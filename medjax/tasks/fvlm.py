@@ -11,7 +11,7 @@ Evaluation (`evaluate`, the CT-RATE zero-shot protocol): per label of `eval.labe
 prompt name), the organ's embedding of each scan's centre crop against the prompts "Not <name>." and
 "<name>."; score = softmax([v.t_neg, v.t_pos] / temp)[1]; AUC, then accuracy, sensitivity, specificity,
 weighted F1 and precision at the top-left ROC threshold (`medjax.metrics.roc_threshold`), macro over the
-labels that have both classes in the split. Scans whose organ is not intact in the crop are skipped for
+labels that have both classes in the split, each beside its input-blind level (`label_chance`). Scans whose organ is not intact in the crop are skipped for
 that label (the original's under-90%-complete rule, stricter: our choice for a single window).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from medjax.data import demo as demo_lib
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.data.readers.image_report import load_tokenizer, tokenize
 from medjax.losses.organ_contrastive import organ_losses
+from medjax.metrics.chance import AUC_CHANCE, CHANCE_SUFFIX, majority_fraction, weighted_f1_chance
 from medjax.metrics.roc_threshold import binary_metrics
 from medjax.models import fvlm as fvlm_lib
 from medjax.params import merge_params
@@ -37,6 +38,15 @@ from medjax.tasks.fvlm_data import CTReportDataset, FVLMExample
 from medjax.errors import MedjaxInputError
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "weighted_f1", "precision")
+CHANCE_METRICS = ("auc", "accuracy", "weighted_f1", "precision")  # those with an input-blind level in the table
+
+
+def label_chance(labels: np.ndarray) -> dict[str, float]:
+    """One label's input-blind levels (medjax.metrics.chance): AUC 0.5; accuracy and weighted F1 of always
+    predicting the majority class; precision of a random positive call = the prevalence."""
+    y = np.asarray(labels).astype(np.int64)
+    return {"auc" + CHANCE_SUFFIX: AUC_CHANCE, "accuracy" + CHANCE_SUFFIX: majority_fraction(y),
+            "weighted_f1" + CHANCE_SUFFIX: weighted_f1_chance(y), "precision" + CHANCE_SUFFIX: float(y.mean())}
 
 
 class FVLMTask(TaskBase):
@@ -129,6 +139,17 @@ class FVLMTask(TaskBase):
         return (functools.partial(image_fn, params), functools.partial(text_fn, params),
                 float(np.asarray(params["temp"])))
 
+    def eval_image_embeddings(self, test: CTReportDataset, image_fn) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings (scans, organs, E), intact (scans, organs) bool) of the test split: each scan's centre
+        crop (module docstring)."""
+        transform = FVLMExample(self.tokenizer, self.crop_shape, self.config.data.max_length, train=False)
+        embeds, intact = [], []
+        for batch in eval_batches(test, int(self.run.eval_batch_size), transform):
+            valid = batch["valid"]
+            out = image_fn(jnp.asarray(batch["volumes"]), jnp.asarray(batch["masks"]))
+            embeds.append(np.asarray(out)[valid]), intact.append(batch["intact"][valid])
+        return np.concatenate(embeds), np.concatenate(intact)
+
     def evaluate(self, params) -> dict[str, float]:
         d = self.config.data
         test = self.dataset(d.eval_split)
@@ -136,13 +157,7 @@ class FVLMTask(TaskBase):
             raise MedjaxInputError(f"{os.path.join(self.root, d.eval_split + '_labels.csv')}: the zero-shot evaluation needs "
                              "the split's label CSV")
         image_fn, text_fn, temp = self.embedding_functions(params)
-        transform = FVLMExample(self.tokenizer, self.crop_shape, d.max_length, train=False)
-        embeds, intact = [], []
-        for batch in eval_batches(test, int(self.run.eval_batch_size), transform):
-            valid = batch["valid"]
-            out = image_fn(jnp.asarray(batch["volumes"]), jnp.asarray(batch["masks"]))
-            embeds.append(np.asarray(out)[valid]), intact.append(batch["intact"][valid])
-        embeds, intact = np.concatenate(embeds), np.concatenate(intact)
+        embeds, intact = self.eval_image_embeddings(test, image_fn)
         labels = np.asarray(test.labels, np.float32)
         per_label = {}
         for column, organ, name in self.config.eval.labels:
@@ -161,9 +176,9 @@ class FVLMTask(TaskBase):
             logits = embeds[keep, o] @ prompts.T / temp
             logits -= logits.max(1, keepdims=True)
             score = np.exp(logits[:, 1]) / np.exp(logits).sum(1)
-            per_label[column] = binary_metrics(y, score)
+            per_label[column] = dict(binary_metrics(y, score), **label_chance(y))
         results = {f"{m}": float(np.mean([r[m] for r in per_label.values()])) if per_label else float("nan")
-                   for m in METRICS}
+                   for m in METRICS + tuple(m + CHANCE_SUFFIX for m in CHANCE_METRICS)}
         results["labels_evaluated"] = float(len(per_label))
         for column, r in per_label.items():
             results[f"auc/{column}"] = r["auc"]
@@ -173,7 +188,8 @@ class FVLMTask(TaskBase):
         """The CT-RATE zero-shot table (Precision / ACC / F1 / AUC, %), the papers' rows above ours."""
         lines = ["| Method | Precision | ACC | F1 | AUC |", "|---|---|---|---|---|",
                  "| fVLM (paper) | 37.9 | 71.8 | 75.1 | 77.8 |", "| ViSD-Boost (paper) | 38.7 | 73.1 | 75.9 | 79.0 |"]
-        for label, r in columns:
+        for label, r in columns:  # chance (medjax.metrics.chance, macro over the same labels) beside each number
             lines.append(f"| medjax {exp} {label} | " + " | ".join(
-                f"{100 * r[k]:.1f}" for k in ("precision", "accuracy", "weighted_f1", "auc")) + " |")
+                f"{100 * r[k]:.1f}" + (f" (chance {100 * r[k + CHANCE_SUFFIX]:.1f})" if k + CHANCE_SUFFIX in r else "")
+                for k in ("precision", "accuracy", "weighted_f1", "auc")) + " |")
         return "\n".join(lines)

@@ -20,6 +20,7 @@ data.open_file) for judging; the eval loss on
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from medjax.config import ConfigError
 from medjax.data import demo as demo_lib
 from medjax.data.errors import DataError
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
@@ -115,8 +117,13 @@ class PathChatTask(TaskBase):
                 "labels": np.full((b, t), IGNORE, np.int32), "attention_mask": np.ones((b, t), np.int32)}
 
     def init_params(self, rng):
-        batch = self.init_batch()
-        return self.model.init(rng, batch["input_ids"][:1], pixel_values=batch["pixel_values"][:1])["params"]
+        """No param depends on the text length (RoPE, no learned positions): initialised on the shortest
+        sequence holding the image (BOS, image tokens, one token), so runs of any data.max_length (stage 1's
+        captions, stage 2's conversations) trace one init program."""
+        n, s = self.model.num_image_tokens, self.image_size
+        ids = np.zeros((1, n + 2), np.int32)
+        ids[:, 1:1 + n] = self.image_token_id
+        return self.model.init(rng, ids, pixel_values=np.zeros((1, s, s, 3), np.float32))["params"]
 
     def initial_params(self, params):
         """Converted Hugging Face weights where `model.init_llava` / `init_vision` / `init_llm` name them."""
@@ -186,23 +193,52 @@ class PathChatTask(TaskBase):
         row = pad_or_truncate(ids, labels, self.max_length, self.example.pad_id, self.image_token_id, where)
         return dict(row, pixel_values=self.pixels(image_path))
 
+    @functools.cached_property
+    def _score(self):
+        """jit (params, batch) -> causal_lm_loss's (NLL, supervised tokens, correct tokens) per row; one compiled
+        program per task, so repeated validations do not recompile."""
+        model = self.model
+        return jax.jit(lambda p, b: causal_lm_loss(model.apply({"params": p}, b["input_ids"],
+                                                               pixel_values=b["pixel_values"],
+                                                               attention_mask=b["attention_mask"]), b["labels"]))
+
+    @functools.cached_property
+    def _validation_set(self) -> ConversationDataset:
+        return self.conversations(self.config.data.eval_file)
+
+    def _teacher_forced(self, params, dataset) -> tuple[float, float]:
+        """(NLL per supervised token, argmax accuracy of the supervised tokens) of the conversations' assistant
+        replies, teacher-forced (the training loss on held-out conversations; no generation)."""
+        total = count = correct = 0.0
+        for batch in eval_batches(dataset, int(self.run.eval_batch_size), self.example):
+            nll, n, right = self._score(params, {k: v for k, v in batch.items() if k != "valid"})
+            valid = batch["valid"]
+            total += float(np.sum(np.asarray(nll)[valid]))
+            count += float(np.sum(np.asarray(n)[valid]))
+            correct += float(np.sum(np.asarray(right)[valid]))
+        return total / max(count, 1.0), correct / max(count, 1.0)
+
+    def validate(self, params) -> dict[str, float]:
+        """What `train.eval_every` logs and the best-validation checkpoint selects by: the teacher-forced answer
+        loss and token accuracy on `data.eval_file` (the validation conversations, e.g. instruct_val.json).
+        Cheap -- one forward pass per batch, no generation -- and never PathQABench (`evaluate`'s test sets)."""
+        if not self.config.data.eval_file:
+            raise ConfigError("config data.eval_file is empty: train.eval_every needs a validation conversation file "
+                              "(LLaVA format, e.g. instruct_val.json); stage 1 has none by default")
+        loss, accuracy = self._teacher_forced(jax.device_put(nn.unbox(params)), self._validation_set)
+        return {"loss": loss, "token_accuracy": accuracy}
+
+    def selection_metric(self):
+        """The lowest validation answer loss (LLaVA reports none; our choice), where there is a validation file."""
+        return ("loss", "min") if self.config.data.eval_file else None
+
     def evaluate(self, params) -> dict[str, float]:
         d = self.config.data
         params = jax.device_put(nn.unbox(params))
-        model = self.model
-        score = jax.jit(lambda p, b: causal_lm_loss(model.apply({"params": p}, b["input_ids"],
-                                                                pixel_values=b["pixel_values"],
-                                                                attention_mask=b["attention_mask"]), b["labels"]))
-        size = int(self.run.eval_batch_size)
+        score, size = self._score, int(self.run.eval_batch_size)
         results: dict[str, float] = {}
         if d.eval_file:
-            dataset = self.conversations(d.eval_file)
-            total = count = 0.0
-            for batch in eval_batches(dataset, size, self.example):
-                nll, n, _ = score(params, {k: v for k, v in batch.items() if k != "valid"})
-                total += float(np.sum(np.asarray(nll)[batch["valid"]]))
-                count += float(np.sum(np.asarray(n)[batch["valid"]]))
-            results["eval_loss"] = total / max(count, 1.0)
+            results["eval_loss"] = self._teacher_forced(params, self.conversations(d.eval_file))[0]
         if d.mcq_file:
             results |= self._multiple_choice(params, score, size)
         if d.open_file:

@@ -216,9 +216,14 @@ class PTUnifierTask(TaskBase):
 
     def load_pretrained(self, params, pretrained):
         """Another PTUnifier run's (or a converted checkpoint's) params: every leaf of the same path and shape;
-        a vision position table of another grid is resized bicubically first."""
+        a vision position table of another grid is resized bicubically first. The rest keeps its
+        initialisation, logged by path: e.g. from METER (`python -m medjax.convert meter`) the ITC head and
+        the prompt pools, which METER does not have."""
         pretrained = _resize_vision_positions(pretrained, params)
-        return merge_params(params, pretrained)[0]
+        merged, skipped = merge_params(params, pretrained)
+        if skipped:
+            self.log(f"init: {len(skipped)} params keep their initialisation: {', '.join(skipped)}")
+        return merged
 
 
 def _resize_vision_positions(pretrained, params):

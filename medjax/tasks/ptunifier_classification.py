@@ -27,6 +27,7 @@ from medjax.errors import MedjaxInputError
 class PTUnifierClassificationTask(PTUnifierFinetuneTask):
     TABLE = (("AUC", "auc"), ("F1", "f1"), ("F1 macro", "f1_macro"))
     TABLE_SCALE = 100.0  # AUC and F1 are fractions
+    SELECTION = ("auc", "max")  # the original's the_metric for `mlc`: the validation AUROC
 
     def dataset(self, split: str) -> finetune_data.MultiLabelDataset:
         return finetune_data.MultiLabelDataset(self.path(split), finetune_data.row_split(split), label_column=self.config.data.label_column)
@@ -56,8 +57,8 @@ class PTUnifierClassificationTask(PTUnifierFinetuneTask):
     def _logits(self):
         return self.jitted(self.model.image_logits)
 
-    def evaluate(self, params) -> dict[str, float]:
-        logits, kept = self.outputs(params, self.eval_set, self._logits, ("image",), ("labels",))
+    def scores(self, params, dataset) -> dict[str, float]:
+        logits, kept = self.outputs(params, dataset, self._logits, ("image",), ("labels",))
         probs, labels = 1 / (1 + np.exp(-logits.astype(np.float64))), kept["labels"]
         return {"auc": macro_auc(labels, probs), **multilabel_f1(labels, probs), "examples": float(len(labels)),
                 "auc_chance": AUC_CHANCE}

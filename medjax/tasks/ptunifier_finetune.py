@@ -23,6 +23,9 @@ config switch whose other value keeps the alternative:
   False keeps `model.image_size` (the pretraining grid) and resizes the table at every forward pass.
 * `data.resized_crop`: `clip_resizedcrop` (RandomResizedCrop scale 0.9-1) for training images, set per
   dataset by the experiments (VQA-RAD plain `clip`).
+* Model selection: each kind declares the original's `val/the_metric` (`SELECTION`: VQA overall score, mlc
+  AUROC, cls accuracy, irtr ir_r1 + tr_r1 - loss, clm BLEU sum / ROUGE-L); `validate` scores `data.val_split`
+  and with `train.eval_every` the trainer keeps `best/` by it, which `medjax.evaluate --checkpoint` reads.
 """
 from __future__ import annotations
 
@@ -50,12 +53,16 @@ PROMPT_POOL_PARAMS = r"^(visual_prompts|textual_prompts)(/|$)"  # frozen with fr
 
 class PTUnifierFinetuneTask(TaskBase):
     """The shared base of the fine-tuning tasks. A subclass implements `dataset(split)`, `num_outputs()`
-    (task-head classes, 0 for none), `example`, `init_batch`, `loss_fn` and `evaluate`, and names its
-    paper-table columns in `TABLE` (label, metric key) with the factor `TABLE_SCALE` that turns them into
-    percent."""
+    (task-head classes, 0 for none), `example`, `init_batch`, `loss_fn` and `scores(params, dataset)` (its
+    metrics on a split: `evaluate` on data.eval_split, `validate` on data.val_split), names its paper-table
+    columns in `TABLE` (label, metric key) with the factor `TABLE_SCALE` that turns them into percent, and
+    declares the original's selection metric in `SELECTION`."""
 
     TABLE: ClassVar[tuple[tuple[str, str], ...]] = ()
     TABLE_SCALE: ClassVar[float] = 1.0
+    # the original's `val/the_metric` as (a `validate` key, "max" | "min"): what the best-validation checkpoint
+    # follows with train.eval_every (medjax.best_checkpoint; the original's ModelCheckpoint(monitor=...))
+    SELECTION: ClassVar[tuple[str, str] | None] = None
     NEW_PARAMS: ClassVar[tuple[str, ...]] = ("task_head",)  # top-level params a pretraining run lacks
 
     def __init__(self, config, log=print, run=None):
@@ -80,6 +87,10 @@ class PTUnifierFinetuneTask(TaskBase):
     def example(self, ex: dict, rng=None) -> dict:
         """Arrays of one example; `rng` is given for training examples only (augmentation: `self.image`)."""
         raise NotImplementedError(f"{type(self).__name__}.example")
+
+    def scores(self, params, dataset) -> dict[str, float]:
+        """The kind's metrics over every example of `dataset`."""
+        raise NotImplementedError(f"{type(self).__name__}.scores")
 
     def build_model(self, dtype):
         """The backbone + task head of `num_outputs()` classes (a kind with another model overrides this)."""
@@ -148,6 +159,23 @@ class PTUnifierFinetuneTask(TaskBase):
     @functools.cached_property
     def eval_set(self):
         return self.checked_dataset(self.config.data.eval_split)
+
+    @functools.cached_property
+    def val_set(self):
+        split = str(self.config.data.get("val_split", "val"))
+        return self.eval_set if split == str(self.config.data.eval_split) else self.checked_dataset(split)
+
+    def evaluate(self, params) -> dict[str, float]:
+        """The paper's metrics on `data.eval_split`."""
+        return self.scores(params, self.eval_set)
+
+    def validate(self, params) -> dict[str, float]:
+        """The same metrics on `data.val_split` (the original's validation loop on `val`), never on the test split:
+        what `train.eval_every` logs as val/<name> and the best-validation checkpoint selects by."""
+        return self.scores(params, self.val_set)
+
+    def selection_metric(self):
+        return self.SELECTION
 
     def text(self, text) -> dict:
         """Token ids and mask of a text (or a text pair) at `data.max_text_len`."""

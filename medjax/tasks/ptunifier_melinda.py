@@ -22,6 +22,7 @@ from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 class PTUnifierMelindaTask(PTUnifierFinetuneTask):
     TABLE = (("Accuracy", "accuracy"),)
     TABLE_SCALE = 100.0  # accuracy is a fraction
+    SELECTION = ("accuracy", "max")  # the original's the_metric for `cls`: validation accuracy
 
     def dataset(self, split: str) -> finetune_data.ImageTextLabelDataset:
         return finetune_data.ImageTextLabelDataset(self.path(split), finetune_data.row_split(split),
@@ -50,20 +51,6 @@ class PTUnifierMelindaTask(PTUnifierFinetuneTask):
     @functools.cached_property
     def _logits(self):
         return self.jitted(self.model.joint_logits)
-
-    def evaluate(self, params) -> dict[str, float]:
-        return self.scores(params, self.eval_set)
-
-    def validate(self, params) -> dict[str, float]:
-        """Accuracy on the `val` split (the original's `val/the_metric`), never on the test split."""
-        return self.scores(params, self.val_set)
-
-    def selection_metric(self):
-        return ("accuracy", "max")
-
-    @functools.cached_property
-    def val_set(self):
-        return self.checked_dataset("val")
 
     def scores(self, params, dataset) -> dict[str, float]:
         logits, kept = self.outputs(params, dataset, self._logits, ("image", "text_ids", "text_mask"), ("label",))

@@ -18,6 +18,7 @@ from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 class PTUnifierNLITask(PTUnifierFinetuneTask):
     TABLE = (("Accuracy", "accuracy"),)
     TABLE_SCALE = 100.0  # accuracy is a fraction
+    SELECTION = ("accuracy", "max")  # the original's the_metric for `cls`: validation accuracy
 
     def dataset(self, split: str) -> finetune_data.NLIDataset:
         return finetune_data.NLIDataset(self.path(split), split)
@@ -41,7 +42,7 @@ class PTUnifierNLITask(PTUnifierFinetuneTask):
     def _logits(self):
         return self.jitted(self.model.text_logits)
 
-    def evaluate(self, params) -> dict[str, float]:
-        logits, kept = self.outputs(params, self.eval_set, self._logits, ("text_ids", "text_mask"), ("label",))
+    def scores(self, params, dataset) -> dict[str, float]:
+        logits, kept = self.outputs(params, dataset, self._logits, ("text_ids", "text_mask"), ("label",))
         return {"accuracy": accuracy(kept["label"], logits.argmax(-1)), "examples": float(len(logits)),
                 "accuracy_chance": majority_fraction(kept["label"])}

@@ -98,23 +98,13 @@ class PTUnifierReportGenTask(PTUnifierFinetuneTask):
     # ---- generation ----------------------------------------------------------------------------
     @functools.cached_property
     def _generate(self):
-        """jit of (params, images, ids, mask[, rng]) -> (batch, max_target_len) token ids of the best beam."""
-        f, m = self.config.finetune, self.model
-        beams, length, sample = int(f.num_beams), self.max_target_len, bool(f.beam_sample)
-
-        def run(params, images, ids, mask, rng):
-            apply = functools.partial(m.apply, {"params": params})
-            states = apply(images, ids, mask, method=m.encoder_states)
-            states = jnp.repeat(states, beams, axis=0)  # the original's expanded_idx
-            logits_fn = lambda tokens, t: apply(states, tokens, t, method=m.next_token_logits)  # noqa: E731
-            start = jnp.full((ids.shape[0],), self.model_cfg.cls_token_id, jnp.int32)
-            sequences, _ = beam_search(logits_fn, start, beam_size=beams, max_length=length,
-                                       eos_id=self.model_cfg.sep_token_id, pad_id=self.model_cfg.pad_token_id,
-                                       length_penalty=float(f.length_penalty), sample=sample,
-                                       top_k=int(f.top_k), rng=rng)
-            return sequences
-
-        return jax.jit(run)
+        """(params, images, ids, mask, rng) -> (batch, max_target_len) token ids of the best beam (`generate_tokens`
+        with this task's model and decoding settings)."""
+        f, cfg = self.config.finetune, self.model_cfg
+        return functools.partial(generate_tokens, model=self.model, beams=int(f.num_beams), length=self.max_target_len,
+                                 start_id=int(cfg.cls_token_id), eos_id=int(cfg.sep_token_id),
+                                 pad_id=int(cfg.pad_token_id), length_penalty=float(f.length_penalty),
+                                 sample=bool(f.beam_sample), top_k=int(f.top_k))
 
     def generate(self, params, dataset) -> list[str]:
         """The generated report of every sample of `dataset`, in order (empty ones replaced as the original)."""
@@ -128,21 +118,10 @@ class PTUnifierReportGenTask(PTUnifierFinetuneTask):
             generated += [t.strip() or EMPTY_REPORT for t in texts]
         return generated
 
-    def evaluate(self, params) -> dict[str, float]:
-        return self.scores(params, self.eval_set)
-
-    def validate(self, params) -> dict[str, float]:
-        """The scores on the `val` split, never the test split."""
-        return self.scores(params, self.val_set)
-
     def selection_metric(self):
         """The original's `the_metric`: BLEU-1 + ... + BLEU-4 for report generation; for summarisation it sums
         torchmetrics' ROUGE-1/2/L F, of which medjax computes ROUGE-L (the pycocoevalcap one)."""
         return ("bleu_sum", "max") if self.mode == "vision" else ("rouge_l", "max")
-
-    @functools.cached_property
-    def val_set(self):
-        return self.checked_dataset("val")
 
     def scores(self, params, dataset) -> dict[str, float]:
         generated = self.generate(params, dataset)
@@ -158,6 +137,23 @@ class PTUnifierReportGenTask(PTUnifierFinetuneTask):
         if "report_decoder" in pretrained or not bool(self.config.finetune.init_decoder_from_text):
             return merged
         return decoder_from_text(merged)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beams", "length", "start_id", "eos_id", "pad_id",
+                                             "length_penalty", "sample", "top_k"))
+def generate_tokens(params, images, ids, mask, rng, *, model, beams: int, length: int, start_id: int, eos_id: int,
+                    pad_id: int, length_penalty: float, sample: bool, top_k: int) -> jax.Array:
+    """Beam search (medjax.inference.beam_search) from the report model's encoder states: (batch, `length`) token ids.
+    One module-level jit keyed by the (hashable) model and the settings, so a task built again for the same
+    model (the trainer's validation, then `medjax.evaluate`) reuses the compiled search."""
+    apply = functools.partial(model.apply, {"params": params})
+    states = apply(images, ids, mask, method=model.encoder_states)
+    states = jnp.repeat(states, beams, axis=0)  # the original's expanded_idx
+    logits_fn = lambda tokens, t: apply(states, tokens, t, method=model.next_token_logits)  # noqa: E731
+    start = jnp.full((ids.shape[0],), start_id, jnp.int32)
+    sequences, _ = beam_search(logits_fn, start, beam_size=beams, max_length=length, eos_id=eos_id, pad_id=pad_id,
+                               length_penalty=length_penalty, sample=sample, top_k=top_k, rng=rng)
+    return sequences
 
 
 def decoder_from_text(params: dict) -> dict:

@@ -19,6 +19,7 @@ from medjax.errors import MedjaxInputError
 
 class PTUnifierVQATask(PTUnifierFinetuneTask):
     TABLE = (("Open", "open"), ("Closed", "closed"), ("Overall", "overall"))  # vqa_accuracy is in percent
+    SELECTION = ("overall", "max")  # the original's the_metric for `vqa`: the validation VQA score (overall)
 
     def dataset(self, split: str) -> finetune_data.VQADataset:
         """One answer vocabulary over the train and eval JSONL manifests (all their splits); the original's
@@ -57,8 +58,8 @@ class PTUnifierVQATask(PTUnifierFinetuneTask):
     def _logits(self):
         return self.jitted(self.model.vqa_logits)
 
-    def evaluate(self, params) -> dict[str, float]:
-        logits, kept = self.outputs(params, self.eval_set, self._logits, ("image", "text_ids", "text_mask"),
+    def scores(self, params, dataset) -> dict[str, float]:
+        logits, kept = self.outputs(params, dataset, self._logits, ("image", "text_ids", "text_mask"),
                                     ("target", "answer_type"))
         return dict(vqa_accuracy(logits, kept["target"], kept["answer_type"]), examples=float(len(logits)),
                     **vqa_chance(kept["target"], kept["answer_type"], logits.shape[1]))

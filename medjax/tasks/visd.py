@@ -10,7 +10,8 @@ each an experiment initialised from the previous one's workdir (`--set init=DIR`
   "vlp"   fVLM's organ-level image-report contrast (medjax.losses.organ_contrastive) on the hybrid
           (normality-boosted) features; the VQ-VAE frozen.
 The model: medjax.models.visd; the data, text tower, temperature clamp and CT-RATE zero-shot evaluation:
-fVLM's (medjax.tasks.fvlm, this task's base).
+fVLM's (medjax.tasks.fvlm, this task's base), except that each organ is scored in its own organ-centred window
+(`eval.windows="organ"`, medjax.tasks.visd_data.organ_window; "centre" = fVLM's centre crop).
 
 Params (one tree in every stage, so each stage's `init=` takes the previous one's leaves):
   {"model": the ViSD params, "batch_stats": the backbone's running BN statistics, "codebook": the VQ
@@ -30,15 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.config import ConfigError
-from medjax.data.pipelines.global_batches import global_batch_dataset
+from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.losses.organ_contrastive import organ_losses
 from medjax.losses.vision_semantic import vision_semantic_losses
 from medjax.models import visd as visd_lib
 from medjax.params import merge_params
 from medjax.tasks.fvlm import FVLMTask
-from medjax.tasks.visd_data import ViSDExample
+from medjax.tasks.fvlm_data import CTReportDataset
+from medjax.tasks.visd_data import OrganWindowExample, ViSDExample
 
 STAGES = ("vse", "vqvae", "vlp")
+WINDOWS = ("organ", "centre")  # eval.windows: organ-centred windows (the released eval) | fVLM's centre crop
 STATE = "state_update"  # metrics entry with the new batch_stats / codebook, consumed by post_update
 
 
@@ -55,6 +58,12 @@ class ViSDTask(FVLMTask):
         if any(int(c) % t for c, t in zip(config.data.crop_shape, step)):
             raise ConfigError(f"config data.crop_shape={tuple(config.data.crop_shape)}: ViSD-Boost needs multiples of "
                               f"{step} (D, H, W), the backbone's stage-4 token size")
+        windows = str(config.eval.get("windows", "centre"))
+        if windows not in WINDOWS:
+            raise ConfigError(f"config eval.windows={windows!r}: expected one of {', '.join(WINDOWS)}")
+        window = tuple(config.eval.get("window_shape", config.data.crop_shape))
+        if len(window) != 3 or any(int(c) <= 0 or int(c) % t for c, t in zip(window, step)):
+            raise ConfigError(f"config eval.window_shape={window}: expected 3 positive multiples of {step} (D, H, W)")
         super().__init__(config, log, run)
 
     def build_model(self, text, dtype):
@@ -181,6 +190,26 @@ class ViSDTask(FVLMTask):
                                     on_bad_example=self.on_bad_example)
 
     # ---- evaluation ---------------------------------------------------------------------------------
+    def eval_image_embeddings(self, test: CTReportDataset, image_fn) -> tuple[np.ndarray, np.ndarray]:
+        """eval.windows="organ" (default): organ o's embedding from the window centred on organ o
+        (medjax.tasks.visd_data.organ_window, one forward per evaluated organ); "centre": fVLM's centre crop."""
+        e = self.config.eval
+        if str(e.get("windows", "centre")) == "centre":
+            return super().eval_image_embeddings(test, image_fn)
+        transform = OrganWindowExample(tuple(e.window_shape), len(self.organs), float(e.min_organ_fraction))
+        scored = sorted({self.organs.index(organ) for _, organ, _ in e.labels if organ in self.organs})
+        embeds, intact = [], []
+        for batch in eval_batches(test, int(self.run.eval_batch_size), transform):
+            valid = batch["valid"]
+            out = np.zeros((int(valid.sum()), len(self.organs), int(self.config.model.embed_dim)), np.float32)
+            for o in scored:
+                out[:, o] = np.asarray(image_fn(jnp.asarray(batch["volumes"][:, o]),
+                                                jnp.asarray(batch["masks"][:, o])))[valid, o]
+            keep = np.zeros_like(batch["intact"][valid])
+            keep[:, scored] = batch["intact"][valid][:, scored]
+            embeds.append(out), intact.append(keep)
+        return np.concatenate(embeds), np.concatenate(intact)
+
     def embedding_functions(self, params):
         """The CT-RATE zero-shot protocol's embeddings (fVLM's evaluate): hybrid features, running BN statistics."""
         params = jax.device_put(nn.unbox(params))

@@ -191,3 +191,49 @@ def test_unsupported_config_is_named(llama, tmp_path):
         json.dump(config, handle)
     with pytest.raises(ValueError, match=r"config.json: field 'rope_parameters.rope_type' is 'llama3'"):
         hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_layout_loads_with_the_qk_permutation(llama, tmp_path, shards):
+    """Meta's original release (params.json + consolidated.NN shards, q/k rows in the interleaved rotary layout,
+    model-parallel splits) loads to the same logits as the HF checkpoint it is converted from."""
+    ref, directory = llama
+    hf_state = read_state_dict(directory)
+    heads, kv_heads, width = TINY_LLAMA["num_attention_heads"], TINY_LLAMA["num_key_value_heads"], TINY_LLAMA["hidden_size"]
+
+    def to_meta(weight, n):  # the inverse of hf_llama.meta_to_rotate_half
+        rows, cols = weight.shape
+        return weight.reshape(n, 2, rows // n // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+    names = {"embed_tokens": "tok_embeddings", "norm": "norm", "self_attn.q_proj": "attention.wq",
+             "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+             "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    split = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+    meta = {}
+    for key, value in hf_state.items():
+        key = key.removeprefix("model.").removesuffix(".weight")
+        if key == "lm_head":
+            key = "output"
+        for hf_name, meta_name in names.items():
+            key = key.replace(hf_name, meta_name)
+        if key.endswith("wq"):
+            value = to_meta(value, heads)
+        elif key.endswith("wk"):
+            value = to_meta(value, kv_heads)
+        meta[key + ".weight"] = np.ascontiguousarray(value)
+    for i in range(shards):
+        part = {}
+        for key, value in meta.items():
+            dim = split.get(key.removesuffix(".weight").split(".")[-1])
+            part[key] = value if dim is None else np.ascontiguousarray(np.split(value, shards, axis=dim)[i])
+        save_file(part, os.path.join(tmp_path, f"consolidated.{i:02d}.safetensors"))
+    with open(os.path.join(tmp_path, "params.json"), "w") as handle:
+        json.dump({"dim": width, "n_layers": TINY_LLAMA["num_hidden_layers"], "n_heads": heads, "n_kv_heads": kv_heads,
+                   "vocab_size": -1, "multiple_of": 16, "norm_eps": 1e-5, "rope_theta": 500.0}, handle)
+    model, variables = hf.load(str(tmp_path))
+    assert (model.vocab_size, model.num_kv_heads, model.mlp_dim, model.tie_embeddings) == (VOCAB, 2, 48, False)
+    ids, mask = left_padded(1, [6, 6], 6)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, ids, mask)), expected, atol=TOL, rtol=0)

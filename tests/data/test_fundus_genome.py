@@ -64,9 +64,10 @@ def test_items_with_genome_and_label(tmp_path):
     np.testing.assert_array_equal(item["genome"], [1, 1, 2, 1, 1])  # missing call -> column mode 2
     assert item["label"].dtype == np.int32 and int(item["label"]) == 1
     np.testing.assert_array_equal(ds.labels, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
-    np.testing.assert_array_equal(ds[-2]["genome"], GENOTYPES[0])  # p4
-    with pytest.raises(IndexError):
-        ds[10]
+    np.testing.assert_array_equal(ds[8]["genome"], GENOTYPES[0])  # p4
+    for bad in (10, -1):  # the fundus readers' index rule: 0 .. len - 1 (medjax.data.readers.fundus_images)
+        with pytest.raises(IndexError, match=rf"index {bad} out of range for a dataset of 10 items"):
+            ds[bad]
 
 
 def test_snp_stride_and_image_only(tmp_path):

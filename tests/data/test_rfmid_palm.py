@@ -29,8 +29,31 @@ def test_rfmid_layout_and_contig_labels(transfer_demo):
     item = train[0]
     assert item["image"].shape == (32, 32, 3) and item["image"].dtype == np.uint8
     assert item["label"].shape == (43,) and item["label"].dtype == np.float32
-    assert [len(RFMiDDataset(root, s, image_size=32)) for s in ("train", "val", "test")] == [16, 8, 8]
+    assert [len(RFMiDDataset(root, s, image_size=32)) for s in ("train", "val", "test")] == [64, 16, 48]
     assert RFMiDDataset(root, "test", image_size=32, drop=()).num_labels == 46
+
+
+def test_one_index_rule_and_one_image_load(transfer_demo):
+    """The three fundus readers share FundusImages: indices 0 .. len - 1 only (a negative one is an IndexError, not
+    Python's wrap-around), `describe` is the image file; RFMiD (and the UK Biobank / APTOS reader) circle-crop and
+    resize as FundusGenomeDataset always did, PALM resizes only (ContIG's PALM loader)."""
+    from medjax.data.readers.fundus_genome import FundusGenomeDataset
+    from medjax.data.readers.fundus_images import FundusImages
+    from medjax.data.readers.image_io import read_image
+    from medjax.data.transforms.image import circle_crop, resize
+
+    rfmid = RFMiDDataset(os.path.join(transfer_demo, "rfmid"), "val", image_size=32)
+    palm = PALMDataset(os.path.join(transfer_demo, "palm"), "val", image_size=32)
+    for ds in (rfmid, palm):
+        assert isinstance(ds, FundusImages) and issubclass(FundusGenomeDataset, FundusImages)
+        assert ds.describe(len(ds) - 1) == ds.image_paths[-1]
+        for bad in (len(ds), -1):
+            with pytest.raises(IndexError, match=rf"{ds.root}: index {bad} out of range for a dataset of {len(ds)}"):
+                ds[bad]
+            with pytest.raises(IndexError):
+                ds.describe(bad)
+    np.testing.assert_array_equal(rfmid[1]["image"], resize(circle_crop(read_image(rfmid.image_paths[1])), 32))
+    np.testing.assert_array_equal(palm[1]["image"], resize(read_image(palm.image_paths[1]), 32))
 
 
 def write_rfmid(root, rows, header=("ID", *RFMID_LABELS)):

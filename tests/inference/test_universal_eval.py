@@ -96,3 +96,16 @@ def test_cases_from_cache_reads_nifti_pairs(tmp_path):
     assert only["label_mask"].nonzero()[0].tolist() == [5, 26]
     assert only["label"][..., 5].sum() == 27 and only["label"][..., 26].sum() == 1
     assert only["dataset_id"] == "04"
+
+
+def test_chance_is_the_whole_volume_mask_and_printed_beside_dice():
+    """Issue #23: beside each Dice, the Dice of the input-blind whole-volume mask, 2|G| / (|V| + |G|)."""
+    case = {"image": np.zeros(SHAPE, np.float32), "label": channels(c1=(0, 4), c6=(0, 8)),
+            "label_mask": mask_of(1, 6), "dataset_id": "01", "name": "a"}
+    results = evaluate_cases(lambda image, classes: np.asarray(case["label"], bool), [case], spacing=(1.5,) * 3,
+                             nsd_tolerance_mm=1.5)
+    assert results["dice/spleen_chance"] == pytest.approx(2 * 64 / (1000 + 64))
+    assert results["dice/01/liver_chance"] == pytest.approx(2 * 512 / (1000 + 512))
+    assert results["dice/mean_chance"] == pytest.approx((2 * 64 / 1064 + 2 * 512 / 1512) / 2)
+    table = universal_results_table("universal_swin", [("demo", results)])
+    assert f"100.00 (chance {100 * 2 * 64 / 1064:.2f})" in table

@@ -87,3 +87,6 @@ def test_contig_grade_on_borderline_logits():
     np.testing.assert_array_equal(contig_grade_targets(np.array([0, 2, 4]), 5),
                                   [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(contig_grade(contig_grade_targets(np.arange(5), 5)), np.arange(5))
+    # the training loss traces the same helper on the batch's jax labels
+    traced = jax.jit(lambda g: contig_grade_targets(g, 5))(jnp.asarray([0, 2, 4], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(traced), contig_grade_targets(np.array([0, 2, 4]), 5))

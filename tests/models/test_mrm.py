@@ -13,11 +13,11 @@ from medjax.models.vit_classifier import ViTClassifier
 from medjax.nn.vit import EncoderBlock, ViTEncoder
 from medjax.parallel.rules import logical_rules
 
-TINY = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_ratio=2.0, num_snps=50,
+TINY = dict(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_ratio=2.0, num_snps=50,
             genome_token_size=16, genome_width=24, genome_heads=2, snn_layers=2, snn_dropout=0.1,
             decoder_width=32, decoder_depth=1, decoder_heads=2, genome_decoder_depth=1,
             tau_image=0.5, tau_genome=0.5, tau_cross=0.5, drop_path=0.1, kernel_impl="reference")
-ENCODER = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_ratio=2.0)
+ENCODER = dict(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_ratio=2.0)  # one block: compile time
 BATCH = 3
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from medjax.models.prompt_pool import PromptPool, select_prompts
 from medjax.models.ptunifier import PTUNIFIER_TINY, PTUnifier
+from tests.models.random_params import random_params
 
 B, T = 3, 7
 CFG = PTUNIFIER_TINY  # width 32, vision 32 px / patch 8 (16 patches), pool 16, prompts 4 visual / 3 textual
@@ -73,12 +74,13 @@ def outputs():
     mask = np.ones((B, T), np.int32)
     ids[:, 0], ids[:, -1] = 0, 2
     ids[1, 4], ids[1, 5:], mask[1, 5:] = 2, 1, 0  # a padded row
-    def init_and_run(*args):  # init and forward in one compile
-        params = nn.unbox(model.init(jax.random.key(0), *args, method=everything))["params"]
-        return params, model.apply({"params": params}, *args, method=everything)
-
-    params, out = jax.device_get(jax.jit(init_and_run)(images, ids, mask))
+    # random params of the init's shapes (no init compile: only the forward below is compiled)
+    abstract = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, method=everything), images, ids, mask)
+    params = random_params(abstract["params"])
+    out = jax.device_get(jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=everything))(params, images, ids,
+                                                                                                     mask))
     return params, out, mask
+
 
 
 def test_image_missing_sequence_is_class_token_then_top_k_visual_prompts(outputs):

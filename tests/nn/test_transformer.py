@@ -11,6 +11,7 @@ import pytest
 
 from medjax.checkpoint import merge_params
 from medjax.nn import transformer as T
+from medjax.nn import transformer_layout as layout
 from medjax.nn.vit import ViTEncoder
 
 KW = dict(image_size=16, patch_size=8, width=16, depth=3, num_heads=2, mlp_ratio=2.0, layerscale_init=0.1)
@@ -33,10 +34,19 @@ def _loss(model, params, train=False):
     return jnp.mean(jnp.sin(out))
 
 
+_jit_loss = jax.jit(_loss, static_argnums=(0, 2))  # one compile per (model, train), not one per op
+
+
+@pytest.fixture(scope="module")
+def reference(unrolled_params):
+    """Loss and gradients of the plain unrolled stack (no remat), which every layout and remat policy must give."""
+    return jax.jit(jax.value_and_grad(lambda p: _loss(ViTEncoder(**KW, scan=False), p)))(unrolled_params)
+
+
 def test_layouts_and_helpers(unrolled_params):
     scanned_model = ViTEncoder(**KW, scan=True)
     abstract = jax.eval_shape(scanned_model.init, jax.random.key(0), IMAGES)["params"]
-    stacked = T.stack_layers(unrolled_params)
+    stacked = layout.stack_layers(unrolled_params)
     assert sorted(k for k in unrolled_params if k.startswith("blocks")) == ["blocks_0", "blocks_1", "blocks_2"]
     assert "blocks" in stacked and not any(k.startswith("blocks_") for k in stacked)
     assert jax.tree.structure(stacked) == jax.tree.structure(abstract)
@@ -46,14 +56,14 @@ def test_layouts_and_helpers(unrolled_params):
     assert tuple(spec) == ("layers", "embed", "heads", "kv")
     assert nn.get_partition_spec(stacked)["blocks"]["attn"]["query"]["kernel"] == spec
     np.testing.assert_array_equal(nn.unbox(stacked)["blocks"]["ls2"][2], nn.unbox(unrolled_params)["blocks_2"]["ls2"])
-    _close(T.unstack_layers(stacked), unrolled_params, rtol=0, atol=0)
-    assert T.layer_count(stacked) == T.layer_count(unrolled_params) == 3
+    _close(layout.unstack_layers(stacked), unrolled_params, rtol=0, atol=0)
+    assert layout.layer_count(stacked) == layout.layer_count(unrolled_params) == 3
     # a merge by path brings the source to the target's layout, both ways
     plain = jax.tree.map(np.asarray, nn.unbox(unrolled_params))
     merged, skipped = merge_params(nn.unbox(abstract), plain)
     assert not skipped
-    _close(merged, T.stack_layers(plain), rtol=0, atol=0)
-    back, skipped = merge_params(plain, T.stack_layers(plain))
+    _close(merged, layout.stack_layers(plain), rtol=0, atol=0)
+    back, skipped = merge_params(plain, layout.stack_layers(plain))
     assert not skipped
     _close(back, plain, rtol=0, atol=0)
 
@@ -73,16 +83,15 @@ def test_auto_scan_and_switches():
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
-def test_scanned_matches_unrolled_values_and_gradients(unrolled_params, remat):
+def test_scanned_matches_unrolled_values_and_gradients(unrolled_params, reference, remat):
     unrolled, scanned = ViTEncoder(**KW, scan=False, remat=remat), ViTEncoder(**KW, scan=True, remat=remat)
-    stacked = T.stack_layers(unrolled_params)
+    stacked = layout.stack_layers(unrolled_params)
     a, ga = jax.jit(jax.value_and_grad(lambda p: _loss(unrolled, p)))(unrolled_params)
     b, gb = jax.jit(jax.value_and_grad(lambda p: _loss(scanned, p)))(stacked)
-    reference = jax.jit(jax.value_and_grad(lambda p: _loss(ViTEncoder(**KW, scan=False), p)))(unrolled_params)
     np.testing.assert_allclose(a, reference[0], rtol=1e-6)
     np.testing.assert_allclose(b, reference[0], rtol=1e-6)
     _close(ga, reference[1], rtol=1e-4, atol=1e-7)
-    _close(T.unstack_layers(gb), reference[1], rtol=1e-4, atol=1e-7)
+    _close(layout.unstack_layers(gb), reference[1], rtol=1e-4, atol=1e-7)
 
 
 def test_drop_path_schedule_is_scanned():
@@ -92,15 +101,16 @@ def test_drop_path_schedule_is_scanned():
     unrolled, scanned = ViTEncoder(**kw, scan=False), ViTEncoder(**kw, scan=True)
     params = jax.jit(unrolled.init)(jax.random.key(4), IMAGES)["params"]
     assert unrolled.drop_path_rates() == [0.0, 0.25, 0.5]
-    stacked = T.stack_layers(params)
-    np.testing.assert_allclose(_loss(scanned, stacked), _loss(unrolled, params), rtol=1e-6)
-    trained = [float(_loss(scanned, stacked, train=True)) for _ in range(1)]
-    assert np.isfinite(trained).all() and trained[0] != pytest.approx(float(_loss(scanned, stacked)), abs=1e-6)
+    stacked = layout.stack_layers(params)
+    evaluated = _jit_loss(scanned, stacked, False)
+    np.testing.assert_allclose(evaluated, _jit_loss(unrolled, params, False), rtol=1e-6)
+    trained = [float(_jit_loss(scanned, stacked, True)) for _ in range(1)]
+    assert np.isfinite(trained).all() and trained[0] != pytest.approx(float(evaluated), abs=1e-6)
 
 
 def test_hidden_states_and_intermediate_layers(unrolled_params):
     unrolled, scanned = ViTEncoder(**KW, scan=False), ViTEncoder(**KW, scan=True)
-    stacked = T.stack_layers(unrolled_params)
+    stacked = layout.stack_layers(unrolled_params)
     z0 = unrolled.apply({"params": unrolled_params}, IMAGES, method=ViTEncoder.embed)
     h_u = unrolled.apply({"params": unrolled_params}, z0, method=ViTEncoder.hidden_states)
     h_s = scanned.apply({"params": stacked}, z0, method=ViTEncoder.hidden_states)
@@ -187,7 +197,7 @@ def test_text_towers_scan_with_masks(tower):
     unrolled, scanned = cls(**kw), cls(**kw, scan=True)
     params = unrolled.init(jax.random.key(11), ids, mask)["params"]
     assert "layers_1" in params
-    stacked = T.stack_layers(params, "layers")
+    stacked = layout.stack_layers(params, "layers")
     assert jax.tree.structure(stacked) == jax.tree.structure(
         jax.eval_shape(scanned.init, jax.random.key(0), ids, mask)["params"])
     np.testing.assert_allclose(scanned.apply({"params": stacked}, ids, mask),

@@ -71,9 +71,8 @@ def mesh_specs(boxed, mesh, preset: str) -> dict[str, PartitionSpec]:
     return {_path(p): s for p, s in leaves}
 
 
-def partition_snapshot(task, mesh) -> dict:
-    """{"logical": {param: axis names}, PRESET: {param: mesh spec}} for one model, as text."""
-    boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+def partition_snapshot(boxed, mesh) -> dict:
+    """{"logical": {param: axis names}, PRESET: {param: mesh spec}} for one model's boxed param shapes, as text."""
     logical = jax.tree_util.tree_flatten_with_path(
         nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
     snapshot = {"logical": {_path(p): _text(s) for p, s in logical}}
@@ -82,10 +81,27 @@ def partition_snapshot(task, mesh) -> dict:
     return snapshot
 
 
+_TASKS: dict = {}
+_BOXED: dict = {}
+
+
+def tiny_task(exp: str, root, tmp_dir: str):
+    """An experiment's tiny task on the test demo, built once per session (every test here reads, none writes)."""
+    if exp not in _TASKS:
+        _TASKS[exp] = build_task(tiny_config(exp, root, tmp_dir), log=lambda *_: None)
+    return _TASKS[exp]
+
+
+def boxed_shapes(exp: str, root, tmp_dir: str):
+    """The experiment's params as boxed ShapeDtypeStructs (logical axes kept), traced once per session."""
+    if exp not in _BOXED:
+        _BOXED[exp] = jax.eval_shape(tiny_task(exp, root, tmp_dir).init_params, jax.random.PRNGKey(0))
+    return _BOXED[exp]
+
+
 def all_snapshots(root, tmp_dir: str) -> dict:
     mesh = mesh_lib.make_mesh(MESH)
-    return {exp: partition_snapshot(build_task(tiny_config(exp, root, tmp_dir), log=lambda *_: None), mesh)
-            for exp in EXPERIMENTS}
+    return {exp: partition_snapshot(boxed_shapes(exp, root, tmp_dir), mesh) for exp in EXPERIMENTS}
 
 
 # Compile-time savers for CPU tests; the compared values do not depend on them.
@@ -96,9 +112,8 @@ class _Model:
     """One experiment's task, random params and first global batch, shared by its preset cases."""
 
     def __init__(self, exp: str, root, tmp_dir: str):
-        self.config = tiny_config(exp, root, tmp_dir)
-        self.task = build_task(self.config, log=lambda *_: None)
-        self.boxed = jax.eval_shape(self.task.init_params, jax.random.PRNGKey(0))
+        self.task = tiny_task(exp, root, tmp_dir)
+        self.boxed = boxed_shapes(exp, root, tmp_dir)
         # Any params give a sharding-equivalence test; seeded normals spare compiling the initialisers.
         rng = np.random.default_rng(0)
         self.params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
@@ -155,8 +170,7 @@ def test_presets_shard_the_params(demo_roots, scratch):
     the model has attention heads or MLPs."""
     mesh = mesh_lib.make_mesh(MESH)
     for exp in EXPERIMENTS:
-        boxed = jax.eval_shape(build_task(tiny_config(exp, demo_roots, scratch), log=lambda *_: None).init_params,
-                               jax.random.PRNGKey(0))
+        boxed = boxed_shapes(exp, demo_roots, scratch)
         used = {}
         for preset in PRESETS:
             specs = mesh_specs(boxed, mesh, preset).values()

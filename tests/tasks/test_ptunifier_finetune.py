@@ -1,27 +1,31 @@
 """PTUnifier fine-tuning, every task (one per kind) at the tiny size on a small demo set: two optimizer steps change the
 params with a finite loss, evaluation gives metrics in range, the paper-layout table, pretrained loading,
 and the optimizer's lr groups."""
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
 import pytest
 
+from medjax import best_checkpoint
 from medjax import config as config_lib
 from medjax.tasks import build_task
 from medjax import optim as optim_lib
+from tests.models.random_params import random_params
 
 EXPERIMENTS = ("ptunifier_vqa", "ptunifier_cls", "ptunifier_retrieval", "ptunifier_nli", "ptunifier_melinda")
 TASK_OF = {"ptunifier_vqa": "ptunifier_vqa", "ptunifier_cls": "ptunifier_classification",
            "ptunifier_retrieval": "ptunifier_retrieval", "ptunifier_nli": "ptunifier_nli",
            "ptunifier_melinda": "ptunifier_melinda"}
+# the original's val/the_metric per kind (ptunifier_utils.epoch_wrapup): vqa score, mlc AUROC, cls accuracy,
+# irtr: ir_r1 + tr_r1 - the validation irtr loss
+SELECTION = {"ptunifier_vqa": ("overall", "max"), "ptunifier_classification": ("auc", "max"),
+             "ptunifier_retrieval": ("the_metric", "max"), "ptunifier_nli": ("accuracy", "max"),
+             "ptunifier_melinda": ("accuracy", "max")}
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from medjax.data.demo.image_report import make_image_report_demo
-
-    return make_image_report_demo(str(tmp_path_factory.mktemp("ptunifier_demo")), num_images=40, image_size=32)
+def demo_root(demo_roots):
+    return demo_roots("image_report")  # the session's image-report demo (tests/experiment_data.py: 40 images, 32 px)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def trained(demo_root):
                 overrides.append("data.eval_split=train")  # 4 test images may miss a label's positives
             config = config_lib.get_config(exp, "tiny", overrides)
             task = build_task(config, log=lambda *_: None)
-            params = nn.meta.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
+            params = random_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))  # no init compile
             tx, _ = task.make_optimizer(int(config.train.steps))
 
             @jax.jit
@@ -68,6 +72,9 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
     results = task.evaluate(after)
     kind = task.config.task
     assert kind == TASK_OF[exp]
+    assert task.selection_metric() == SELECTION[kind]  # train.eval_every keeps best/ by it (medjax.best_checkpoint)
+    with_validation = config_lib.get_config(exp, "tiny", ["train.eval_every=2"])
+    assert best_checkpoint.selection(with_validation, task) == SELECTION[kind]
     if kind == "ptunifier_vqa":
         assert results["num_closed"] + results["num_open"] == results["examples"] == 12  # 4 test images x 3 questions
         for key in ("overall", "closed", "open"):
@@ -80,12 +87,15 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
     elif kind == "ptunifier_melinda":  # i_meth = the first finding's shape: 5 classes named in sorted order
         assert task.model.num_outputs == 5 and task.train_set.classes == sorted(task.train_set.classes)
         assert results["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and results["examples"] == 4
-        assert task.selection_metric() == ("accuracy", "max") and task.validate(after)["examples"] == 4  # val split
+        assert task.validate(after)["examples"] == 4  # the val split
     else:
         for prefix in ("", "itc_"):
             for way in ("ir", "tr"):
                 r1, r5, r10 = (results[f"{prefix}{way}_r{k}"] for k in (1, 5, 10))
                 assert 25.0 <= r5 <= r10 == 100.0 and 0.0 <= r1 <= r5  # 4 test pairs: R@5 and R@10 are 100
+        val = task.validate(after)  # on the val split: recall and the loss of 1 + 3 texts per image
+        assert val["examples"] == len(task.val_set) == 4 and 0.0 < val["irtr_loss"] < 5.0
+        assert val["the_metric"] == pytest.approx((val["ir_r1"] + val["tr_r1"]) / 100.0 - val["irtr_loss"])
     table = task.results_table(exp, [("demo", results)])
     header = {"ptunifier_vqa": "demo Open | demo Closed | demo Overall", "ptunifier_classification": "demo AUC | demo F1",
               "ptunifier_nli": "demo Accuracy", "ptunifier_retrieval": "demo I2T R@1",
@@ -146,7 +156,9 @@ def test_every_config_variant_loads():
             assert c.task == TASK_OF[exp] and c.optim.lr == (5e-6 if variant not in ("demo", "tiny") else c.optim.lr)
             if variant not in ("demo", "tiny"):
                 assert c.data.image_size == 384 and c.model.vision_width == 768
+                assert c.data.val_split == "val" and 0 < c.train.eval_every <= c.train.steps  # once per epoch
     assert config_lib.get_config("ptunifier_vqa", "slake").finetune.num_answers == 222
+    assert config_lib.get_config("ptunifier_retrieval", "full").train.eval_every == 2557 // 10  # 10 epochs
     melinda = {v: config_lib.get_config("ptunifier_melinda", v) for v in ("full", "p_meth", "i_meth_label", "p_meth_label")}
     assert {v: (c.data.label_column, c.finetune.num_classes) for v, c in melinda.items()} == {
         "full": ("i_meth", 85), "p_meth": ("p_meth", 45), "i_meth_label": ("i_meth_label", 15),

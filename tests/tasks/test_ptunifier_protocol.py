@@ -19,10 +19,8 @@ from medjax.tasks.ptunifier_classification import multilabel_f1
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from medjax.data.demo.image_report import make_image_report_demo
-
-    return make_image_report_demo(str(tmp_path_factory.mktemp("ptunifier_protocol")), num_images=12, image_size=32)
+def demo_root(demo_roots):
+    return demo_roots("image_report")  # the session's image-report demo (tests/experiment_data.py: 40 images, 32 px)
 
 
 def test_position_table_resized_once_at_load(demo_root):

@@ -17,15 +17,15 @@ from medjax.tasks.ptunifier_finetune import PROMPT_POOL_PARAMS
 from medjax.tasks.ptunifier_reportgen import decoder_from_text
 from medjax.trainer import Trainer
 
+# validation on `val` at the end keeps best/ by BLEU-1..4's sum (the original's); the PTB tokenizer (java) is
+# tested in tests/metrics/test_captioning.py, its Python stand-in scores here
 FAST = ("model.fusion_layers=1", "mesh.num_devices=1", "train.steps=2", "train.checkpoint_every=2",
-        "train.eval_every=2")  # validation on `val` at the end keeps best/ by BLEU-1..4's sum (the original's)
+        "train.eval_every=2", "finetune.eval_tokenizer=simple")
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from medjax.data.demo.image_report import make_image_report_demo
-
-    return make_image_report_demo(str(tmp_path_factory.mktemp("ptunifier_reportgen")), num_images=40, image_size=32)
+def demo_root(demo_roots):
+    return demo_roots("image_report")  # the session's image-report demo (tests/experiment_data.py: 40 images, 32 px)
 
 
 def test_tiny_report_generation_trains_and_evaluates(demo_root, tmp_path, capsys):
@@ -41,7 +41,8 @@ def test_tiny_report_generation_trains_and_evaluates(demo_root, tmp_path, capsys
     assert best["metric"] == "bleu_sum" and best["step"] == 2 and 0.0 <= best["value"] <= 4.0
     capsys.readouterr()
     assert evaluate_cli.main(["--exp", "ptunifier_reportgen", "--checkpoint", str(tmp_path), "--set",
-                              f"data.dir={demo_root}", "--set", "model.fusion_layers=1"]) == 0
+                              f"data.dir={demo_root}", "--set", "model.fusion_layers=1", "--set",
+                              "finetune.eval_tokenizer=simple"]) == 0
     table = capsys.readouterr().out
     label = tmp_path.name  # the column group: the checkpoint folder
     assert (f"| Method | {label} BLEU-1 | {label} BLEU-2 | {label} BLEU-3 | {label} BLEU-4 | {label} ROUGE-L |"

@@ -65,6 +65,11 @@ TUMOUR_HU = {26: 70.0, 27: 25.0, 28: 20.0, 32: 5.0}
 TUMOUR_HOST = {26: 2, 27: 6, 28: 11, 32: 3}  # organ a lesion is drawn in (cyst: the left kidney)
 
 
+def labelled_classes() -> tuple[int, ...]:
+    """The class ids some demo dataset labels (sorted); the other classes are never supervised on the demo."""
+    return tuple(sorted({c for *_, classes, _, _ in DATASETS for c in classes}))
+
+
 def _affine(axcodes: str, spacing: tuple[float, float, float], shape: tuple[int, int, int],
             rng: np.random.Generator) -> np.ndarray:
     """A voxel->RAS affine whose voxel axes point along `axcodes`, centred near the world origin."""

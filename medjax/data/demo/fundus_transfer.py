@@ -6,8 +6,9 @@
   label columns (Disease_Risk + 45 conditions). Seven conditions are drawn into the picture (`RENDERED`): DR
   (exudates and red dots of a DR grade 1..4, medjax.data.demo.fundus_genome.render_fundus), MH (media haze: a
   blur and a grey veil), TSLN (tessellation: dark stripes), LS (laser scars: a ring of pale spots), ARMD (yellow
-  drusen at the macula), ODC (a large pale cup in the optic disc), MYA (a pale peripapillary crescent); the other
-  conditions are labels at low prevalence with nothing in the image (an input-blind AUC, 0.5, is their ceiling).
+  drusen at the macula), ODC (a swollen optic disc with a large white cup), MYA (a pale peripapillary crescent);
+  the other conditions are labels at low prevalence with nothing in the image (an input-blind AUC, 0.5, is their
+  ceiling: experiments/mrm_rfmid.py's demo and tiny variants score only the drawn seven).
   Disease_Risk = any condition.
 - `out_dir/palm/`: PALM (medjax.data.readers.palm): PALM-Training400/<ID>.jpg for H (high myopia), N (normal) and
   P (pathologic myopia) images in PALM-400's proportions (at least 5 H, for the stratified split), Disc_Masks/<ID>.bmp
@@ -35,6 +36,7 @@ from medjax.data.readers.rfmid import RFMID_LABELS, SPLITS
 RENDERED = ("DR", "MH", "TSLN", "LS", "ARMD", "ODC", "MYA")
 RENDERED_PREVALENCE = 0.25  # each rendered condition, independently
 OTHER_PREVALENCE = 0.04  # each condition that is only a label
+DEMO_VERSION = 2  # 2: ARMD drusen, laser scars and the ODC cup drawn larger (visible at the demo's 64 px)
 PALM_FRACTIONS = {"P": 213 / 400, "H": 26 / 400, "N": 161 / 400}  # PALM-Training400's classes
 
 
@@ -78,17 +80,18 @@ def _draw_conditions(image: np.ndarray, conditions: set[str], geometry: dict, rn
     if "ARMD" in conditions:  # drusen: yellow dots around the macula
         for _ in range(rng.integers(8, 16)):
             cu, cv = rng.normal(-0.05, 0.12), rng.normal(0.0, 0.12)
-            out = _blend(out, np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (2 * 0.02 ** 2)) * 0.9, (235, 220, 120))
+            out = _blend(out, np.exp(-((u - cu) ** 2 + (v - cv) ** 2) / (2 * 0.04 ** 2)) * 0.9, (235, 220, 120))
     if "LS" in conditions:  # laser scars: pale spots with dark rims on a ring
         for k in range(12):
             angle = 2 * math.pi * k / 12 + rng.uniform(-0.1, 0.1)
             cu, cv = 0.6 * math.cos(angle) - 0.05, 0.6 * math.sin(angle)
             d2 = (u - cu) ** 2 + (v - cv) ** 2
-            out = _blend(out, np.exp(-d2 / (2 * 0.035 ** 2)), (60, 35, 20))
-            out = _blend(out, np.exp(-d2 / (2 * 0.02 ** 2)), (240, 225, 190))
-    if "ODC" in conditions:  # cupping: a large pale cup inside the disc
+            out = _blend(out, np.exp(-d2 / (2 * 0.06 ** 2)), (60, 35, 20))
+            out = _blend(out, np.exp(-d2 / (2 * 0.035 ** 2)), (240, 225, 190))
+    if "ODC" in conditions:  # cupping: a large white cup filling a swollen disc, a thin dark-pink rim around it
         d2 = (u - geometry["disc_u"]) ** 2 + (v - geometry["disc_v"]) ** 2
-        out = _blend(out, (d2 <= (0.75 * geometry["disc_radius"]) ** 2) * 0.8, (255, 250, 235))
+        out = _blend(out, (d2 <= (1.5 * geometry["disc_radius"]) ** 2) * 0.9, (200, 90, 80))
+        out = _blend(out, (d2 <= (1.2 * geometry["disc_radius"]) ** 2) * 1.0, (255, 255, 250))
     if "MYA" in conditions:  # myopic crescent
         out = _blend(out, _crescent(geometry, rng) * 0.7, (240, 215, 170))
     if "MH" in conditions:  # media haze: blur and a grey veil
@@ -163,7 +166,8 @@ def make_fundus_transfer_demo(out_dir: str, *, rfmid_images: tuple[int, int, int
     if min(rfmid_images) < 1 or palm_images < 15 or image_size < 16:
         raise ValueError(f"need >= 1 RFMiD image per split, >= 15 PALM images (5 of them H, for the stratified "
                          f"split) and image_size >= 16; got {rfmid_images}, {palm_images}, {image_size}")
-    params = {"rfmid_images": list(rfmid_images), "palm_images": palm_images, "image_size": image_size, "seed": seed}
+    params = {"rfmid_images": list(rfmid_images), "palm_images": palm_images, "image_size": image_size, "seed": seed,
+              "version": DEMO_VERSION}
     write = functools.partial(_write, rfmid_images=tuple(rfmid_images), palm_images=palm_images,
                               image_size=image_size, seed=seed)
     return build_demo(out_dir, params, write, ("rfmid/Training_Set/Training_Set/RFMiD_Training_Labels.csv",))

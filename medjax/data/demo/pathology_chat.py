@@ -101,7 +101,9 @@ def conversation(diagnosis: str, grade: str, rng: np.random.Generator) -> list[d
     return out
 
 
-def _train_tokenizer(texts: list[str], out_dir: str, vocab_size: int) -> None:
+def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int) -> None:
+    """A byte-fallback BPE trained on `texts` (<unk> <s> </s> <pad> <image> first), saved as a Hugging Face
+    tokenizer directory `<out_dir>/tokenizer`."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -160,6 +162,6 @@ def make_pathology_chat_demo(out_dir: str, num_tiles: int = 240, tile_size: int 
         for name, rows in (("mcq.jsonl", mcq), ("open.jsonl", open_ended)):
             with open(os.path.join(out_dir, "pathqabench", name), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
-        _train_tokenizer(texts, out_dir, vocab_size)
+        train_tokenizer(texts, out_dir, vocab_size)
 
     return build_demo(out_dir, params, write, ("pretrain.json", "instruct_train.json", "tokenizer/tokenizer.json"))

@@ -41,9 +41,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from medjax.data.transforms import image as image_transforms
 from medjax.data.errors import DataError, DataWarning
-from medjax.data.readers.image_io import read_image
+from medjax.data.readers.fundus_images import FundusImages
 from medjax.data.readers.plink import AUTOSOMES, PlinkFormatError, read_plink, read_plink_chromosomes
 from medjax.data.readers.text_io import open_text
 
@@ -131,7 +130,7 @@ def _check_duplicates(rows: list[tuple[int, dict[str, str]]], path: str, allow: 
     warnings.warn(f"{path}: {summary}; kept (allow_duplicates=True)", DataWarning, stacklevel=3)
 
 
-class FundusGenomeDataset:
+class FundusGenomeDataset(FundusImages):
     """Random-access fundus (+ genotype, + label) samples from a directory in the layout above.
 
     Items: {"image": uint8 (image_size, image_size, 3) after circle crop + resize,
@@ -150,6 +149,7 @@ class FundusGenomeDataset:
     check_images: open every image (PIL verify) while reading the manifest; tasks pass False and run
     the start-up check instead (`medjax.data.verify`, decoding every image, in parallel) over
     `image_paths` / `image_wheres` (the manifest line of each).
+    Indices 0 .. len - 1 only (`medjax.data.readers.fundus_images`: the fundus readers' index rule).
     """
 
     def __init__(self, root: str, *, image_size: int, snp_stride: int = 1, genotypes: str | None = "genotypes",
@@ -274,23 +274,8 @@ class FundusGenomeDataset:
             raise AttributeError(f"{self.root}: labels were not loaded; construct the dataset with label_arity=...")
         return self._labels
 
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def describe(self, index: int) -> str:
-        """Item `index`'s image file (for errors, `medjax.data.pipelines.bad_examples`)."""
-        return self.image_paths[int(index)]
-
-    def load_image(self, index: int) -> np.ndarray:
-        """The item's image as uint8 (image_size, image_size, 3): RGB, circle-cropped, resized."""
-        image = read_image(self.image_paths[index])
-        return image_transforms.resize(image_transforms.circle_crop(image), self.image_size)
-
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
-        index %= len(self)
+        index = self.check_index(index)
         item = {"image": self.load_image(index), "index": index}
         if self._genomes is not None:
             item["genome"] = self._genomes[self._genome_row[index]].copy()

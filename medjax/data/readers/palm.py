@@ -22,8 +22,7 @@ import numpy as np
 from PIL import Image
 
 from medjax.data.errors import DataError, DataFileNotFoundError
-from medjax.data.readers.image_io import read_image
-from medjax.data.transforms import image as image_transforms
+from medjax.data.readers.fundus_images import FundusImages
 
 IMAGE_DIR, DISC_DIR, ATROPHY_DIR = "PALM-Training400", "Disc_Masks", os.path.join("Lesion_Masks", "Atrophy")
 STRUCTURES = ("disc", "atrophy")  # output channels, in ContIG's order (torch.cat([disk, atrophy]))
@@ -59,9 +58,12 @@ def read_mask(path: str, size: int, where: str) -> np.ndarray:
     return 1.0 - values / 255.0
 
 
-class PALMDataset:
+class PALMDataset(FundusImages):
     """One split of PALM: items {"image": uint8 (size, size, 3), "mask": float32 (size, size, 2) = (disc,
-    atrophy) foreground, "index"}."""
+    atrophy) foreground, "index"}. Images resized without a crop (ContIG's PALM loader), indices 0 .. len - 1 only
+    (`medjax.data.readers.fundus_images`)."""
+
+    circle_crop = False
 
     def __init__(self, root: str, split: str, *, image_size: int, train_fraction: float = 0.6,
                  val_fraction: float = 0.2):
@@ -88,19 +90,10 @@ class PALMDataset:
         atrophy = [os.path.join(root, ATROPHY_DIR, f"{i}.bmp") for i in self.ids]
         self.atrophy_paths = [p if os.path.isfile(p) else "" for p in atrophy]  # "": no atrophy (ContIG)
 
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def describe(self, index: int) -> str:
-        return self.image_paths[int(index)]
-
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        index = self.check_index(index)
         size, where = self.image_size, self.image_wheres[index]
-        image = image_transforms.resize(read_image(self.image_paths[index]), size)
         disc = read_mask(self.disc_paths[index], size, where)
         atrophy = (read_mask(self.atrophy_paths[index], size, where) if self.atrophy_paths[index]
                    else np.zeros((size, size), np.float32))
-        return {"image": image, "mask": np.stack([disc, atrophy], axis=-1), "index": index}
+        return {"image": self.load_image(index), "mask": np.stack([disc, atrophy], axis=-1), "index": index}

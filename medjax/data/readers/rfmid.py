@@ -24,8 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from medjax.data.errors import DataError, DataFileNotFoundError
-from medjax.data.readers.image_io import read_image
-from medjax.data.transforms import image as image_transforms
+from medjax.data.readers.fundus_images import FundusImages
 
 # The 46 label columns of the released CSVs, in their order (Disease_Risk, then the 45 conditions).
 RFMID_LABELS = (
@@ -54,11 +53,12 @@ def split_folder(root: str, split: str) -> str:
                                 f"(or {folder}/{labels}) under it")
 
 
-class RFMiDDataset:
+class RFMiDDataset(FundusImages):
     """One RFMiD split: items {"image": uint8 (image_size, image_size, 3), "label": float32 (L,), "index"}.
 
     `drop`: label columns left out (ContIG's three by default); the remaining columns of the CSV, in its
-    order, are `label_names`. Every split must have the same columns."""
+    order, are `label_names`. Every split must have the same columns. Images circle-cropped and resized, indices
+    0 .. len - 1 only (`medjax.data.readers.fundus_images`)."""
 
     def __init__(self, root: str, split: str, *, image_size: int, drop: Sequence[str] = CONTIG_DROPPED):
         self.root, self.split, self.image_size = root, split, int(image_size)
@@ -110,16 +110,6 @@ class RFMiDDataset:
     def num_labels(self) -> int:
         return len(self.label_names)
 
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def describe(self, index: int) -> str:
-        return self.image_paths[int(index)]
-
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
-        image = read_image(self.image_paths[index])
-        image = image_transforms.resize(image_transforms.circle_crop(image), self.image_size)
-        return {"image": image, "label": self._labels[index].copy(), "index": index}
+        index = self.check_index(index)
+        return {"image": self.load_image(index), "label": self._labels[index].copy(), "index": index}
