@@ -114,6 +114,17 @@ def placeholder_overrides(config, directory: str) -> list[str]:
     return overrides
 
 
+def config_with_placeholders(exp: str, variant: str, overrides: list[str], directory: str):
+    """The experiment's config with `overrides`, plus the `placeholder_overrides` (files made in `directory`) for
+    the keys `overrides` leave unset."""
+    from medjax import config as config_lib
+
+    config = config_lib.get_config(exp, variant, overrides)
+    extra = [o for o in placeholder_overrides(config, directory)
+             if not any(given.startswith(o.split("=")[0] + "=") for given in overrides)]
+    return config_lib.get_config(exp, variant, overrides + extra) if extra else config
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """The ahead-of-time plan of one train step: the compiled program, its compile seconds, XLA's per-device
@@ -216,18 +227,13 @@ def main(argv=None) -> None:
     p.add_argument("--depth", type=int, default=4, help="module names kept per layer in the per-layer sums")
     args = p.parse_args(argv)
 
-    from medjax import config as config_lib
     from medjax.bench import _timing
 
     overrides = list(args.overrides)
     if args.batch_size:
         overrides.append(f"train.batch_size={args.batch_size}")
     with tempfile.TemporaryDirectory() as directory:
-        config = config_lib.get_config(args.exp, args.variant, overrides)
-        extra = [o for o in placeholder_overrides(config, directory)
-                 if not any(given.startswith(o.split("=")[0] + "=") for given in overrides)]
-        if extra:
-            config = config_lib.get_config(args.exp, args.variant, overrides + extra)
+        config = config_with_placeholders(args.exp, args.variant, overrides, directory)
         compiled, seconds, memory = plan_train_step(config)
     print(f"memory plan: {args.exp} ({config.variant}), batch {config.train.batch_size}, dtype {config.dtype}"
           f"{' ' + ' '.join(overrides) if overrides else ''}; compile {seconds:.1f} s")

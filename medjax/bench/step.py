@@ -193,17 +193,14 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)  # only process 0 reports
     if args.aot_only:
-        from medjax.bench.memory import placeholder_overrides
+        from medjax.bench.memory import config_with_placeholders
 
         say("| exp | variant | settings | mesh (devices) | params | batch | dtype | compile s | argument MiB/device "
             "| output MiB/device | temp MiB/device | argument+temp MiB/device | planned peak MiB/device |")
         say("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         with tempfile.TemporaryDirectory() as directory:
             for setting in settings_to_compare(args.compare):
-                config = config_lib.get_config(args.exp, args.variant, overrides + setting)
-                extra = [o for o in placeholder_overrides(config, directory)
-                         if not any(g.startswith(o.split("=")[0] + "=") for g in overrides + setting)]
-                config = config_lib.get_config(args.exp, args.variant, overrides + setting + extra)
+                config = config_with_placeholders(args.exp, args.variant, overrides + setting, directory)
                 aot_plan(args.exp, config, " ".join(setting) or "-", say)
         say("(XLA's plan for one device's program: arguments = its shard of params + optimizer state + batch; "
             "peak = the compiler's, or arguments + outputs + temporaries - donated aliases where it reports none)")
@@ -214,13 +211,12 @@ def main(argv=None) -> None:
     memories = []
     placeholders = tempfile.TemporaryDirectory()
     for setting in settings_to_compare(args.compare):
-        config = config_lib.get_config(args.exp, args.variant, overrides + setting)
         if args.synthetic:
-            from medjax.bench.memory import placeholder_overrides
+            from medjax.bench.memory import config_with_placeholders
 
-            config = config_lib.get_config(args.exp, args.variant, overrides + setting + [
-                o for o in placeholder_overrides(config, placeholders.name)
-                if not any(g.startswith(o.split("=")[0] + "=") for g in overrides + setting)])
+            config = config_with_placeholders(args.exp, args.variant, overrides + setting, placeholders.name)
+        else:
+            config = config_lib.get_config(args.exp, args.variant, overrides + setting)
         if not fits(args.exp, config, device, say):
             continue
         result = measure(config, args.steps, synthetic=args.synthetic)
