@@ -33,10 +33,12 @@ class WeightNormDense(nn.Module):
     """Weight-normalised linear layer without bias (Salimans & Kingma 2016): y = x (g * v / ||v||), the
     norm over the inputs of each output unit (torch `weight_norm(nn.Linear)`, dim 0). DINOv2 fills g
     with 1; `learn_gain=False` keeps it at 1 (the reference recipe, DINO's `norm_last_layer`), True
-    makes it a parameter as DINOv2's code leaves it."""
+    makes it a parameter as DINOv2's code leaves it. `gain_init` is g's value (fixed or initial); 1 in DINO
+    and DINOv2."""
 
     features: int
     learn_gain: bool = False
+    gain_init: float = 1.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -49,9 +51,11 @@ class WeightNormDense(nn.Module):
         v = jnp.asarray(v, jnp.float32)
         w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
         if self.learn_gain:
-            gain = self.param("gain", nn.with_logical_partitioning(nn.initializers.ones_init(), ("vocab",)),
-                              (self.features,), self.param_dtype)
+            init = nn.initializers.constant(self.gain_init)
+            gain = self.param("gain", nn.with_logical_partitioning(init, ("vocab",)), (self.features,), self.param_dtype)
             w = w * jnp.asarray(gain, jnp.float32)
+        elif self.gain_init != 1.0:
+            w = w * self.gain_init
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
 
@@ -65,6 +69,7 @@ class DINOHead(nn.Module):
     bottleneck_dim: int = 256
     num_layers: int = 3
     learn_gain: bool = False
+    gain_init: float = 1.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -85,7 +90,8 @@ class DINOHead(nn.Module):
                 x = nn.gelu(x, approximate=False)
         x = jnp.asarray(x, jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize, eps 1e-12
-        return WeightNormDense(self.out_dim, self.learn_gain, self.dtype, self.param_dtype, name="last_layer")(x)
+        return WeightNormDense(self.out_dim, self.learn_gain, self.gain_init, self.dtype, self.param_dtype,
+                               name="last_layer")(x)
 
 
 class DINOv2Network(nn.Module):
@@ -111,6 +117,7 @@ class DINOv2Network(nn.Module):
     head_bottleneck_dim: int = 256
     head_layers: int = 3
     head_learn_gain: bool = False
+    head_gain_init: float = 1.0
     ibot_separate_head: bool = False
     ibot_out_dim: int = 65536
     dtype: Dtype = jnp.float32
@@ -127,7 +134,7 @@ class DINOv2Network(nn.Module):
             dynamic_image_size=True, interpolate_offset=self.interpolate_offset,
             interpolate_antialias=self.interpolate_antialias, **kinds)
         head = dict(hidden_dim=self.head_hidden_dim, bottleneck_dim=self.head_bottleneck_dim,
-                    num_layers=self.head_layers, learn_gain=self.head_learn_gain, **kinds)
+                    num_layers=self.head_layers, learn_gain=self.head_learn_gain, gain_init=self.head_gain_init, **kinds)
         self.dino_head = DINOHead(self.head_out_dim, **head)
         if self.ibot_separate_head:
             self.ibot_head = DINOHead(self.ibot_out_dim, **head)

@@ -172,7 +172,8 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
         interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias, remat=m.remat,
         scan=m.get("scan"),
         head_out_dim=h.out_dim, head_hidden_dim=h.hidden_dim, head_bottleneck_dim=h.bottleneck_dim,
-        head_layers=h.num_layers, head_learn_gain=h.learn_gain, ibot_separate_head=config.ibot.separate_head,
+        head_layers=h.num_layers, head_learn_gain=h.learn_gain,
+        head_gain_init=h.get("gain_init", 1.0), ibot_separate_head=config.ibot.separate_head,
         ibot_out_dim=config.ibot.out_dim, dtype=dtype)
 
 
