@@ -268,7 +268,9 @@ class UNIPretrainTask(TaskBase):
         koleo = sum(dino_losses.grouped_koleo_loss(features[i], int(cfg.dino.koleo_group_size)) for i in range(2))
         ibot = dino_losses.ibot_loss(student["patch_logits"], ibot_targets, slots["weight"], 2 * b, cfg.ibot.student_temp)
         loss = cfg.dino.loss_weight * dino + cfg.dino.koleo_weight * koleo + cfg.ibot.loss_weight * ibot
+        target_entropy, batch_entropy = dino_losses.target_entropies(dino_targets)
         metrics.update(dino_loss=dino, koleo_loss=koleo, ibot_loss=ibot, teacher_temp=temp,
+                       dino_target_entropy=target_entropy, dino_batch_entropy=batch_entropy,
                        masked_patches=slots["num_masked"].astype(jnp.float32))
         return loss, metrics
 
