@@ -173,7 +173,7 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
         scan=m.get("scan"),
         head_out_dim=h.out_dim, head_hidden_dim=h.hidden_dim, head_bottleneck_dim=h.bottleneck_dim,
         head_layers=h.num_layers, head_learn_gain=h.learn_gain,
-        head_gain_init=h.get("gain_init", 1.0), ibot_separate_head=config.ibot.separate_head,
+        head_gain_init=h.get("gain_init", 1.0), head_use_bn=h.get("use_bn", False), ibot_separate_head=config.ibot.separate_head,
         ibot_out_dim=config.ibot.out_dim, dtype=dtype)
 
 
