@@ -234,7 +234,7 @@ class Trainer:
             self.checkpointer.close()
             return {"step": step, "losses": []}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
-        losses, last_good_step, compiled = [], step, None
+        losses, last_good_step, programs = [], step, {}  # one compiled step per batch shape (length buckets)
         pending: list[tuple[int, Any]] = []  # (step, metrics on device) since the last host sync
         interval_start, interval_examples, interval_skipped = time.perf_counter(), 0, 0.0
         log_every, eval_every = int(train.log_every), int(train.get("eval_every", 0))
@@ -242,12 +242,14 @@ class Trainer:
         try:
             while step < end:
                 batch = global_batch(next(data_iterator), self.batch_sharding, self.process_count)
-                if compiled is None:
-                    compiled, seconds, memory = self.compile(batch)
-                    writer.log(f"compiled train step in {seconds:.1f}s; {describe_memory(memory)}")
+                shapes = batch_shapes(batch)
+                if shapes not in programs:
+                    programs[shapes], seconds, memory = self.compile(batch)
+                    extra = f" (batch shape {len(programs)}: {dict(shapes)})" if len(programs) > 1 else ""
+                    writer.log(f"compiled train step in {seconds:.1f}s{extra}; {describe_memory(memory)}")
                     interval_start = time.perf_counter()
                 with jax.set_mesh(self.mesh):
-                    self.state, metrics = compiled(self.state, batch)
+                    self.state, metrics = programs[shapes](self.state, batch)
                 step += 1
                 self.checkpointer.seal_finished()  # checksums of a background save that has finished
                 interval_examples += int(train.batch_size)
@@ -324,6 +326,12 @@ class Trainer:
                     f"{pending[-1][0]} checked together); stopping. The last good checkpoint (step "
                     f"{self.checkpointer.latest_step()}) is kept in {self.checkpointer.directory}")
         return values
+
+
+def batch_shapes(batch: dict) -> tuple:
+    """A hashable key of a batch's array shapes: a task whose batches come in a few static shapes (length
+    buckets, e.g. PathChat's data.length_buckets) gets one compiled step per shape, compiled on first use."""
+    return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
 
 
 def describe_memory(memory) -> str:
