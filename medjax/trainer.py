@@ -23,6 +23,7 @@ from medjax.data.pipelines.bad_examples import SKIPPED_KEY
 from medjax import provenance as provenance_lib
 from medjax import train_state as state_lib
 from medjax.disk_full import DiskFullError, disk_full_cause, disk_full_message
+from medjax.global_norm import global_norm
 from medjax.metric_writer import MetricWriter
 from medjax.parallel import mesh as mesh_lib
 from medjax.parallel import rules as rules_lib
@@ -74,8 +75,8 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_params, metrics = task.post_update(new_params, metrics, state["step"])  # e.g. an EMA teacher
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(new_params), update_norm=optax.tree.norm(updates),
+        metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads),  # few ops (medjax.global_norm)
+                       param_norm=global_norm(new_params), update_norm=global_norm(updates),
                        lr=schedule(state["step"]))
         if skipped is not None:
             metrics[SKIPPED_METRIC] = jnp.sum(skipped).astype(jnp.float32)
