@@ -47,6 +47,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         # DINOv2: the weight-norm gain (weight_g) is a trained, weight-decayed parameter, frozen with the last layer in
         # the first epoch (optim.frozen_early); False = DINO v1's fixed gain of 1 (norm_last_layer).
         learn_gain=True,
+        gain_init=1.0,  # the gain's initial value: DINOv2 fills it with 1
+        use_bn=False,  # DINO v1's use_bn_in_head (BatchNorm after the hidden Linears); needs ibot.separate_head
     ))
     c.dino = ml_collections.ConfigDict(dict(
         loss_weight=1.0, student_temp=0.1,
