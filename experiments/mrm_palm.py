@@ -46,8 +46,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.train.update(dict(steps=200, batch_size=64, log_every=10, checkpoint_every=50, eval_batch_size=16,
                         eval_every=4))
     c.optim.update(dict(lr=1e-3, warmup_steps=10, weight_decay=0.05, b2=0.999))
+    # ContIG's loss: 0.2 BCE + 0.8 soft Dice pooled over the batch and both structures ("pooled"); "per_class"
+    # averages each structure's Dice, so the small optic disc weighs as much as the atrophy.
+    c.loss = ml_collections.ConfigDict(dict(bce_weight=0.2, dice_weight=0.8, dice="pooled"))
     if variant == "demo":
         c.model.decoder_widths = [16, 32, 64, 128, 256]
+        # Pooled, the demo's disc was not learnt at 10% (disc Dice 4.35 vs chance 55.76): per-structure Dice.
+        c.loss.dice = "per_class"
         c.train.update(dict(steps=120, batch_size=16, log_every=10, checkpoint_every=40, eval_batch_size=16,
                             eval_every=10))
     elif variant == "tiny":

@@ -46,6 +46,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         decoder_width=512, decoder_depth=8, decoder_heads=16, genome_decoder_depth=2,
         # Relation masking ratios tau and the weight lambda: not given in the paper; our choice.
         tau_image=0.5, tau_genome=0.5, tau_cross=0.5, lam=1.0,
+        # sim of relation matching: the paper says cosine, not whether features are centred. Our choice: centred
+        # over the batch ("cosine": plain), since plain cosines of pooled features sit near 1 (relation_matching.py).
+        relation_similarity="centered_cosine",
         # Where self-modality masking sits (medjax/models/mrm.py): [] = one extra block on the embeddings (our
         # choice: the encoder's own layers stay plain attention); [i, ...] = inside the image encoder's attention
         # layers i (needs scan=false). relation_output "literal": the paper's z^S = R^M V, no residual / MLP.
