@@ -245,8 +245,9 @@ def test_length_buckets_change_only_the_padding(two_stages):
 
 def test_bf16_compute_keeps_float32_params_and_logits(two_stages):
     """dtype=bfloat16 (the full variants' compute; params stay float32): the matmuls run in bf16, the logits come out
-    float32 (the entry point's contract), the gradients are finite float32, and the loss of a training batch with
-    the trained stage-2 params is within 0.02 + 5 % of the float32 loss (bf16 keeps ~3 significant digits)."""
+    float32 (the entry point's contract), the gradients are float32 (traced, not compiled: a compile costs 7 CPU s),
+    and the answer loss of a training batch with the trained stage-2 params is within 0.02 + 5 % of the float32
+    loss (bf16 keeps ~3 significant digits)."""
     import jax.numpy as jnp
 
     task32 = two_stages["task2"]
@@ -259,11 +260,13 @@ def test_bf16_compute_keeps_float32_params_and_logits(two_stages):
     params = jax.device_put(two_stages["stage2_end"])
     nll, count, _ = task32._score(params, batch)  # float32, compiled already by the validation
     loss32 = float(np.sum(nll) / np.sum(count))
-    (loss16, _), grads = jax.jit(jax.value_and_grad(task16.loss_fn, has_aux=True), static_argnums=3)(
-        params, batch, jax.random.key(0), True)
-    assert abs(float(loss16) - loss32) <= 0.02 + 0.05 * loss32, (float(loss16), loss32)
+    nll16, count16, _ = task16._score(params, batch)
+    loss16 = float(np.sum(nll16) / np.sum(count16))
+    assert np.isfinite(loss16) and abs(loss16 - loss32) <= 0.02 + 0.05 * loss32, (loss16, loss32)
+    (value, _), grads = jax.eval_shape(jax.value_and_grad(task16.loss_fn, has_aux=True), params, batch,
+                                       jax.random.key(0), True)
+    assert value.dtype == jnp.float32
     assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
-    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
     def forward(p):
         return task16.model.apply({"params": p}, batch["input_ids"], pixel_values=batch["pixel_values"],
