@@ -332,7 +332,8 @@ class Trainer:
 def batch_shapes(batch: dict) -> tuple:
     """A hashable key of a batch's array shapes: a task whose batches come in a few static shapes (length
     buckets, e.g. PathChat's data.length_buckets) gets one compiled step per shape, compiled on first use."""
-    return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return tuple((jax.tree_util.keystr(path), tuple(leaf.shape)) for path, leaf in leaves)
 
 
 def describe_memory(memory) -> str:
