@@ -4,7 +4,7 @@ subset of the 32 classes).
 
 `make_ct_demo(out_dir)` writes, in the original's `dataset_list` layout (ids from `medjax.ontology.universal_classes`):
 
-    01_Multi-Atlas_Labeling/img/img0001.nii.gz + label/label0001.nii.gz   14 organs (BTCV-like)
+    01_Multi-Atlas_Labeling/img/img0001.nii.gz + label/label0001.nii.gz   14 organs (BTCV-like; 6 cases)
     04_LiTS/img/liver_1.nii.gz + label/liver_1.nii.gz                     liver + liver tumours
     05_KiTS/img/img0001.nii.gz + label/label0001.nii.gz                   kidneys + tumour + cyst
     10_Decathlon/Task07_Pancreas/imagesTr/... + labelsTr/...              pancreas + tumour
@@ -18,7 +18,8 @@ the body's half-width/half-depth/half-height), rendered through each file's affi
 stored LPS (DICOM's axis order), LAS, RAS or axis-permuted IPL (slices first, as KiTS19 stores
 them) shows its anatomy in the right place only if its affine is honoured. Voxels are 2.0-2.8 mm
 in-plane and 2.5-3 mm between slices, so the anatomy is a miniature (a 48-voxel field of view).
-Intensities are typical contrast-CT HU with blur and noise.
+Intensities: one HU level per organ kind, spread over the HU window in a plausible contrast-CT order so that
+each organ is learnable at demo scale (ORGANS), with blur and noise.
 """
 from __future__ import annotations
 
