@@ -27,11 +27,21 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
         open_file="" if stage == 1 else "pathqabench/open.jsonl",  # PathQABench open-ended
         template="plain" if stage == 1 else "llama_2",  # PathChat's LLM is Llama 2 chat: its template
         max_length=2048,  # LLaVA-1.5's model_max_length
+        # Length bucketing (medjax.data.pipelines.length_buckets): rows padded to the smallest of these lengths (and
+        # max_length) holding their batch's longest conversation, batches length-grouped over windows of
+        # length_group_batches global batches; one compiled step per bucket. [] = every row padded to max_length.
+        # Powers of two from 256 (128 image queries + prompt) are our choice.
+        length_buckets=[256, 512, 1024],
+        length_group_batches=8,  # our choice (HF's LengthGroupedSampler groups 50 batches)
         prefetch_threads=2,
     ))
     c.model = ml_collections.ConfigDict(dict(
         init_llava="",  # a Hugging Face llava directory (the whole model), else the parts below
-        init_vision="",  # a Hugging Face CLIP vision directory (clip-vit-large-patch14-336)
+        # "clip": CLIP ViT-L/14-336 (LLaVA-1.5; init_vision = a Hugging Face CLIP vision directory); "uni": UNI's
+        # ViT-L/16 (PathChat's UNI-based encoder; init_vision = UNI's pytorch_model.bin / .safetensors, read by
+        # medjax.convert.uni, its architecture from the checkpoint; from scratch also set image_size=224 patch_size=16)
+        vision_tower="clip",
+        init_vision="",
         init_llm="",  # a Hugging Face llama directory (Llama-2-13b-chat-hf)
         image_size=336, patch_size=14, vision_width=1024, vision_feature_depth=23, vision_heads=16,
         vision_mlp_dim=4096,  # CLIP ViT-L/14-336 up to its penultimate layer
@@ -57,7 +67,7 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
                  scan=False, remat="none", rope_theta=10000.0)
     if variant == "demo":
         c.dtype = "float32"
-        c.data.update(dict(max_length=192))
+        c.data.update(dict(max_length=192, length_buckets=[]))  # one compiled step (CPU: compiles dominate)
         c.model.update(dict(small, image_size=32, vision_width=64, vision_feature_depth=2, vision_heads=4,
                             vision_mlp_dim=128, num_queries=8, width=96, depth=2, num_heads=4, mlp_dim=192))
         c.train.update(dict(steps=120, batch_size=8, log_every=10, checkpoint_every=60, eval_batch_size=8))
@@ -68,7 +78,7 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
         c.optim.frozen = [r"^vision_tower/"] if stage == 1 else []
     elif variant == "tiny":
         c.dtype = "float32"
-        c.data.update(dict(max_length=128))
+        c.data.update(dict(max_length=128, length_buckets=[]))  # one compiled step (tests opt in to buckets)
         c.model.update(dict(small, image_size=16, vision_width=32, vision_feature_depth=1, vision_heads=4,
                             vision_mlp_dim=64, num_queries=4, width=32, depth=2, num_heads=4, mlp_dim=64))
         c.train.update(dict(steps=2, batch_size=8, log_every=1, checkpoint_every=2, eval_batch_size=8))

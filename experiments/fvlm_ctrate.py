@@ -2,7 +2,8 @@
 Enhanced CT Image Understanding", ICLR 2025; alibaba-damo-academy/fvlm): organ-level CT-report contrast.
 
     python -m medjax.train --exp fvlm_ctrate                       # demo variant on demo data (CPU, minutes)
-    python -m medjax.train --exp fvlm_ctrate --variant full --data DIR \
+    python -m medjax.convert mae --torch mae_pretrain_vit_base.pth --out MAE     # the ViT's init (optional)
+    python -m medjax.train --exp fvlm_ctrate --variant full --data DIR --set init=MAE \
         --set model.init_text=BiomedVLP-CXR-BERT-specialized/ --set data.tokenizer=BiomedVLP-CXR-BERT-specialized/
     python -m medjax.evaluate --exp fvlm_ctrate --checkpoint WORKDIR   # CT-RATE zero-shot table
 
@@ -14,8 +15,9 @@ From the reference code: ViT-B 3D with (16, 16, 32) patches on 112 x 256 x 352 c
 optimizer in the original; we run what it runs), 377 warmup steps from 1e-6, cosine to 1e-6, batch 56,
 20 epochs (CT-RATE's 47,149 training volumes / 56 = 842 steps per epoch -> 16,840 steps), fp32.
 Our choices: RAS reorientation before resampling (the original does none); a single cosine over the run
-(the original restarts it per epoch); MAE ImageNet initialisation of the ViT is not wired into `init`
-(the 2D -> 3D position embedding is `medjax.models.fvlm.pos_embed_from_2d`).
+(the original restarts it per epoch). fVLM's MAE ImageNet initialisation of the ViT:
+`python -m medjax.convert mae --torch mae_pretrain_vit_base.pth --out MAE` then `--set init=MAE` (blocks and
+final norm copied, the 2D position table resized and repeated in depth, the 3D patch embedding from scratch).
 Known limitation (open): from scratch, the demo's loss drops within ~20 steps to the uniform-prediction value
 (organs x ln(batch), 11.09 at batch 16) and stays there for 150-400 steps: the organ-pooled image embeddings
 of one batch have cosine ~0.99 at init, so the per-sample gradients cancel; fVLM relies on an MAE-initialised

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medjax.global_norm import global_norm
 from medjax.params import path_string
 
 OPTIMIZERS = ("adamw", "sgd", "lion")
@@ -192,20 +193,34 @@ def clip_by_norm(max_norm: float, depth: int = 0) -> optax.GradientTransformatio
     """torch `clip_grad_norm_(max_norm)`: g *= min(1, max_norm / (||g|| + 1e-6)) over all leaves (depth 0)
     or separately per subtree sharing the first `depth` path keys (DINOv2 clips backbone and heads apart)."""
     if depth <= 0:
-        return optax.clip_by_global_norm(max_norm)
+        return clip_by_global_norm(max_norm)
 
     def group(path):
         return tuple(str(getattr(p, "key", p)) for p in path[:depth])
 
     def update(updates, state, params=None):
         del params
-        sums: dict[tuple, jax.Array] = {}
+        groups: dict[tuple, list] = {}
         for path, leaf in jax.tree_util.tree_leaves_with_path(updates):
-            sums[group(path)] = sums.get(group(path), 0.0) + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-        scale = {k: jnp.minimum(1.0, max_norm / (jnp.sqrt(v) + 1e-6)) for k, v in sums.items()}
+            groups.setdefault(group(path), []).append(leaf)
+        scale = {k: jnp.minimum(1.0, max_norm / (global_norm(v) + 1e-6)) for k, v in groups.items()}
         return jax.tree_util.tree_map_with_path(lambda p, u: (u * scale[group(p)]).astype(u.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (u unchanged when ||u|| < max_norm, else u * max_norm / ||u||) with the norm
+    from `medjax.global_norm`: a few reductions instead of two ops per leaf, and the same expression as the
+    trainer's logged grad_norm, so XLA computes it once."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        keep = norm < max_norm
+        return jax.tree.map(lambda u: jax.lax.select(keep, u, (u / norm.astype(u.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 class StepCount(NamedTuple):

@@ -23,6 +23,7 @@ from medjax.data.pipelines.bad_examples import SKIPPED_KEY
 from medjax import provenance as provenance_lib
 from medjax import train_state as state_lib
 from medjax.disk_full import DiskFullError, disk_full_cause, disk_full_message
+from medjax.global_norm import global_norm
 from medjax.metric_writer import MetricWriter
 from medjax.parallel import mesh as mesh_lib
 from medjax.parallel import rules as rules_lib
@@ -74,8 +75,8 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_params, metrics = task.post_update(new_params, metrics, state["step"])  # e.g. an EMA teacher
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(new_params), update_norm=optax.tree.norm(updates),
+        metrics = dict(metrics, loss=loss, grad_norm=global_norm(grads),  # few ops (medjax.global_norm)
+                       param_norm=global_norm(new_params), update_norm=global_norm(updates),
                        lr=schedule(state["step"]))
         if skipped is not None:
             metrics[SKIPPED_METRIC] = jnp.sum(skipped).astype(jnp.float32)
@@ -234,7 +235,7 @@ class Trainer:
             self.checkpointer.close()
             return {"step": step, "losses": []}
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
-        losses, last_good_step, compiled = [], step, None
+        losses, last_good_step, programs = [], step, {}  # one compiled step per batch shape (length buckets)
         pending: list[tuple[int, Any]] = []  # (step, metrics on device) since the last host sync
         interval_start, interval_examples, interval_skipped = time.perf_counter(), 0, 0.0
         log_every, eval_every = int(train.log_every), int(train.get("eval_every", 0))
@@ -242,12 +243,14 @@ class Trainer:
         try:
             while step < end:
                 batch = global_batch(next(data_iterator), self.batch_sharding, self.process_count)
-                if compiled is None:
-                    compiled, seconds, memory = self.compile(batch)
-                    writer.log(f"compiled train step in {seconds:.1f}s; {describe_memory(memory)}")
+                shapes = batch_shapes(batch)
+                if shapes not in programs:
+                    programs[shapes], seconds, memory = self.compile(batch)
+                    extra = f" (batch shape {len(programs)}: {dict(shapes)})" if len(programs) > 1 else ""
+                    writer.log(f"compiled train step in {seconds:.1f}s{extra}; {describe_memory(memory)}")
                     interval_start = time.perf_counter()
                 with jax.set_mesh(self.mesh):
-                    self.state, metrics = compiled(self.state, batch)
+                    self.state, metrics = programs[shapes](self.state, batch)
                 step += 1
                 self.checkpointer.seal_finished()  # checksums of a background save that has finished
                 interval_examples += int(train.batch_size)
@@ -324,6 +327,13 @@ class Trainer:
                     f"{pending[-1][0]} checked together); stopping. The last good checkpoint (step "
                     f"{self.checkpointer.latest_step()}) is kept in {self.checkpointer.directory}")
         return values
+
+
+def batch_shapes(batch: dict) -> tuple:
+    """A hashable key of a batch's array shapes: a task whose batches come in a few static shapes (length
+    buckets, e.g. PathChat's data.length_buckets) gets one compiled step per shape, compiled on first use."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return tuple((jax.tree_util.keystr(path), tuple(leaf.shape)) for path, leaf in leaves)
 
 
 def describe_memory(memory) -> str:

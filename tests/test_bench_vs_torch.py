@@ -61,8 +61,23 @@ def test_unknown_row_is_a_clear_error():
     from medjax.bench.torch_rows import build_row
     from medjax.errors import MedjaxInputError
 
-    with pytest.raises(MedjaxInputError, match="'mrm_retina' has no vs-torch row .*converter"):
-        build_row("mrm_retina", None, 1, ("medjax",))
+    with pytest.raises(MedjaxInputError, match="'visd_ctrate' has no vs-torch row .*rows: .*ptunifier.*mrm_retina"):
+        build_row("visd_ctrate", None, 1, ("medjax",))
+
+
+def test_ptunifier_row_dims_follow_the_experiment():
+    from medjax import config as config_lib
+    from medjax.bench.torch_rows import _ptunifier_dims
+    from medjax.errors import MedjaxInputError
+
+    m = config_lib.get_config("ptunifier", "full").model
+    d = _ptunifier_dims(m, 50265)  # the paper's: CLIP ViT-B/16 at 288 (11 blocks kept), RoBERTa-base, 6 fusion
+    assert (d.width, d.heads, d.mlp, d.clip_mlp, d.image, d.patch) == (768, 12, 3072, 3072, 288, 16)
+    assert (d.clip_layers, d.text_layers, d.fusion, d.text_positions, d.pool) == (12, 12, 6, 514, 2048)
+    assert d.attn_implementation == "sdpa"
+    m.fusion_heads = 8
+    with pytest.raises(MedjaxInputError, match="one head count"):
+        _ptunifier_dims(m, 50265)
 
 
 def test_same_weights_and_adamw_give_the_same_losses():

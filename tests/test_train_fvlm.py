@@ -1,11 +1,14 @@
 """fVLM end to end on the ct_reports test demo (NIfTI volumes + anatomy masks + per-organ JSON texts + label
-CSV + local tokenizer): a tiny run trains through the Trainer, the temperature stays clamped, and the zero-shot evaluation gives the CT-RATE metrics."""
+CSV + local tokenizer): a tiny run starts from a converted MAE ViT (`--set init=`), trains through the Trainer, the
+temperature stays clamped, and the zero-shot evaluation gives the CT-RATE metrics."""
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from medjax import config as config_lib
+from medjax.checkpoint import restore_params
+from medjax.convert.__main__ import main as convert_main
 from medjax.metrics.roc_threshold import binary_metrics, top_left_threshold
 from medjax.tasks import build_task
 from medjax.tasks.fvlm import FVLMTask, label_chance
@@ -19,9 +22,26 @@ def demo(demo_roots):
     return demo_roots("ct_reports")
 
 
+def mae_init(tmp_path) -> tuple[str, dict]:
+    """A random 2D ViT in MAE's layout (timm keys) at the tiny variant's sizes, converted by `python -m medjax.convert
+    mae` (tests/convert/test_mae_fvlm.py checks the conversion itself): (params dir, converted vision params)."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2,
+                                                           num_heads=4, mlp_ratio=2.0, num_classes=0)
+    with torch.no_grad():
+        vit.pos_embed.normal_(0.0, 0.5)  # far from the model's N(0, 0.02) init
+    torch.save({"model": vit.state_dict()}, str(tmp_path / "mae.pth"))
+    out = str(tmp_path / "mae_params")
+    assert convert_main(["mae", "--torch", str(tmp_path / "mae.pth"), "--out", out, "--variant", "tiny"]) == 0
+    return out, restore_params(out)["vision"]
+
+
 def test_trains_clamps_and_evaluates(demo, tmp_path):
+    init, mae = mae_init(tmp_path)
     config = config_lib.get_config("fvlm_ctrate", "tiny", [f"data.dir={demo}", "mesh.num_devices=1", "train.steps=2",
-                                                           "loss.max_temperature=0.0705"])
+                                                           "loss.max_temperature=0.0705", f"init={init}"])
     task = build_task(config, **QUIET)
     assert isinstance(task, FVLMTask)
     batch = next(iter(task.train_data()))
@@ -32,6 +52,11 @@ def test_trains_clamps_and_evaluates(demo, tmp_path):
     assert result["step"] == 2 and np.isfinite(result["losses"]).all() and result["losses"][0] > 1.0
     trained = jax.device_get(trainer.state["params"])
     assert float(np.asarray(nn.unbox(trained)["temp"])) <= 0.0705 + 1e-7  # clamped after each step
+    vision = nn.unbox(trained)["vision"]  # started from the MAE conversion: 2 Adam steps of lr <= 1e-3 away
+    for key in ("pos_embed",):
+        np.testing.assert_allclose(vision[key], mae[key], atol=3e-3)
+    np.testing.assert_allclose(vision["blocks_1"]["mlp"]["fc2"]["kernel"], mae["blocks_1"]["mlp"]["fc2"]["kernel"],
+                               atol=3e-3)
     results = task.evaluate(trained)
     assert results["labels_evaluated"] >= 1 and 0.0 <= results["auc"] <= 1.0
     assert results["auc_chance"] == 0.5 and 0.5 <= results["accuracy_chance"] <= 1.0

@@ -44,6 +44,8 @@ def test_losses_finite_and_teacher_temperature_warms_up(run):
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("loss", "dino_loss", "ibot_loss", "koleo_loss"))
         assert r["masked_patches"] > 0
+        # the collapse diagnostics: 0 <= per-crop entropy <= entropy of the batch mean (concavity) <= ln K
+        assert 0 <= r["dino_target_entropy"] <= r["dino_batch_entropy"] + 1e-4 <= math.log(64) + 1e-3, r
     # tiny: 1 epoch (2 steps) of linear warmup 0.04 -> 0.07 (DINOv2's linspace), then constant
     assert rows[0]["teacher_temp"] == pytest.approx(0.04) and rows[1]["teacher_temp"] == pytest.approx(0.07)
     assert rows[-1]["teacher_momentum"] == pytest.approx(0.95)

@@ -17,7 +17,8 @@ their references), the same loss on the same random batch, AdamW on both (`medja
    machine's drift falls on both; per side the median, min and max seconds per step, and the ratio
    torch median / medjax median (> 1: medjax is faster).
 
-Rows: universal_swin, universal_unet, uni_vitl16 (backbone + DINO head), pathchat_stage1/2 (its Llama);
+Rows: universal_swin, universal_unet, uni_vitl16 (backbone + DINO head), pathchat_stage1/2 (its Llama),
+ptunifier (MLM + ITM), mrm_retina / mrm_mae_baseline (the authors' MAE: timm ViT-B/16 + 512x8 decoder);
 `--variant full` is the paper's shapes (e.g. 96^3 crops for the Universal Model). --json writes the
 figures as JSON too.
 """

@@ -5,6 +5,7 @@
     python -m medjax.convert dinov2 --torch teacher_checkpoint.pth --out params/      (a DINOv2 training run)
     python -m medjax.convert export-timm --params runs/uni_vitl16-full --out backbone.safetensors   (-> timm keys)
     python -m medjax.convert visd --torch checkpoint.pth --vqvae checkpoint_vqvae.pth --out params/
+    python -m medjax.convert mae --torch mae_pretrain_vit_base.pth --out params/ [--variant full]   (-> fVLM's 3D ViT)
     python -m medjax.convert ptunifier --torch ptunifier.ckpt --out params/           (pretrained or fine-tuned)
     python -m medjax.convert meter meter_clip16_288_roberta_pretrain.ckpt --out params/   (METER -> PTUnifier)
     python -m medjax.convert hf --path clip-vit-base-patch32/ --out params/ [--tower text]
@@ -128,6 +129,14 @@ def _visd(args) -> tuple[dict, KeyReport, str]:
     return params, report, " (the visd task's tree: model, batch_stats, codebook)"
 
 
+def _mae(args) -> tuple[dict, KeyReport, str]:
+    from medjax.convert import mae
+
+    params, report = mae.load_with_report(args.torch, args.variant, args.set)
+    return params, report, (f" (fvlm_ctrate {args.variant}'s vision tower; python -m medjax.train --exp fvlm_ctrate "
+                            f"--variant {args.variant} --set init={args.out})")
+
+
 def _hf(args) -> tuple[dict, KeyReport, str]:
     from medjax.convert import hf
 
@@ -207,6 +216,13 @@ def main(argv=None) -> int:
     p.add_argument("--vqvae", default=None, help="checkpoint_vqvae.pth, loaded first as the original's eval.py does")
     p.add_argument("--out", required=True)
     p.set_defaults(run=_visd)
+    p = sub.add_parser("mae", help="a 2D MAE ViT-B .pth ({'model': state_dict}, timm keys) -> fVLM's 3D ViT")
+    p.add_argument("--torch", required=True, help="e.g. mae_pretrain_vit_base.pth (or a .safetensors state dict)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variant", default="full", help="the fvlm_ctrate variant whose ViT (crop, patch) to fill")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides of that variant, as for medjax.train (e.g. data.crop_shape=...)")
+    p.set_defaults(run=_mae)
     p = sub.add_parser("hf", help="a local Hugging Face CLIP / BERT / RoBERTa directory")
     p.add_argument("--path", required=True, help="directory with config.json and the weights")
     p.add_argument("--out", required=True)

@@ -13,7 +13,9 @@ checkpoint): {"model", "batch_stats", "codebook"}. Mapping:
   visual_encoder.proj1..4     -> model/vision/proj1..4 (Conv3d 1x1x1 -> Dense)
   attention (nn.MultiheadAttention in_proj q|k|v, out_proj), query_tokens, res_projs1/2.{o}, vision_projs.{o}
                               -> model/vision/pooling (per-organ Linears stacked on a leading organ axis)
-  id_projs, encoder.input1/2, encoder.transformer.layers.{i}.{0: norm, to_qkv, to_out.0; 1: net.0/1/4},
+  id_projs, encoder.input1/2, encoder.transformer.layers.{i}.{0: norm, to_qkv (split q | k | v), to_out.0;
+                              1: net.0/1/4} -> .../layers_{i}/{attn_norm, attn/{query, key, value, out}, ff_norm,
+                              ff/{fc1, fc2}},
   encoder.transformer.norm, decoder.transformer..., decoder.output1/2 -> model/vision/vqvae
   vq_layer.embeddings, vq_layer.ema_dw.hidden, vq_layer.ema_cluster_size.hidden -> codebook (embeddings,
                               code_sum, cluster_size); the EMA step count is not saved by the original (a
@@ -121,6 +123,9 @@ def _prepare(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
                 state[f"attention.{name}_proj.{leaf}"] = part
     for name in ("res_projs1", "res_projs2", "vision_projs"):
         _stack_organs(state, name)
+    for key in [k for k in state if k.endswith(".0.to_qkv.weight")]:  # vit-pytorch: to_qkv(x).chunk(3) = q, k, v
+        for part, chunk in zip("qkv", np.split(state.pop(key), 3)):
+            state[key.replace(".to_qkv.", f".to_{part}.")] = chunk
     return state, resnet
 
 
@@ -129,17 +134,16 @@ def _vae_layers(prefix: str, path: tuple, depth: int, shapes) -> dict[str, Param
     entries = {}
     for i in range(depth):
         src, dst = f"{prefix}.layers.{i}", path + (f"layers_{i}",)
-        qkv = tuple(shapes[dst + ("to_qkv", "kernel")])
         entries |= torch_io.layer_norm_params(f"{src}.0.norm", dst + ("attn_norm",), shapes)
-        entries[f"{src}.0.to_qkv.weight"] = ParamMap(dst + ("to_qkv", "kernel"), (int(np.prod(qkv[1:])), qkv[0]),
-                                                     lambda a, s=qkv: a.T.reshape(s))
-        entries[f"{src}.0.to_out.0.weight"] = torch_io.heads_out_param(dst + ("to_out", "kernel"), shapes)
-        entries[f"{src}.0.to_out.0.bias"] = cp(dst + ("to_out", "bias"), shapes)
+        for part, name in zip("qkv", ("query", "key", "value")):  # `to_qkv` split by _prepare
+            entries[f"{src}.0.to_{part}.weight"] = torch_io.heads_in_param(dst + ("attn", name, "kernel"), shapes)
+        entries[f"{src}.0.to_out.0.weight"] = torch_io.heads_out_param(dst + ("attn", "out", "kernel"), shapes)
+        entries[f"{src}.0.to_out.0.bias"] = cp(dst + ("attn", "out", "bias"), shapes)
         entries |= torch_io.layer_norm_params(f"{src}.1.net.0", dst + ("ff_norm",), shapes)
-        entries[f"{src}.1.net.1.weight"], entries[f"{src}.1.net.1.bias"] = lin(dst + ("ff1", "kernel"), shapes), cp(
-            dst + ("ff1", "bias"), shapes)
-        entries[f"{src}.1.net.4.weight"], entries[f"{src}.1.net.4.bias"] = lin(dst + ("ff2", "kernel"), shapes), cp(
-            dst + ("ff2", "bias"), shapes)
+        entries[f"{src}.1.net.1.weight"], entries[f"{src}.1.net.1.bias"] = lin(dst + ("ff", "fc1", "kernel"), shapes), cp(
+            dst + ("ff", "fc1", "bias"), shapes)
+        entries[f"{src}.1.net.4.weight"], entries[f"{src}.1.net.4.bias"] = lin(dst + ("ff", "fc2", "kernel"), shapes), cp(
+            dst + ("ff", "fc2", "bias"), shapes)
     entries |= torch_io.layer_norm_params(f"{prefix}.norm", path + ("norm",), shapes)
     return entries
 

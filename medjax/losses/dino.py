@@ -71,6 +71,16 @@ def cross_entropy(teacher_probs: jax.Array, student_logits: jax.Array, student_t
     return -jnp.sum(_float32(teacher_probs) * log_probs, axis=-1)
 
 
+def target_entropies(teacher_probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean entropy of the teacher's per-crop targets, entropy of their batch mean), in nats, of probs (..., K): the
+    two collapse modes of DINO (Caron et al. 2021, Sec. 5.3, Fig. 7) -- a uniform target has both at ln K, one
+    prototype for every crop has both at 0; a working teacher is sharp per crop (low) and spread over the batch
+    (high)."""
+    p = _float32(teacher_probs).reshape(-1, teacher_probs.shape[-1])
+    entropy = lambda q: -jnp.sum(q * jnp.log(jnp.maximum(q, 1e-30)), axis=-1)  # noqa: E731
+    return jnp.mean(entropy(p)), entropy(jnp.mean(p, axis=0))
+
+
 def dino_loss(student_logits: jax.Array, teacher_probs: jax.Array, student_temperature: float = 0.1) -> jax.Array:
     """DINO loss over crop pairs of different views.
 

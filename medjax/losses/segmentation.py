@@ -81,16 +81,28 @@ def partial_label_bce_dice(logits: jax.Array, labels: jax.Array, label_mask: jax
                   "labelled_pairs": count, "present_pairs": present_count}
 
 
+DICE_REDUCTIONS = ("pooled", "per_class")
+
+
 def pooled_bce_dice(logits: jax.Array, labels: jax.Array, *, bce_weight: float = 0.2, dice_weight: float = 0.8,
-                    smooth: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    smooth: float = 1.0, dice: str = "pooled") -> tuple[jax.Array, dict[str, jax.Array]]:
     """ContIG's PALM loss (HealthML/ContIG `palm_myopia_segmentation.py`: `loss_fn`, `DiceLoss`), used by MRM's
-    segmentation transfer: bce_weight * BCEWithLogits (mean over every element) + dice_weight * (1 - (2 sum p t +
-    smooth) / (sum p + sum t + smooth)), the soft Dice pooled over the whole batch and every class (the
-    original flattens the (batch, classes, H, W) tensors). Returns (loss, {"bce", "dice_loss"})."""
+    segmentation transfer: bce_weight * BCEWithLogits (mean over every element) + dice_weight * Dice loss, with
+    (B, H, W, classes) inputs and the soft Dice 1 - (2 sum p t + smooth) / (sum p + sum t + smooth):
+    - dice="pooled" (ContIG): one Dice pooled over the whole batch and every class (the original flattens the
+      (batch, classes, H, W) tensors), so the class with the larger area dominates it;
+    - dice="per_class" (our option): the Dice of each class channel pooled over the batch and pixels, averaged
+      over the classes (every structure weighs the same, however small).
+    Returns (loss, {"bce", "dice_loss"})."""
     if logits.shape != labels.shape:
         raise ValueError(f"{_WHERE} pooled_bce_dice: logits {logits.shape} and labels {labels.shape} differ")
+    if dice not in DICE_REDUCTIONS:
+        raise ValueError(f"{_WHERE} pooled_bce_dice: dice={dice!r}; expected one of {list(DICE_REDUCTIONS)} "
+                         "(loss.dice)")
     logits, labels = logits.astype(jnp.float32), labels.astype(jnp.float32)
     bce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
     probs = jax.nn.sigmoid(logits)
-    dice_loss = 1.0 - (2.0 * jnp.sum(probs * labels) + smooth) / (jnp.sum(probs) + jnp.sum(labels) + smooth)
+    axes = tuple(range(logits.ndim - 1)) if dice == "per_class" else None  # per class: all but the last axis
+    overlap, predicted, target = (jnp.sum(x, axis=axes) for x in (probs * labels, probs, labels))
+    dice_loss = jnp.mean(1.0 - (2.0 * overlap + smooth) / (predicted + target + smooth))
     return bce_weight * bce + dice_weight * dice_loss, {"bce": bce, "dice_loss": dice_loss}

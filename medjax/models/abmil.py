@@ -7,8 +7,10 @@ the layer layout of CLAM's `Attn_Net_Gated`, Lu et al., Nat. Biomed. Eng. 2021).
     alpha = softmax_i(a_i) over the bag's real instances (padding masked out)
     z = sum_i alpha_i h_i,   logits = W_c z + b_c                        Eq. 5 / 6 (attention MIL pooling)
 
-UNI's setting: FC 512 + ReLU + dropout 0.25, gated attention with a 384-wide hidden layer (dropout 0.25 on
-both branches, as CLAM), a linear classifier. Bags of different sizes are padded to one length with a mask
+Defaults: FC 512 + ReLU + dropout 0.25, gated attention 256 wide (dropout 0.25 on both branches), a linear
+classifier: CLAM's `Attn_Net_Gated` in its default `size_arg="small"` ([1024, 512, 256], `models/model_clam.py`).
+UNI's Methods report the 384-wide attention of CLAM's `size_arg="big"` ([1024, 512, 384]): `attention_dim=384`
+(`--set uni_eval.abmil.attention_dim=384`). Bags of different sizes are padded to one length with a mask
 (`pad_bags`), so a jitted step compiles once. UNI's training and evaluation protocol (AdamW, one slide per
 step, cross-validation) is `medjax.tasks.uni_slide_classification`.
 """
@@ -22,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
-UNI_HIDDEN = 512
-UNI_ATTENTION = 384
+UNI_HIDDEN = 512  # CLAM size_dict "small" / "big" [1024, 512, .]: the instance embedding
+CLAM_ATTENTION = 256  # CLAM size_dict "small" (the default): the gated attention's width
+UNI_ATTENTION = 384  # CLAM size_dict "big", UNI's Methods
 UNI_DROPOUT = 0.25
 
 
@@ -41,7 +44,7 @@ class GatedABMIL(nn.Module):
 
     num_classes: int
     hidden_dim: int = UNI_HIDDEN
-    attention_dim: int = UNI_ATTENTION
+    attention_dim: int = CLAM_ATTENTION
     dropout: float = UNI_DROPOUT
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

@@ -33,10 +33,12 @@ class WeightNormDense(nn.Module):
     """Weight-normalised linear layer without bias (Salimans & Kingma 2016): y = x (g * v / ||v||), the
     norm over the inputs of each output unit (torch `weight_norm(nn.Linear)`, dim 0). DINOv2 fills g
     with 1; `learn_gain=False` keeps it at 1 (the reference recipe, DINO's `norm_last_layer`), True
-    makes it a parameter as DINOv2's code leaves it."""
+    makes it a parameter as DINOv2's code leaves it. `gain_init` is g's value (fixed or initial); 1 in DINO
+    and DINOv2."""
 
     features: int
     learn_gain: bool = False
+    gain_init: float = 1.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -49,22 +51,52 @@ class WeightNormDense(nn.Module):
         v = jnp.asarray(v, jnp.float32)
         w = v / jnp.linalg.norm(v, axis=0, keepdims=True)
         if self.learn_gain:
-            gain = self.param("gain", nn.with_logical_partitioning(nn.initializers.ones_init(), ("vocab",)),
-                              (self.features,), self.param_dtype)
+            init = nn.initializers.constant(self.gain_init)
+            gain = self.param("gain", nn.with_logical_partitioning(init, ("vocab",)), (self.features,), self.param_dtype)
             w = w * jnp.asarray(gain, jnp.float32)
+        elif self.gain_init != 1.0:
+            w = w * self.gain_init
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+
+
+class BatchStatNorm(nn.Module):
+    """Batch normalisation with the statistics of the rows it is given (Ioffe & Szegedy 2015; torch BatchNorm1d in
+    training mode, eps 1e-5, biased variance): (x - mean) / sqrt(var + eps) * scale + bias over axis 0. No running
+    averages: the DINO head only runs in training (DINO v1 keeps student and teacher in train mode); the features
+    evaluated are the backbone's. Over a sharded batch the mean is global (SyncBatchNorm, as DINO v1 converts)."""
+
+    eps: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("mlp",)), (features,),
+                           self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)), (features,),
+                          self.param_dtype)
+        x32 = jnp.asarray(x, jnp.float32)
+        mean = jnp.mean(x32, axis=0, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=0, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * jnp.asarray(scale, jnp.float32) + jnp.asarray(bias, jnp.float32)
+        return y.astype(x.dtype)
 
 
 class DINOHead(nn.Module):
     """DINO projection head (DINOv2 `DINOHead`): Linear(D, hidden)-GELU-[Linear(hidden, hidden)-GELU]*
     (num_layers - 2)-Linear(hidden, bottleneck), L2-normalise, weight-normalised Linear(bottleneck,
-    out_dim, no bias). Full recipe: hidden 2048, bottleneck 256, 3 layers, 65536 prototypes."""
+    out_dim, no bias). Full recipe: hidden 2048, bottleneck 256, 3 layers, 65536 prototypes.
+
+    `use_bn`: DINO v1's `use_bn_in_head` (Caron et al. 2021, `main_dino.py` / `vision_transformer.py` DINOHead):
+    BatchNorm1d after each hidden Linear, before the GELU (`BatchStatNorm`, over the rows of one call)."""
 
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     num_layers: int = 3
     learn_gain: bool = False
+    gain_init: float = 1.0
+    use_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -82,10 +114,13 @@ class DINOHead(nn.Module):
                          kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), kernel_axes),
                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), kernel_axes[1:]))(x)
             if i < len(widths) - 1:
+                if self.use_bn:
+                    x = BatchStatNorm(param_dtype=self.param_dtype, name=f"batch_norm_{i}")(x)
                 x = nn.gelu(x, approximate=False)
         x = jnp.asarray(x, jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize, eps 1e-12
-        return WeightNormDense(self.out_dim, self.learn_gain, self.dtype, self.param_dtype, name="last_layer")(x)
+        return WeightNormDense(self.out_dim, self.learn_gain, self.gain_init, self.dtype, self.param_dtype,
+                               name="last_layer")(x)
 
 
 class DINOv2Network(nn.Module):
@@ -111,6 +146,8 @@ class DINOv2Network(nn.Module):
     head_bottleneck_dim: int = 256
     head_layers: int = 3
     head_learn_gain: bool = False
+    head_gain_init: float = 1.0
+    head_use_bn: bool = False  # the DINO head only (DINO v1 use_bn_in_head); needs ibot_separate_head
     ibot_separate_head: bool = False
     ibot_out_dim: int = 65536
     dtype: Dtype = jnp.float32
@@ -127,8 +164,12 @@ class DINOv2Network(nn.Module):
             dynamic_image_size=True, interpolate_offset=self.interpolate_offset,
             interpolate_antialias=self.interpolate_antialias, **kinds)
         head = dict(hidden_dim=self.head_hidden_dim, bottleneck_dim=self.head_bottleneck_dim,
-                    num_layers=self.head_layers, learn_gain=self.head_learn_gain, **kinds)
-        self.dino_head = DINOHead(self.head_out_dim, **head)
+                    num_layers=self.head_layers, learn_gain=self.head_learn_gain, gain_init=self.head_gain_init, **kinds)
+        if self.head_use_bn and not self.ibot_separate_head:
+            raise ValueError("medjax/models/dinov2.py DINOv2Network: head_use_bn (head.use_bn) needs a separate iBOT "
+                             "head (ibot.separate_head=True): a shared head's rows mix class tokens and padded patch "
+                             "tokens, so batch statistics over them would be wrong")
+        self.dino_head = DINOHead(self.head_out_dim, use_bn=self.head_use_bn, **head)
         if self.ibot_separate_head:
             self.ibot_head = DINOHead(self.ibot_out_dim, **head)
 

@@ -3,7 +3,8 @@ Understanding", ICLR 2025; alibaba-damo-academy/fvlm): organ-level CT-report ali
 
 - Vision (`VolumeViT`): a 3D ViT-B without [CLS] (12 layers, 12 heads, width 768, MLP 3072, qkv bias,
   pre-LN, dropout 0.1), patches (16, 16, 32) over (D, H, W): 112 x 256 x 352 -> 7 x 16 x 11 = 1232 tokens,
-  learned position embedding (initialisable from a 2D MAE ViT-B: `pos_embed_from_2d`).
+  learned position embedding (initialisable from a 2D MAE ViT-B: `pos_embed_from_2d`; the whole ViT but
+  the patch embedding from MAE's `.pth` by `medjax.convert.mae`).
 - Organ tokens (`organ_token_flags`): a token belongs to organ o when any voxel of o lies in its patch
   (max-pool of the organ mask, kernel = stride = patch).
 - Organ pooling (`OrganPooling`): keys = the organ's tokens from the outputs of blocks 3, 6, 9 (0-based, as
@@ -123,6 +124,13 @@ class VolumeViT(nn.Module):
         final = self.norm(final)
         keys = jnp.concatenate([outputs[jnp.asarray(self.key_blocks)], final[None]], axis=0)
         return final, keys
+
+
+def volume_vit_from_config(m, crop_shape, dtype: Dtype = jnp.float32) -> VolumeViT:
+    """The VolumeViT of an fVLM config's `model` block on crops of `crop_shape` (the task and the MAE converter)."""
+    return VolumeViT(volume_shape=tuple(int(s) for s in crop_shape), patch=tuple(m.patch), width=m.width,
+                     depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout=m.dropout,
+                     key_blocks=tuple(m.key_blocks), remat=m.remat, dtype=dtype)
 
 
 class OrganPooling(nn.Module):

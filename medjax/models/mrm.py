@@ -34,7 +34,8 @@ Forward pass (section numbers of the paper):
   (`genome_decoder_depth` blocks) predicting each genome token's `genome_token_size` dosages,
   unpadded back to num_snps.
 - Relation matching (Sec. 3.2.3) uses the mean over tokens (class token excluded) of z_I, z_{I,M},
-  z_G, z_{G,M}; when genome_width != width one shared Dense maps both pooled genome features to
+  z_G, z_{G,M} (the loss centres them over the batch before the cosine by default: `relation_similarity`,
+  medjax.losses.relation_matching); when genome_width != width one shared Dense maps both pooled genome features to
   `width` so that the image-genome cosine similarities are defined.
 - Stochastic depth (`drop_path`) acts in the image encoder only; the relation-masking blocks and
   the decoders use `mlp_ratio` and no drop path. Relation matching keeps gradient on both the
@@ -264,14 +265,15 @@ class MRM(nn.Module):
         }
 
 
-_LOSS_ONLY_KEYS = {"lam", "norm_pix_loss"}
+_LOSS_ONLY_KEYS = {"lam", "norm_pix_loss", "relation_similarity"}
 
 
 def mrm_from_config(model_cfg: Any, *, num_snps: int) -> MRM:
     """An MRM from the experiment config's `model` block (ConfigDict or mapping).
 
     Keys are MRM's field names (num_snps comes from the data); absent keys take MRM's defaults;
-    `lam` and `norm_pix_loss` belong to the loss and are skipped; any other key is an error.
+    `lam`, `norm_pix_loss` and `relation_similarity` belong to the loss and are skipped; any other key is an
+    error.
     """
     cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
     fields = set(MRM.__dataclass_fields__) - {"parent", "name", "num_snps"}

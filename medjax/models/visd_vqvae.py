@@ -10,8 +10,9 @@ Per sample and organ o, over the organ's stage-4 tokens x (n, C):
     e  = VQ(z)                                          (EMA codebook over all organs' codes: medjax.nn.vq)
     r  = Decoder(e)
     recon = (r + 0.5) hi + lo                           (back to the token scale)
-Encoder: Linear C -> 2C -> dim, then `depth` pre-LN transformer layers (heads x head_dim attention, qkv without
-bias, MLP with exact GELU, dropout 0.1, no position embedding) and a final LayerNorm; the decoder mirrors it
+Encoder: Linear C -> 2C -> dim, then `depth` pre-LN transformer layers (`vae_layer`: the shared
+`medjax.nn.transformer.TransformerBlock` with heads x head_dim attention, qkv without bias, MLP with exact GELU,
+dropout 0.1, no position embedding) and a final LayerNorm; the decoder mirrors it
 (transformer, Linear dim -> 2C -> C). Paper sizes: C 256, dim 768, 2 layers, 16 heads x 64, MLP 2048,
 codebook 4 x 100 codes.
 
@@ -30,45 +31,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn.transformer import HeadsDense, dense, layer_norm
+from medjax.nn.transformer import TransformerBlock, dense, layer_norm
 from medjax.nn.vq import VectorQuantizerEMA
 
 Dtype = Any
 _WHERE = "medjax/models/visd_vqvae.py"
 
 
-class VAELayer(nn.Module):
-    """x + Attention(LN(x)), then x + FF(LN(x)) (vit-pytorch `Transformer` layer, as the original)."""
-
-    num_heads: int = 16
-    head_dim: int = 64
-    mlp_dim: int = 2048
-    dropout: float = 0.1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
-        kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        width = x.shape[-1]
-        h = layer_norm(eps=1e-5, name="attn_norm", **kinds)(x)
-        qkv = HeadsDense((3, self.num_heads, self.head_dim), ("embed", None, "heads", "kv"), use_bias=False,
-                         name="to_qkv", **kinds)(h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim ** -0.5
-        weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
-        weights = nn.Dropout(self.dropout)(weights, deterministic=not train).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        out = HeadsDense((width,), ("heads", "kv", "embed"), in_dims=2, name="to_out", **kinds)(out)
-        x = x + nn.Dropout(self.dropout)(out, deterministic=not train)
-        h = layer_norm(eps=1e-5, name="ff_norm", **kinds)(x)
-        h = jax.nn.gelu(dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "ff1")(h), approximate=False)
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = dense(width, ("mlp", "embed"), self.dtype, self.param_dtype, "ff2")(h)
-        return x + nn.Dropout(self.dropout)(h, deterministic=not train)
+def vae_layer(num_heads: int = 16, head_dim: int = 64, mlp_dim: int = 2048, dropout: float = 0.1,
+              dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None) -> TransformerBlock:
+    """x + Attention(LN(x)), then x + FF(LN(x)) (vit-pytorch `Transformer` layer, as the original) on the shared
+    block: `num_heads` x `head_dim` attention (not width / heads), q/k/v without bias, the output projection with
+    one, dropout on the attention probabilities, the MLP's hidden activations and both branches, exact GELU,
+    LayerNorm eps 1e-5 (torch's), zero biases. Params: attn_norm, attn/{query, key, value, out}, ff_norm,
+    ff/{fc1, fc2}."""
+    return TransformerBlock(num_heads, head_dim=head_dim, mlp_dim=mlp_dim, qkv_bias=False, attention_dropout=dropout,
+                            hidden_dropout=dropout, mlp_dropout=dropout, layer_norm_eps=1e-5, mlp_bias_std=0.0,
+                            fused_attention=False, norm_names=("attn_norm", "ff_norm", "kv_norm"), mlp_name="ff",
+                            attention_name="attn", dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class VAETransformer(nn.Module):
+    """`depth` `vae_layer`s over (batch, n, width) with a key mask (batch, 1, 1, n), then a LayerNorm."""
+
     depth: int = 2
     num_heads: int = 16
     head_dim: int = 64
@@ -80,8 +65,8 @@ class VAETransformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, train: bool) -> jax.Array:
         for i in range(self.depth):
-            x = VAELayer(self.num_heads, self.head_dim, self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
-                         name=f"layers_{i}")(x, mask, train=train)
+            x = vae_layer(self.num_heads, self.head_dim, self.mlp_dim, self.dropout, self.dtype, self.param_dtype,
+                          name=f"layers_{i}")(x, mask=mask, train=train)
         return layer_norm(self.dtype, self.param_dtype, "norm", eps=1e-5)(x)
 
 

@@ -150,6 +150,7 @@ class MultiHeadAttention(nn.Module):
     implementation: str | None = None  # jax.nn.dot_product_attention's: None = cuDNN where it applies, else XLA
     sow_query_logits: bool = False  # sow the first query token's logits q_0 K^T / sqrt(d) (intermediates)
     use_bias: bool = True
+    qkv_bias: bool | None = None  # the q/k/v projections' bias; None: use_bias (the output's is use_bias)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -170,12 +171,12 @@ class MultiHeadAttention(nn.Module):
                     f"medjax/nn/attention.py MultiHeadAttention.num_heads={self.num_heads} must divide "
                     f"the query width {width} when head_dim is not given")
             head_dim = width // self.num_heads
-        proj = lambda features, axes, in_dims, name: HeadsDense(  # noqa: E731
-            features, axes, in_dims, self.use_bias, self.dtype, self.param_dtype, name=name)
-        heads = (self.num_heads, head_dim)
-        q = proj(heads, ("embed", "heads", "kv"), 1, "query")(x_q)  # (batch, q_tokens, heads, head_dim)
-        k = proj(heads, ("embed", "heads", "kv"), 1, "key")(x_kv)
-        v = proj(heads, ("embed", "heads", "kv"), 1, "value")(x_kv)
+        proj = lambda features, axes, in_dims, name, bias=self.use_bias: HeadsDense(  # noqa: E731
+            features, axes, in_dims, bias, self.dtype, self.param_dtype, name=name)
+        heads, qkv_bias = (self.num_heads, head_dim), self.use_bias if self.qkv_bias is None else self.qkv_bias
+        q = proj(heads, ("embed", "heads", "kv"), 1, "query", qkv_bias)(x_q)  # (batch, q_tokens, heads, head_dim)
+        k = proj(heads, ("embed", "heads", "kv"), 1, "key", qkv_bias)(x_kv)
+        v = proj(heads, ("embed", "heads", "kv"), 1, "value", qkv_bias)(x_kv)
         if self.sow_query_logits:  # (batch, heads, kv_tokens) float32, e.g. [CLS]'s attention (UniMedI Sec. 3.2)
             logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k).astype(jnp.float32) / math.sqrt(head_dim)
             self.sow("intermediates", "query_logits", logits)
@@ -196,29 +197,35 @@ class MultiHeadAttention(nn.Module):
 class Mlp(nn.Module):
     """fc2(act(fc1(x))) (ViT Eq. 3), or with activation="swiglu" w3(silu(a) * b), (a; b) = w12(x)
     (Shazeer 2020, "GLU Variants Improve Transformer", Eq. 6; DINOv2 `SwiGLUFFNFused` layout: one fused w12
-    whose first half is the gate). `bias_std`: the fc/w biases' init std (0: zeros)."""
+    whose first half is the gate). `bias_std`: the fc/w biases' init std (0: zeros). `dropout`: on the hidden
+    activations, in training (vit-pytorch's FeedForward)."""
 
     mlp_dim: int
     activation: str = "gelu"
     bias_std: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return mlp(self, x, self.mlp_dim, self.activation, self.bias_std, self.dtype, self.param_dtype)
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        return mlp(self, x, self.mlp_dim, self.activation, self.bias_std, self.dtype, self.param_dtype,
+                   dropout=self.dropout, train=train)
 
 
 def mlp(scope: nn.Module, x: jax.Array, mlp_dim: int, act: str, bias_std: float, dtype: Dtype,
-        param_dtype: Dtype) -> jax.Array:
-    """The MLP's layers created inside `scope`'s compact method (so a block can hold fc1/fc2 itself)."""
+        param_dtype: Dtype, *, dropout: float = 0.0, train: bool = False) -> jax.Array:
+    """The MLP's layers created inside `scope`'s compact method (so a block can hold fc1/fc2 itself); `dropout`
+    on the hidden activations in training (no module at all when 0)."""
     del scope  # the Dense layers below bind to the calling compact module
     width = x.shape[-1]
+    drop = (lambda y: nn.Dropout(dropout)(y, deterministic=not train)) if dropout else (lambda y: y)  # noqa: E731
     if act == "swiglu":
         gate, value = jnp.split(dense(2 * mlp_dim, ("embed", "mlp"), dtype, param_dtype, "w12", bias_std=bias_std)(x),
                                 2, axis=-1)
-        return dense(width, ("mlp", "embed"), dtype, param_dtype, "w3", bias_std=bias_std)(jax.nn.silu(gate) * value)
-    y = activation(act)(dense(mlp_dim, ("embed", "mlp"), dtype, param_dtype, "fc1", bias_std=bias_std)(x))
+        return dense(width, ("mlp", "embed"), dtype, param_dtype, "w3", bias_std=bias_std)(
+            drop(jax.nn.silu(gate) * value))
+    y = drop(activation(act)(dense(mlp_dim, ("embed", "mlp"), dtype, param_dtype, "fc1", bias_std=bias_std)(x)))
     return dense(width, ("mlp", "embed"), dtype, param_dtype, "fc2", bias_std=bias_std)(y)
 
 
@@ -279,6 +286,9 @@ class TransformerBlock(nn.Module):
     layer_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0  # dropout on each branch before its residual sum, in training (BERT)
+    mlp_dropout: float = 0.0  # dropout on the MLP's hidden activations, in training (vit-pytorch FeedForward)
+    head_dim: int | None = None  # attention head size; None: width // num_heads (ViSD's VQ-VAE: 16 x 64 at 768)
+    qkv_bias: bool = True  # bias of the q/k/v projections (vit-pytorch `to_qkv` has none; the output keeps its)
     fused_attention: bool = True
     drop_add_residual: bool = False  # DINOv2's subset stochastic depth above rate 0.1 (class doc)
     sow_query_logits: bool = False  # MultiHeadAttention.sow_query_logits
@@ -303,11 +313,13 @@ class TransformerBlock(nn.Module):
                              "rate: use a uniform schedule (drop_path_uniform) or unrolled blocks (scan=False)")
         return float(rate)
 
-    def _mlp(self, x: jax.Array) -> jax.Array:
+    def _mlp(self, x: jax.Array, train: bool) -> jax.Array:
         mlp_dim = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
         if self.mlp_name is None:
-            return mlp(self, x, mlp_dim, self.activation, self.mlp_bias_std, self.dtype, self.param_dtype)
-        return Mlp(mlp_dim, self.activation, self.mlp_bias_std, self.dtype, self.param_dtype, name=self.mlp_name)(x)
+            return mlp(self, x, mlp_dim, self.activation, self.mlp_bias_std, self.dtype, self.param_dtype,
+                       dropout=self.mlp_dropout, train=train)
+        return Mlp(mlp_dim, self.activation, self.mlp_bias_std, self.dtype, self.param_dtype, self.mlp_dropout,
+                   name=self.mlp_name)(x, train=train)
 
     @nn.compact
     def __call__(self, x: jax.Array, x_kv: jax.Array | None = None, *, mask: jax.Array | None = None,
@@ -319,7 +331,8 @@ class TransformerBlock(nn.Module):
         norm = lambda i: layer_norm(  # noqa: E731
             self.dtype, self.param_dtype, self.norm_names[i], eps=self.layer_norm_eps)
         ratio = self.relation_mask_ratio if relation_mask_ratio is None else float(relation_mask_ratio)
-        attention = MultiHeadAttention(self.num_heads, relation_mask_ratio=ratio,
+        attention = MultiHeadAttention(self.num_heads, head_dim=self.head_dim, qkv_bias=self.qkv_bias,
+                                       relation_mask_ratio=ratio,
                                        kernel_impl=self.kernel_impl, dropout_rate=self.attention_dropout,
                                        fused=self.fused_attention, sow_query_logits=self.sow_query_logits,
                                        dtype=self.dtype, param_dtype=self.param_dtype, name=self.attention_name)
@@ -343,16 +356,16 @@ class TransformerBlock(nn.Module):
                 return residual
             attn_branch = branch(lambda y: attention(norm(0)(y), train=train), 1)
             x = drop_add_residual_stochastic_depth(x, attn_branch, rate, self.make_rng("dropout"))
-            x = drop_add_residual_stochastic_depth(x, branch(lambda y: self._mlp(norm(1)(y)), 2), rate,
+            x = drop_add_residual_stochastic_depth(x, branch(lambda y: self._mlp(norm(1)(y), train), 2), rate,
                                                    self.make_rng("dropout"))
             return nn.with_logical_constraint(x, TOKENS)
         if self.pre_norm:
             kv = None if x_kv is None else norm(2)(x_kv)
             x = x + drop(attention(norm(0)(x), kv, mask, train=train), 1)
-            x = x + drop(self._mlp(norm(1)(x)), 2)
+            x = x + drop(self._mlp(norm(1)(x), train), 2)
         else:
             x = norm(0)(x + drop(attention(x, x_kv, mask, train=train), 1))
-            x = norm(1)(x + drop(self._mlp(x), 2))
+            x = norm(1)(x + drop(self._mlp(x, train), 2))
         return nn.with_logical_constraint(x, TOKENS)
 
 

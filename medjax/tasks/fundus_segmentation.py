@@ -1,7 +1,9 @@
 """PALM optic disc + atrophy segmentation by fine-tuning a pretrained ViT encoder under ContIG's ResNet-50 U-Net
 head (MRM transfer, Yang et al., ICCV 2023, Tab. 1; medjax/models/vit_unet.py), with ContIG's protocol
 (HealthML/ContIG `palm_myopia_segmentation.py`, `data/data_palm.py`): two sigmoid output channels (disc,
-atrophy), loss 0.2 BCE + 0.8 soft Dice pooled over the batch (`medjax.losses.segmentation.pooled_bce_dice`),
+atrophy), loss 0.2 BCE + 0.8 soft Dice pooled over the batch (`medjax.losses.segmentation.pooled_bce_dice`; the
+config's `loss` block: `bce_weight`, `dice_weight`, `dice` = "pooled" as ContIG or "per_class", each structure's
+Dice averaged),
 Resize only (no augmentation), the stratified 60/20/20 split of `medjax.data.readers.palm`, the checkpoint of the
 lowest validation loss tested (`ModelCheckpoint(monitor="valid_loss")`: the task's selection metric).
 
@@ -48,6 +50,10 @@ class FundusSegmentationTask(FundusTransferTask):
             num_classes=len(STRUCTURES), image_size=m.image_size, patch_size=m.patch_size, width=m.width,
             depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, drop_path=m.drop_path,
             widths=tuple(m.decoder_widths), remat=m.remat, scan=m.get("scan"), dtype=jnp.dtype(config.dtype))
+        loss = config.get("loss") or {}
+        self._loss = functools.partial(pooled_bce_dice, bce_weight=float(loss.get("bce_weight", 0.2)),
+                                       dice_weight=float(loss.get("dice_weight", 0.8)),
+                                       dice=str(loss.get("dice", "pooled")))
 
     @functools.lru_cache(maxsize=4)
     def split_dataset(self, split: str) -> PALMDataset:
@@ -86,7 +92,7 @@ class FundusSegmentationTask(FundusTransferTask):
                                                rngs={"dropout": rng}, mutable=[BATCH_STATS])
         else:
             logits, updated = self.model.apply(self._variables(params), batch["image"], train=False), None
-        loss, parts = pooled_bce_dice(logits, batch["mask"])
+        loss, parts = self._loss(logits, batch["mask"])
         metrics = dict(parts)
         if updated is not None:
             metrics[BATCH_STATS] = updated[BATCH_STATS]  # consumed by post_update
@@ -105,7 +111,7 @@ class FundusSegmentationTask(FundusTransferTask):
     def _probs_and_loss(self):
         def run(params, images, masks):
             logits = self.model.apply(self._variables(params), images, train=False)
-            return jax.nn.sigmoid(logits), pooled_bce_dice(logits, masks)[0]
+            return jax.nn.sigmoid(logits), self._loss(logits, masks)[0]
 
         return jax.jit(run)
 

@@ -65,9 +65,7 @@ class FVLMTask(TaskBase):
     def build_model(self, text, dtype):
         """The image-report model around the text tower (a subclass swaps the vision side: ViSD-Boost)."""
         m = self.config.model
-        vision = fvlm_lib.VolumeViT(volume_shape=self.crop_shape, patch=tuple(m.patch), width=m.width, depth=m.depth,
-                                    num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout=m.dropout,
-                                    key_blocks=tuple(m.key_blocks), remat=m.remat, dtype=dtype)
+        vision = fvlm_lib.volume_vit_from_config(m, self.crop_shape, dtype)
         return fvlm_lib.FVLM(vision, text, num_organs=len(self.organs), pool_heads=m.pool_heads,
                              embed_dim=m.embed_dim, init_temperature=self.config.loss.init_temperature, dtype=dtype)
 
@@ -94,6 +92,12 @@ class FVLMTask(TaskBase):
         merged, report = merge_params(params["text"], self._text_variables["params"])
         self.log(f"text encoder from {self.text_init}: {report}")
         return dict(params, text=merged)
+
+    def load_pretrained(self, params, pretrained):
+        """`init=` params over the fresh ones; a text tower from `model.init_text` first, so that converted vision
+        weights (`python -m medjax.convert mae`: {"vision"} only) start beside CXR-BERT, while an `init` that
+        holds a text tower (a pretraining run) keeps its own."""
+        return super().load_pretrained(self.initial_params(params), pretrained)
 
     # ---- loss -----------------------------------------------------------------------------------------
     def loss_fn(self, params, batch, rng, train):

@@ -68,7 +68,8 @@ class MRMTask(TaskBase):
                                    rngs={"dropout": rng})
         m = self.config.model
         return mrm_loss(outputs, batch["image"], batch["genome"], patch_size=m.patch_size,
-                                lam=m.lam, norm_pix_loss=m.norm_pix_loss)
+                        lam=m.lam, norm_pix_loss=m.norm_pix_loss,
+                        relation_similarity=str(m.get("relation_similarity", "cosine")))
 
     def _train_transform(self, example, rng):
         image = fundus_train_transform(example["image"], rng, rotation=self.config.data.rotation,

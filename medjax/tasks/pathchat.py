@@ -34,17 +34,20 @@ from medjax.config import ConfigError
 from medjax.data import demo as demo_lib
 from medjax.data.errors import DataError
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
+from medjax.data.pipelines.length_buckets import bucket_lengths, length_bucketed_dataset
 from medjax.data.readers.image_io import read_image
 from medjax.data.readers.image_report import load_tokenizer, read_jsonl
 from medjax.data.verify import FileCheck
 from medjax.metrics.chance import CHANCE_SUFFIX, multiple_choice_chance
 from medjax.models.llava import Llava
+from medjax.models.uni_vision_tower import (IMAGENET_MEAN, IMAGENET_STD, tower_from_uni, tower_variables,
+                                            uni_vision_tower)
 from medjax.nn.clip_vit import CLIPVisionTransformer
 from medjax.nn.llama import Llama
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase, markdown_table
-from medjax.tasks.pathchat_data import (IGNORE, IMAGE_TOKEN, ConversationDataset, ConversationExample, encode,
-                                        image_pixels, pad_or_truncate, render)
+from medjax.tasks.pathchat_data import (CLIP_MEAN, CLIP_STD, IGNORE, IMAGE_TOKEN, ConversationDataset,
+                                        ConversationExample, encode, image_pixels, pad_or_truncate, render)
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -70,6 +73,9 @@ class PathChatTask(TaskBase):
                             "token; add it as a special token (tokenizer.add_special_tokens)")
         dtype = jnp.dtype(config.dtype)
         self._llava_variables = self._vision_variables = self._llm_variables = None
+        if m.init_llava and m.vision_tower != "clip":
+            raise ConfigError(f"config model.init_llava={m.init_llava!r} loads a Hugging Face LLaVA with its CLIP tower; "
+                              f"model.vision_tower={m.vision_tower!r} needs model.init_vision + model.init_llm instead")
         if m.init_llava:
             from medjax.convert import hf
 
@@ -77,14 +83,20 @@ class PathChatTask(TaskBase):
             self.model = self.model.clone(projector=m.projector, num_queries=m.num_queries,
                                           freeze_vision=bool(m.freeze_vision))
         else:
-            vision = CLIPVisionTransformer(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width,
-                                           depth=m.vision_feature_depth, num_heads=m.vision_heads,
-                                           mlp_dim=m.vision_mlp_dim, dtype=dtype)
+            vision = self._vision_tower(m, dtype)
             language = Llama(vocab_size=int(m.vocab_size) or len(self.tokenizer), width=m.width, depth=m.depth,
                              num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or None, mlp_dim=m.mlp_dim,
                              rms_norm_eps=m.rms_norm_eps, rope_theta=m.rope_theta, scan=m.scan, remat=m.remat,
                              dtype=dtype)
-            if m.init_vision:
+            if m.init_vision and m.vision_tower == "uni":
+                from medjax.convert import uni
+
+                # the architecture is read off the checkpoint, except the head count (not in any shape):
+                # model.vision_heads (16 for UNI ViT-L/16, 24 for UNI2-h)
+                encoder, variables = uni.load(m.init_vision, dtype=dtype, num_heads=int(m.vision_heads))
+                vision = tower_from_uni(encoder, int(m.vision_feature_depth))
+                self._vision_variables = tower_variables(variables, int(m.vision_feature_depth))
+            elif m.init_vision:
                 from medjax.convert import hf
 
                 tower, self._vision_variables = hf.load(m.init_vision, dtype=dtype)
@@ -102,8 +114,28 @@ class PathChatTask(TaskBase):
                             f"{self.model.language_model.vocab_size}")
         self.image_size = self.model.vision_tower.image_size
         self.max_length = int(d.max_length)
+        self.buckets = bucket_lengths(list(d.length_buckets), self.max_length) if list(d.length_buckets) else ()
+        if int(d.length_group_batches) < 1:
+            raise ConfigError(f"config data.length_group_batches={d.length_group_batches}: expected an integer >= 1")
+        self.pixel_stats = (IMAGENET_MEAN, IMAGENET_STD) if m.vision_tower == "uni" else (CLIP_MEAN, CLIP_STD)
         self.example = ConversationExample(self.tokenizer, d.template, self.image_size, self.max_length,
-                                           self.image_token_id, self.model.num_image_tokens)
+                                           self.image_token_id, self.model.num_image_tokens, *self.pixel_stats)
+
+    @staticmethod
+    def _vision_tower(m, dtype) -> nn.Module:
+        """model.vision_tower: "clip" (CLIP ViT, LLaVA-1.5) or "uni" (UNI's ViT, PathChat), built from the model
+        block up to its feature layer (`model.vision_feature_depth` blocks)."""
+        if m.vision_tower == "clip":
+            return CLIPVisionTransformer(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width,
+                                         depth=m.vision_feature_depth, num_heads=m.vision_heads,
+                                         mlp_dim=m.vision_mlp_dim, dtype=dtype)
+        if m.vision_tower == "uni":
+            return uni_vision_tower(int(m.vision_feature_depth), image_size=m.image_size, patch_size=m.patch_size,
+                                    width=m.vision_width, depth=int(m.vision_feature_depth), num_heads=m.vision_heads,
+                                    mlp_ratio=m.vision_mlp_dim / m.vision_width, mlp_dim=m.vision_mlp_dim,
+                                    dtype=dtype)
+        raise ConfigError(f"config model.vision_tower={m.vision_tower!r}: expected 'clip' (CLIP ViT-L/14, LLaVA-1.5) "
+                          "or 'uni' (UNI ViT-L/16, PathChat)")
 
     # ---- shapes / params -----------------------------------------------------------------------------
     def work_per_example(self) -> tuple[int, str]:
@@ -162,6 +194,14 @@ class PathChatTask(TaskBase):
 
     def train_data(self):
         d = self.config.data
+        if self.buckets:
+            return length_bucketed_dataset(
+                self.conversations(d.train_file), global_batch=self.global_batch, seed=int(self.config.seed),
+                transform=self.example, length_of=self.example.length,
+                buckets=self.buckets,
+                window_batches=int(d.length_group_batches), process_index=jax.process_index(),
+                process_count=jax.process_count(), prefetch_threads=int(d.prefetch_threads),
+                on_bad_example=self.on_bad_example)
         return global_batch_dataset(self.conversations(d.train_file), global_batch=self.global_batch,
                                     seed=int(self.config.seed), transform=self.example,
                                     process_index=jax.process_index(), process_count=jax.process_count(),
@@ -173,8 +213,9 @@ class PathChatTask(TaskBase):
         return self.example.template if self.example.template != "plain" else "vicuna_v1"
 
     def pixels(self, image_path: str) -> np.ndarray:
-        """The model's image input (size, size, 3) float32 of an image file (LLaVA-1.5's preprocessing)."""
-        return image_pixels(Image.fromarray(read_image(image_path)), self.image_size)
+        """The model's image input (size, size, 3) float32 of an image file (LLaVA-1.5's preprocessing, the
+        vision tower's normalisation)."""
+        return image_pixels(Image.fromarray(read_image(image_path)), self.image_size, *self.pixel_stats)
 
     def prompt_ids(self, question: str, where: str) -> np.ndarray:
         """int32 ids of a first human turn `<image>\\n{question}` in the chat template, up to where the assistant's

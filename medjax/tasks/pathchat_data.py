@@ -142,18 +142,20 @@ def pad_or_truncate(ids: np.ndarray, labels: np.ndarray, max_length: int, pad_id
     return {"input_ids": out_ids, "labels": out_labels, "attention_mask": (np.arange(max_length) < n).astype(np.int32)}
 
 
-def image_pixels(image: Image.Image, size: int) -> np.ndarray:
+def image_pixels(image: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD) -> np.ndarray:
     """LLaVA-1.5's image input: padded to a square with the mean colour, resized (bicubic) to size x size,
-    CLIP-normalised; float32 (size, size, 3), channels last."""
+    normalised by the vision tower's statistics (CLIP's by default; UNI's are ImageNet's); float32 (size, size, 3),
+    channels last."""
     image = image.convert("RGB")
     width, height = image.size
     if width != height:
         side = max(width, height)
-        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in CLIP_MEAN))
+        square = Image.new("RGB", (side, side), tuple(int(255 * m) for m in mean))
         square.paste(image, ((side - width) // 2, (side - height) // 2))
         image = square
     pixels = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255.0
-    return (pixels - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 class ConversationDataset:
@@ -193,16 +195,31 @@ class ConversationExample:
     """Picklable (record, rng) -> {"pixel_values", "input_ids", "labels", "attention_mask"}."""
 
     def __init__(self, tokenizer, template: str, image_size: int, max_length: int, image_token_id: int,
-                 num_image_tokens: int):
+                 num_image_tokens: int, pixel_mean: Sequence[float] = CLIP_MEAN, pixel_std: Sequence[float] = CLIP_STD):
         if template not in TEMPLATES:
             raise MedjaxInputError(f"data.template={template!r}: expected one of {', '.join(TEMPLATES)}")
         self.tokenizer, self.template, self.image_size = tokenizer, template, int(image_size)
         self.max_length, self.image_token_id, self.num_image_tokens = int(max_length), image_token_id, num_image_tokens
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def __call__(self, item: dict, rng: np.random.Generator | None = None) -> dict:
+    def length(self, item: dict) -> int:
+        """The record's token count before padding (its masking refused as in __call__); for length bucketing."""
+        ids, labels = encode(render(item["turns"], self.template, item["where"]), self.tokenizer, self.image_token_id,
+                             self.num_image_tokens)
+        pad_or_truncate(ids, labels, self.max_length, self.pad_id, self.image_token_id, item["where"])
+        return min(len(ids), self.max_length)
+
+    def __call__(self, item: dict, rng: np.random.Generator | None = None, pad_to: int | None = None) -> dict:
+        """The arrays padded to `pad_to` tokens (a length bucket, `medjax.data.pipelines.length_buckets`), else to
+        max_length; either way truncated at max_length first, so a bucketed row is the max_length row cut short."""
         pieces = render(item["turns"], self.template, item["where"])
         ids, labels = encode(pieces, self.tokenizer, self.image_token_id, self.num_image_tokens)
         out = pad_or_truncate(ids, labels, self.max_length, self.pad_id, self.image_token_id, item["where"])
+        if pad_to is not None and pad_to < self.max_length:
+            if out["attention_mask"][pad_to:].any():  # longer than its batch's bucket (a bad example's replacement)
+                out = pad_or_truncate(ids, labels, pad_to, self.pad_id, self.image_token_id, item["where"])
+            else:
+                out = {k: v[:pad_to] for k, v in out.items()}
         image = Image.fromarray(read_image(item["image"]))
-        return dict(out, pixel_values=image_pixels(image, self.image_size))
+        return dict(out, pixel_values=image_pixels(image, self.image_size, self.pixel_mean, self.pixel_std))

@@ -172,7 +172,8 @@ def network_from_config(config) -> dinov2_lib.DINOv2Network:
         interpolate_offset=m.interpolate_offset, interpolate_antialias=m.interpolate_antialias, remat=m.remat,
         scan=m.get("scan"),
         head_out_dim=h.out_dim, head_hidden_dim=h.hidden_dim, head_bottleneck_dim=h.bottleneck_dim,
-        head_layers=h.num_layers, head_learn_gain=h.learn_gain, ibot_separate_head=config.ibot.separate_head,
+        head_layers=h.num_layers, head_learn_gain=h.learn_gain,
+        head_gain_init=h.get("gain_init", 1.0), head_use_bn=h.get("use_bn", False), ibot_separate_head=config.ibot.separate_head,
         ibot_out_dim=config.ibot.out_dim, dtype=dtype)
 
 
@@ -267,7 +268,9 @@ class UNIPretrainTask(TaskBase):
         koleo = sum(dino_losses.grouped_koleo_loss(features[i], int(cfg.dino.koleo_group_size)) for i in range(2))
         ibot = dino_losses.ibot_loss(student["patch_logits"], ibot_targets, slots["weight"], 2 * b, cfg.ibot.student_temp)
         loss = cfg.dino.loss_weight * dino + cfg.dino.koleo_weight * koleo + cfg.ibot.loss_weight * ibot
+        target_entropy, batch_entropy = dino_losses.target_entropies(dino_targets)
         metrics.update(dino_loss=dino, koleo_loss=koleo, ibot_loss=ibot, teacher_temp=temp,
+                       dino_target_entropy=target_entropy, dino_batch_entropy=batch_entropy,
                        masked_patches=slots["num_masked"].astype(jnp.float32))
         return loss, metrics
 

@@ -1,6 +1,6 @@
 """METER checkpoint -> PTUnifier params (`python -m medjax.convert meter CKPT --out DIR`) and `--set init=DIR` into
 the PTUnifier pretraining task: a PyTorch restatement of the released `METERTransformerSS` with METER's module
-names (tests/convert/ptunifier_torch.py, so its state_dict has METER's keys; random weights, a VQAv2 head as a
+names (medjax/convert/torch_ptunifier.py, so its state_dict has METER's keys; random weights, a VQAv2 head as a
 fine-tuned METER holds) at the tiny PTUnifier size is saved as a Lightning checkpoint, converted by the CLI,
 loaded by the task's `load_pretrained` (the trainer's init path), and compared with METER's forward (image +
 text features, pooled features, MLM and ITM logits) within 1e-4. What METER lacks (ITC head, prompt pools)
@@ -19,7 +19,7 @@ from medjax.checkpoint import restore_params
 from medjax.convert import meter
 from medjax.convert.__main__ import main as convert_main
 from medjax.tasks import build_task
-from tests.convert.ptunifier_torch import Dims, TorchMETER
+from medjax.convert.torch_ptunifier import Dims, TorchMETER
 from tests.models.random_params import random_params
 
 TOL = 1e-4

@@ -1,7 +1,7 @@
 """PTUnifier fine-tuned Lightning checkpoints -> Flax: the released module's task heads (`vqa_head`, and the
 same Sequential as `cls_head` / `mlc_head`), the retrieval `irtr_head` (-> the ITM head's "matched" row) and the
 report generator's `clm_proj` + `clm_head` (a BertGenerationDecoder), restated on top of
-tests/convert/ptunifier_torch.py with random weights, converted and compared within 1e-4."""
+medjax/convert/torch_ptunifier.py with random weights, converted and compared within 1e-4."""
 import jax
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 
 from medjax.convert import ptunifier as convert
-from tests.convert.ptunifier_torch import Dims, MLMHead, TorchPTUnifier
+from medjax.convert.torch_ptunifier import Dims, MLMHead, TorchPTUnifier
 
 TOL = 1e-4
 D = Dims()

@@ -1,5 +1,5 @@
 """PTUnifier Lightning checkpoint -> Flax, pretraining model: the PyTorch restatement of the released
-`PTUnifierTransformerSS` (tests/convert/ptunifier_torch.py: the original's module names, so its state_dict has
+`PTUnifierTransformerSS` (medjax/convert/torch_ptunifier.py: the original's module names, so its state_dict has
 the original's keys) at tiny size with random weights, saved as a Lightning-style {"state_dict": ...} file,
 converted, and compared on all three input formats (image + text, image missing, text missing) and every
 pretraining head within 1e-4; key problems reported by name; HF towers into scanned towers. The fine-tuned
@@ -12,7 +12,7 @@ import transformers
 from flax.linen import unbox
 
 from medjax.convert import ptunifier as convert
-from tests.convert.ptunifier_torch import Dims, TorchPTUnifier
+from medjax.convert.torch_ptunifier import Dims, TorchPTUnifier
 
 TOL = 1e-4
 D = Dims()

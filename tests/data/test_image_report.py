@@ -186,7 +186,7 @@ def test_pipeline_resumes_exactly(corpus):
 
 
 def test_demo_generator(tmp_path):
-    from medjax.data.demo.image_report import SHAPES, make_image_report_demo
+    from medjax.data.demo.image_report import COLOURS, SHAPES, make_image_report_demo
     from medjax.tasks.ptunifier_finetune_data import MultiLabelDataset, NLIDataset, VQADataset
 
     root = make_image_report_demo(str(tmp_path / "demo"), num_images=20, image_size=32)
@@ -198,6 +198,8 @@ def test_demo_generator(tmp_path):
     for i in range(20):  # every report names a colour and shape the image holds
         caption, image = manifest.captions[i][0], np.asarray(manifest.load_image(i))
         assert any(s in caption for s in SHAPES) and image.shape == (32, 32, 3)
+        for sentence in split_into_sents(caption):  # pretraining reads one sentence: each names a finding
+            assert any(s in sentence for s in SHAPES) and any(c in sentence for c in COLOURS), sentence
     vqa = VQADataset(os.path.join(root, "vqa.jsonl"), "train")
     assert {"yes", "no"} <= set(vqa.answers) and len(vqa) == 3 * 16
     assert {int(vqa[k]["answer_type"]) for k in range(len(vqa))} == {0, 1}

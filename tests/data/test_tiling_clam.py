@@ -102,12 +102,17 @@ def slides(tmp_path_factory):
     for seed, kind in enumerate(("holes", "thin", "edge")):
         paths[kind] = str(root / f"{kind}.tif")
         write_pyramidal_tiff(paths[kind], _slide_pixels(kind, seed), mpp=0.5, compression_level=1)
+    # No pyramid: CLAM segments level 0 itself (get_best_level_for_downsample(64) = 0), and so do we
+    paths["flat"] = str(root / "flat.tif")
+    write_pyramidal_tiff(paths["flat"], _slide_pixels("holes", 3)[200:968, 1000:2024], mpp=0.5, downsamples=(1,),
+                         compression_level=1)
     return paths
 
 
-@pytest.mark.parametrize("kind", ["holes", "thin", "edge"])
+@pytest.mark.parametrize("kind", ["holes", "thin", "edge", "flat"])
 def test_tile_coordinates_equal_clams_with_opencv(slides, kind, tmp_path):
-    for params, padding in ((PARAMS, True), (PRESETS["bwh_biopsy"], True), (PARAMS, False)):
+    cases = ((PARAMS, True), (PRESETS["bwh_biopsy"], True), (PARAMS, False)) if kind != "flat" else ((PARAMS, True),)
+    for params, padding in cases:
         params = TissueParams(**{**params.__dict__, "min_tissue_area": min(params.min_tissue_area, 0.05),
                                  "min_hole_area": min(params.min_hole_area, 0.02)})
         expected = clam_reference(slides[kind], params, 256, padding)

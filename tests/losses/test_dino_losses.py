@@ -24,6 +24,11 @@ def test_dino_loss_uniform_teacher_is_log_k():
     # Every student crop uniform over K = 4 prototypes and a uniform teacher: each pair costs log 4.
     student, teacher = np.zeros((3, 2, 4), np.float32), np.full((2, 2, 4), 0.25, np.float32)
     assert float(dino_loss(student, teacher, 0.1)) == pytest.approx(math.log(4), rel=1e-6)
+    # The collapse diagnostics: uniform targets are at ln K per crop and over the batch; every crop on one prototype at
+    # 0 and 0; each crop sharp on its own prototype at 0 per crop and ln K over the batch.
+    np.testing.assert_allclose(dino.target_entropies(teacher), [math.log(4)] * 2, rtol=1e-6)
+    np.testing.assert_allclose(dino.target_entropies(np.eye(4)[[1, 1, 1, 1]].reshape(2, 2, 4)), [0, 0], atol=1e-6)
+    np.testing.assert_allclose(dino.target_entropies(np.eye(4).reshape(2, 2, 4)), [0, math.log(4)], atol=1e-6)
 
 
 def test_dino_loss_matches_dinov2_pair_loops():

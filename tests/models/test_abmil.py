@@ -1,10 +1,11 @@
-"""Gated ABMIL (Ilse et al. 2018, UNI's slide classifier): logical axes, masking, permutation invariance."""
+"""Gated ABMIL (Ilse et al. 2018, UNI's slide classifier; CLAM's defaults): logical axes, masking, permutation invariance."""
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from medjax.models.abmil import GatedABMIL, pad_bags
+from medjax.tasks.uni_eval import uni_eval_config
 
 MODEL = GatedABMIL(num_classes=2, hidden_dim=32, attention_dim=16, dropout=0.1)
 D = 16
@@ -27,6 +28,15 @@ def test_params_have_logical_axes(params):
     assert all(isinstance(v, nn.Partitioned) for v in boxed)
     assert params["fc"]["kernel"].names == ("embed", "mlp")
     assert nn.unbox(params)["attention_v"]["kernel"].shape == (32, 16)
+
+
+def test_defaults_are_clams_gated_attention():
+    """Issue #19: CLAM's Attn_Net_Gated, size "small" (FC 512, attention 256, dropout 0.25), in the model and the
+    evaluation config; 384 (CLAM "big", UNI's Methods) is a setting."""
+    model = GatedABMIL(num_classes=2)
+    assert (model.hidden_dim, model.attention_dim, model.dropout) == (512, 256, 0.25)
+    abmil = uni_eval_config().abmil
+    assert (abmil.hidden_dim, abmil.attention_dim, abmil.dropout) == (512, 256, 0.25)
 
 
 def test_padding_gets_zero_attention_and_changes_nothing(params, apply):

@@ -55,6 +55,36 @@ def test_dino_head_is_mlp_l2norm_then_weight_normalised_layer():
     assert tuple(nn.get_partition_spec(variables)["params"]["last_layer"]["kernel"]) == (None, "vocab")
 
 
+def test_dino_v1_batch_norm_head():
+    """head.use_bn = DINO v1's use_bn_in_head: BatchNorm1d (training mode: this call's batch statistics, biased
+    variance, eps 1e-5) after each hidden Linear, before the GELU; gain_init scales the fixed weight-norm gain."""
+    x = np.random.default_rng(2).normal(size=(7, 8)).astype(np.float32) + 3.0
+    head = DINOHead(out_dim=6, hidden_dim=16, bottleneck_dim=4, num_layers=3, use_bn=True, gain_init=2.0)
+    # random values of the shapes init gives (no init compile); BatchNorm's scale / bias random too
+    shapes = nn.unbox(jax.eval_shape(head.init, jax.random.key(1), x))
+    rng = np.random.default_rng(3)
+    variables = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), shapes)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    assert sorted(p) == ["batch_norm_0", "batch_norm_1", "last_layer", "mlp_0", "mlp_1", "mlp_2"]
+
+    def bn(h, name):
+        mean, var = h.mean(0), h.var(0)
+        return (h - mean) / np.sqrt(var + 1e-5) * p[name]["scale"] + p[name]["bias"]
+
+    h = gelu(bn(x @ p["mlp_0"]["kernel"] + p["mlp_0"]["bias"], "batch_norm_0"))
+    h = gelu(bn(h @ p["mlp_1"]["kernel"] + p["mlp_1"]["bias"], "batch_norm_1"))
+    h = h @ p["mlp_2"]["kernel"] + p["mlp_2"]["bias"]
+    h /= np.linalg.norm(h, axis=-1, keepdims=True)
+    v = p["last_layer"]["kernel"]
+    np.testing.assert_allclose(np.asarray(head.apply(variables, x)),
+                               2.0 * h @ (v / np.linalg.norm(v, axis=0, keepdims=True)), rtol=1e-4, atol=1e-5)
+    from medjax.models.dinov2 import DINOv2Network
+
+    with pytest.raises(ValueError, match="ibot.separate_head"):
+        DINOv2Network(image_size=16, patch_size=8, width=8, depth=1, num_heads=2, head_use_bn=True).init(
+            jax.random.key(0), np.zeros((1, 16, 16, 3)), np.zeros((1, 8, 8, 3)), np.zeros((1, 4), bool))
+
+
 def test_masked_token_index_buffer():
     masks = np.array([[False, True, True, False], [False, False, False, False], [True, False, False, False]])
     slots = jax.tree.map(np.asarray, jax.jit(masked_token_index, static_argnums=1)(masks, 5))

@@ -1,5 +1,7 @@
 """PTUnifier model: prompt selection is top-k by raw dot product, the missing-modality sequences are
 built as the released code builds them (PTUnifier Sec. 3.2), and every path / head has its shape."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -155,3 +157,25 @@ def test_shared_pretraining_pass_equals_the_separate_paths(outputs):
     np.testing.assert_allclose(pre["itm_logits"], out["itm_partner"], atol=1e-5)  # (image partner[b], text b)
     np.testing.assert_allclose(pre["itc_image"], heads["itc_image"], atol=1e-5)
     np.testing.assert_allclose(pre["itc_text"], heads["itc_text"], atol=1e-5)
+
+
+def test_original_init_weights_redraws_the_cross_modal_modules_only(outputs):
+    """METER's objectives.init_weights outside the towers: kernels / embeddings N(0, 0.02); towers, biases,
+    LayerNorms and the prompt pools untouched; boxed (logically partitioned) params stay boxed."""
+    from medjax.models.ptunifier import original_init_weights
+
+    full = outputs[0]  # a few subtrees: towers, a pool, the ITM head, one co-attention stream (eager, no compile)
+    params = {"vision": full["vision"], "visual_prompts": full["visual_prompts"], "itm_head": full["itm_head"],
+              "fusion_0": {"text": full["fusion_0"]["text"]}, "fusion_1": {"text": {"fc1": full["fusion_1"]["text"]["fc1"]}}}
+    boxed = {"itm_head": {"kernel": nn.Partitioned(jnp.ones((64, 2)), (None, None))}}
+    assert isinstance(original_init_weights(boxed, jax.random.key(1))["itm_head"]["kernel"], nn.Partitioned)
+    new = jax.device_get(original_init_weights(params, jax.random.key(1)))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(new):
+        names = [str(getattr(k, "key", k)) for k in path]
+        old = np.asarray(functools.reduce(lambda t, n: t[n], names, params))
+        if names[0] in ("vision", "text") or names[-1] not in ("kernel", "embedding"):
+            np.testing.assert_array_equal(np.asarray(leaf), old)
+        elif leaf.size >= 1000:
+            assert abs(float(np.std(leaf)) - 0.02) < 0.002 and abs(float(np.mean(leaf))) < 0.002, names
+    fused = np.asarray(new["fusion_0"]["text"]["fc1"]["kernel"])
+    assert not np.array_equal(fused, np.asarray(new["fusion_1"]["text"]["fc1"]["kernel"]))  # one draw per path

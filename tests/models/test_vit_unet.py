@@ -81,3 +81,18 @@ def test_pooled_bce_dice_is_contigs_loss():
     assert float(parts["bce"]) == pytest.approx(bce, rel=1e-5)
     assert float(parts["dice_loss"]) == pytest.approx(dice, rel=1e-5)
     assert float(loss) == pytest.approx(0.2 * bce + 0.8 * dice, rel=1e-5)
+
+
+def test_per_class_dice_averages_each_structures_pooled_dice():
+    """loss.dice="per_class": each channel's Dice pooled over batch and pixels, then the mean over channels."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 6, 6, 2)).astype(np.float32)
+    labels = (rng.random((2, 6, 6, 2)) < np.array([0.05, 0.5])).astype(np.float32)  # a small and a large one
+    loss, parts = pooled_bce_dice(jnp.asarray(logits), jnp.asarray(labels), dice="per_class")
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    per = [1 - (2 * np.sum(p[..., c] * labels[..., c]) + 1) / (np.sum(p[..., c]) + np.sum(labels[..., c]) + 1)
+           for c in range(2)]
+    assert float(parts["dice_loss"]) == pytest.approx(np.mean(per), rel=1e-5)
+    assert float(loss) == pytest.approx(0.2 * float(parts["bce"]) + 0.8 * np.mean(per), rel=1e-5)
+    with pytest.raises(ValueError, match="loss.dice"):
+        pooled_bce_dice(jnp.asarray(logits), jnp.asarray(labels), dice="weighted")

@@ -163,6 +163,35 @@ def test_layer_scale_and_norm_placement(pre_norm):
     np.testing.assert_allclose(block.apply({"params": p}, x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_head_size_bias_free_qkv_mask_and_mlp_dropout():
+    """ViSD's VQ-VAE layer options (medjax.models.visd_vqvae.vae_layer): heads x head_dim other than the width,
+    q/k/v without bias (the output keeps its), a key mask, and dropout on the MLP's hidden activations only
+    (rate 1 leaves fc2's bias as the whole MLP output)."""
+    x = np.random.default_rng(11).normal(size=(2, 4, 8)).astype(np.float32)
+    mask = np.asarray([True, True, False, True])[None, None, None]
+    block = T.TransformerBlock(2, head_dim=3, mlp_dim=5, qkv_bias=False, mlp_dropout=1.0, mlp_bias_std=0.1,
+                               layer_norm_eps=1e-5, fused_attention=False)
+    p = jax.tree.map(np.asarray, nn.unbox(jax.jit(block.init)(jax.random.key(12), x))["params"])
+    assert {k: set(v) for k, v in p["attn"].items()} == {"query": {"kernel"}, "key": {"kernel"}, "value": {"kernel"},
+                                                         "out": {"kernel", "bias"}}
+    assert p["attn"]["query"]["kernel"].shape == (8, 2, 3) and p["attn"]["out"]["kernel"].shape == (2, 3, 8)
+    h = _ln(x, p["norm1"], 1e-5)
+    q, k, v = (np.einsum("btw,whd->bthd", h, p["attn"][n]["kernel"]) for n in ("query", "key", "value"))
+    logits = np.where(mask, np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(3), -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    h = x + np.einsum("bqhd,hdw->bqw", attended, p["attn"]["out"]["kernel"]) + p["attn"]["out"]["bias"]
+    hidden = _ln(h, p["norm2"], 1e-5) @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
+    hidden = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / math.sqrt(2)))
+    mlp = hidden @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+    both = jax.jit(lambda p: (block.apply({"params": p}, x, mask=mask), block.apply(  # one compile
+        {"params": p}, x, mask=mask, train=True, rngs={"dropout": jax.random.key(13)})))
+    plain, dropped = both(p)
+    np.testing.assert_allclose(plain, h + mlp, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dropped, h + p["mlp"]["fc2"]["bias"], rtol=1e-4, atol=1e-5)
+
+
 def test_fused_attention_matches_the_explicit_softmax():
     rs = np.random.default_rng(9)
     x, kv = rs.normal(size=(2, 5, 8)).astype(np.float32), rs.normal(size=(2, 3, 8)).astype(np.float32)

@@ -58,9 +58,14 @@ def test_evaluate_uni_on_the_wsi_demo(wsi_demo):
     table = uni_results_table("uni_vitl16", [("demo", results)])
     chance = 1 / len(np.unique(labels[stratified_holdout(labels, 0.3, 0)]))  # 1 / tissue classes in the test tiles
     assert results["knn/balanced_acc_chance"] == results["linear/balanced_acc_chance"] == chance
-    assert f"| ROI: tile classes (tile_labels.csv) | Balanced acc. | {results['knn/balanced_acc']:.3f} (chance " \
+    ci = f"[{results['knn/balanced_acc_ci_low']:.3f}, {results['knn/balanced_acc_ci_high']:.3f}]"
+    assert f"| ROI: tile classes (tile_labels.csv) | Balanced acc. | {results['knn/balanced_acc']:.3f} {ci} (chance " \
            f"{chance:.3f}) | {results['linear/balanced_acc']:.3f} (chance {chance:.3f}) | – |" in table
     assert f"| Slide: slide label (slides.csv) | AUC | – | – | {results['abmil/auc']:.3f} (chance 0.500) |" in table
+    one_shot = f"{results['fewshot/1shot/balanced_acc']:.3f} ± {results['fewshot/1shot/balanced_acc_std']:.3f}"
+    assert "| Few-shot (SimpleShot) | 1 per class | 2 per class |" in table and f"| demo balanced acc. | {one_shot} |" in table
+    # issue #19: no paper target beside numbers on other data (here a labelled WSI directory that is not a benchmark)
+    assert "0.925" not in table and "No paper targets" in table
 
 
 def test_extract_features_pads_to_one_batch_shape():
@@ -138,6 +143,9 @@ def test_roi_benchmark_in_imagefolder_layout(tmp_path):
     results = evaluate_uni(colour_features, config)
     assert results["tiles/train"] == 18 and results["tiles/test"] == 9
     assert results["knn/balanced_acc"] == 1.0 and results["linear/balanced_acc"] == 1.0  # colours separate
+    # CRC-100K's folders: the paper's benchmark, so the table prints UNI's target for it
+    assert "UNI ViT-L/16 in the paper: CRC-100K (ROI, kNN k = 20) balanced accuracy 0.925" in \
+        uni_results_table("uni_vitl16", [("demo", results)])
     assert results["fewshot/1shot/balanced_acc"] == 1.0 and "abmil/slides" not in results
     (tmp_path / "CRC-VAL-HE-7K" / "STR").mkdir()
     with pytest.raises(MedjaxInputError, match=r"CRC-VAL-HE-7K: class directories \['STR'\] are not among"):

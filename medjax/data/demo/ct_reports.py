@@ -8,7 +8,8 @@
 - `<split>/masks/<same name>`: uint8 anatomy masks already merged to fVLM's 4 labels (1 lung, 2 heart,
   3 esophagus, 4 aorta);
 - `<split>_findings.json`, `<split>_conclusions.json`: `{scan_key: {organ: text}}` (the key: the file name
-  without `.nii.gz`), an empty conclusion for a normal organ;
+  without `.nii.gz`), an empty conclusion for a normal organ, whose findings end with "Not <name>." (the
+  negative zero-shot prompt of its label);
 - `<split>_labels.csv`: `VolumeName` + CT-RATE label columns (0/1);
 - `tokenizer/`: a byte-level BPE tokenizer trained on the texts; `.complete` (written last).
 Findings are visible in the image: a lung nodule (a 60 HU sphere, radius a fifth of the chest, in the named lung), cardiomegaly (a heart
@@ -31,7 +32,10 @@ from medjax.data.readers.ct import save_nifti
 ORGANS = ("lung", "heart", "esophagus", "aorta")
 LABELS = ("Lung nodule", "Cardiomegaly", "Hiatal hernia", "Arterial wall calcification")  # CT-RATE columns
 SPACING = (1.25, 1.25, 3.0)
-DEMO_VERSION = 2  # bump when the rendering changes, so cached demos are made again
+DEMO_VERSION = 3  # bump when the rendering or the texts change, so cached demos are made again
+# The zero-shot prompt name of each organ's finding (experiments/fvlm_ctrate.DEMO_LABELS): "Not <name>." / "<name>."
+PROMPT_NAMES = {"lung": "nodule", "heart": "cardiomegaly", "esophagus": "hiatal hernia",
+                "aorta": "arterial wall calcification"}
 
 
 def _findings(rng: np.random.Generator, rate: float) -> dict:
@@ -41,8 +45,10 @@ def _findings(rng: np.random.Generator, rate: float) -> dict:
 
 
 def _texts(f: dict, rng: np.random.Generator) -> tuple[dict, dict]:
-    """(findings, conclusions) per organ; a normal organ's conclusion is empty."""
+    """(findings, conclusions) per organ; a normal organ's conclusion is empty and its findings end with the
+    negative zero-shot prompt "Not <name>." (PROMPT_NAMES), so both prompt forms occur in the training texts."""
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    negative = lambda organ: f" Not {PROMPT_NAMES[organ]}."  # noqa: E731
     desc, conc = {}, {}
     if f["lung"]:
         desc["lung"] = f"A solid nodule is seen in the {f['lung']} lung."
@@ -55,6 +61,9 @@ def _texts(f: dict, rng: np.random.Generator) -> tuple[dict, dict]:
                                             if f["esophagus"] else ("The esophagus is unremarkable.", ""))
     desc["aorta"], conc["aorta"] = (("Calcified plaques in the aortic wall.", "Arterial wall calcification.")
                                     if f["aorta"] else (pick(["The aorta is normal in calibre.", "No aortic plaque."]), ""))
+    for organ in ORGANS:
+        if not conc[organ]:
+            desc[organ] += negative(organ)
     return desc, conc
 
 
@@ -126,8 +135,7 @@ def make_ct_reports_demo(out_dir: str, *, num_train: int = 96, num_valid: int = 
                 writer.writerow(("VolumeName",) + LABELS)
                 writer.writerows(rows)
         texts += [f"{organ} shows no significant abnormalities." for organ in ORGANS]
-        texts += [p for name in ("nodule", "cardiomegaly", "hiatal hernia", "arterial wall calcification")
-                  for p in (f"Not {name}.", f"{name}.")]
+        texts += [p for name in PROMPT_NAMES.values() for p in (f"Not {name}.", f"{name}.")]
         train_tokenizer(texts, os.path.join(out_dir, "tokenizer"), vocab_size=300)
 
     return build_demo(out_dir, params, write, ("train_findings.json", "valid_labels.csv"))

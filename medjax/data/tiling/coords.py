@@ -222,8 +222,10 @@ def tile_slide(path: str, out_dir: str, *, patch_size: int = 256, magnification:
             save_previews(out_dir, slide.slide_id, tissue, coords, geometry.patch_size_level0, mask=save_mask,
                           stitch=stitch)
         if len(coords) == 0:
-            message = (f"{path}: empty tissue mask ({len(tissue.contours)} tissue regions, no tile in tissue); "
-                       "no coordinates written")
+            message = (f"{path}: empty tissue mask ({len(tissue.contours)} tissue regions above min_tissue_area = "
+                       f"{params.min_tissue_area:g} patches of {params.reference_patch}x{params.reference_patch} "
+                       "level-0 px (CLAM a_t), no tile in tissue); no coordinates written (small slides: a lower "
+                       "--min-tissue-area)")
             warnings.warn(message, SlideWarning, stacklevel=2)
             return SlideTiling(slide.slide_id, path, "empty", 0, message)
         h5_path = os.path.join(out_dir, f"{slide.slide_id}.h5")

@@ -3,7 +3,9 @@
 their attribute names: OpenAI CLIP `VisualTransformer` with `layers - 1` blocks kept as METER's builder does,
 HF RobertaModel, METER's `BertCrossLayer` built from HF BertAttention / BertIntermediate / BertOutput, the
 poolers, heads and (PTUnifier) the two prompt pools. Used by the converter parity tests (random weights at a
-tiny `Dims`); `infer` is each original's forward in eval mode."""
+tiny `Dims`) and by `python -m medjax.bench vs-torch --exp ptunifier` (the paper's `Dims`, `attn_implementation`
+"sdpa"); `infer` is each original's forward (eval mode; in train mode with HF's dropout). torch and
+transformers are test extras: nothing here is needed to train or run medjax."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,16 +33,18 @@ class Dims:
     fusion: int = 2
     text_positions: int = 24
     clip_mlp: int = 0  # CLIP's FFN; 0 = 4 x width (CLIP's)
+    attn_implementation: str = "eager"  # HF attention of the text tower and the co-attention layers ("sdpa": fused)
 
     def bert_config(self, **extra) -> transformers.BertConfig:
         return transformers.BertConfig(hidden_size=self.width, num_attention_heads=self.heads,
                                        intermediate_size=self.mlp, vocab_size=self.vocab, layer_norm_eps=1e-5,
-                                       attn_implementation="eager", max_position_embeddings=20, **extra)
+                                       attn_implementation=self.attn_implementation, max_position_embeddings=20,
+                                       **extra)
 
     def roberta(self) -> transformers.RobertaModel:
         return transformers.RobertaModel(transformers.RobertaConfig(
             hidden_size=self.width, num_attention_heads=self.heads, intermediate_size=self.mlp, vocab_size=self.vocab,
-            layer_norm_eps=1e-5, attn_implementation="eager", num_hidden_layers=self.text_layers,
+            layer_norm_eps=1e-5, attn_implementation=self.attn_implementation, num_hidden_layers=self.text_layers,
             max_position_embeddings=self.text_positions, type_vocab_size=1, pad_token_id=1))
 
 
