@@ -18,7 +18,7 @@ def make_test_demo(kind: str, out: str) -> str:
     if kind == "ct":
         from medjax.data.demo.ct import make_ct_demo
 
-        return make_ct_demo(out, cases_per_dataset=2, shape=(40, 40, 28), seed=1)
+        return make_ct_demo(out, cases_per_dataset=2, multi_organ_cases=2, shape=(40, 40, 28), seed=1)
     if kind == "wsi":
         from medjax.data.demo.wsi import make_wsi_demo
         from medjax.data.tiling.coords import list_slides, tile_slides

@@ -19,7 +19,7 @@ QUIET = dict(log=lambda *_: None)
 
 @pytest.fixture(scope="module")
 def ct_root(tmp_path_factory):
-    return make_ct_demo(str(tmp_path_factory.mktemp("ct_demo")), cases_per_dataset=2, shape=(40, 40, 28), seed=1)
+    return make_ct_demo(str(tmp_path_factory.mktemp("ct_demo")), cases_per_dataset=2, multi_organ_cases=2, shape=(40, 40, 28), seed=1)
 
 
 def tiny(exp, root, cache, *overrides):
@@ -61,7 +61,7 @@ def test_tiny_unet_wiring(ct_root, tmp_path):
     assert batch["image"].shape == (4, 16, 16, 16, 1) and batch["label"].shape == (4, 16, 16, 16, 32)
     loss, metrics = jax.eval_shape(lambda p: task.loss_fn(p, batch, jax.random.key(0), True),
                                    flax.linen.unbox(params))
-    assert loss.shape == () and set(metrics) == {"bce", "dice_loss", "labelled_pairs"}
+    assert loss.shape == () and set(metrics) == {"bce", "dice_loss", "dice_loss_present", "labelled_pairs", "present_pairs"}
 
 
 def test_paper_setup_needs_class_embeddings(ct_root, tmp_path):

@@ -13,6 +13,11 @@ Each training sample comes from a dataset that annotates only some of the 32 cla
 Unlabelled pairs enter neither sum nor count, so their logits get exactly zero gradient. A batch
 without a labelled pair gives L = 0.
 
+Logged beside L (issue #23): `dice_loss_present`, the mean Dice_n over the labelled pairs whose class has a
+voxel in the crop, the only Dice terms that can move. `dice_loss` (the original's average, which L uses) also
+counts the labelled classes absent from the crop, each a constant 1 (below); on a 14-organ dataset most of
+its terms are such constants, so it reads ~1 however well the present organs are segmented.
+
 Dice, stated: the original's `BinaryDiceLoss` smooths only the denominator (kept here: an empty
 ground truth then gives a constant loss 1 with no gradient, so a crop without the organ is trained by
 BCE alone). Its first release computed Dice per first-axis slice of the volume and averaged the
@@ -53,7 +58,7 @@ def per_class_bce_dice(logits: jax.Array, labels: jax.Array, *, smooth: float = 
 def partial_label_bce_dice(logits: jax.Array, labels: jax.Array, label_mask: jax.Array, *,
                            smooth: float = 1.0, bce_weight: float = 1.0,
                            dice_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(L, {"bce", "dice_loss", "labelled_pairs"}) of the module docstring.
+    """(L, {"bce", "dice_loss", "dice_loss_present", "labelled_pairs", "present_pairs"}) of the module docstring.
 
     logits, labels: (batch, X, Y, Z, classes); label_mask: bool (batch, classes), True where the
     sample's dataset annotates the class. L = bce_weight * mean BCE + dice_weight * mean Dice loss over
@@ -68,7 +73,12 @@ def partial_label_bce_dice(logits: jax.Array, labels: jax.Array, label_mask: jax
     mean_bce = jnp.sum(jnp.where(mask, bce, 0.0)) / denom
     mean_dice = jnp.sum(jnp.where(mask, dice_loss, 0.0)) / denom
     loss = bce_weight * mean_bce + dice_weight * mean_dice
-    return loss, {"bce": mean_bce, "dice_loss": mean_dice, "labelled_pairs": count}
+    spatial = tuple(range(1, labels.ndim - 1))
+    present = mask & jnp.any(labels > 0, axis=spatial)  # labelled and in the crop: the learnable Dice terms
+    present_count = jnp.sum(present).astype(jnp.float32)
+    dice_present = jnp.sum(jnp.where(present, dice_loss, 0.0)) / jnp.maximum(present_count, 1.0)
+    return loss, {"bce": mean_bce, "dice_loss": mean_dice, "dice_loss_present": jax.lax.stop_gradient(dice_present),
+                  "labelled_pairs": count, "present_pairs": present_count}
 
 
 DICE_REDUCTIONS = ("pooled", "per_class")

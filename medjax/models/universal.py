@@ -162,13 +162,14 @@ class UniversalModel(nn.Module):
 
 
 def make_backbone(name: str, *, feature_size: int = 48, legacy_merging: bool = True, remat: bool | str = False,
-                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Module:
-    """The backbone module for `name` ("swinunetr": Swin UNETR at `feature_size`; "unet": UNet3D)."""
+                  window_size: int = 7, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Module:
+    """The backbone module for `name` ("swinunetr": Swin UNETR at `feature_size` and attention `window_size`, 7 in
+    the paper; "unet": UNet3D)."""
     if name == "swinunetr":
         from medjax.nn.swin_unetr import SwinUNETRBackbone
 
-        return SwinUNETRBackbone(feature_size=feature_size, legacy_merging=legacy_merging, remat=remat, dtype=dtype,
-                                 param_dtype=param_dtype)
+        return SwinUNETRBackbone(feature_size=feature_size, window_size=window_size, legacy_merging=legacy_merging,
+                                 remat=remat, dtype=dtype, param_dtype=param_dtype)
     if name == "unet":
         from medjax.nn.unet3d import UNet3DBackbone
 
@@ -184,15 +185,15 @@ def _remat(value: Any) -> bool | str:
 
 
 def universal_from_config(model_cfg: Any) -> UniversalModel:
-    """A UniversalModel from an experiment's `model` block: backbone, feature_size, legacy_merging, remat,
-    encoding, norm_groups, num_classes, dtype, kernel_impl (`param_dtype` float32); other keys (e.g.
+    """A UniversalModel from an experiment's `model` block: backbone, feature_size, window_size (default 7),
+    legacy_merging, remat, encoding, norm_groups, num_classes, dtype, kernel_impl (`param_dtype` float32); other keys (e.g.
     class_embeddings, read by the task) are ignored."""
     from medjax.dtypes import parse_dtype
 
     cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
     dtype = parse_dtype(cfg.get("dtype", "float32"), f"{_WHERE} universal_from_config model.dtype")
     backbone = make_backbone(cfg.get("backbone", "swinunetr"), feature_size=int(cfg.get("feature_size", 48)),
-                             legacy_merging=bool(cfg.get("legacy_merging", True)),
+                             window_size=int(cfg.get("window_size", 7)), legacy_merging=bool(cfg.get("legacy_merging", True)),
                              remat=_remat(cfg.get("remat", False)), dtype=dtype)
     return UniversalModel(backbone=backbone, num_classes=int(cfg.get("num_classes", NUM_CLASSES)),
                           encoding=cfg.get("encoding", "word_embedding"), norm_groups=int(cfg.get("norm_groups", 16)),

@@ -17,7 +17,7 @@ CROP = cp.CTAugment(crop_size=(16, 16, 16))
 @pytest.fixture(scope="module")
 def ct_demo(tmp_path_factory):
     start = time.perf_counter()
-    root = make_ct_demo(str(tmp_path_factory.mktemp("ct_demo")), cases_per_dataset=2, seed=0)
+    root = make_ct_demo(str(tmp_path_factory.mktemp("ct_demo")), cases_per_dataset=2, multi_organ_cases=2, seed=0)
     assert time.perf_counter() - start < 10.0
     return root
 

@@ -34,6 +34,17 @@ def _hand(logits, labels, mask, smooth=1.0):
     return np.mean(bces) + np.mean(dices), np.mean(bces), np.mean(dices)
 
 
+def _hand_present_dice(logits, labels, mask):
+    """Mean Dice loss over the labelled pairs whose class has a voxel in the crop."""
+    values = []
+    for b, c in zip(*np.nonzero(mask)):
+        if labels[b, ..., c].any():
+            p = 1.0 / (1.0 + np.exp(-logits[b, ..., c].astype(np.float64)))
+            t = labels[b, ..., c].astype(np.float64)
+            values.append(1.0 - 2.0 * np.sum(p * t) / (np.sum(p) + np.sum(t) + 1.0))
+    return np.mean(values), len(values)
+
+
 def test_value_matches_hand_computation():
     logits, labels, mask = _case()
     loss, metrics = jax.jit(partial_label_bce_dice)(logits, labels, mask)
@@ -42,6 +53,10 @@ def test_value_matches_hand_computation():
     np.testing.assert_allclose(float(metrics["bce"]), want_bce, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["dice_loss"]), want_dice, rtol=1e-5)
     assert float(metrics["labelled_pairs"]) == mask.sum() == 6
+    # the logged Dice over the classes in the crop leaves out labelled-but-absent class 2 of sample 1
+    want_present, present = _hand_present_dice(logits, labels, mask)
+    assert float(metrics["present_pairs"]) == present == 5
+    np.testing.assert_allclose(float(metrics["dice_loss_present"]), want_present, rtol=1e-5)
     # weights and smoothing
     loss2, _ = partial_label_bce_dice(logits, labels, mask, bce_weight=0.5, dice_weight=2.0, smooth=0.0)
     _, bce0, dice0 = _hand(logits, labels, mask, smooth=0.0)

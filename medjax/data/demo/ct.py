@@ -4,7 +4,7 @@ subset of the 32 classes).
 
 `make_ct_demo(out_dir)` writes, in the original's `dataset_list` layout (ids from `medjax.ontology.universal_classes`):
 
-    01_Multi-Atlas_Labeling/img/img0001.nii.gz + label/label0001.nii.gz   14 organs (BTCV-like)
+    01_Multi-Atlas_Labeling/img/img0001.nii.gz + label/label0001.nii.gz   14 organs (BTCV-like; 6 cases)
     04_LiTS/img/liver_1.nii.gz + label/liver_1.nii.gz                     liver + liver tumours
     05_KiTS/img/img0001.nii.gz + label/label0001.nii.gz                   kidneys + tumour + cyst
     10_Decathlon/Task07_Pancreas/imagesTr/... + labelsTr/...              pancreas + tumour
@@ -18,7 +18,8 @@ the body's half-width/half-depth/half-height), rendered through each file's affi
 stored LPS (DICOM's axis order), LAS, RAS or axis-permuted IPL (slices first, as KiTS19 stores
 them) shows its anatomy in the right place only if its affine is honoured. Voxels are 2.0-2.8 mm
 in-plane and 2.5-3 mm between slices, so the anatomy is a miniature (a 48-voxel field of view).
-Intensities are typical contrast-CT HU with blur and noise.
+Intensities: one HU level per organ kind, spread over the HU window in a plausible contrast-CT order so that
+each organ is learnable at demo scale (ORGANS), with blur and noise.
 """
 from __future__ import annotations
 
@@ -40,27 +41,34 @@ DATASETS = (
     ("10_Decathlon/Task07_Pancreas", "imagesTr", "labelsTr", ("pancreas_", "pancreas_"), (11, 28), "RAS", (28,)),
     ("10_Decathlon/Task09_Spleen", "imagesTr", "labelsTr", ("spleen_", "spleen_"), (1,), "LPS", ()),
 )
-AIR_HU, FAT_HU, MUSCLE_HU, BONE_HU = -1000.0, -100.0, 45.0, 700.0
+AIR_HU, FAT_HU, CAVITY_HU, BONE_HU = -1000.0, -100.0, -40.0, 700.0
 # class -> (kind, centre (u, v, w), radii (ru, rv, rw), HU); "ellipsoid" or "tube" (infinite along
 # the axis whose radius is 0), u right, v anterior, w superior, body half-axes = 1; drawn in this
-# order, later organs over earlier ones.
+# order, later organs over earlier ones. Learnable at the demo's ~2.5 mm (issue #23; DEMO_VERSION 2): every
+# organ is at least ~2 voxels in radius (a body half-axis is ~16-21 voxels), and the twelve organ kinds sit on
+# distinct HU levels 22 apart (-10 ... 232, in the HU window [-175, 250]; left/right pairs share a level and differ by
+# side), so intensity, shape and place all tell them apart; version 1's adrenals and veins were 4-12 voxels thin
+# and six organs lay within 25 HU of the abdominal cavity, which no demo-length run learns.
 ORGANS = {
-    8: ("tube", (-0.06, -0.42, 0.0), (0.07, 0.07, 0.0), 190.0),  # aorta, left of midline
-    9: ("tube", (0.14, -0.36, 0.0), (0.07, 0.06, 0.0), 130.0),  # postcava (IVC), right
-    6: ("ellipsoid", (0.38, 0.08, 0.45), (0.45, 0.55, 0.42), 65.0),  # liver, right upper
-    1: ("ellipsoid", (-0.60, -0.22, 0.45), (0.17, 0.22, 0.28), 55.0),  # spleen, left upper
-    2: ("ellipsoid", (0.36, -0.40, -0.10), (0.13, 0.16, 0.32), 160.0),  # right kidney, lower
-    3: ("ellipsoid", (-0.36, -0.40, 0.0), (0.13, 0.16, 0.32), 160.0),  # left kidney
-    12: ("ellipsoid", (0.24, -0.36, 0.33), (0.05, 0.05, 0.08), 30.0),  # right adrenal
-    13: ("ellipsoid", (-0.24, -0.36, 0.36), (0.05, 0.05, 0.08), 30.0),  # left adrenal
-    7: ("ellipsoid", (-0.34, 0.32, 0.42), (0.22, 0.22, 0.26), 25.0),  # stomach
-    4: ("ellipsoid", (0.30, 0.46, 0.12), (0.08, 0.10, 0.14), 10.0),  # gall bladder
-    11: ("ellipsoid", (-0.10, 0.02, 0.10), (0.36, 0.08, 0.08), 45.0),  # pancreas
-    10: ("ellipsoid", (-0.12, -0.10, 0.18), (0.34, 0.035, 0.035), 150.0),  # splenic / portal vein
-    14: ("ellipsoid", (0.18, 0.10, -0.12), (0.08, 0.08, 0.20), 30.0),  # duodenum
-    5: ("tube", (-0.04, -0.30, 0.0), (0.05, 0.05, 0.0), 35.0),  # esophagus (upper third only)
+    8: ("tube", (-0.12, -0.45, 0.0), (0.11, 0.14, 0.0), 232.0),  # aorta, left of midline
+    9: ("tube", (0.20, -0.42, 0.0), (0.11, 0.14, 0.0), 210.0),  # postcava (IVC), right
+    6: ("ellipsoid", (0.40, 0.05, 0.40), (0.45, 0.55, 0.45), 78.0),  # liver, right upper
+    1: ("ellipsoid", (-0.62, -0.20, 0.40), (0.18, 0.24, 0.30), 144.0),  # spleen, left upper
+    2: ("ellipsoid", (0.42, -0.42, -0.20), (0.15, 0.20, 0.32), 188.0),  # right kidney, lower
+    3: ("ellipsoid", (-0.42, -0.42, -0.10), (0.15, 0.20, 0.32), 188.0),  # left kidney
+    12: ("ellipsoid", (0.28, -0.40, 0.42), (0.12, 0.14, 0.14), 100.0),  # right adrenal, above the kidney
+    13: ("ellipsoid", (-0.30, -0.40, 0.48), (0.12, 0.14, 0.14), 100.0),  # left adrenal
+    7: ("ellipsoid", (-0.35, 0.32, 0.42), (0.24, 0.24, 0.26), 12.0),  # stomach
+    4: ("ellipsoid", (0.32, 0.52, 0.02), (0.12, 0.15, 0.16), -10.0),  # gall bladder, under the liver
+    11: ("ellipsoid", (-0.10, 0.02, 0.02), (0.38, 0.15, 0.14), 122.0),  # pancreas
+    10: ("ellipsoid", (-0.10, -0.16, 0.30), (0.34, 0.11, 0.11), 166.0),  # splenic / portal vein, above it
+    14: ("ellipsoid", (0.36, 0.14, -0.28), (0.12, 0.15, 0.22), 34.0),  # duodenum
+    5: ("tube", (-0.02, -0.18, 0.0), (0.10, 0.11, 0.0), 56.0),  # esophagus (upper part only)
 }
+ESOPHAGUS_FROM_W = 0.45  # the esophagus tube is drawn above this height only
+NOISE_HU = 10.0
 SPINE = ((0.0, -0.72), (0.15, 0.13))  # vertebral body centre and radii (u, v)
+DEMO_VERSION = 2  # bumped when the rendering changes, so cached demos are made again (2: the ORGANS above)
 TUMOUR_HU = {26: 70.0, 27: 25.0, 28: 20.0, 32: 5.0}
 TUMOUR_HOST = {26: 2, 27: 6, 28: 11, 32: 3}  # organ a lesion is drawn in (cyst: the left kidney)
 
@@ -107,15 +115,15 @@ def render_case(rng: np.random.Generator, affine: np.ndarray, shape: tuple[int, 
     label = np.zeros(shape, dtype=np.uint8)
     body = u ** 2 + v ** 2 <= 1.0
     hu[body] = FAT_HU
-    hu[u ** 2 / 0.92 ** 2 + v ** 2 / 0.88 ** 2 <= 1.0] = MUSCLE_HU - 20.0  # abdominal wall / cavity
+    hu[u ** 2 / 0.92 ** 2 + v ** 2 / 0.88 ** 2 <= 1.0] = CAVITY_HU  # abdominal cavity (fat and bowel)
     hu[((u - SPINE[0][0]) / SPINE[1][0]) ** 2 + ((v - SPINE[0][1]) / SPINE[1][1]) ** 2 <= 1.0] = BONE_HU
     for cls, (_, centre, radii, value) in ORGANS.items():
         centre = np.asarray(centre) + rng.normal(0, 0.02, 3)
         radii = np.asarray(radii) * rng.uniform(0.9, 1.1)
         inside = _inside((u, v, w), centre, radii)
         if cls == 5:
-            inside &= w > 0.55
-        hu[inside] = value + rng.normal(0, 8)
+            inside &= w > ESOPHAGUS_FROM_W
+        hu[inside] = value + rng.normal(0, 5)
         label[inside] = cls
     for lesion in tumours:
         host = np.argwhere(label == TUMOUR_HOST[lesion])
@@ -129,28 +137,33 @@ def render_case(rng: np.random.Generator, affine: np.ndarray, shape: tuple[int, 
             inside = (dist <= radius_vox) & ((label == TUMOUR_HOST[lesion]) | (label == lesion))
             hu[inside] = TUMOUR_HU[lesion] + rng.normal(0, 5)
             label[inside] = lesion
-    hu = ndimage.gaussian_filter(hu, 0.5) + rng.normal(0, 12.0, shape)
+    hu = ndimage.gaussian_filter(hu, 0.5) + rng.normal(0, NOISE_HU, shape)
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16), label
 
 
-def make_ct_demo(out_dir: str, *, cases_per_dataset: int = 3, shape: tuple[int, int, int] = (48, 48, 32),
-                 seed: int = 0) -> str:
-    """Write the demo collection (module docstring) at `out_dir`; the last case of every dataset goes
-    to val.txt, the others to train.txt. Skips the work when the `.complete` marker holds the same
-    arguments. Returns out_dir."""
+def make_ct_demo(out_dir: str, *, cases_per_dataset: int = 3, multi_organ_cases: int = 6,
+                 shape: tuple[int, int, int] = (48, 48, 32), seed: int = 0) -> str:
+    """Write the demo collection (module docstring) at `out_dir`: `multi_organ_cases` cases of the 14-organ
+    dataset (01, at least `cases_per_dataset`), `cases_per_dataset` of each other; the last case of every
+    dataset goes to val.txt, the others to train.txt. The 14-organ set has more cases (issue #23) because nine of
+    its organs are labelled nowhere else: with 2 of 10 training cases, a demo-length run saw them in too few
+    crops to learn them. Skips the work when the `.complete` marker holds the same arguments. Returns out_dir."""
     if cases_per_dataset < 1 or min(shape) < 8:
         raise ValueError(f"need cases_per_dataset >= 1 and every shape entry >= 8, got {cases_per_dataset}, {shape}")
-    params = {"cases_per_dataset": cases_per_dataset, "shape": list(shape), "seed": seed}
-    write = functools.partial(_write_ct_demo, params=params,
-                              cases_per_dataset=cases_per_dataset, shape=shape, seed=seed)
+    multi_organ_cases = max(multi_organ_cases, cases_per_dataset)
+    params = {"cases_per_dataset": cases_per_dataset, "multi_organ_cases": multi_organ_cases, "shape": list(shape),
+              "seed": seed, "version": DEMO_VERSION}
+    write = functools.partial(_write_ct_demo, params=params, cases_per_dataset=cases_per_dataset,
+                              multi_organ_cases=multi_organ_cases, shape=shape, seed=seed)
     return build_demo(out_dir, params, write, ('train.txt',))
 
 
-def _write_ct_demo(out_dir: str, *, params: dict, cases_per_dataset, shape, seed) -> None:
+def _write_ct_demo(out_dir: str, *, params: dict, cases_per_dataset, multi_organ_cases, shape, seed) -> None:
     """Write the files of `make_ct_demo` into `out_dir` (a fresh temporary directory)."""
     lines = {"train": [], "val": []}
     for d, (folder, image_dir, label_dir, (image_stem, label_stem), classes, axcodes, tumours) in enumerate(DATASETS):
-        for case in range(cases_per_dataset):
+        cases = multi_organ_cases if d == 0 else cases_per_dataset
+        for case in range(cases):
             rng = np.random.default_rng([seed, d, case])
             spacing = (round(rng.uniform(2.0, 2.8), 3),) * 2 + (round(rng.uniform(2.5, 3.0), 3),)
             # axis-permuted files store (z, y, x): their voxel axes follow the axcodes' world axes
@@ -165,7 +178,7 @@ def _write_ct_demo(out_dir: str, *, params: dict, cases_per_dataset, shape, seed
             label_rel = f"{folder}/{label_dir}/{label_stem}{number}.nii.gz"
             save_nifti(os.path.join(out_dir, image_rel), hu, affine)
             save_nifti(os.path.join(out_dir, label_rel), label, affine)
-            lines["val" if case == cases_per_dataset - 1 and cases_per_dataset > 1 else "train"].append(
+            lines["val" if case == cases - 1 and cases > 1 else "train"].append(
                 f"{image_rel}\t{label_rel}")
     for split, rows in lines.items():
         with open(os.path.join(out_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
