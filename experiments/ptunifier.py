@@ -73,12 +73,11 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
                             text_mlp_dim=128, max_positions=40, hidden_size=64, fusion_layers=2, fusion_heads=4,
                             fusion_mlp_dim=128, pool_size=64, num_visual_prompts=8, num_textual_prompts=6))
         c.data.max_length = 32
-        # From scratch (no pretrained towers), sized for a few minutes on 2 CPU cores: MLM accuracy reaches
-        # ~0.75; ITM / ITC stay at chance (ln 2, ln 32) this short without pretrained towers (issue #23, open).
-        # Checked: the batches pair each image with its own report (the colours drawn are the ones named); ITC and
-        # ITM at weight 1 and lr 1e-3 stay at chance too over 280 steps (MLM then does worse); at init the image
-        # features of different pictures have cosine ~0.95 and the ITC logits a spread of ~0.2 per row, so the
-        # cross-modal terms have almost nothing to start from: the paper starts from CLIP / RoBERTa towers.
+        # From scratch (no pretrained towers), sized for a few minutes on 2 CPU cores, the paper's loss weights and
+        # lr groups. ITC and ITM leave chance after ~100 / ~180 steps (issue #23; numbers in the README). What kept
+        # them at ln 32 / ln 2 before: Glorot-initialised cross-modal modules (the original uses init_weights,
+        # N(0, 0.02): models/ptunifier.original_init_weights), whose misaligned initial features the first steps
+        # collapsed (cosine 0.78 -> 0.98), and demo reports whose picked sentence sometimes named nothing drawn.
         c.train.update(dict(steps=300, batch_size=32, log_every=10, checkpoint_every=100, eval_batch_size=32))
         c.optim.update(dict(lr=5e-4))
     elif variant == "tiny":

@@ -44,6 +44,9 @@ def test_tiny_pretraining_runs_and_evaluates(demo, tmp_path):
     for key in ("mlm_loss", "mlm_accuracy", "itm_loss", "itm_accuracy", "ir_r1", "tr_r1", "tr_r10", "itc_loss"):
         assert np.isfinite(results[key]), key
     assert 0.0 <= results["itm_accuracy"] <= 1.0 and 0.0 <= results["ir_r1"] <= results["ir_r5"] <= 100.0
+    # chance beside each number (issue #23): 4 val pairs of the test demo
+    assert results["itm_accuracy_chance"] == 0.5 and results["itc_loss_chance"] == pytest.approx(np.log(4))
+    assert results["tr_r1_chance"] == results["ir_r1_chance"] == 25.0 and results["ir_r5_chance"] == 100.0
 
 
 def _abstract_params(task):

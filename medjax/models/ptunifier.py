@@ -279,7 +279,7 @@ def original_init_weights(params: Any, rng: jax.Array, std: float = INIT_STD, to
         if names[0] in towers or names[-1] not in ("kernel", "embedding"):
             return leaf
         value = leaf.unbox() if isinstance(leaf, nn.meta.AxisMetadata) else leaf
-        key = jax.random.fold_in(rng, zlib.crc32("/".join(names).encode()))
+        key = jax.random.fold_in(rng, zlib.crc32("/".join(names).encode()) & 0x7FFFFFFF)
         new = (std * jax.random.normal(key, value.shape, jnp.float32)).astype(value.dtype)
         return leaf.replace_boxed(new) if isinstance(leaf, nn.meta.AxisMetadata) else new
 

@@ -25,6 +25,7 @@ from medjax.data.verify import image_report_checks
 from medjax.losses.contrastive import contrastive_loss, l2_normalize
 from medjax.losses.itm import itm_accuracy, itm_loss, itm_pairs
 from medjax.losses.mlm import IGNORE_INDEX, mlm_accuracy, mlm_loss
+from medjax.metrics.chance import recall_at_k_chance
 from medjax.metrics.retrieval import retrieval_recall
 from medjax.models import ptunifier as model_lib
 from medjax.params import merge_params
@@ -191,15 +192,21 @@ class PTUnifierTask(TaskBase):
         count = len(dataset)
         results = {"mlm_loss": sums["mlm_nll"] / max(sums["mlm_count"], 1.0),
                    "mlm_accuracy": sums["mlm_hits"] / max(sums["mlm_count"], 1.0),
-                   "itm_loss": sums["itm_nll"] / count, "itm_accuracy": sums["itm_hits"] / count}
+                   "itm_loss": sums["itm_nll"] / count, "itm_accuracy": sums["itm_hits"] / count,
+                   # input-blind values (medjax.metrics.chance): half the ITM pairs match
+                   "itm_loss_chance": float(np.log(2.0)), "itm_accuracy_chance": 0.5}
         if texts:
             order = sorted(images)
             position = {image: i for i, image in enumerate(order)}
             scores = np.stack([images[i] for i in order]) @ np.stack(texts).T
             results.update(retrieval_recall(scores, np.asarray([position[i] for i in text_image])))
+            for k in (1, 5, 10):  # a random ranking: text->image among the images, image->text among the texts
+                results[f"ir_r{k}_chance"] = 100.0 * recall_at_k_chance(k, len(order))
+                results[f"tr_r{k}_chance"] = 100.0 * recall_at_k_chance(k, len(texts))
             if len(order) == len(texts):  # one text per image: the ITC loss over the whole split
                 results["itc_loss"] = float(contrastive_loss(np.stack([images[i] for i in text_image]),
                                                              np.stack(texts), float(self.config.loss.itc_temperature)))
+                results["itc_loss_chance"] = float(np.log(len(texts)))  # uniform similarities
         return results
 
     # ---- weights -------------------------------------------------------------------------------------
