@@ -111,6 +111,15 @@ def placeholder_overrides(config, directory: str) -> list[str]:
 
         train_tokenizer(template_fixed_texts(), directory, vocab_size=300)
         overrides.append(f"data.tokenizer={os.path.join(directory, 'tokenizer')}")
+    if config.get("task") in ("fvlm", "visd") and not config.data.tokenizer and not model.get("init_text"):
+        # fVLM / ViSD read <data.dir>/tokenizer at build time: a small local one; the scratch text tower takes
+        # CXR-BERT's vocabulary size (30522), so the param count is the paper's
+        from medjax.data.demo.image_report import train_tokenizer
+
+        train_tokenizer(["no acute findings.", "the liver is normal."], os.path.join(directory, "tokenizer"),
+                        vocab_size=300)
+        if not int(model.get("vocab_size", 0)):
+            overrides.append("model.vocab_size=30522")
     return overrides
 
 
