@@ -99,7 +99,7 @@ def mae_map(model, shapes, grid_2d: tuple[int, int]) -> dict[str, ParamMap]:
     for i in range(model.depth):
         src, dst = f"blocks.{i}", (f"blocks_{i}",)
         entries |= torch_io.layer_norm_params(f"{src}.norm1", dst + ("norm1",), shapes)
-        entries |= torch_io.attention_params(convert_uni._qkv_names(i), dst + ("attn",), shapes)
+        entries |= torch_io.attention_params(convert_uni.timm_qkv_names(i), dst + ("attn",), shapes)
         entries |= torch_io.layer_norm_params(f"{src}.norm2", dst + ("norm2",), shapes)
         entries |= torch_io.linear_params(f"{src}.mlp.fc1", dst + ("mlp", "fc1"), shapes)
         entries |= torch_io.linear_params(f"{src}.mlp.fc2", dst + ("mlp", "fc2"), shapes)
@@ -119,7 +119,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], model, source: str = "ch
     report = dataclasses.replace(report, absent=tuple("vision/" + "/".join(k) for k in sorted(set(shapes) - set(mapped))))
     report.raise_if_problems(f"{source} (MAE ViT -> fVLM 3D ViT, width {model.width}, depth {model.depth})")
     used = {k: v for k, v in state.items() if k not in report.ignored}
-    params, _ = torch_io.apply_mapping(mapped, mapping, convert_uni._split_qkv(used, model.depth), source)
+    params, _ = torch_io.apply_mapping(mapped, mapping, torch_io.split_fused_qkv(used, (f"blocks.{i}" for i in range(model.depth))), source)
     return {"vision": params}, report
 
 

@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from medjax.convert import uni as uni_convert
 from medjax.convert.torch_io import (ParamMap, apply_mapping, attention_params, copy_param, layer_norm_params,
-                                     linear_params)
+                                     linear_params, split_fused_qkv)
 from medjax.models.mrm_mae import MAE
 from medjax.nn import transformer
 from medjax.nn.sincos import sincos_2d
@@ -69,18 +69,6 @@ def mae_map(model: MAE, shapes) -> dict[str, ParamMap]:
     return entries
 
 
-def _split_qkv(state: Mapping[str, np.ndarray], prefixes: list[str]) -> dict[str, np.ndarray]:
-    """`P.attn.qkv.*` (rows q; k; v) -> `P.attn.q.*`, `P.attn.k.*`, `P.attn.v.*` for each block prefix P."""
-    state = dict(state)
-    for prefix in prefixes:
-        for kind in ("weight", "bias"):
-            key = f"{prefix}.attn.qkv.{kind}"
-            if key in state:  # a missing one is reported by apply_mapping under its split names
-                for name, part in zip("qkv", np.split(np.asarray(state.pop(key)), 3, axis=0)):
-                    state[f"{prefix}.attn.{name}.{kind}"] = part
-    return state
-
-
 def convert_state_dict(state: Mapping[str, np.ndarray], model: MAE, source: str, *,
                        param_dtype=jnp.float32) -> dict:
     """MAE state dict -> `model`'s params (in its layer layout); raises naming the key problems."""
@@ -94,5 +82,5 @@ def convert_state_dict(state: Mapping[str, np.ndarray], model: MAE, source: str,
     layout = param_shapes(model)
     shapes = transformer.unrolled_shapes(layout)
     blocks = [f"blocks.{i}" for i in range(model.depth)] + [f"decoder_blocks.{i}" for i in range(model.decoder_depth)]
-    params, _ = apply_mapping(shapes, mae_map(model, shapes), _split_qkv(state, blocks), source, param_dtype=param_dtype)
+    params, _ = apply_mapping(shapes, mae_map(model, shapes), split_fused_qkv(state, blocks), source, param_dtype=param_dtype)
     return transformer.match_layer_layout(params, traverse_util.unflatten_dict(layout))

@@ -240,6 +240,20 @@ def attention_params(names: Mapping[str, str], path: Path, shapes: Shapes) -> di
     return entries
 
 
+def split_fused_qkv(state: Mapping[str, np.ndarray], prefixes: Iterable[str]) -> dict[str, np.ndarray]:
+    """timm's fused `P.attn.qkv.{weight,bias}` (rows q; k; v, each heads-major) -> `P.attn.q.*`, `P.attn.k.*`,
+    `P.attn.v.*` for each block prefix P (a copy of `state`). A fused key that is absent is left for
+    `apply_mapping` / `check_keys` to report under its split names."""
+    state = dict(state)
+    for prefix in prefixes:
+        for kind in ("weight", "bias"):
+            key = f"{prefix}.attn.qkv.{kind}"
+            if key in state:
+                for name, part in zip("qkv", np.split(np.asarray(state.pop(key)), 3, axis=0)):
+                    state[f"{prefix}.attn.{name}.{kind}"] = part
+    return state
+
+
 def apply_mapping(shapes: Shapes, mapping: Mapping[str, ParamMap], state: Mapping[str, np.ndarray], source: str, *,
                   ignore: Iterable[str] = (), param_dtype: Any = jnp.float32) -> tuple[dict, KeyReport]:
     """Checkpoint tensors -> nested Flax params with the paths and shapes `shapes`.

@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from medjax.convert.torch_io import (KeyReport, ParamMap, apply_mapping, attention_params, check_keys, copy_param,
-                                     layer_norm_params, linear_params, read_state_dict)
+                                     layer_norm_params, linear_params, read_state_dict, split_fused_qkv)
 from medjax.models.uni import ARCH_FIELDS, UNI2_H, UNI_VIT_L16, UNIEncoder, uni_model
 
 __all__ = ["UNI2_H", "UNI_VIT_L16", "UNIEncoder", "load", "load_with_report", "load_state_dict_with_report",
@@ -51,8 +51,8 @@ def param_shapes(model: UNIEncoder) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(nn.unbox(abstract["params"])).items()}
 
 
-def _qkv_names(i: int) -> dict[str, str]:
-    """Flax projection -> the per-projection key that `_split_qkv` makes from timm's fused `attn.qkv`."""
+def timm_qkv_names(i: int) -> dict[str, str]:
+    """Flax projection -> the per-projection key that `torch_io.split_fused_qkv` makes from timm's fused `attn.qkv`."""
     return {"query": f"blocks.{i}.attn.q", "key": f"blocks.{i}.attn.k", "value": f"blocks.{i}.attn.v",
             "out": f"blocks.{i}.attn.proj"}
 
@@ -76,7 +76,7 @@ def timm_vit_map(model: UNIEncoder, shapes) -> dict[str, ParamMap]:
     for i in range(model.depth):
         src, dst = f"blocks.{i}", enc + (f"blocks_{i}",)
         entries |= layer_norm_params(f"{src}.norm1", dst + ("norm1",), shapes)
-        entries |= attention_params(_qkv_names(i), dst + ("attn",), shapes)
+        entries |= attention_params(timm_qkv_names(i), dst + ("attn",), shapes)
         entries |= layer_norm_params(f"{src}.norm2", dst + ("norm2",), shapes)
         hidden, out = ("w12", "w3") if model.mlp_activation == "swiglu" else ("fc1", "fc2")  # SwiGLUPacked: fc1, fc2
         entries |= linear_params(f"{src}.mlp.fc1", dst + ("mlp", hidden), shapes)
@@ -96,17 +96,6 @@ def timm_checkpoint_shapes(model: UNIEncoder, mapping: Mapping[str, ParamMap]) -
         expected[f"blocks.{i}.attn.qkv.weight"] = (3 * model.width, model.width)
         expected[f"blocks.{i}.attn.qkv.bias"] = (3 * model.width,)
     return expected
-
-
-def _split_qkv(state: Mapping[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
-    """timm's fused `attn.qkv` (rows q; k; v, each heads-major) -> `attn.q` / `attn.k` / `attn.v`."""
-    state = dict(state)
-    for i in range(depth):
-        for kind in ("weight", "bias"):
-            fused = state.pop(f"blocks.{i}.attn.qkv.{kind}")
-            for name, part in zip("qkv", np.split(np.asarray(fused), 3, axis=0)):
-                state[f"blocks.{i}.attn.{name}.{kind}"] = part
-    return state
 
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
@@ -166,7 +155,7 @@ def load_state_dict_with_report(state: Mapping[str, np.ndarray], source: str, *,
                         ignore=ignore)
     report.raise_if_problems(f"{source} (timm ViT: {', '.join(f'{k}={getattr(model, k)}' for k in ARCH_FIELDS)})")
     used = {key: value for key, value in state.items() if key not in report.ignored}
-    params, _ = apply_mapping(shapes, mapping, _split_qkv(used, model.depth), source, param_dtype=param_dtype)
+    params, _ = apply_mapping(shapes, mapping, split_fused_qkv(used, (f"blocks.{i}" for i in range(model.depth))), source, param_dtype=param_dtype)
     if transformer.resolve_scan(model.scan, model.depth):
         params = transformer.stack_layers(params)  # encoder/blocks_{i}/... -> encoder/blocks/... (axis 0: layer)
     if report.ignored:
