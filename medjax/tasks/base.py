@@ -140,8 +140,17 @@ class TaskBase:
     # ---- optional hooks ------------------------------------------------------------------------------
     def load_pretrained(self, params: Any, pretrained: Any) -> Any:
         """Params with the leaves of `pretrained` (e.g. a pretraining run's params) of the same path and
-        shape put in."""
-        return merge_params(params, pretrained)[0]
+        shape put in. The leaves not taken (a new head, another layout) are logged; a source of which no
+        leaf fits (another model's run) is an error, never a silent start from scratch."""
+        merged, skipped = merge_params(params, pretrained)
+        total = len(jax.tree_util.tree_leaves(params))
+        if skipped and len(skipped) == total:
+            raise ValueError(f"init: none of the {total} params fit the pretrained tree (path or shape differs), "
+                             f"e.g. {', '.join(skipped[:4])}: is `init` a run of this model?")
+        if skipped:
+            self.log(f"init: {len(skipped)} of {total} params keep their initialisation: {', '.join(skipped[:8])}"
+                     + (" ..." if len(skipped) > 8 else ""))
+        return merged
 
     def initial_params(self, params: Any) -> Any:
         """Params for a run starting from scratch (no checkpoint, no `init=`), e.g. with towers loaded from
