@@ -41,6 +41,54 @@ def get_config(exp: str, variant: str | None = None, overrides: Sequence[str] = 
     return config
 
 
+def run_config(exp: str, saved: dict, variant: str | None = None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config a training run was trained with, for evaluate / predict / generate: `saved` is its workdir's
+    config.json ({} for converted weights). Its variant (unless `variant` is given), its `model` block (so a
+    `--set model.depth=2` at training time rebuilds the model that was trained) and its `data.dir`; then
+    `overrides`, which win over what was saved."""
+    config = get_config(exp, variant or saved.get("variant"))
+    with config.unlocked():
+        _take_saved(config.get("model"), saved.get("model") or {})
+    dir_given = any(o.split("=", 1)[0].strip() == "data.dir" for o in overrides)
+    if not dir_given and (saved.get("data") or {}).get("dir") and "data" in config:
+        with config.data.unlocked():
+            config.data.dir = saved["data"]["dir"]
+    apply_overrides(config, overrides)
+    return config
+
+
+def _as_type(value: Any, current: Any) -> Any:
+    """A JSON value in the type of the config's current one (lists back to tuples, ints to floats)."""
+    def tuples(v):
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuples(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _take_saved(node: Any, saved: dict) -> None:
+    """Put `saved`'s leaves into the ConfigDict `node` where the key exists and the type agrees (a key renamed
+    or retyped since the run keeps the current value)."""
+    if not isinstance(node, ml_collections.ConfigDict):
+        return
+    for key, value in saved.items():
+        if key not in node:
+            continue
+        current = node[key]
+        if isinstance(current, ml_collections.ConfigDict):
+            if isinstance(value, dict):
+                with current.unlocked():
+                    _take_saved(current, value)
+            continue
+        value = _as_type(value, current)
+        if value == current or not (current is None or type(value) is type(current)):
+            continue
+        node[key] = value
+
+
 def _parse_value(key: str, text: str, current: Any) -> Any:
     """Parse `text` to the type of the key's current value; an error names the key and the type."""
     kind = type(current)

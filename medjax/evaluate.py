@@ -88,11 +88,8 @@ def main(argv=None) -> int:
     columns = []
     for path in args.checkpoint:
         saved = saved_config(path)
-        variant = args.variant or saved.get("variant")
         overrides = list(args.overrides) + ([f"data.dir={args.data}"] if args.data else [])
-        if not args.data and saved.get("data", {}).get("dir"):
-            overrides.append(f"data.dir={saved['data']['dir']}")
-        config = config_lib.get_config(args.exp, variant, overrides)  # a ConfigError: one line, exit 2 (medjax.cli)
+        config = config_lib.run_config(args.exp, saved, args.variant, overrides)  # a ConfigError: exit 2 (medjax.cli)
         task = build_task(config, run=RunSettings.from_config(config, results_dir=args.out or path))
         try:
             directory, record, params = restore_checked(checkpoint_to_evaluate(path, args.latest), config, task)

@@ -315,10 +315,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(args.image):
         raise MedjaxInputError(f"{args.image}: --image file not found")
     saved = saved_config(args.params) if os.path.isdir(args.params) else {}
-    overrides = list(args.overrides)
-    if saved.get("data", {}).get("dir") and not any(o.startswith("data.dir=") for o in overrides):
-        overrides.append(f"data.dir={saved['data']['dir']}")  # the run's tokenizer (as evaluate does)
-    config = config_lib.get_config(args.exp, args.variant or saved.get("variant"), overrides)
+    config = config_lib.run_config(args.exp, saved, args.variant, args.overrides)  # the run's model and tokenizer
     if config.get("task") != "pathchat":
         raise MedjaxInputError(f"--exp {args.exp}: medjax.generate answers with PathChat / LLaVA experiments (task "
                                f"'pathchat'), this one's task is {config.get('task')!r}")
