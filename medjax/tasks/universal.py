@@ -28,7 +28,6 @@ from medjax.inference.universal_eval import cases_from_cache, evaluate_cases, un
 from medjax.inference.universal_predictor import InferenceSettings, UniversalPredictor
 from medjax.losses.segmentation import partial_label_bce_dice
 from medjax.models import universal as universal_lib
-from medjax.params import merge_params
 from medjax.tasks.base import TaskBase, model_config
 from medjax.tasks.common import data_root
 from medjax.errors import MedjaxInputError
@@ -148,12 +147,3 @@ class UniversalTask(TaskBase):
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """The paper's BTCV (per-organ Dice) and MSD (Dice / NSD per task) layouts, whichever has data."""
         return universal_results_table(exp, columns)
-
-    def load_pretrained(self, params, pretrained):
-        """Converted released weights or another Universal Model run: every leaf with the same path and
-        shape is taken; the rest (e.g. another backbone's) keep their initialisation and are logged."""
-        merged, skipped = merge_params(params, pretrained)
-        if skipped:
-            self.log(f"load_pretrained: {len(skipped)} params not taken: {', '.join(skipped[:8])}"
-                     + (" ..." if len(skipped) > 8 else ""))
-        return merged
