@@ -64,6 +64,7 @@ def visd_config(stage: str, variant: str = "full") -> ml_collections.ConfigDict:
                             log_every=1, checkpoint_every=20, eval_batch_size=8))  # vse: 8 scans x 2 views
         c.optim.update(dict(lr=5e-4, warmup_steps=10, min_lr=1e-5))
         c.loss.momentum = 0.9  # 60 steps: a 0.995 momentum encoder would stay at its random init
+        c.loss.init_temperature = 0.3  # as fvlm_ctrate's demo: from scratch, 0.07 collapses both towers
     elif variant == "tiny":
         c.data.update(dict(crop_shape=(16, 32, 32), max_length=12))
         c.model.update(dict(depth=10, width=4, token_dim=16, embed_dim=8, dropout=0.0, text_width=32, text_depth=1,

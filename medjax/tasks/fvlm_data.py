@@ -16,8 +16,9 @@ texts get one id (`text_ids`, per organ over the whole split), so the loss compa
 
 Volume preprocessing (the reference): resampled to 1 x 1 x 3 mm (x, y, z) with the CT pipeline's reader
 (RAS: our choice, the original does not reorient), laid out (D, H, W) = (z, y, x), HU window [-1150, 350]
--> [0, 1], cropped to the bounding box of all organ labels +-(5, 20, 20) voxels, zero-padded to at least the
-crop shape; then a random crop of `crop_shape` with a flip per axis at p = 0.2 (train) or the centre crop
+-> [0, 1], cropped to the bounding box of all organ labels +-(5, 20, 20) voxels, padded with PAD_VALUE = 0.0
+(= HU -1150, the window's low end: the original's MONAI `SpatialPadd(mode="constant")`, value 0, after
+`ScaleIntensityRanged`) to at least the crop shape; then a random crop of `crop_shape` with a flip per axis at p = 0.2 (train) or the centre crop
 (eval). An organ is INTACT when every one of its voxels lies in the crop.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from medjax.errors import MedjaxInputError
 ORGANS = ("lung", "heart", "esophagus", "aorta")
 SPACING = (1.0, 1.0, 3.0)  # mm (x, y, z)
 HU_RANGE = (-1150.0, 350.0)
+PAD_VALUE = 0.0  # padding of the windowed volume: HU_RANGE[0] = -1150 HU after the window (as the original)
 MARGIN = (5, 20, 20)  # (D, H, W) voxels around the organs' bounding box
 # TotalSegmentator v2 `total` class -> anatomy (1 lung: the five lobes; 2 heart + left atrial appendage;
 # 3 esophagus; 4 aorta); every other class is background.
@@ -191,7 +193,7 @@ def crop_organs(volume: np.ndarray, mask: np.ndarray, crop_shape: Sequence[int],
     """(volume, mask, intact (organs,) bool) of `crop_shape` (module docstring); rng None: the centre crop, no flip."""
     volume, mask = organ_box_crop(volume, mask)
     pad = [(0, max(0, c - s)) for c, s in zip(crop_shape, volume.shape)]
-    volume, mask = np.pad(volume, pad), np.pad(mask, pad)
+    volume, mask = np.pad(volume, pad, constant_values=PAD_VALUE), np.pad(mask, pad)
     counts = np.bincount(mask.ravel(), minlength=num_organs + 1)[1:num_organs + 1]
     if rng is None:
         start = [(s - c) // 2 for s, c in zip(volume.shape, crop_shape)]

@@ -4,8 +4,9 @@ stage, a second augmented view of the same scan: another random crop with its ow
 augmentation; the paper names none). An organ takes part in that stage only where it is intact in both views.
 
 Zero-shot evaluation windows (`organ_window`, `OrganWindowExample`; both released eval scripts): one window
-per (scan, organ), centred on that organ's mask bounding box, zero-padded (HU -1150 after the window, as the
-training crops) where it reaches past the volume. The originals grow the window to max(window, organ extent)
+per (scan, organ), centred on that organ's mask bounding box, padded where it reaches past the volume with
+fvlm_data.PAD_VALUE (0.0 on the windowed volume = HU -1150, as the training crops and the original's zero
+`SpatialPadd` after the HU window; the mask with background). The originals grow the window to max(window, organ extent)
 and skip organs under 90% complete; under static shapes the window here is fixed (`eval.window_shape`) and an
 organ counts where at least `eval.min_organ_fraction` (0.9) of its voxels lie in its window (our choice: an
 organ larger than the window is scored on its central part if that is >= 90% of it, else skipped).
@@ -16,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medjax.tasks.fvlm_data import FVLMExample, crop_organs
+from medjax.tasks.fvlm_data import PAD_VALUE, FVLMExample, crop_organs
 
 
 class ViSDExample(FVLMExample):
@@ -40,8 +41,8 @@ class ViSDExample(FVLMExample):
 def organ_window(volume: np.ndarray, mask: np.ndarray, label: int, window_shape: Sequence[int]
                  ) -> tuple[np.ndarray, np.ndarray, float]:
     """(volume, mask, fraction) of `window_shape` (D, H, W) centred on the bounding box of `mask == label`:
-    window start = (box low + box high) // 2 - window // 2 per axis, voxels outside the volume zero (volume)
-    and background (mask); fraction = the organ's voxels inside the window / all its voxels (0.0 when the
+    window start = (box low + box high) // 2 - window // 2 per axis, voxels outside the volume PAD_VALUE
+    (volume: HU -1150 after the window) and background (mask); fraction = the organ's voxels inside the window / all its voxels (0.0 when the
     organ is absent: no window to score)."""
     window = tuple(int(w) for w in window_shape)
     if volume.shape != mask.shape or volume.ndim != 3 or len(window) != 3:
@@ -49,12 +50,12 @@ def organ_window(volume: np.ndarray, mask: np.ndarray, label: int, window_shape:
                          f"{volume.shape}, {mask.shape} and {window}")
     where = np.argwhere(mask == label)
     if not len(where):
-        return np.zeros(window, volume.dtype), np.zeros(window, mask.dtype), 0.0
+        return np.full(window, PAD_VALUE, volume.dtype), np.zeros(window, mask.dtype), 0.0
     centre = (where.min(0) + where.max(0) + 1) // 2
     start = centre - np.asarray(window) // 2
     src = tuple(slice(max(a, 0), min(a + w, s)) for a, w, s in zip(start, window, volume.shape))
     dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, start))
-    out_volume, out_mask = np.zeros(window, volume.dtype), np.zeros(window, mask.dtype)
+    out_volume, out_mask = np.full(window, PAD_VALUE, volume.dtype), np.zeros(window, mask.dtype)
     out_volume[dst], out_mask[dst] = volume[src], mask[src]
     return out_volume, out_mask, float(np.count_nonzero(out_mask == label) / len(where))
 

@@ -4,6 +4,8 @@ against hand-built windows."""
 import numpy as np
 import pytest
 
+from medjax.data.readers.ct import scale_intensity
+from medjax.tasks.fvlm_data import HU_RANGE, PAD_VALUE
 from medjax.tasks.visd_data import OrganWindowExample, organ_window
 
 
@@ -30,7 +32,8 @@ def test_window_is_centred_on_the_organ_box_and_padded_at_volume_edges():
     assert fraction == 1.0
     box = np.argwhere(got_mask == 1)
     np.testing.assert_array_equal((box.min(0) + box.max(0) + 1) // 2, np.asarray(window) // 2)  # centred
-    # outside the volume: zeros (HU -1150 after the window), background mask
+    # outside the volume: PAD_VALUE = 0 = HU -1150 after the window (the original pads 0 after it), background mask
+    assert PAD_VALUE == 0.0 and scale_intensity(np.asarray([-1150.0, -2000.0]), HU_RANGE).tolist() == [0.0, 0.0]
     assert (got_volume[:2] == 0).all() and (got_volume[:, 0] == 0).all() and (got_volume[..., 5] == 0).all()
 
     central, central_mask, fraction = organ_window(volume, mask, 2, window)  # wholly inside: no padding

@@ -8,9 +8,10 @@
 - `<split>/masks/<same name>`: uint8 anatomy masks already merged to fVLM's 4 labels (1 lung, 2 heart,
   3 esophagus, 4 aorta);
 - `<split>_findings.json`, `<split>_conclusions.json`: `{scan_key: {organ: text}}` (the key: the file name
-  without `.nii.gz`), an empty conclusion for a normal organ;
+  without `.nii.gz`), an empty conclusion for a normal organ (its findings end "Not <name>.", the zero-shot
+  prompt's negation; `_texts`);
 - `<split>_labels.csv`: `VolumeName` + CT-RATE label columns (0/1);
-- `tokenizer/`: a byte-level BPE tokenizer trained on the texts; `.complete` (written last).
+- `tokenizer/`: an uncased byte-level BPE tokenizer trained on the texts and the prompts; `.complete` (written last).
 Findings are visible in the image: a lung nodule (a 60 HU sphere, radius a fifth of the chest, in the named lung), cardiomegaly (a heart
 1.5x wider), a hiatal hernia (a wide, air-filled lower esophagus), arterial wall calcification (a 1000 HU
 ring in the aortic wall); each organ is abnormal with probability `abnormal_rate`. Deterministic given `seed`.
@@ -30,8 +31,9 @@ from medjax.data.readers.ct import save_nifti
 
 ORGANS = ("lung", "heart", "esophagus", "aorta")
 LABELS = ("Lung nodule", "Cardiomegaly", "Hiatal hernia", "Arterial wall calcification")  # CT-RATE columns
+PROMPT_NAMES = ("nodule", "cardiomegaly", "hiatal hernia", "arterial wall calcification")  # fvlm_ctrate.DEMO_LABELS
 SPACING = (1.25, 1.25, 3.0)
-DEMO_VERSION = 2  # bump when the rendering changes, so cached demos are made again
+DEMO_VERSION = 3  # bump when the rendering changes, so cached demos are made again
 
 
 def _findings(rng: np.random.Generator, rate: float) -> dict:
@@ -41,20 +43,26 @@ def _findings(rng: np.random.Generator, rate: float) -> dict:
 
 
 def _texts(f: dict, rng: np.random.Generator) -> tuple[dict, dict]:
-    """(findings, conclusions) per organ; a normal organ's conclusion is empty."""
+    """(findings, conclusions) per organ; a normal organ's conclusion is empty, and its findings end with the
+    negated finding in the zero-shot prompts' words ("Not <name>.", PROMPT_NAMES), an abnormal organ's
+    conclusion states it ("<Name>."): a text tower trained from scratch on the demo can only read the prompts
+    "Not <name>." / "<name>." if its reports use their words (CXR-BERT brings its own language)."""
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
     desc, conc = {}, {}
     if f["lung"]:
         desc["lung"] = f"A solid nodule is seen in the {f['lung']} lung."
         conc["lung"] = f"Nodule in the {f['lung']} lung."
     else:
-        desc["lung"], conc["lung"] = pick(["The lung parenchyma is clear.", "No nodule or mass in the lungs."]), ""
+        desc["lung"], conc["lung"] = pick(["The lung parenchyma is clear.", "No mass in the lungs."]), ""
     desc["heart"], conc["heart"] = (("The heart is enlarged.", "Cardiomegaly.") if f["heart"] else
                                     (pick(["Heart size is normal.", "The heart is not enlarged."]), ""))
     desc["esophagus"], conc["esophagus"] = (("The distal esophagus is widened and contains air.", "Hiatal hernia.")
                                             if f["esophagus"] else ("The esophagus is unremarkable.", ""))
     desc["aorta"], conc["aorta"] = (("Calcified plaques in the aortic wall.", "Arterial wall calcification.")
                                     if f["aorta"] else (pick(["The aorta is normal in calibre.", "No aortic plaque."]), ""))
+    for organ, name in zip(ORGANS, PROMPT_NAMES):
+        if not conc[organ]:
+            desc[organ] += f" Not {name}."
     return desc, conc
 
 
@@ -126,8 +134,9 @@ def make_ct_reports_demo(out_dir: str, *, num_train: int = 96, num_valid: int = 
                 writer.writerow(("VolumeName",) + LABELS)
                 writer.writerows(rows)
         texts += [f"{organ} shows no significant abnormalities." for organ in ORGANS]
-        texts += [p for name in ("nodule", "cardiomegaly", "hiatal hernia", "arterial wall calcification")
-                  for p in (f"Not {name}.", f"{name}.")]
-        train_tokenizer(texts, os.path.join(out_dir, "tokenizer"), vocab_size=300)
+        texts += [p for name in PROMPT_NAMES for p in (f"Not {name}.", f"{name}.")]
+        # uncased as CXR-BERT's tokenizer (do_lower_case), so "Not x." / "X." differ only by the negation; a
+        # vocabulary that holds the reports' words whole (300 left words in pieces: the prompts were truncated)
+        train_tokenizer(texts, os.path.join(out_dir, "tokenizer"), vocab_size=600, lowercase=True)
 
     return build_demo(out_dir, params, write, ("train_findings.json", "valid_labels.csv"))

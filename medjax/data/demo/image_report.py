@@ -143,12 +143,15 @@ def _impression(findings: list[dict]) -> str:
     return f"{NUMBERS[len(findings)].capitalize()} finding{'s' if len(findings) > 1 else ''}: {names}."
 
 
-def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 400) -> None:
-    """A byte-level BPE tokenizer with RoBERTa's special tokens and template, saved for AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 400, lowercase: bool = False) -> None:
+    """A byte-level BPE tokenizer with RoBERTa's special tokens and template, saved for AutoTokenizer;
+    `lowercase`: a lower-casing normalizer (for an uncased tower's demo, e.g. CXR-BERT's do_lower_case)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
