@@ -232,7 +232,8 @@ class SwinBlock(nn.Module):
             regions = jnp.asarray(shift_region_labels(padded, window, shift))
         windows = window_partition(y, window)
         windows = windows.reshape(b, -1, *windows.shape[1:])
-        attention = WindowAttention(self.num_heads, self.window_size, self.dtype, self.param_dtype, name="attn")
+        attention = WindowAttention(self.num_heads, self.window_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name="attn")
         y = attention(windows, regions)
         y = window_reverse(y.reshape(-1, *y.shape[2:]), window, (b, *padded))
         if shifted:
