@@ -36,3 +36,27 @@ def vqa_accuracy(logits: np.ndarray, targets: np.ndarray, answer_types: np.ndarr
 
     return {"overall": mean(np.ones(n, bool)), "closed": mean(types == CLOSED), "open": mean(types == OPEN),
             "num_closed": float((types == CLOSED).sum()), "num_open": float((types == OPEN).sum())}
+
+
+
+def question_only_accuracy(train_questions: list[str], train_targets: np.ndarray, train_types: np.ndarray,
+                           questions: list[str], targets: np.ndarray, answer_types: np.ndarray) -> dict[str, float]:
+    """`vqa_accuracy` of an image-blind answerer fitted on the training split (our baseline, issue #23): for each
+    question text the answer of highest total training score among the training questions with that text; for a
+    text never seen in training, the best answer of its answer type over the training questions (the type known,
+    as `medjax.metrics.chance.vqa_chance`). A model that beats it reads the image."""
+    train_targets, targets = np.asarray(train_targets, np.float64), np.asarray(targets, np.float64)
+    train_types, types = np.asarray(train_types).astype(np.int64), np.asarray(answer_types).astype(np.int64)
+    if not len(train_questions) == len(train_targets) == len(train_types) or not len(questions) == len(targets) == len(types):
+        raise ValueError("question_only_accuracy: the questions, targets and answer types of a split differ in length")
+    if train_targets.ndim != 2 or targets.ndim != 2 or train_targets.shape[1] != targets.shape[1]:
+        raise ValueError(f"question_only_accuracy: targets must be (N, C) over one vocabulary, got "
+                         f"{train_targets.shape} and {targets.shape}")
+    per_question: dict[str, np.ndarray] = {}
+    for q, t in zip(train_questions, train_targets):
+        per_question[q] = per_question.get(q, 0.0) + t
+    overall = int(train_targets.sum(0).argmax())
+    per_type = {kind: int(train_targets[train_types == kind].sum(0).argmax()) if (train_types == kind).any() else overall
+                for kind in (CLOSED, OPEN)}
+    picks = [int(per_question[q].argmax()) if q in per_question else per_type[int(k)] for q, k in zip(questions, types)]
+    return vqa_accuracy(np.eye(targets.shape[1])[np.asarray(picks, np.int64)], targets, types)

@@ -257,10 +257,11 @@ class PTUnifierFinetuneTask(TaskBase):
         """The paper's layout: the kind's `TABLE` columns, in percent, one group per checkpoint."""
         header = "| Method | " + " | ".join(f"{label} {name}" for label, _ in columns for name, _ in self.TABLE) + " |"
         rule = "|---|" + "---|" * (len(columns) * len(self.TABLE))
-        def cell(r, key):  # with the chance level beside it where evaluate gave one (medjax.metrics.chance)
-            chance = r.get(key + "_chance")
-            return f"{self.TABLE_SCALE * r[key]:.2f}" + (f" (chance {self.TABLE_SCALE * chance:.2f})"
-                                                         if chance is not None else "")
+        def cell(r, key):  # with the chance level beside it where evaluate gave one (medjax.metrics.chance), and
+            chance, blind = r.get(key + "_chance"), r.get(key + "_question_only")  # an image-blind baseline's
+            notes = ([f"chance {self.TABLE_SCALE * chance:.2f}"] if chance is not None else []) + (
+                [f"question only {self.TABLE_SCALE * blind:.2f}"] if blind is not None else [])
+            return f"{self.TABLE_SCALE * r[key]:.2f}" + (f" ({', '.join(notes)})" if notes else "")
 
         row = f"| medjax {exp} | " + " | ".join(cell(r, key) for _, r in columns for _, key in self.TABLE) + " |"
         return "\n".join([header, rule, row])

@@ -12,7 +12,7 @@ import optax
 
 from medjax.tasks import ptunifier_finetune_data as finetune_data
 from medjax.metrics.chance import vqa_chance
-from medjax.metrics.vqa import vqa_accuracy
+from medjax.metrics.vqa import question_only_accuracy, vqa_accuracy
 from medjax.tasks.ptunifier_finetune import PTUnifierFinetuneTask
 from medjax.errors import MedjaxInputError
 
@@ -62,4 +62,14 @@ class PTUnifierVQATask(PTUnifierFinetuneTask):
         logits, kept = self.outputs(params, dataset, self._logits, ("image", "text_ids", "text_mask"),
                                     ("target", "answer_type"))
         return dict(vqa_accuracy(logits, kept["target"], kept["answer_type"]), examples=float(len(logits)),
-                    **vqa_chance(kept["target"], kept["answer_type"], logits.shape[1]))
+                    **vqa_chance(kept["target"], kept["answer_type"], logits.shape[1]),
+                    **{f"{k}_question_only": v for k, v in self.question_only(dataset).items()})
+
+    def question_only(self, dataset) -> dict[str, float]:
+        """{overall, closed, open} of the image-blind baseline (medjax.metrics.vqa.question_only_accuracy): the
+        training split's most frequent answer per question text, scored on `dataset`."""
+        train, rows = self.train_set.questions, dataset.questions
+        scores = question_only_accuracy([q for _, q, _, _ in train], np.stack([t for _, _, t, _ in train]),
+                                        np.asarray([k for *_, k in train]), [q for _, q, _, _ in rows],
+                                        np.stack([t for _, _, t, _ in rows]), np.asarray([k for *_, k in rows]))
+        return {k: scores[k] for k in ("overall", "closed", "open")}

@@ -201,7 +201,7 @@ def test_demo_generator(tmp_path):
         for sentence in split_into_sents(caption):  # pretraining reads one sentence: each names a finding
             assert any(s in sentence for s in SHAPES) and any(c in sentence for c in COLOURS), sentence
     vqa = VQADataset(os.path.join(root, "vqa.jsonl"), "train")
-    assert {"yes", "no"} <= set(vqa.answers) and len(vqa) == 3 * 16
+    assert {"yes", "no"} <= set(vqa.answers) and len(vqa) == 6 * 16  # 2 closed + 4 open questions per image
     assert {int(vqa[k]["answer_type"]) for k in range(len(vqa))} == {0, 1}
     cls = MultiLabelDataset(os.path.join(root, "classification.jsonl"), "train")
     assert cls.labels.shape == (16, len(SHAPES)) and (cls.labels.sum(1) >= 1).all()

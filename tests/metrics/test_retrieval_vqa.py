@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from medjax.metrics.retrieval import retrieval_recall
-from medjax.metrics.vqa import vqa_accuracy
+from medjax.metrics.vqa import question_only_accuracy, vqa_accuracy
 
 
 def test_recall_square_hand_case():
@@ -63,3 +63,16 @@ def test_vqa_accuracy_missing_type_and_errors():
         vqa_accuracy(np.array([[1.0, 0.0]]), np.array([0]), np.array([2]))
     with pytest.raises(ValueError, match="integer answers"):
         vqa_accuracy(np.array([[1.0, 0.0]]), np.array([5]), np.array([0]))
+
+
+def test_question_only_baseline_hand_case():
+    eye = np.eye(4)  # answers: 0 yes, 1 no, 2 red, 3 blue
+    train_q = ["Is there a circle?", "Is there a circle?", "Is there a circle?", "What colour?", "What colour?", "Count?"]
+    train_t = eye[[1, 1, 0, 3, 3, 2]]
+    train_k = np.array([0, 0, 0, 1, 1, 1])
+    # seen texts take their training majority (no, blue); an unseen open text takes the best open answer (blue)
+    r = question_only_accuracy(train_q, train_t, train_k, ["Is there a circle?", "What colour?", "What colour?", "New?"],
+                               eye[[1, 2, 3, 3]], np.array([0, 1, 1, 1]))
+    assert (r["closed"], r["open"], r["overall"]) == (100.0, pytest.approx(200 / 3), 75.0)
+    with pytest.raises(ValueError, match="differ in length"):
+        question_only_accuracy(train_q, train_t, train_k[:2], ["x"], eye[[0]], np.array([0]))

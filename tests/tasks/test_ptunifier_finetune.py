@@ -76,7 +76,7 @@ def test_tiny_finetune_steps_and_metrics(exp, trained):
     with_validation = config_lib.get_config(exp, "tiny", ["train.eval_every=2"])
     assert best_checkpoint.selection(with_validation, task) == SELECTION[kind]
     if kind == "ptunifier_vqa":
-        assert results["num_closed"] + results["num_open"] == results["examples"] == 12  # 4 test images x 3 questions
+        assert results["num_closed"] + results["num_open"] == results["examples"] == 24  # 4 test images x 6 questions
         for key in ("overall", "closed", "open"):
             assert 0.0 <= results[key] <= 100.0
         assert task.model.num_outputs == task.train_set.num_answers >= 10

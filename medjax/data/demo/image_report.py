@@ -10,8 +10,9 @@
   findings among a batch of 32);
 - `arrow/image_report_{train,val,test}.arrow`: the same pairs in the original's Arrow layout
   (columns image bytes, caption, image_id, split);
-- `vqa.jsonl`: `{"image", "question", "answer", "answer_type": "closed"|"open", "split"}`: yes/no
-  questions about presence and position, open questions about colour, position, shape and count;
+- `vqa.jsonl`: `{"image", "question", "answer", "answer_type": "closed"|"open", "split"}`: per image two
+  yes/no questions (presence, side) and four open ones (a finding's colour, position and shape, the count),
+  so the open answers need the image (a question-only guess gets about 30% of them right);
 - `classification.jsonl`: `{"image", "labels": five 0/1 (one per shape), "split"}`;
 - `melinda.jsonl`: `{"image", "caption": report, "i_meth": the first finding's shape, "p_meth": its
   colour, "split"}` (MELINDA's image + text classification layout);
@@ -105,7 +106,8 @@ def _report(findings: list[dict], rng: np.random.Generator, with_size: bool) -> 
 
 
 def _vqa(findings: list[dict], rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(question, answer, answer type) pairs: 2 closed, 2 open per image."""
+    """(question, answer, answer type) pairs: 2 closed, then 4 open per image: the colour, position and shape of
+    one finding and the count (the drawn open kind first: version 2 asked only that one)."""
     f = findings[int(rng.integers(len(findings)))]
     other = [s for s in SHAPES if s not in {g["shape"] for g in findings}]
     asked = other[int(rng.integers(len(other)))] if rng.random() < 0.5 else f["shape"]
@@ -113,16 +115,12 @@ def _vqa(findings: list[dict], rng: np.random.Generator) -> list[tuple[str, str,
     side = HORIZONTAL[int(rng.integers(2))]
     out = [(f"Is there a {asked}?", present, "closed"),
            (f"Is the {f['shape']} on the {side}?", "yes" if f["horizontal"] == side else "no", "closed")]
+    open_questions = [(f"What colour is the {f['shape']}?", f["colour"], "open"),
+                      (f"Where is the {f['shape']}?", _where(f), "open"),
+                      (f"What shape is in the {_where(f)}?", f["shape"], "open"),
+                      ("How many findings are there?", NUMBERS[len(findings)], "open")]
     kind = int(rng.integers(4))
-    if kind == 0:
-        out.append((f"What colour is the {f['shape']}?", f["colour"], "open"))
-    elif kind == 1:
-        out.append((f"Where is the {f['shape']}?", _where(f), "open"))
-    elif kind == 2:
-        out.append((f"What shape is in the {_where(f)}?", f["shape"], "open"))
-    else:
-        out.append(("How many findings are there?", NUMBERS[len(findings)], "open"))
-    return out
+    return out + open_questions[kind:] + open_questions[:kind]
 
 
 def _nli(findings: list[dict], rng: np.random.Generator) -> tuple[str, str]:
@@ -175,8 +173,9 @@ def make_image_report_demo(out_dir: str, *, num_images: int = 400, image_size: i
     if num_images < 10 or image_size < 16:
         raise ValueError(f"need num_images >= 10 and image_size >= 16, got {num_images}, {image_size}")
     # version: bumped when the content changes (2: findings 1.5x larger and no image-quality sentence, so a
-    # sentence always names what its image shows; issue #23), so caches are remade
-    params = {"num_images": num_images, "image_size": image_size, "seed": seed, "version": 2}
+    # sentence always names what its image shows; 3: four open VQA questions per image instead of one; issue
+    # #23), so caches are remade
+    params = {"num_images": num_images, "image_size": image_size, "seed": seed, "version": 3}
     write = functools.partial(_write_image_report_demo, params=params,
                               num_images=num_images, image_size=image_size, seed=seed)
     return build_demo(out_dir, params, write, required=DEMO_FILES)
@@ -192,7 +191,7 @@ def _write_image_report_demo(out_dir: str, *, params: dict, num_images, image_si
     n_train, n_val = int(0.8 * num_images), int(0.9 * num_images)
     split[order[:n_train]], split[order[n_train:n_val]], split[order[n_val:]] = "train", "val", "test"
 
-    manifest, vqa, cls, nli, melinda, reports = [], [], [], [], [], []
+    manifest, vqa, cls, nli, melinda, reports, vqa_texts = [], [], [], [], [], [], []
     arrow_rows = {s: [] for s in ("train", "val", "test")}
     for i in range(num_images):
         item_rng = np.random.default_rng([seed, 1, i])
@@ -206,7 +205,9 @@ def _write_image_report_demo(out_dir: str, *, params: dict, num_images, image_si
         s, image_id = str(split[i]), f"{i:05d}"
         manifest.append({"image": rel, "captions": [report], "image_id": image_id, "split": s})
         arrow_rows[s].append((buf.getvalue(), [report], image_id, s))
-        for q, a, t in _vqa(findings, item_rng):
+        questions = _vqa(findings, item_rng)
+        vqa_texts += [f"{q} {a}" for q, a, _ in questions[:3]]  # version 2's questions: the same tokenizer
+        for q, a, t in questions:
             vqa.append({"image": rel, "question": q, "answer": a, "answer_type": t, "image_id": image_id, "split": s})
         present = {f["shape"] for f in findings}
         cls.append({"image": rel, "labels": [int(name in present) for name in SHAPES], "image_id": image_id, "split": s})
@@ -228,7 +229,7 @@ def _write_image_report_demo(out_dir: str, *, params: dict, num_images, image_si
         write_arrow(os.path.join(out_dir, "arrow", f"image_report_{s}.arrow"),
                     {"image": [r[0] for r in rows], "caption": [r[1] for r in rows],
                      "image_id": [r[2] for r in rows], "split": [r[3] for r in rows]})
-    texts = ([m["captions"][0] for m in manifest] + [v["question"] + " " + v["answer"] for v in vqa]
+    texts = ([m["captions"][0] for m in manifest] + vqa_texts
              + [n["text_a"] + " " + n["text_b"] for n in nli])
     train_tokenizer(texts, os.path.join(out_dir, "tokenizer"))
     with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
