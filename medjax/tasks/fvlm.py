@@ -207,4 +207,9 @@ class FVLMTask(TaskBase):
             lines.append(f"| medjax {exp} {label} | " + " | ".join(
                 f"{100 * r[k]:.1f}" + (f" (chance {100 * r[k + CHANCE_SUFFIX]:.1f})" if k + CHANCE_SUFFIX in r else "")
                 for k in ("precision", "accuracy", "weighted_f1", "auc")) + " |")
+        for label, r in columns:  # each label's AUC beside its chance (0.5), under the macro row
+            per_label = [f"{key[len('auc/'):]} {100 * v:.1f} (chance {100 * AUC_CHANCE:.1f})"
+                         for key, v in r.items() if key.startswith("auc/")]
+            if per_label:
+                lines.append(f"\nAUC per label, medjax {exp} {label}: " + ", ".join(per_label))
         return "\n".join(lines)
