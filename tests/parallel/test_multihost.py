@@ -302,7 +302,8 @@ def test_gke_jobset_manifest_is_consistent():
 TRAIN = [sys.executable, "-u", "-m", "medjax.train", "--exp", "mrm_retina", "--variant", "tiny",
          "--set", "kernels.impl=reference", "--set", "train.log_every=1", "--set", "train.steps=100"]
 # Compile-time savers for CPU tests (both sides of every comparison use them).
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")  # as tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +438,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path, coordinator
     port, procs = coordinator_port, []
     for i in range(2):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDJAX_")}
-        env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}", JAX_PLATFORMS="cpu",
                    PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), MEDJAX_COORDINATOR=f"127.0.0.1:{port}",
                    MEDJAX_NUM_PROCESSES="2", MEDJAX_PROCESS_ID=str(i), MEDJAX_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S))
         procs.append(subprocess.Popen([sys.executable, "-u", "-m", "tests.parallel.test_multihost", str(tmp_path)],
