@@ -1,6 +1,6 @@
 """fVLM end to end on the ct_reports test demo (NIfTI volumes + anatomy masks + per-organ JSON texts + label
 CSV + local tokenizer): a tiny run starts from a converted MAE ViT (`--set init=`), trains through the Trainer, the
-temperature stays clamped, and the zero-shot evaluation gives the CT-RATE metrics."""
+temperature stays clamped, the loss falls clearly, and the zero-shot evaluation gives the CT-RATE metrics."""
 import flax.linen as nn
 import jax
 import numpy as np
@@ -38,27 +38,35 @@ def mae_init(tmp_path) -> tuple[str, dict]:
     return out, restore_params(out)["vision"]
 
 
-def test_trains_clamps_and_evaluates(demo, tmp_path):
+STEPS = 40  # the tiny variant on the test demo's 8 training scans (one batch): enough to fit their organ texts
+
+
+def test_trains_clamps_learns_and_evaluates(demo, tmp_path):
     init, mae = mae_init(tmp_path)
-    config = config_lib.get_config("fvlm_ctrate", "tiny", [f"data.dir={demo}", "mesh.num_devices=1", "train.steps=2",
-                                                           "loss.max_temperature=0.0705", f"init={init}"])
+    # eval on the training scans (all 8 in one batch; the 4 valid scans leave labels with one class)
+    config = config_lib.get_config("fvlm_ctrate", "tiny", [
+        f"data.dir={demo}", "mesh.num_devices=1", f"train.steps={STEPS}", "train.checkpoint_every=1000",
+        "loss.max_temperature=0.25", f"init={init}", "data.eval_split=train", "data.flip_p=0.0"])
     task = build_task(config, **QUIET)
     assert isinstance(task, FVLMTask)
     batch = next(iter(task.train_data()))
-    assert batch["volumes"].shape == (8, 12, 32, 32, 1) and batch["input_ids"].shape == (8, 4, 12)
+    assert batch["volumes"].shape == (8, 12, 32, 32, 1) and batch["input_ids"].shape == (8, 4, 16)
     assert batch["intact"].any() and (~batch["normal"]).any()
     trainer = Trainer(config, task, str(tmp_path))
     result = trainer.run()
-    assert result["step"] == 2 and np.isfinite(result["losses"]).all() and result["losses"][0] > 1.0
+    losses = np.asarray(result["losses"])
+    assert result["step"] == STEPS and np.isfinite(losses).all() and losses[0] > 1.0
+    tenth = STEPS // 10
+    assert losses[-tenth:].mean() < losses[:tenth].mean() - 0.5, losses  # it learns: the loss falls clearly
     trained = jax.device_get(trainer.state["params"])
-    assert float(np.asarray(nn.unbox(trained)["temp"])) <= 0.0705 + 1e-7  # clamped after each step
-    vision = nn.unbox(trained)["vision"]  # started from the MAE conversion: 2 Adam steps of lr <= 1e-3 away
-    for key in ("pos_embed",):
-        np.testing.assert_allclose(vision[key], mae[key], atol=3e-3)
-    np.testing.assert_allclose(vision["blocks_1"]["mlp"]["fc2"]["kernel"], mae["blocks_1"]["mlp"]["fc2"]["kernel"],
-                               atol=3e-3)
+    assert 0.001 <= float(np.asarray(nn.unbox(trained)["temp"])) <= 0.25 + 1e-7  # clamped after each step (init 0.3)
+    vision = nn.unbox(trained)["vision"]  # started from the MAE conversion (pos_embed N(0, 0.5), not the N(0, 0.02) init)
+    for got, want in ((vision["pos_embed"], mae["pos_embed"]),
+                      (vision["blocks_1"]["mlp"]["fc2"]["kernel"], mae["blocks_1"]["mlp"]["fc2"]["kernel"])):
+        assert np.abs(got - want).max() < STEPS * 1e-3  # STEPS Adam steps of lr <= 1e-3 away
+    assert np.std(vision["pos_embed"]) > 0.3
     results = task.evaluate(trained)
-    assert results["labels_evaluated"] >= 1 and 0.0 <= results["auc"] <= 1.0
+    assert results["labels_evaluated"] >= 3 and 0.0 <= results["auc"] <= 1.0
     assert results["auc_chance"] == 0.5 and 0.5 <= results["accuracy_chance"] <= 1.0
     table = task.results_table("fvlm_ctrate", [("tiny", results)])
     assert "| medjax fvlm_ctrate tiny |" in table and "(chance 50.0) |" in table  # AUC's chance, last column
