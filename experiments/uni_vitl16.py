@@ -133,8 +133,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # view-invariant information in a tile the per-crop entropy has to rise with it: the climb is centering undoing the
     # collapse, so the term's floor at demo scale is about ln K - ln 3 + KL, not a bug of the schedules. Ruled out:
     # the teacher momentum schedule (constant 0.95: the same climb, 1.56 at steps 41-48 -> 2.7), the temperature warmup
-    # (the demo has none). 4 prototypes (ln 4 = 1.39): the same pattern, 1.73 -> 0.97 at steps 19-30 -> 1.22 at step 60
-    # (batch entropy 1.00 -> 1.34, I ~0.4), so K = 32 is kept. Also tried, each ending at ln K or
+    # (the demo has none). 4 prototypes (ln 4 = 1.39): the same pattern, 1.68 -> 0.98 at steps 21-30 -> 1.19-1.22 over
+    # steps 51-100 (batch entropy 1.02 -> 1.37, I ~0.4): 0.86 ln K at the end, as K = 32 (3.00 / 3.47); 3 prototypes:
+    # ~1.0 by step 22 against ln 3 = 1.10 (I ~0.5; run not finished). So K = 32 is kept. Also tried, each ending at ln K or
     # collapsing (one prototype for every crop: loss -> 0): fixed gain x4 / x10; teacher temperature 0.02 with center
     # momentum 0.99 (collapse); temperature 0.04 constant; Sinkhorn-Knopp with the batch-norm head; earlier sessions:
     # 4096 / 16 prototypes, LayerScale 1.0 without colour augmentation, both temperatures / 4, batch centering, a longer
