@@ -47,6 +47,9 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
         vision_mlp_dim=4096,  # CLIP ViT-L/14-336 up to its penultimate layer
         projector="attention_pool", num_queries=128,  # PathChat's projector; 128 queries is our choice
         freeze_vision=True,  # no gradient reaches the vision tower (LLaVA, PathChat keep it frozen)
+        # towers frozen by optim.frozen are stored in this dtype ("" = float32): stage 1's frozen 7B Llama is 13.5 GB
+        # in bf16 with no fp32 copy and no optimizer state (trained params keep float32 masters); our choice
+        frozen_param_dtype="bfloat16",
         vocab_size=32000, width=5120, depth=40, num_heads=40, num_kv_heads=0, mlp_dim=13824,  # Llama 2 13B
         rms_norm_eps=1e-5, rope_theta=10000.0,
         scan=True, remat="full",  # one scanned 40-layer stack, recomputed in the backward pass
@@ -64,7 +67,7 @@ def pathchat_config(variant: str, stage: int) -> ml_collections.ConfigDict:
     c.optim.wd_mults = [(r".*", 1.0)]
 
     small = dict(init_llava="", init_vision="", init_llm="", patch_size=8, num_kv_heads=2, vocab_size=0,
-                 scan=False, remat="none", rope_theta=10000.0)
+                 scan=False, remat="none", rope_theta=10000.0, frozen_param_dtype="")
     if variant == "demo":
         c.dtype = "float32"
         c.data.update(dict(max_length=192, length_buckets=[]))  # one compiled step (CPU: compiles dominate)

@@ -12,10 +12,24 @@ def test_work_unit_reads_what_the_task_declares():
     assert work_unit(SimpleNamespace(work_per_example=lambda: None)) is None
 
 
+def test_timed_batches_share_the_first_batch_shape():
+    """With length buckets the bench times one compiled step: the batches of the first batch's bucket."""
+    import numpy as np
+
+    from medjax.bench.step import batches_of_one_shape
+
+    lengths = [96, 128, 96, 128, 128, 96, 96]
+    batches = iter([{"input_ids": np.full((2, n), i)} for i, n in enumerate(lengths)])
+    taken = batches_of_one_shape(batches, 3)
+    assert [int(b["input_ids"][0, 0]) for b in taken] == [0, 2, 5]
+    assert [b["x"].shape for b in batches_of_one_shape(iter([{"x": np.zeros((1, 4))}]), 3)] == [(1, 4)]  # ran out
+
+
 def test_task_token_counts(fundus_demo):
     mrm = build_task(config_lib.get_config("mrm_retina", "tiny", [f"data.dir={fundus_demo}"]), log=lambda *_: None)
     assert mrm.dataset.num_snps == 22  # 200 demo SNPs on 22 chromosomes (9-10 each), every 10th within each (ContIG)
     assert mrm.work_per_example() == (16 + 1 + 2, "tokens")  # (32/8)^2 patches, class token, ceil(22/16) genome tokens
+    assert mrm.work_in_batch({}) == 19 * mrm.global_batch  # the default: per-example work times the rows
     aptos = build_task(config_lib.get_config("mrm_aptos", "tiny", [f"data.dir={os.path.join(fundus_demo, 'aptos')}"]),
                        log=lambda *_: None)
     assert aptos.work_per_example() == (17, "tokens")

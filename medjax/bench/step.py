@@ -63,12 +63,10 @@ def measure(config, steps: int, synthetic: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, task, workdir)
         if synthetic:
-            local = {k: v[:v.shape[0] // trainer.process_count] for k, v in task.init_batch().items()}
-            batches = [global_batch(local, trainer.batch_sharding, trainer.process_count)]
+            local = [{k: v[:v.shape[0] // trainer.process_count] for k, v in task.init_batch().items()}]
         else:
-            iterator = iter(task.train_data())
-            batches = [global_batch(next(iterator), trainer.batch_sharding, trainer.process_count)
-                       for _ in range(min(steps + 1, 4))]
+            local = batches_of_one_shape(iter(task.train_data()), min(steps + 1, 4))
+        batches = [global_batch(b, trainer.batch_sharding, trainer.process_count) for b in local]
         compiled, compile_s, memory = trainer.compile(batches[0])
         state = trainer.state
         with jax.set_mesh(trainer.mesh):
@@ -80,8 +78,30 @@ def measure(config, steps: int, synthetic: bool = False) -> dict:
             jax.block_until_ready((state, metrics))
         seconds = (time.perf_counter() - start) / steps
         trainer.checkpointer.close()
+    unit = work_unit(task)
+    if unit is not None:  # the work the timed batches hold (length buckets: their real tokens, not max_length's)
+        work = sum(task.work_in_batch(local[(i + 1) % len(local)]) for i in range(steps)) * trainer.process_count
+        unit = (unit[0], work / steps / int(config.train.batch_size))
     return {"compile_s": compile_s, "step_s": seconds, "memory": memory, "flops": flops_per_step(compiled),
-            "params": sum(x.size for x in jax.tree.leaves(state["params"])), "unit": work_unit(task)}
+            "params": sum(x.size for x in jax.tree.leaves(state["params"])), "unit": unit}
+
+
+def batches_of_one_shape(iterator, count: int, draws: int = 64) -> list[dict]:
+    """`count` host batches of the first batch's array shapes (one compiled step is timed: with length buckets,
+    batches padded to the first batch's bucket), from at most `draws` batches of the iterator."""
+    from medjax.trainer import batch_shapes
+
+    first = next(iterator)
+    out, key = [first], batch_shapes(first)
+    for _ in range(draws - 1):
+        if len(out) == count:
+            break
+        batch = next(iterator, None)
+        if batch is None:
+            break
+        if batch_shapes(batch) == key:
+            out.append(batch)
+    return out
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -143,7 +163,8 @@ def fits(exp: str, config, device, say) -> bool:
 
 
 def work_unit(task) -> tuple[str, int] | None:
-    """What one example is worth, from the task's `work_per_example()`: ("tokens", n), ("voxels", n) or ("pixels", n)."""
+    """What one example is worth, from the task's `work_per_example()`: ("tokens", n), ("voxels", n) or ("pixels", n)
+    (`measure` replaces n by the mean over its timed batches of `task.work_in_batch`)."""
     work = task.work_per_example()
     return None if work is None else (work[1], int(work[0]))
 

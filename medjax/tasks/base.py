@@ -179,6 +179,13 @@ class TaskBase:
         None when the family declares none."""
         return None
 
+    def work_in_batch(self, batch: dict) -> int:
+        """The work this process's `batch` (as `train_data` yields it) holds, in `work_per_example`'s unit: by
+        default the count per example times the process's rows; a task whose rows carry padding overrides it
+        (PathChat with length buckets: the real tokens, not max_length's)."""
+        work = self.work_per_example()
+        return 0 if work is None else int(work[0]) * (self.global_batch // jax.process_count())
+
     def results_table(self, exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
         """A markdown table in the paper's layout, one column group per evaluated checkpoint."""
         return markdown_table(exp, columns)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -44,6 +45,7 @@ from medjax.models.uni_vision_tower import (IMAGENET_MEAN, IMAGENET_STD, tower_f
                                             uni_vision_tower)
 from medjax.nn.clip_vit import CLIPVisionTransformer
 from medjax.nn.llama import Llama
+from medjax.optim import frozen_labels
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase, markdown_table
 from medjax.tasks.pathchat_data import (CLIP_MEAN, CLIP_STD, IGNORE, IMAGE_TOKEN, ConversationDataset,
@@ -76,6 +78,7 @@ class PathChatTask(TaskBase):
         if m.init_llava and m.vision_tower != "clip":
             raise ConfigError(f"config model.init_llava={m.init_llava!r} loads a Hugging Face LLaVA with its CLIP tower; "
                               f"model.vision_tower={m.vision_tower!r} needs model.init_vision + model.init_llm instead")
+        stored = {part: self._stored_dtype(part) for part in ("vision_tower", "language_model")}
         if m.init_llava:
             from medjax.convert import hf
 
@@ -93,22 +96,27 @@ class PathChatTask(TaskBase):
 
                 # the architecture is read off the checkpoint, except the head count (not in any shape):
                 # model.vision_heads (16 for UNI ViT-L/16, 24 for UNI2-h)
-                encoder, variables = uni.load(m.init_vision, dtype=dtype, num_heads=int(m.vision_heads))
+                encoder, variables = uni.load(m.init_vision, dtype=dtype, param_dtype=stored["vision_tower"],
+                                              num_heads=int(m.vision_heads))
                 vision = tower_from_uni(encoder, int(m.vision_feature_depth))
                 self._vision_variables = tower_variables(variables, int(m.vision_feature_depth))
             elif m.init_vision:
                 from medjax.convert import hf
 
-                tower, self._vision_variables = hf.load(m.init_vision, dtype=dtype)
+                tower, self._vision_variables = hf.load(m.init_vision, dtype=dtype, param_dtype=stored["vision_tower"])
                 vision = tower.clone(depth=m.vision_feature_depth, projection_dim=None)
             if m.init_llm:
                 from medjax.convert import hf
 
-                language, self._llm_variables = hf.load(m.init_llm, scan=m.scan, dtype=dtype)
+                language, self._llm_variables = hf.load(m.init_llm, scan=m.scan, dtype=dtype,
+                                                        param_dtype=stored["language_model"])
                 language = language.clone(remat=m.remat)
             self.model = Llava(vision_tower=vision, language_model=language, image_token_id=self.image_token_id,
                                projector=m.projector, num_queries=m.num_queries,
                                freeze_vision=bool(m.freeze_vision), dtype=dtype)
+        self.model = self.model.clone(  # frozen towers stored in model.frozen_param_dtype (no fp32 master needed)
+            vision_tower=self.model.vision_tower.clone(param_dtype=stored["vision_tower"]),
+            language_model=self.model.language_model.clone(param_dtype=stored["language_model"]))
         if len(self.tokenizer) > self.model.language_model.vocab_size:
             raise DataError(f"the tokenizer has {len(self.tokenizer)} tokens, more than the LLM's vocab_size="
                             f"{self.model.language_model.vocab_size}")
@@ -120,6 +128,14 @@ class PathChatTask(TaskBase):
         self.pixel_stats = (IMAGENET_MEAN, IMAGENET_STD) if m.vision_tower == "uni" else (CLIP_MEAN, CLIP_STD)
         self.example = ConversationExample(self.tokenizer, d.template, self.image_size, self.max_length,
                                            self.image_token_id, self.model.num_image_tokens, *self.pixel_stats)
+
+    def _stored_dtype(self, part: str):
+        """The dtype `part`'s params are created (and loaded) in: `model.frozen_param_dtype` when an `optim.frozen`
+        pattern matches the part's prefix `part/` (stage 1's frozen 7B / 13B Llama in bf16, no fp32 copy: only
+        trained params need a float32 master for Adam), else float32."""
+        name = str(self.config.model.get("frozen_param_dtype", "") or "")
+        frozen = any(re.search(str(r), part + "/") for r in self.optim_config().get("frozen", ()) or ())
+        return jnp.dtype(name) if name and frozen else jnp.dtype(jnp.float32)
 
     @staticmethod
     def _vision_tower(m, dtype) -> nn.Module:
@@ -139,7 +155,13 @@ class PathChatTask(TaskBase):
 
     # ---- shapes / params -----------------------------------------------------------------------------
     def work_per_example(self) -> tuple[int, str]:
+        """data.max_length tokens: every row's length without length buckets (with them, an upper bound)."""
         return self.max_length, "tokens"
+
+    def work_in_batch(self, batch: dict) -> int:
+        """The batch's real tokens (image, prompt and reply; attention_mask 1), not its padding to the bucket or
+        max_length: what the bench's tokens/s counts."""
+        return int(np.sum(batch["attention_mask"]))
 
     def init_batch(self) -> dict:
         b, t, s = self.global_batch, self.max_length, self.image_size
@@ -175,6 +197,10 @@ class PathChatTask(TaskBase):
 
     # ---- loss ------------------------------------------------------------------------------------------
     def loss_fn(self, params, batch, rng, train):
+        # no gradient is taken for the frozen params (optim.frozen): stage 1 back-propagates through the frozen
+        # LLM to the projector without its weight gradients (a 7B-param tree the optimizer would discard)
+        frozen = frozen_labels(self.optim_config(), params)
+        params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p, params, frozen)
         logits = self.model.apply({"params": params}, batch["input_ids"], pixel_values=batch["pixel_values"],
                                   attention_mask=batch["attention_mask"])
         nll, count, correct = causal_lm_loss(logits, batch["labels"])
