@@ -103,6 +103,16 @@ def test_window_by_window_attention_has_the_batched_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), dp_loop, dp)
 
 
+def test_swin_block_passes_its_dtype_to_the_window_attention():
+    # The block once passed dtype / param_dtype positionally into WindowAttention's loop_windows / dtype fields.
+    block = swin.SwinBlock(2, (2, 2, 2), (0, 0, 0), dtype=jnp.bfloat16)
+    x = jnp.ones((1, 4, 4, 4, 8), jnp.float32)
+    params = block.init(jax.random.key(0), x)
+    _, state = block.apply(params, x, capture_intermediates=True)
+    attn = state["intermediates"]["attn"]["__call__"][0]
+    assert attn.dtype == jnp.bfloat16
+
+
 def test_merging_orders_hand_case_and_monai():
     x = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2, 1)  # value = 4 d + 2 h + w
     legacy = swin.merge_subgrids(jnp.asarray(x), legacy=True)[0, 0, 0, 0]
