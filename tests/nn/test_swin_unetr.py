@@ -24,6 +24,16 @@ def test_window_partition_and_reverse_hand_case():
     np.testing.assert_array_equal(swin.window_reverse(windows, (2, 2, 2), (1, 4, 4, 2)), x)
 
 
+def test_window_partition_gradient_is_the_reverse():
+    # window_partition's custom backward (window_reverse behind an optimization barrier) is its exact transpose.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 4, 4, 2, 3)), jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((4, 8, 3)), jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(swin.window_partition(x, (2, 2, 2)) * weights))(x)
+    np.testing.assert_array_equal(grad, swin.window_reverse(weights, (2, 2, 2), (1, 4, 4, 2)))
+    plain = jax.grad(lambda x: jnp.sum(swin._partition(x, (2, 2, 2)) * weights))(x)
+    np.testing.assert_array_equal(grad, plain)
+
+
 def test_effective_window_shrinks_and_unshifts_small_axes():
     assert swin.effective_window((4, 8, 12), (7, 7, 7), (3, 3, 3)) == ((4, 7, 7), (0, 3, 3))
     assert swin.effective_window((7, 6, 14), (7, 7, 7), (0, 0, 0)) == ((7, 6, 7), (0, 0, 0))
@@ -101,6 +111,16 @@ def test_window_by_window_attention_has_the_batched_gradients():
     np.testing.assert_allclose(looped, batched, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dw_loop, dw, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), dp_loop, dp)
+
+
+def test_swin_block_passes_its_dtype_to_the_window_attention():
+    # The block once passed dtype / param_dtype positionally into WindowAttention's loop_windows / dtype fields.
+    block = swin.SwinBlock(2, (2, 2, 2), (0, 0, 0), dtype=jnp.bfloat16)
+    x = jnp.ones((1, 4, 4, 4, 8), jnp.float32)
+    params = block.init(jax.random.key(0), x)
+    _, state = block.apply(params, x, capture_intermediates=True)
+    attn = state["intermediates"]["attn"]["__call__"][0]
+    assert attn.dtype == jnp.bfloat16
 
 
 def test_merging_orders_hand_case_and_monai():
