@@ -20,7 +20,6 @@ Dropout, attention dropout and stochastic depth are 0 (the Universal Model train
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -51,40 +50,12 @@ def effective_window(size: Sequence[int], window: Sequence[int], shift: Sequence
 
 def window_partition(x, window: Sequence[int]):
     """(b, D, H, W, c) -> (b * windows, wd * wh * ww, c), windows in (d, h, w) row-major order per sample and
-    tokens row-major in each window (MONAI `window_partition`). Works on jax and numpy arrays.
-
-    On jax arrays the gradient is `window_reverse` of the cotangent behind an optimization barrier
-    (`_partition_bwd`): fused with its consumers, that 8-D transpose became one XLA:CPU kernel (the first
-    Swin block's window backward + norm1's backward + the patch embedding's bias at a 96^3 crop) that took
-    XLA's PeelWorkgroupLoopPass minutes to compile: the Universal full step compiled in 147 CPU s, 59 with it."""
-    if isinstance(x, np.ndarray):
-        return _partition(x, tuple(window))
-    return _partition_fenced(x, tuple(window))
-
-
-def _partition(x, window: Sequence[int]):
+    tokens row-major in each window (MONAI `window_partition`). Works on jax and numpy arrays."""
     b, d, h, w, c = x.shape
     wd, wh, ww = window
     x = x.reshape(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
     x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
     return x.reshape(-1, wd * wh * ww, c)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _partition_fenced(x: jax.Array, window: Triple) -> jax.Array:
-    return _partition(x, window)
-
-
-def _partition_fwd(x, window):
-    return _partition(x, window), x.shape
-
-
-def _partition_bwd(window, shape, g):
-    """The transpose of the partition (its inverse, a pure permutation) as a kernel of its own."""
-    return (jax.lax.optimization_barrier(window_reverse(g, window, shape[:4])),)
-
-
-_partition_fenced.defvjp(_partition_fwd, _partition_bwd)
 
 
 def window_reverse(windows, window: Sequence[int], dims: Sequence[int]):
