@@ -314,8 +314,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not os.path.isfile(args.image):
         raise MedjaxInputError(f"{args.image}: --image file not found")
-    saved = saved_config(args.params) if os.path.isdir(args.params) else {}
-    config = config_lib.run_config(args.exp, saved, args.variant, args.overrides)  # the run's model and tokenizer
+    # the run's model and tokenizer (its workdir's config.json; {} for converted weights)
+    config = config_lib.run_config(args.exp, saved_config(args.params), args.variant, args.overrides)
     if config.get("task") != "pathchat":
         raise MedjaxInputError(f"--exp {args.exp}: medjax.generate answers with PathChat / LLaVA experiments (task "
                                f"'pathchat'), this one's task is {config.get('task')!r}")

@@ -94,13 +94,14 @@ def main(argv=None) -> int:
     from medjax import config as config_lib
     from medjax.checkpoint import CheckpointError
     from medjax.data.readers.ct import CTDataError
+    from medjax.evaluate import saved_config
     from medjax.inference.universal_predictor import InferenceSettings, UniversalPredictor
 
     try:
         _stem(args.out)
         if not os.path.isfile(args.input):
             raise CTDataError(f"{args.input}: --input file not found")
-        config = config_lib.run_config(args.exp, saved_run_config(args.params), args.variant, args.overrides)
+        config = config_lib.run_config(args.exp, saved_config(args.params), args.variant, args.overrides)
         model, variables = load_universal(config, args.params)
         overrides = {k: v for k, v in (("batch_size", args.batch_size), ("overlap", args.overlap)) if v is not None}
         settings = InferenceSettings.from_config(config, **overrides)
@@ -133,17 +134,12 @@ def _class_masks(predictor, config) -> Callable[[np.ndarray], np.ndarray]:
     return masks
 
 
-def saved_run_config(params_dir: str) -> dict:
-    """The config a training workdir was trained with (its `config.json`, which `medjax.evaluate` reads the same
-    way: variant, model block), or {} for converted weights and directories without one."""
+def saved_variant(params_dir: str) -> str | None:
+    """The variant a training workdir was trained with (its `config.json`, as `medjax.evaluate` reads it), or None
+    for converted weights."""
     from medjax.evaluate import saved_config
 
-    return saved_config(params_dir) if os.path.isdir(params_dir) else {}
-
-
-def saved_variant(params_dir: str) -> str | None:
-    """The variant a training workdir was trained with, or None for converted weights."""
-    return saved_run_config(params_dir).get("variant")
+    return saved_config(params_dir).get("variant")
 
 
 def load_universal(config, params_dir: str):
