@@ -52,6 +52,21 @@ def organ_soft_targets(normal: jax.Array, text_ids: jax.Array, intact: jax.Array
     return targets / jnp.maximum(targets.sum(-1, keepdims=True), 1.0)
 
 
+def _mean_over_intact(per_row: jax.Array, intact: jax.Array) -> jax.Array:
+    """(organs,) mean of per-row values (organs, batch) over each organ's intact samples (0 for none)."""
+    return jnp.sum(jnp.where(intact, per_row, 0.0), axis=-1) / jnp.maximum(intact.sum(-1), 1)
+
+
+def organ_target_entropy(normal: jax.Array, text_ids: jax.Array, intact: jax.Array, taken: jax.Array) -> jax.Array:
+    """The lowest value the summed organ loss can take on this batch: the sum over the taken organs (`organ_losses`)
+    of the soft-target rows' mean entropy. CE(S, Z) >= H(S) per row, so the loss falls from organs x ln(batch)
+    (uniform) towards this, never to 0 when normal organs share targets. Inputs (organs, batch), as the loss's."""
+    intact = jnp.asarray(intact, bool)
+    s = organ_soft_targets(normal, text_ids, intact)
+    rows = -jnp.sum(jnp.where(s > 0, s * jnp.log(jnp.where(s > 0, s, 1.0)), 0.0), axis=-1)
+    return jnp.sum(jnp.where(taken, _mean_over_intact(rows, intact), 0.0))
+
+
 def organ_losses(image_emb: jax.Array, text_emb: jax.Array, normal: jax.Array, text_ids: jax.Array,
                  intact: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:
     """(L_o per organ, (organs,), zero where skipped; taken (organs,) bool): the terms of `fvlm_organ_loss`."""
@@ -65,9 +80,7 @@ def organ_losses(image_emb: jax.Array, text_emb: jax.Array, normal: jax.Array, t
 
     def cross_entropy(logits):  # logits (organs, rows, columns); invalid columns and rows masked
         log_probs = jax.nn.log_softmax(jnp.where(column_valid, logits, _NEG), axis=-1)
-        per_row = -jnp.sum(jnp.where(targets > 0, targets * log_probs, 0.0), axis=-1)
-        count = intact.sum(-1)
-        return jnp.sum(jnp.where(intact, per_row, 0.0), axis=-1) / jnp.maximum(count, 1)
+        return _mean_over_intact(-jnp.sum(jnp.where(targets > 0, targets * log_probs, 0.0), axis=-1), intact)
 
     loss = 0.5 * (cross_entropy(similarity) + cross_entropy(jnp.swapaxes(similarity, 1, 2)))
     has_abnormal = jnp.any(intact & ~normal, axis=-1)

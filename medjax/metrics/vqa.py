@@ -38,7 +38,6 @@ def vqa_accuracy(logits: np.ndarray, targets: np.ndarray, answer_types: np.ndarr
             "num_closed": float((types == CLOSED).sum()), "num_open": float((types == OPEN).sum())}
 
 
-
 def question_only_accuracy(train_questions: list[str], train_targets: np.ndarray, train_types: np.ndarray,
                            questions: list[str], targets: np.ndarray, answer_types: np.ndarray) -> dict[str, float]:
     """`vqa_accuracy` of an image-blind answerer fitted on the training split (our baseline, issue #23): for each

@@ -27,7 +27,7 @@ import numpy as np
 from medjax.data import demo as demo_lib
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
 from medjax.data.readers.image_report import load_tokenizer, tokenize
-from medjax.losses.organ_contrastive import organ_losses, organ_soft_targets
+from medjax.losses.organ_contrastive import organ_losses, organ_target_entropy
 from medjax.metrics.chance import AUC_CHANCE, CHANCE_SUFFIX, majority_fraction, weighted_f1_chance
 from medjax.metrics.roc_threshold import binary_metrics
 from medjax.models import fvlm as fvlm_lib
@@ -39,16 +39,6 @@ from medjax.errors import MedjaxInputError
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "weighted_f1", "precision")
 CHANCE_METRICS = ("auc", "accuracy", "weighted_f1", "precision")  # those with an input-blind level in the table
-
-
-def target_entropy(normal, text_ids, intact, taken) -> jax.Array:
-    """The lowest value the summed organ loss can take on this batch: sum over the taken organs of the mean
-    entropy of the soft-target rows (organs, batch inputs as the loss's). CE(S, Z) >= H(S) per row, so the
-    loss falls from organs x ln(batch) (uniform) towards this, never to 0 when normal organs share targets."""
-    s = organ_soft_targets(normal, text_ids, intact)
-    rows = -jnp.sum(jnp.where(s > 0, s * jnp.log(jnp.where(s > 0, s, 1.0)), 0.0), axis=-1)
-    per_organ = jnp.sum(jnp.where(intact, rows, 0.0), axis=-1) / jnp.maximum(intact.sum(-1), 1)
-    return jnp.sum(jnp.where(taken, per_organ, 0.0))
 
 
 def label_chance(labels: np.ndarray) -> dict[str, float]:
@@ -116,7 +106,7 @@ class FVLMTask(TaskBase):
         per_organ, taken = organ_losses(jnp.swapaxes(image, 0, 1), jnp.swapaxes(text, 0, 1), batch["normal"].T,
                                         batch["text_ids"].T, batch["intact"].T, temp)
         metrics = {"temperature": jnp.asarray(temp, jnp.float32), "organs_taken": taken.sum().astype(jnp.float32),
-                   "target_entropy": target_entropy(batch["normal"].T, batch["text_ids"].T, batch["intact"].T, taken)}
+                   "target_entropy": organ_target_entropy(batch["normal"].T, batch["text_ids"].T, batch["intact"].T, taken)}
         metrics.update({f"{organ}_loss": per_organ[i] for i, organ in enumerate(self.organs)})
         return jnp.sum(per_organ), metrics
 

@@ -32,11 +32,11 @@ import numpy as np
 
 from medjax.config import ConfigError
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
-from medjax.losses.organ_contrastive import organ_losses
+from medjax.losses.organ_contrastive import organ_losses, organ_target_entropy
 from medjax.losses.vision_semantic import vision_semantic_losses
 from medjax.models import visd as visd_lib
 from medjax.params import merge_params
-from medjax.tasks.fvlm import FVLMTask, target_entropy
+from medjax.tasks.fvlm import FVLMTask
 from medjax.tasks.fvlm_data import CTReportDataset
 from medjax.tasks.visd_data import OrganWindowExample, ViSDExample
 
@@ -161,7 +161,7 @@ class ViSDTask(FVLMTask):
         per_organ, taken = organ_losses(_organs_first(image), _organs_first(text), batch["normal"].T,
                                         batch["text_ids"].T, batch["intact"].T, temp)
         metrics = {"temperature": jnp.asarray(temp, jnp.float32), "organs_taken": taken.sum().astype(jnp.float32),
-                   "target_entropy": target_entropy(batch["normal"].T, batch["text_ids"].T, batch["intact"].T, taken),
+                   "target_entropy": organ_target_entropy(batch["normal"].T, batch["text_ids"].T, batch["intact"].T, taken),
                    STATE: {"batch_stats": jax.lax.stop_gradient(stats["batch_stats"]) if train else
                            params["batch_stats"]}}
         metrics.update({f"{organ}_loss": per_organ[i] for i, organ in enumerate(self.organs)})

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medjax.losses.organ_contrastive import fvlm_organ_loss, organ_losses, organ_soft_targets
+from medjax.losses.organ_contrastive import (fvlm_organ_loss, organ_losses, organ_soft_targets,
+                                             organ_target_entropy)
 
 
 def _torch_reference(image, text, normal, text_ids, intact, temp):
@@ -101,6 +102,23 @@ def test_soft_targets_from_flags_and_text_ids():
                          [0, 0, half, half, 0],
                          [0, 0, 0, 0, 0]])  # not intact: no row, no column
     np.testing.assert_array_equal(targets, expected)
+
+
+def test_target_entropy_is_the_floor_of_the_loss():
+    # The rows of test_soft_targets_from_flags_and_text_ids: four intact rows of entropy ln 2 each, a not-intact
+    # row left out; an organ that is not taken adds nothing.
+    normal = np.array([[True, True, False, False, True]] * 2)
+    text_ids = np.array([[0, 0, 4, 4, 0]] * 2)
+    intact = np.array([[True, True, True, True, False]] * 2)
+    floor = float(organ_target_entropy(normal, text_ids, intact, np.array([True, False])))
+    np.testing.assert_allclose(floor, np.log(2.0), rtol=1e-6)
+    # The loss reaches it with similarities that are log S (up to a constant) both ways, and is above it otherwise.
+    emb = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.6, 0.8]], np.float32)[None].repeat(2, 0)
+    near = float(jnp.sum(organ_losses(emb, emb, normal, text_ids, intact, 1e-3)[0][:1]))
+    np.testing.assert_allclose(near, floor, rtol=1e-4)
+    image, text, normal, text_ids, intact = _random_case(0)
+    losses, taken = organ_losses(image, text, normal, text_ids, intact, 0.07)
+    assert float(jnp.sum(losses)) >= float(organ_target_entropy(normal, text_ids, intact, taken)) - 1e-5
 
 
 def test_hand_computed_two_sample_organ():
