@@ -180,11 +180,16 @@ def wd_multipliers(optim_cfg, params) -> dict[str, float]:
     return out
 
 
+def frozen_matcher(optim_cfg):
+    """path string ("a/b/kernel") -> whether one of the `optim.frozen` regexes matches it (`re.search`)."""
+    patterns = [re.compile(str(r)) for r in optim_cfg.get("frozen", ()) or ()]
+    return lambda path: any(r.search(path) for r in patterns)
+
+
 def frozen_labels(optim_cfg, params):
     """"frozen" / "trained" per leaf from `optim.frozen` regexes."""
-    patterns = [re.compile(str(r)) for r in optim_cfg.get("frozen", ()) or ()]
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: "frozen" if any(r.search(path_string(p)) for r in patterns) else "trained", params)
+    frozen = frozen_matcher(optim_cfg)
+    return jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if frozen(path_string(p)) else "trained", params)
 
 
 # ---- transformations ----------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 
 import flax.linen as nn
 import jax
@@ -45,7 +44,7 @@ from medjax.models.uni_vision_tower import (IMAGENET_MEAN, IMAGENET_STD, tower_f
                                             uni_vision_tower)
 from medjax.nn.clip_vit import CLIPVisionTransformer
 from medjax.nn.llama import Llama
-from medjax.optim import frozen_labels
+from medjax.optim import frozen_labels, frozen_matcher
 from medjax.params import merge_params
 from medjax.tasks.base import TaskBase, markdown_table
 from medjax.tasks.pathchat_data import (CLIP_MEAN, CLIP_STD, IGNORE, IMAGE_TOKEN, ConversationDataset,
@@ -134,7 +133,7 @@ class PathChatTask(TaskBase):
         pattern matches the part's prefix `part/` (stage 1's frozen 7B / 13B Llama in bf16, no fp32 copy: only
         trained params need a float32 master for Adam), else float32."""
         name = str(self.config.model.get("frozen_param_dtype", "") or "")
-        frozen = any(re.search(str(r), part + "/") for r in self.optim_config().get("frozen", ()) or ())
+        frozen = frozen_matcher(self.optim_config())(part + "/")
         return jnp.dtype(name) if name and frozen else jnp.dtype(jnp.float32)
 
     @staticmethod
