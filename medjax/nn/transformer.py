@@ -74,12 +74,12 @@ def layer_norm(dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, nam
 
 
 def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,
-          name: str | None = None, use_bias: bool = True, bias_std: float = 0.0) -> nn.Dense:
-    """nn.Dense with a Glorot-uniform kernel on logical axes `axes`; bias on the output axis, zeros or
-    normal(bias_std) (ViT's MLP: 1e-6, big_vision)."""
+          name: str | None = None, use_bias: bool = True, bias_std: float = 0.0, kernel_init: Any = None) -> nn.Dense:
+    """nn.Dense with a Glorot-uniform kernel (or `kernel_init`) on logical axes `axes`; bias on the output axis,
+    zeros or normal(bias_std) (ViT's MLP: 1e-6, big_vision)."""
     bias_init = nn.initializers.normal(bias_std) if bias_std else nn.initializers.zeros_init()
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+                    kernel_init=nn.with_logical_partitioning(kernel_init or nn.initializers.xavier_uniform(), axes),
                     bias_init=nn.with_logical_partitioning(bias_init, axes[1:]))
 
 
@@ -147,6 +147,7 @@ class MultiHeadAttention(nn.Module):
     qkv_bias: bool | None = None  # the q/k/v projections' bias; None: use_bias (the output's is use_bias)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = None  # every projection's kernel initialiser; None: HeadsDense's Glorot-uniform
 
     @nn.compact
     def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None, mask: jax.Array | None = None, *,
@@ -166,7 +167,7 @@ class MultiHeadAttention(nn.Module):
                     f"the query width {width} when head_dim is not given")
             head_dim = width // self.num_heads
         proj = lambda features, axes, in_dims, name, bias=self.use_bias: HeadsDense(  # noqa: E731
-            features, axes, in_dims, bias, self.dtype, self.param_dtype, name=name)
+            features, axes, in_dims, bias, self.dtype, self.param_dtype, self.kernel_init, name=name)
         heads, qkv_bias = (self.num_heads, head_dim), self.use_bias if self.qkv_bias is None else self.qkv_bias
         q = proj(heads, ("embed", "heads", "kv"), 1, "query", qkv_bias)(x_q)  # (batch, q_tokens, heads, head_dim)
         k = proj(heads, ("embed", "heads", "kv"), 1, "key", qkv_bias)(x_kv)
