@@ -76,7 +76,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         # From scratch (no pretrained towers), sized for a few minutes on 2 CPU cores, the paper's loss weights and
         # lr groups. ITC and ITM leave chance after ~100 / ~180 steps (issue #23; numbers in the README). What kept
         # them at ln 32 / ln 2 before: Glorot-initialised cross-modal modules (the original uses init_weights,
-        # N(0, 0.02): models/ptunifier.original_init_weights), whose misaligned initial features the first steps
+        # N(0, 0.02): models/ptunifier.INIT), whose misaligned initial features the first steps
         # collapsed (cosine 0.78 -> 0.98), and demo reports whose picked sentence sometimes named nothing drawn.
         c.train.update(dict(steps=300, batch_size=32, log_every=10, checkpoint_every=100, eval_batch_size=32))
         c.optim.update(dict(lr=5e-4))

@@ -94,7 +94,7 @@ def test_extract_names_a_coordinates_file_without_its_slide(setup, tmp_path, cap
 def test_abmil_reads_the_extracted_feature_files(tmp_path):
     from medjax.errors import MedjaxInputError
     from medjax.inference.slide_features import write_features
-    from medjax.tasks.uni_eval import read_feature_bags
+    from medjax.tasks.uni_tile_features import read_feature_bags
 
     rng = np.random.default_rng(0)
     written = {}

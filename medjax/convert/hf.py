@@ -41,7 +41,7 @@ from flax import traverse_util
 
 from medjax.convert.torch_io import (KeyReport, ParamMap, apply_mapping, attention_params, copy_param,
                                      layer_norm_params, linear_params, read_state_dict, weight_file)
-from medjax.nn import transformer
+from medjax.nn import layer_stack, transformer
 from medjax.nn.bert import BertEncoder
 from medjax.nn.clip_text import CLIPTextTransformer
 from medjax.nn.clip_vit import ACTIVATIONS, CLIPVisionTransformer
@@ -311,7 +311,7 @@ def load_with_report(path: str, tower: str | None = None, *, scan: bool | str | 
         shapes = transformer.unrolled_shapes(param_shapes(model), STACK)
         mapping = bert_map(model, shapes, prefix)
     params, report = apply_mapping(shapes, mapping, state, weights, ignore=ignore, param_dtype=param_dtype)
-    if transformer.resolve_scan(model.scan, model.depth):
+    if layer_stack.resolve_scan(model.scan, model.depth):
         params = transformer.stack_layers(params, STACK)  # layers_{i}/... -> layers/... (axis 0: the layer)
     if report.ignored:
         _log.info("%s: ignored %d checkpoint tensors not part of the %s model: %s", weights, len(report.ignored),

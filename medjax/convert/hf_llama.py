@@ -34,7 +34,7 @@ from medjax.convert import hf
 from medjax.convert.torch_io import (KeyReport, ParamMap, apply_mapping, copy_param, linear_param,
                                      read_state_dict, weight_file)
 from medjax.models.llava import Llava
-from medjax.nn import transformer
+from medjax.nn import layer_stack, transformer
 from medjax.nn.llama import Llama
 
 Dtype = Any
@@ -226,7 +226,7 @@ def load_with_report(path: str, *, scan: bool | str | None = None, dtype: Dtype 
                                    param_dtype=param_dtype)
     if model.language_model.scanned:
         params["language_model"] = transformer.stack_layers(params["language_model"], STACK)
-    if transformer.resolve_scan(model.vision_tower.scan, model.vision_tower.depth):
+    if layer_stack.resolve_scan(model.vision_tower.scan, model.vision_tower.depth):
         params["vision_tower"] = transformer.stack_layers(params["vision_tower"], hf.STACK)
     if report.ignored:
         _log.info("%s: ignored %d tensors beyond the vision feature layer: %s", weights, len(report.ignored),

@@ -36,7 +36,7 @@ from medjax.models.uni import ARCH_FIELDS, UNI2_H, UNI_VIT_L16, UNIEncoder, uni_
 
 __all__ = ["UNI2_H", "UNI_VIT_L16", "UNIEncoder", "load", "load_with_report", "load_state_dict_with_report",
            "param_shapes", "timm_checkpoint_shapes", "timm_fields_from_state_dict", "timm_vit_map", "uni_model"]
-from medjax.nn import transformer
+from medjax.nn import layer_stack, transformer
 
 Dtype = Any
 _log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def load_state_dict_with_report(state: Mapping[str, np.ndarray], source: str, *,
     report.raise_if_problems(f"{source} (timm ViT: {', '.join(f'{k}={getattr(model, k)}' for k in ARCH_FIELDS)})")
     used = {key: value for key, value in state.items() if key not in report.ignored}
     params, _ = apply_mapping(shapes, mapping, split_fused_qkv(used, (f"blocks.{i}" for i in range(model.depth))), source, param_dtype=param_dtype)
-    if transformer.resolve_scan(model.scan, model.depth):
+    if layer_stack.resolve_scan(model.scan, model.depth):
         params = transformer.stack_layers(params)  # encoder/blocks_{i}/... -> encoder/blocks/... (axis 0: layer)
     if report.ignored:
         _log.info("%s: ignored %d tensors that are not part of the feature: %s", source, len(report.ignored),

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.nn import transformer
+from medjax.nn import layer_stack
 from medjax.nn.transformer import TOKENS, MultiHeadAttention, layer_norm
 
 Dtype = Any
@@ -107,8 +107,8 @@ class VolumeViT(nn.Module):
         self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (None, None, "embed")), (1, self.num_tokens, self.width), self.param_dtype)
         self.embed_dropout = nn.Dropout(self.dropout)
-        self.blocks = transformer.block_stack(
-            self.depth, [0.0] * self.depth, scan=False, remat=transformer.resolve_remat(self.remat),
+        self.blocks = layer_stack.block_stack(
+            self.depth, [0.0] * self.depth, scan=False, remat=layer_stack.resolve_remat(self.remat),
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, hidden_dropout=self.dropout, layer_norm_eps=1e-5,
             mlp_bias_std=0.0, dtype=self.dtype, param_dtype=self.param_dtype)
         self.norm = layer_norm(self.dtype, self.param_dtype, eps=1e-5)
@@ -120,7 +120,7 @@ class VolumeViT(nn.Module):
         x = self.patch_embed(volumes.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, self.width) + self.pos_embed.astype(self.dtype)
         x = nn.with_logical_constraint(self.embed_dropout(x, deterministic=not train), TOKENS)
-        final, outputs = transformer.run_stack(self.blocks, x, [0.0] * self.depth, train=train, collect=True)
+        final, outputs = layer_stack.run_stack(self.blocks, x, [0.0] * self.depth, train=train, collect=True)
         final = self.norm(final)
         keys = jnp.concatenate([outputs[jnp.asarray(self.key_blocks)], final[None]], axis=0)
         return final, keys

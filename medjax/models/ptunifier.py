@@ -19,14 +19,13 @@ every token; `vision_depth=11` in the full configuration reproduces that.
 
 Initialisation: every module outside the two towers (projections, modality types, co-attention layers,
 poolers, heads) starts as the original's `objectives.init_weights` (METER's) leaves it: Linear and Embedding
-weights N(0, 0.02), biases 0, LayerNorm (1, 0): `original_init_weights`, which the tasks apply at init (the
-towers keep their own initialisation, or the pretrained weights). Measured on the demo (issue #23): with the
+weights N(0, 0.02), biases 0, LayerNorm (1, 0), the initialisers of those modules (`INIT`; the towers keep
+their own initialisation, or the pretrained weights). Measured on the demo (issue #23): with the
 Glorot-uniform kernels instead, the fused features of different samples start misaligned (ITC above ln B) and
 the first steps collapse them (cosine 0.78 -> 0.98 within 10 steps), so ITC sat at ln B for the demo's run.
 """
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -55,6 +54,10 @@ PTUNIFIER_TINY = dict(
     hidden_size=32, fusion_layers=2, fusion_heads=2, fusion_mlp_dim=64, pool_size=16, num_visual_prompts=4,
     num_textual_prompts=3,
 )
+# The original's `objectives.init_weights` (METER's) on every module outside the towers: Linear and Embedding
+# weights `module.weight.data.normal_(mean=0.0, std=0.02)`, biases zero, LayerNorm (1, 0).
+INIT_STD = 0.02
+INIT = nn.initializers.normal(INIT_STD)
 
 
 class PTUnifier(nn.Module):
@@ -112,28 +115,32 @@ class PTUnifier(nn.Module):
                                 attention_dropout=self.dropout,
                                 position_padding_idx=self.pad_token_id if self.roberta_positions else None,
                                 add_pooling_layer=False, scan=self.scan, **kinds)
-        self.text_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype)
-        self.image_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype)
+        self.text_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
+        self.image_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
         self.modality_type = nn.Embed(2, self.hidden_size, embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (None, "embed")), **kinds)
         self.fusion = [CoAttentionBlock(self.fusion_heads, self.fusion_mlp_dim, "gelu", self.fusion_layer_norm_eps,
-                                        self.dropout, self.dropout, **kinds) for _ in range(self.fusion_layers)]
-        self.text_pooler = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype)
-        self.image_pooler = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype)
+                                        self.dropout, self.dropout, kernel_init=INIT, **kinds)
+                       for _ in range(self.fusion_layers)]
+        self.text_pooler = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
+        self.image_pooler = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
         # Sec. 3.2: V (visual prompts, width of the image embeddings) and T (textual prompts).
         self.visual_prompts = PromptPool(self.pool_size, self.vision_width, self.prompts_trainable, **kinds)
         self.textual_prompts = PromptPool(self.pool_size, self.text_width, self.prompts_trainable, **kinds)
         # MLM head (BertPredictionHeadTransform + untied decoder + bias), ITM head, ITC projections.
-        self.mlm_transform = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype)
+        self.mlm_transform = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
         self.mlm_norm = layer_norm(self.fusion_layer_norm_eps, self.dtype, self.param_dtype)
-        self.mlm_decoder = dense(self.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype, use_bias=False)
+        self.mlm_decoder = dense(self.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype, use_bias=False,
+                                 kernel_init=INIT)
         self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
                                    (self.vocab_size,), self.param_dtype)
-        self.itm_head = dense(2, ("embed", "classes"), self.dtype, self.param_dtype)
+        self.itm_head = dense(2, ("embed", "classes"), self.dtype, self.param_dtype, kernel_init=INIT)
         self.itc_image_norm = layer_norm(1e-5, self.dtype, self.param_dtype)  # CLIP's LayerNorm (eps 1e-5)
         self.itc_text_norm = layer_norm(1e-5, self.dtype, self.param_dtype)
-        self.itc_image_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, use_bias=False)
-        self.itc_text_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, use_bias=False)
+        self.itc_image_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, use_bias=False,
+                                    kernel_init=INIT)
+        self.itc_text_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, use_bias=False,
+                                   kernel_init=INIT)
 
     # ---- unimodal encoders -------------------------------------------------------------------------
     def _check_text(self, input_ids: jax.Array, attention_mask: jax.Array) -> None:
@@ -264,26 +271,6 @@ class PTUnifier(nn.Module):
         """Every head on matched pairs (creates all params at init): `pretraining_outputs` with itm_images = b."""
         return self.pretraining_outputs(images, input_ids, input_ids, attention_mask,
                                         jnp.arange(input_ids.shape[0]), train=train)
-
-
-TOWERS = ("vision", "text")  # the unimodal encoders: CLIP's and RoBERTa's own initialisation (or weights)
-INIT_STD = 0.02  # objectives.init_weights: module.weight.data.normal_(mean=0.0, std=0.02)
-
-
-def original_init_weights(params: Any, rng: jax.Array, std: float = INIT_STD, towers: tuple[str, ...] = TOWERS) -> Any:
-    """`params` (boxed or plain) with every kernel / embedding outside `towers` redrawn from N(0, std), as the
-    original applies METER's `objectives.init_weights` to its cross-modal modules and heads (biases and
-    LayerNorms already start at 0 and (1, 0); the prompt pools are N(0, 0.02) by construction and stay)."""
-    def redraw(path, leaf):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if names[0] in towers or names[-1] not in ("kernel", "embedding"):
-            return leaf
-        value = leaf.unbox() if isinstance(leaf, nn.meta.AxisMetadata) else leaf
-        key = jax.random.fold_in(rng, zlib.crc32("/".join(names).encode()) & 0x7FFFFFFF)
-        new = (std * jax.random.normal(key, value.shape, jnp.float32)).astype(value.dtype)
-        return leaf.replace_boxed(new) if isinstance(leaf, nn.meta.AxisMetadata) else new
-
-    return jax.tree_util.tree_map_with_path(redraw, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def ptunifier_from_config(cfg, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> PTUnifier:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.ptunifier import PTUNIFIER_FULL
+from medjax.models.ptunifier import INIT, PTUNIFIER_FULL
 from medjax.models.ptunifier_finetune import PTUnifierFinetune
 from medjax.nn.bert import roberta_position_ids
 from medjax.nn.clip_vit import TOKENS, activation, dense, layer_norm
@@ -57,11 +57,13 @@ class ReportDecoder(nn.Module):
         self.embedding_norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
         self.embedding_dropout = nn.Dropout(self.dropout)
         self.layers = [CoAttentionLayer(self.num_heads, self.mlp_dim, "gelu", self.layer_norm_eps, self.dropout,
-                                        self.dropout, causal=True, dtype=self.dtype, param_dtype=self.param_dtype)
+                                        self.dropout, causal=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                                        kernel_init=INIT)
                        for _ in range(self.depth)]
-        self.lm_transform = dense(self.width, ("embed", None), self.dtype, self.param_dtype)
+        self.lm_transform = dense(self.width, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
         self.lm_norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
-        self.lm_decoder = dense(self.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype, use_bias=False)
+        self.lm_decoder = dense(self.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype, use_bias=False,
+                                kernel_init=INIT)
         self.lm_bias = self.param("lm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
                                   (self.vocab_size,), self.param_dtype)
 
@@ -98,7 +100,7 @@ class PTUnifierReportGen(PTUnifierFinetune):
         super().setup()
         if self.mode not in MODES:
             raise ValueError(f"medjax/models/ptunifier_reportgen.py: mode={self.mode!r}; expected one of {MODES}")
-        self.clm_proj = dense(self.text_width, ("embed", None), self.dtype, self.param_dtype)
+        self.clm_proj = dense(self.text_width, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
         self.clm_norm = layer_norm(1e-5, self.dtype, self.param_dtype)  # torch nn.LayerNorm's default eps
         self.report_decoder = ReportDecoder(
             self.vocab_size, self.text_width, self.decoder_layers, self.text_heads, self.text_mlp_dim,

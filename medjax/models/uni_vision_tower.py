@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax.models.uni import ARCH_FIELDS, UNI_VIT_L16, UNIEncoder
-from medjax.nn import transformer
+from medjax.nn import layer_stack
 from medjax.nn.transformer import SCAN_NAME
 from medjax.nn.vit import ViTEncoder
 
@@ -59,7 +59,7 @@ class UNIVisionTower(nn.Module):
                              interpolate_antialias=self.interpolate_antialias, mlp_activation=self.mlp_activation,
                              mlp_dim=self.mlp_dim, no_embed_class=self.no_embed_class, dtype=self.dtype,
                              param_dtype=self.param_dtype, name="encoder")
-        tokens, _ = transformer.run_stack(encoder.blocks, encoder.embed(images), encoder.drop_path_rates())
+        tokens, _ = layer_stack.run_stack(encoder.blocks, encoder.embed(images), encoder.drop_path_rates())
         return jnp.concatenate([tokens[:, :1], tokens[:, 1 + self.num_register_tokens:]], axis=1)
 
 
@@ -79,7 +79,7 @@ def uni_vision_tower(feature_depth: int = 23, *, dtype: Dtype = jnp.float32, par
 
 def tower_from_uni(model: UNIEncoder, feature_depth: int, *, dtype: Dtype | None = None) -> UNIVisionTower:
     """The tower of a (converted) UNIEncoder's architecture, running `feature_depth` of its blocks."""
-    scanned = transformer.resolve_scan(model.scan, model.depth)  # the converted params' layout, kept when cut
+    scanned = layer_stack.resolve_scan(model.scan, model.depth)  # the converted params' layout, kept when cut
     fields = {k: getattr(model, k) for k in ARCH_FIELDS} | {"scan": scanned, "remat": model.remat}
     return uni_vision_tower(feature_depth, dtype=model.dtype if dtype is None else dtype,
                             param_dtype=model.param_dtype, **fields)

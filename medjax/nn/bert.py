@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn import transformer
+from medjax.nn import layer_stack
 from medjax.nn.clip_vit import TOKENS, dense, layer_norm
 
 Dtype = Any
@@ -60,7 +60,7 @@ class BertEncoder(nn.Module):
     position_padding_idx: int | None = None  # RoBERTa: the pad token id; None: BERT positions 0..T-1
     add_pooling_layer: bool = True
     scan: bool | str | None = False  # nn.scan over the layers (params under `layers`); off: the converters' layout
-    remat: bool | str = "none"  # transformer.REMAT_POLICIES name or "none"
+    remat: bool | str = "none"  # layer_stack.REMAT_POLICIES name or "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -77,9 +77,9 @@ class BertEncoder(nn.Module):
         self.embedding_norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
         self.embedding_dropout = nn.Dropout(self.hidden_dropout)
         # Unrolled: layers_0, layers_1, ...; scanned: one "layers" whose params have a leading layer axis.
-        self.layers = transformer.block_stack(
-            self.depth, [0.0] * self.depth, scan=transformer.resolve_scan(self.scan, self.depth),
-            remat=transformer.resolve_remat(self.remat), dtype=self.dtype, param_dtype=self.param_dtype,
+        self.layers = layer_stack.block_stack(
+            self.depth, [0.0] * self.depth, scan=layer_stack.resolve_scan(self.scan, self.depth),
+            remat=layer_stack.resolve_remat(self.remat), dtype=self.dtype, param_dtype=self.param_dtype,
             **bert_layer_fields(self.num_heads, self.mlp_dim, self.hidden_act, self.layer_norm_eps,
                                 self.hidden_dropout, self.attention_dropout))
         if self.add_pooling_layer:
@@ -121,7 +121,7 @@ class BertEncoder(nn.Module):
             raise ValueError(f"medjax/nn/bert.py BertEncoder.encode: attention_mask shape {attention_mask.shape} does "
                              f"not match the tokens {hidden.shape[:2]}")
         mask = None if attention_mask is None else (attention_mask[:, None, None, :] > 0)
-        hidden, _ = transformer.run_stack(self.layers, hidden, [0.0] * self.depth, mask=mask, train=train)
+        hidden, _ = layer_stack.run_stack(self.layers, hidden, [0.0] * self.depth, mask=mask, train=train)
         return hidden
 
     def pool(self, last_hidden_state: jax.Array) -> jax.Array:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn import transformer
+from medjax.nn import layer_stack
 from medjax.nn.clip_vit import TOKENS, clip_layer_fields, dense, layer_norm
 
 Dtype = Any
@@ -75,7 +75,7 @@ class CLIPTextTransformer(nn.Module):
     eos_token_id: int = 49407
     projection_dim: int | None = None
     scan: bool | str | None = False  # nn.scan over the layers (params under `layers`); off: the converters' layout
-    remat: bool | str = "none"  # transformer.REMAT_POLICIES name or "none"
+    remat: bool | str = "none"  # layer_stack.REMAT_POLICIES name or "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -89,9 +89,9 @@ class CLIPTextTransformer(nn.Module):
         self.position_embedding = self.param("position_embedding", nn.with_logical_partitioning(
             nn.initializers.normal(0.01), (None, "embed")), (self.max_length, self.width), self.param_dtype)
         # Unrolled: layers_0, layers_1, ...; scanned: one "layers" whose params have a leading layer axis.
-        self.layers = transformer.block_stack(
-            self.depth, [0.0] * self.depth, scan=transformer.resolve_scan(self.scan, self.depth),
-            remat=transformer.resolve_remat(self.remat), dtype=self.dtype, param_dtype=self.param_dtype,
+        self.layers = layer_stack.block_stack(
+            self.depth, [0.0] * self.depth, scan=layer_stack.resolve_scan(self.scan, self.depth),
+            remat=layer_stack.resolve_remat(self.remat), dtype=self.dtype, param_dtype=self.param_dtype,
             **clip_layer_fields(self.num_heads, self.mlp_dim, self.hidden_act, self.layer_norm_eps,
                                 self.attention_dropout))
         self.ln_final = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
@@ -118,7 +118,7 @@ class CLIPTextTransformer(nn.Module):
         x = self.token_embedding(input_ids) + self.position_embedding[:length].astype(self.dtype)
         x = nn.with_logical_constraint(x, TOKENS)
         mask = causal_padding_mask(attention_mask, length)
-        x, _ = transformer.run_stack(self.layers, x, [0.0] * self.depth, mask=mask, train=train)
+        x, _ = layer_stack.run_stack(self.layers, x, [0.0] * self.depth, mask=mask, train=train)
         last_hidden_state = self.ln_final(x)
         if self.is_initializing() and self.projection_dim is not None:  # create the projection params
             self.project(self.pool(input_ids, last_hidden_state))

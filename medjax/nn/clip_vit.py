@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.nn import transformer
+from medjax.nn import layer_stack, transformer
 from medjax.nn.transformer import ACTIVATIONS, TOKENS, dense  # noqa: F401  (re-exported names)
 from medjax.nn.vit import patchify, position_resize_matrix, resize_patch_positions
 
@@ -113,7 +113,7 @@ class CLIPVisionTransformer(nn.Module):
     # nn.scan over the layers: off unless asked, as the Hugging Face / PTUnifier converters (medjax/convert/hf.py,
     # ptunifier.py) map the unrolled layers_{i} layout (None: auto, depth >= 12).
     scan: bool | str | None = False
-    remat: bool | str = "none"  # transformer.REMAT_POLICIES name or "none"
+    remat: bool | str = "none"  # layer_stack.REMAT_POLICIES name or "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -133,9 +133,9 @@ class CLIPVisionTransformer(nn.Module):
             nn.initializers.normal(0.02), (None, "embed")), (grid * grid + 1, self.width), self.param_dtype)
         self.ln_pre = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
         # Unrolled: layers_0, layers_1, ...; scanned: one "layers" whose params have a leading layer axis.
-        self.layers = transformer.block_stack(
-            self.depth, [0.0] * self.depth, scan=transformer.resolve_scan(self.scan, self.depth),
-            remat=transformer.resolve_remat(self.remat), dtype=self.dtype, param_dtype=self.param_dtype,
+        self.layers = layer_stack.block_stack(
+            self.depth, [0.0] * self.depth, scan=layer_stack.resolve_scan(self.scan, self.depth),
+            remat=layer_stack.resolve_remat(self.remat), dtype=self.dtype, param_dtype=self.param_dtype,
             **clip_layer_fields(self.num_heads, self.mlp_dim, self.hidden_act, self.layer_norm_eps,
                                 self.attention_dropout))
         self.ln_post = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
@@ -168,7 +168,7 @@ class CLIPVisionTransformer(nn.Module):
         if tokens.ndim != 3 or tokens.shape[-1] != self.width:
             raise ValueError(f"medjax/nn/clip_vit.py CLIPVisionTransformer.encode: expected tokens (batch, tokens, "
                              f"{self.width}), got {tokens.shape}")
-        x, _ = transformer.run_stack(self.layers, self.ln_pre(tokens), [0.0] * self.depth, train=train)
+        x, _ = layer_stack.run_stack(self.layers, self.ln_pre(tokens), [0.0] * self.depth, train=train)
         return x
 
     def pool(self, last_hidden_state: jax.Array) -> jax.Array:

@@ -49,6 +49,7 @@ class CoAttentionLayer(nn.Module):
     causal: bool = False  # True: token i attends to tokens <= i in self-attention (a decoder layer, HF is_decoder)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = None  # the attention and FFN kernels' initialiser; None: Glorot-uniform
 
     @nn.compact
     def __call__(self, x: jax.Array, y: jax.Array, x_mask: jax.Array | None = None, y_mask: jax.Array | None = None,
@@ -61,7 +62,7 @@ class CoAttentionLayer(nn.Module):
         drop = lambda h: nn.Dropout(self.hidden_dropout)(h, deterministic=not train)  # noqa: E731
         attend = lambda name: MultiHeadAttention(  # noqa: E731  (medjax/nn/transformer.py, with a key mask)
             self.num_heads, dropout_rate=self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=name)
+            kernel_init=self.kernel_init, name=name)
         self_mask = key_padding_mask(x_mask)
         if self.causal:
             tokens = x.shape[1]
@@ -71,8 +72,9 @@ class CoAttentionLayer(nn.Module):
         x = norm("self_attention_norm")(x + drop(h))
         h = attend("cross_attention")(x, y, key_padding_mask(y_mask), train=train)
         x = norm("cross_attention_norm")(x + drop(h))
-        h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
-        h = dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(activation(self.hidden_act)(h))
+        h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1", kernel_init=self.kernel_init)(x)
+        h = dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2",
+                  kernel_init=self.kernel_init)(activation(self.hidden_act)(h))
         x = norm("output_norm")(x + drop(h))
         return nn.with_logical_constraint(x, TOKENS)
 
@@ -89,13 +91,15 @@ class CoAttentionBlock(nn.Module):
     attention_dropout: float = 0.1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = None  # CoAttentionLayer.kernel_init
 
     @nn.compact
     def __call__(self, text: jax.Array, image: jax.Array, text_mask: jax.Array | None,
                  image_mask: jax.Array | None, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
         fields = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, hidden_act=self.hidden_act,
                       layer_norm_eps=self.layer_norm_eps, hidden_dropout=self.hidden_dropout,
-                      attention_dropout=self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+                      attention_dropout=self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=self.kernel_init)
         new_text = CoAttentionLayer(**fields, name="text")(text, image, text_mask, image_mask, train=train)
         new_image = CoAttentionLayer(**fields, name="image")(image, text, image_mask, text_mask, train=train)
         return new_text, new_image

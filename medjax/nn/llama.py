@@ -12,7 +12,7 @@ matching Hugging Face `LlamaForCausalLM` (transformers 5.23) number for number.
 - Grouped-query attention (Ainslie et al. 2023): query head j reads KV head j // (heads / kv_heads), scale
   hd^-1/2, softmax in fp32, causal and padding masks (left padding: position_ids = cumsum(mask) - 1).
 - The layers are one `nn.scan` (params under `layers` with a leading "layers" axis) or unrolled
-  (`layers_0`, ...), each with an `nn.remat` policy (`medjax.nn.transformer.REMAT_POLICIES`).
+  (`layers_0`, ...), each with an `nn.remat` policy (`medjax.nn.layer_stack.REMAT_POLICIES`).
 - KV cache for decoding: `init_cache(batch, length)` gives {"k", "v"} of shape (layers, batch, length,
   kv_heads, head_dim); `decode(...)` writes the new keys/values at `cache_index` and attends over the
   cache slots `kv_mask` marks valid (and that are not in the future of the query's slot).
@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.nn import transformer
+from medjax.nn import layer_stack, transformer
 
 Dtype = Any
 Cache = dict[str, jax.Array]
@@ -196,7 +196,7 @@ class Llama(nn.Module):
 
     @property
     def scanned(self) -> bool:
-        return transformer.resolve_scan(self.scan, self.depth)
+        return layer_stack.resolve_scan(self.scan, self.depth)
 
     def setup(self):
         if self.num_heads % self.kv_heads:
@@ -207,18 +207,18 @@ class Llama(nn.Module):
         fields = dict(num_heads=self.num_heads, num_kv_heads=self.kv_heads, head_dim=self.hd, mlp_dim=self.mlp_dim,
                       rms_norm_eps=self.rms_norm_eps, init_std=self.init_std, dtype=self.dtype,
                       param_dtype=self.param_dtype)
-        policy = transformer.resolve_remat(self.remat)
+        policy = layer_stack.resolve_remat(self.remat)
         block = LlamaBlock
         if self.scanned:
             if policy != "none":
-                block = nn.remat(block, policy=transformer.REMAT_POLICIES[policy], prevent_cse=False)
+                block = nn.remat(block, policy=layer_stack.REMAT_POLICIES[policy], prevent_cse=False)
             self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                                   length=self.depth, metadata_params={nn.PARTITION_NAME: transformer.LAYERS}
                                   )(**fields)
         else:
             if policy != "none":
-                block = nn.remat(block, policy=transformer.REMAT_POLICIES[policy])
+                block = nn.remat(block, policy=layer_stack.REMAT_POLICIES[policy])
             self.layers = [block(**fields) for _ in range(self.depth)]
         self.norm = RMSNorm(self.rms_norm_eps, self.param_dtype)
         if not self.tie_embeddings:

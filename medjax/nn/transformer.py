@@ -10,12 +10,9 @@
 - `TransformerBlock`: pre-norm x + attn(LN(x)[, LN(x_kv)]), x + mlp(LN(x)) (ViT, CLIP) or post-norm
   LN(x + attn(x)), LN(x + mlp(x)) (BERT), with CaiT LayerScale (Touvron et al., ICCV 2021) and stochastic
   depth (Huang et al., ECCV 2016). Param names are fields, so each model keeps its converters' layout.
-- `block_stack` / `run_stack`: `depth` blocks either unrolled (submodules `blocks_0`, `blocks_1`, ...) or
-  one `nn.scan` over the layers (submodule `blocks`, every param with a leading layer axis of logical
-  name "layers"), so a 24-layer ViT compiles one block; each with an `nn.remat` policy. Per-layer
-  values (the drop-path schedule) are scanned inputs; intermediate layer outputs are the scan's outputs.
-- `stack_layers` / `unstack_layers` / `match_layer_layout` / `unrolled_shapes`: move params between the two
-  layouts (`medjax.nn.transformer_layout`, re-exported here).
+- The layer stack (`depth` blocks unrolled or under one `nn.scan`, with a remat policy) is
+  `medjax.nn.layer_stack`; `stack_layers` / `unstack_layers` / `match_layer_layout` / `unrolled_shapes` move
+  params between its two layouts (`medjax.nn.transformer_layout`, re-exported here).
 
 The projections are `HeadsDense` rather than `nn.DenseGeneral`: DenseGeneral initialises a multi-axis
 kernel through its flattened 2-D shape, and a logically partitioned initialiser then applies its 3-name
@@ -25,12 +22,11 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from medjax.kernels.relation_mask import relation_mask_attention
 # The layout converters live in their own file; re-exported here (their public path, see __all__).
@@ -39,9 +35,8 @@ from medjax.nn.transformer_layout import (
     unstack_layers)
 
 __all__ = [
-    "ACTIVATIONS", "REMAT_POLICIES", "SCAN_MIN_DEPTH", "TOKENS", "DropPath", "HeadsDense", "Mlp", "MultiHeadAttention",
-    "TransformerBlock", "activation", "block_stack", "dense", "drop_add_residual_stochastic_depth", "layer_norm",
-    "mlp", "resolve_remat", "resolve_scan", "run_stack", "softmax_attention",
+    "ACTIVATIONS", "TOKENS", "DropPath", "HeadsDense", "Mlp", "MultiHeadAttention", "TransformerBlock", "activation",
+    "dense", "drop_add_residual_stochastic_depth", "layer_norm", "mlp", "softmax_attention",
     # medjax.nn.transformer_layout
     "LAYERS", "SCAN_NAME", "layer_count", "layer_intermediates", "match_layer_layout", "stack_layers",
     "unrolled_shapes", "unstack_layers",
@@ -49,7 +44,6 @@ __all__ = [
 
 Dtype = Any
 TOKENS = ("batch", "length", "embed")
-SCAN_MIN_DEPTH = 12  # scan=None (auto) scans stacks of at least this many layers
 
 # transformers.activations.ACT2FN entries used by the ViT / CLIP / BERT / RoBERTa families.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -80,12 +74,12 @@ def layer_norm(dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, nam
 
 
 def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,
-          name: str | None = None, use_bias: bool = True, bias_std: float = 0.0) -> nn.Dense:
-    """nn.Dense with a Glorot-uniform kernel on logical axes `axes`; bias on the output axis, zeros or
-    normal(bias_std) (ViT's MLP: 1e-6, big_vision)."""
+          name: str | None = None, use_bias: bool = True, bias_std: float = 0.0, kernel_init: Any = None) -> nn.Dense:
+    """nn.Dense with a Glorot-uniform kernel (or `kernel_init`) on logical axes `axes`; bias on the output axis,
+    zeros or normal(bias_std) (ViT's MLP: 1e-6, big_vision)."""
     bias_init = nn.initializers.normal(bias_std) if bias_std else nn.initializers.zeros_init()
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+                    kernel_init=nn.with_logical_partitioning(kernel_init or nn.initializers.xavier_uniform(), axes),
                     bias_init=nn.with_logical_partitioning(bias_init, axes[1:]))
 
 
@@ -153,6 +147,7 @@ class MultiHeadAttention(nn.Module):
     qkv_bias: bool | None = None  # the q/k/v projections' bias; None: use_bias (the output's is use_bias)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_init: Any = None  # every projection's kernel initialiser; None: HeadsDense's Glorot-uniform
 
     @nn.compact
     def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None, mask: jax.Array | None = None, *,
@@ -172,7 +167,7 @@ class MultiHeadAttention(nn.Module):
                     f"the query width {width} when head_dim is not given")
             head_dim = width // self.num_heads
         proj = lambda features, axes, in_dims, name, bias=self.use_bias: HeadsDense(  # noqa: E731
-            features, axes, in_dims, bias, self.dtype, self.param_dtype, name=name)
+            features, axes, in_dims, bias, self.dtype, self.param_dtype, self.kernel_init, name=name)
         heads, qkv_bias = (self.num_heads, head_dim), self.use_bias if self.qkv_bias is None else self.qkv_bias
         q = proj(heads, ("embed", "heads", "kv"), 1, "query", qkv_bias)(x_q)  # (batch, q_tokens, heads, head_dim)
         k = proj(heads, ("embed", "heads", "kv"), 1, "key", qkv_bias)(x_kv)
@@ -368,97 +363,3 @@ class TransformerBlock(nn.Module):
             x = norm(1)(x + drop(self._mlp(x, train), 2))
         return nn.with_logical_constraint(x, TOKENS)
 
-
-# ---- the layer stack: unrolled or nn.scan, with a remat policy ---------------------------------------
-
-REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    "full": None,  # save nothing inside a block: recompute it all in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def resolve_remat(remat: bool | str | None) -> str:
-    """A model's `remat` field -> "none" | a REMAT_POLICIES name; True (the old bool switch) is "full"."""
-    if remat is None or remat is False:
-        return "none"
-    if remat is True:
-        return "full"
-    name = str(remat).strip().lower()
-    name = {"true": "full", "false": "none", "1": "full", "0": "none", "": "none"}.get(name, name)
-    if name != "none" and name not in REMAT_POLICIES:
-        raise ValueError(f"medjax/nn/transformer.py: remat={remat!r}; expected 'none', "
-                         f"{', '.join(repr(k) for k in REMAT_POLICIES)} (or a bool: True = 'full')")
-    return name
-
-
-def resolve_scan(scan: bool | str | None, depth: int) -> bool:
-    """A model's `scan` field -> bool: None / "auto" scans stacks of >= SCAN_MIN_DEPTH layers; "true" /
-    "false" (a config override of a None field arrives as text) are accepted."""
-    if scan is None or (isinstance(scan, str) and scan.strip().lower() in ("auto", "none", "")):
-        return depth >= SCAN_MIN_DEPTH
-    if isinstance(scan, str):
-        lowered = scan.strip().lower()
-        if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"medjax/nn/transformer.py: scan={scan!r}; expected True, False or None (auto)")
-        return lowered in ("true", "1", "yes")
-    return bool(scan)
-
-
-class _StackBlock(TransformerBlock):
-    """A block of a stack: (x, drop_path_rate, mask, train, collect) -> (x, x if collect), the shape nn.scan
-    needs (carry, per-layer input) -> (carry, per-layer output); `train`/`collect` are static."""
-
-    def __call__(self, x, drop_path_rate, mask, train, collect, relation_mask_ratio=None):  # type: ignore[override]
-        x = super().__call__(x, mask=mask, train=train, drop_path_rate=drop_path_rate,
-                             relation_mask_ratio=relation_mask_ratio)
-        return x, (x if collect else None)
-
-
-def _remat(cls, policy: str, *, prevent_cse: bool, static_argnums: tuple[int, ...]):
-    """`train`, `collect` (and, unrolled, the per-call relation-mask ratio) are static; argnum 0 is self."""
-    if policy == "none":
-        return cls
-    return nn.remat(cls, static_argnums=static_argnums, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
-
-
-def block_stack(depth: int, rates: Sequence[float], *, scan: bool, remat: str, **block_fields):
-    """The stack's modules, to assign in a `setup` (attribute `blocks`): unrolled, a list of `depth` blocks
-    (names blocks_0, ...; block i has drop path rates[i]); scanned, one `nn.scan` module over `depth` blocks
-    whose params carry a leading layer axis ("layers"). Run it with `run_stack`."""
-    if len(rates) != depth:
-        raise ValueError(f"medjax/nn/transformer.py block_stack: {len(rates)} drop-path rates for {depth} layers")
-    if not scan:
-        block = _remat(_StackBlock, remat, prevent_cse=True, static_argnums=(4, 5, 6))
-        return [block(drop_path=float(rate), **block_fields) for rate in rates]
-    block = _remat(_StackBlock, remat, prevent_cse=False, static_argnums=(4, 5))  # scan already keeps the recomputation apart
-    scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
-                      metadata_params={nn.PARTITION_NAME: LAYERS})
-    uniform = len(set(float(r) for r in rates)) <= 1
-    return scanned(drop_path=float(rates[0]) if uniform and depth else 0.0, **block_fields)
-
-
-def run_stack(blocks, x: jax.Array, rates: Sequence[float], *, mask: jax.Array | None = None, train: bool = False,
-              collect: bool = False, relation_mask_ratios: Sequence[float] | None = None
-              ) -> tuple[jax.Array, jax.Array | None]:
-    """x through a `block_stack`; also every block's output stacked (depth, ...) when `collect`. A scanned
-    stack with a non-uniform drop-path schedule gets the rates as its scanned input (so no per-layer value
-    forces the unrolled path). `relation_mask_ratios`: a per-layer MRM ratio for this pass (unrolled stacks
-    only: a scanned stack runs one program for every layer)."""
-    if isinstance(blocks, (list, tuple)):
-        ratios = [None] * len(blocks) if relation_mask_ratios is None else list(relation_mask_ratios)
-        if len(ratios) != len(blocks):
-            raise ValueError(f"medjax/nn/transformer.py run_stack: {len(ratios)} relation_mask_ratios for "
-                             f"{len(blocks)} layers")
-        outputs = []
-        for block, ratio in zip(blocks, ratios):
-            x, _ = block(x, None, mask, train, False, ratio)
-            outputs.append(x)
-        return x, (jnp.stack(outputs) if collect and outputs else None)
-    if relation_mask_ratios is not None and any(relation_mask_ratios):
-        raise ValueError("medjax/nn/transformer.py run_stack: per-layer relation masking needs an unrolled stack "
-                         "(scan=False; e.g. model.scan=false with MRM's model.mask_layers)")
-    uniform = len(set(float(r) for r in rates)) <= 1
-    per_layer = None if uniform else jnp.asarray(np.asarray(rates, np.float32))
-    return blocks(x, per_layer, mask, train, collect)

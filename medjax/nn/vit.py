@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.nn import transformer
+from medjax.nn import layer_stack, transformer
 from medjax.nn.sincos import sincos_2d
 from medjax.nn.transformer import TOKENS, DropPath, TransformerBlock
 
@@ -182,7 +182,7 @@ class ViTEncoder(nn.Module):
     Layout: unrolled, the blocks are `blocks_0`, `blocks_1`, ...; with `scan` (None: depth >= 12) they are one
     nn.scan module `blocks` whose params have the layer on axis 0 (logical axis "layers"), so ViT-L/24
     compiles one block. `medjax.nn.transformer.stack_layers` / `unstack_layers` convert between the two.
-    `remat` names a recomputation policy for each block (transformer.REMAT_POLICIES; True = "full").
+    `remat` names a recomputation policy for each block (layer_stack.REMAT_POLICIES; True = "full").
     """
 
     image_size: int = 224
@@ -194,7 +194,7 @@ class ViTEncoder(nn.Module):
     class_token: bool = True
     drop_path: float = 0.0
     layerscale_init: float | None = None
-    remat: bool | str = "none"  # transformer.REMAT_POLICIES name, "none" (or a bool: True = "full")
+    remat: bool | str = "none"  # layer_stack.REMAT_POLICIES name, "none" (or a bool: True = "full")
     scan: bool | str | None = None  # nn.scan over the blocks (params under "blocks"); None: depth >= 12
     num_register_tokens: int = 0  # Darcet et al. 2024 "registers" (DINOv2 `num_register_tokens`)
     use_mask_token: bool = False  # a learned iBOT mask token (DINOv2 `mask_token`, zeros at init)
@@ -253,8 +253,8 @@ class ViTEncoder(nn.Module):
         self.pos_embed = self.param("pos_embed", pos_init,
                                     (1, self.num_patches + self.num_position_prefix, self.width), self.param_dtype)
         # Unrolled: blocks_0, blocks_1, ...; scanned: one "blocks" whose params have a leading layer axis.
-        self.blocks = transformer.block_stack(
-            self.depth, self.drop_path_rates(), scan=self.scanned, remat=transformer.resolve_remat(self.remat),
+        self.blocks = layer_stack.block_stack(
+            self.depth, self.drop_path_rates(), scan=self.scanned, remat=layer_stack.resolve_remat(self.remat),
             num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.mlp_dim,
             layerscale_init=self.layerscale_init, activation=self.mlp_activation,
             drop_add_residual=self.drop_add_residual, sow_query_logits=self.sow_cls_logits, dtype=self.dtype,
@@ -263,8 +263,8 @@ class ViTEncoder(nn.Module):
 
     @property
     def scanned(self) -> bool:
-        """Whether the blocks run as one nn.scan (`scan`, None: depth >= transformer.SCAN_MIN_DEPTH)."""
-        return transformer.resolve_scan(self.scan, self.depth)
+        """Whether the blocks run as one nn.scan (`scan`, None: depth >= layer_stack.SCAN_MIN_DEPTH)."""
+        return layer_stack.resolve_scan(self.scan, self.depth)
 
     def drop_path_rates(self) -> list[float]:
         """Block i's stochastic-depth rate: linear 0 .. drop_path (DeiT/MAE), or drop_path everywhere
@@ -328,7 +328,7 @@ class ViTEncoder(nn.Module):
         if tokens.ndim != 3 or tokens.shape[-1] != self.width:
             raise ValueError(f"medjax/nn/vit.py ViTEncoder.encode: expected tokens (batch, tokens, {self.width}), "
                              f"got {tokens.shape}")
-        tokens, _ = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train)
+        tokens, _ = layer_stack.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train)
         return self.norm(tokens)
 
     def encode_relation_masked(self, tokens: jax.Array, ratio: float, layers, *, train: bool = False) -> jax.Array:
@@ -342,14 +342,14 @@ class ViTEncoder(nn.Module):
             raise ValueError("medjax/nn/vit.py ViTEncoder.encode_relation_masked: relation masking in chosen layers "
                              "needs unrolled blocks (set model.scan=false)")
         ratios = [float(ratio) if i in layers else 0.0 for i in range(self.depth)]
-        tokens, _ = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train,
+        tokens, _ = layer_stack.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train,
                                           relation_mask_ratios=ratios)
         return self.norm(tokens)
 
     def hidden_states(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
         """Every block's output on embedded tokens, stacked (depth, batch, tokens, width), before the final
         norm (the scan's per-layer outputs when scanned; nothing falls back to the unrolled path)."""
-        _, outputs = transformer.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train, collect=True)
+        _, outputs = layer_stack.run_stack(self.blocks, tokens, self.drop_path_rates(), train=train, collect=True)
         return outputs
 
     def intermediate_layers(self, images: jax.Array, n: int = 1, *, norm: bool = True) -> list[jax.Array]:

@@ -102,7 +102,7 @@ class PTUnifierTask(TaskBase):
         params_rng, dropout_rng = jax.random.split(rng)
         variables = self.model.init({"params": params_rng, "dropout": dropout_rng}, batch["image"], batch["text_ids"],
                                     batch["text_mask"])
-        return model_lib.original_init_weights(variables["params"], jax.random.fold_in(params_rng, 1))
+        return variables["params"]  # the modules outside the towers init as the original's init_weights
 
     # ---- objectives ----------------------------------------------------------------------------------
     def _outputs(self, params, batch, rng, train):

@@ -40,7 +40,6 @@ import numpy as np
 from medjax.tasks import ptunifier_finetune_data as finetune_data
 from medjax.data.readers.image_report import ImageReportDataset, clip_transform, load_tokenizer, tokenize
 from medjax.data.pipelines.global_batches import eval_batches, global_batch_dataset
-from medjax.models.ptunifier import original_init_weights
 from medjax.models.ptunifier_finetune import finetune_model_from_config
 from medjax.data.verify import image_report_checks
 from medjax.nn.clip_vit import resize_position_embedding
@@ -205,8 +204,8 @@ class PTUnifierFinetuneTask(TaskBase):
         images = jnp.zeros((2, size, size, 3), jnp.float32)
         ids, mask = jnp.zeros((2, self.max_length), jnp.int32), jnp.ones((2, self.max_length), jnp.int32)
         params_rng, dropout_rng = jax.random.split(rng)
-        params = m.init({"params": params_rng, "dropout": dropout_rng}, images, ids, mask, train=False)["params"]
-        return original_init_weights(params, jax.random.fold_in(params_rng, 1))  # the original's init_weights
+        # the modules outside the towers init as the original's init_weights (models/ptunifier.INIT)
+        return m.init({"params": params_rng, "dropout": dropout_rng}, images, ids, mask, train=False)["params"]
 
     def apply(self, params, method, *args, rng: jax.Array, train: bool) -> Any:
         """`method` of the model on `args` with dropout from `rng` (a loss_fn's forward pass)."""

@@ -4,7 +4,11 @@ labelled tiles ("ROI-level tasks"), and an ABMIL slide classifier on bags of til
 tasks"), laid out like the paper's supplementary tables.
 
     results = evaluate_uni(feature_fn, config)       # feature_fn(images (b, H, W, 3) float32, ImageNet-normalised) -> (b, D)
-    print(uni_results_table("uni_vitl16", [("step 125k", results)]))
+    print(uni_results_table("uni_vitl16", [("step 125k", results)]))   # medjax.tasks.uni_eval_table
+
+Here: the config block, the tile-level metrics (kNN, few-shot, linear probe) and the run over the data; the tiles'
+features (and a converted UNI's feature_fn) are `medjax.tasks.uni_tile_features`, the CSVs, splits and ABMIL
+bags `medjax.tasks.uni_eval_data`, the ABMIL classifier `medjax.tasks.uni_slide_classification`.
 
 Data (`uni_eval.dir`, else `data.dir`, else the WSI demo of `python -m medjax.data make-demo --kind wsi`):
 - `tile_labels.csv`: `slide_id,x,y,label[,split]`, level-0 corners of `patch_size` tiles at `magnification`;
@@ -21,38 +25,23 @@ Tiles are read at 20x, resized to `image_size` (UNI's eval transform: Resize 224
 """
 from __future__ import annotations
 
-import csv
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax.data.readers.image_folder import ImageFolderSource
-from medjax.data.transforms.image import normalize_imagenet, resize
-from medjax.errors import MedjaxInputError
-from medjax.data.readers.text_io import open_text
-from medjax.data.tiling.coords import read_coords, tile_slide
-from medjax.data.tiling.tissue import PRESETS
-from medjax.data.readers.wsi import SLIDE_EXTENSIONS
 from medjax.data.pipelines.wsi_tiles import WSITileSource
-from medjax.metrics.chance import AUC_CHANCE, CHANCE_SUFFIX, balanced_accuracy_chance, weighted_f1_chance
+from medjax.data.readers.image_folder import ImageFolderSource
+from medjax.errors import MedjaxInputError
+from medjax.metrics.chance import AUC_CHANCE, balanced_accuracy_chance, weighted_f1_chance
 from medjax.metrics.fewshot import bootstrap_ci, fewshot_evaluate
 from medjax.metrics.knn import knn_evaluate, knn_predict
 from medjax.metrics.linear_probe import linear_probe_evaluate
-from medjax.models.uni import uni_fields_from_params, uni_model
+from medjax.tasks.uni_eval_data import read_csv_rows, slide_bag_source, slides_dir, split_flags, stratified_holdout
+from medjax.tasks.uni_eval_table import CRC100K_TRAIN
 from medjax.tasks.uni_slide_classification import slide_level_eval
-
-FeatureFn = Callable[[np.ndarray], Any]
-# UNI ViT-L/16 in the paper (Chen et al. 2024, balanced accuracy), per benchmark the evaluation recognises; the table
-# prints a target only when the data is that benchmark (issue #19: no paper number beside other data).
-PAPER_TARGETS = {"crc100k": "CRC-100K (ROI, kNN k = 20) balanced accuracy 0.925"}
-CRC100K_TRAIN = "NCT-CRC-HE-100K"  # CRC-100K's training folder (Kather et al. 2019); its test folder CRC-VAL-HE-7K
+from medjax.tasks.uni_tile_features import FeatureFn, read_feature_bags, source_features
 
 
 def uni_eval_config() -> ml_collections.ConfigDict:
@@ -103,138 +92,6 @@ def _settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return settings
 
 
-def tile_transform(image_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 tile (H, W, 3) -> float32 (image_size, image_size, 3): bilinear resize + ImageNet normalisation."""
-    return lambda tile: normalize_imagenet(resize(tile, image_size))
-
-
-def extract_features(feature_fn: FeatureFn, tiles: Iterable[np.ndarray], batch_size: int) -> np.ndarray:
-    """Features (N, D) float32 of the images from `tiles` (each (H, W, 3) float32, ImageNet-normalised), in
-    order. Every call of `feature_fn` gets a full batch of `batch_size` (the last one padded), so a jitted
-    feature_fn compiles once; results are fetched a few batches late, so the accelerator keeps working while
-    the host reads the next tiles."""
-    if batch_size < 1:
-        raise MedjaxInputError(f"extract_features: batch_size must be >= 1, got {batch_size}")
-    out, batch, pending = [], [], []
-
-    def fetch(keep: int):
-        while len(pending) > keep:
-            features, rows = pending.pop(0)
-            features = np.asarray(features, np.float32)
-            if features.ndim != 2 or features.shape[0] != batch_size:
-                raise MedjaxInputError(f"feature_fn must map (b, H, W, 3) to (b, D); got {features.shape} for b = {batch_size}")
-            out.append(features[:rows])
-
-    def flush():
-        rows = len(batch)
-        images = np.stack(batch + [batch[-1]] * (batch_size - rows)).astype(np.float32)
-        pending.append((feature_fn(images), rows))  # dispatched asynchronously by a jitted feature_fn
-        batch.clear()
-        fetch(keep=2)
-
-    for image in tiles:
-        batch.append(np.asarray(image))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    fetch(keep=0)
-    if not out:
-        raise MedjaxInputError("extract_features: no tiles")
-    return np.concatenate(out)
-
-
-def source_images(source: Sequence[dict], image_size: int, threads: int = 4) -> Iterable[np.ndarray]:
-    """The transformed images of a tile source in order, read by `threads` threads (a window at a time)."""
-    transform = tile_transform(image_size)
-    load = lambda i: transform(source[i]["image"])  # noqa: E731
-    window = max(threads, 1) * 16
-    with ThreadPoolExecutor(max(threads, 1)) as pool:
-        for start in range(0, len(source), window):
-            yield from pool.map(load, range(start, min(start + window, len(source))))
-
-
-def source_features(feature_fn: FeatureFn, source: Sequence[dict], settings) -> np.ndarray:
-    return extract_features(feature_fn, source_images(source, settings.image_size, settings.read_threads),
-                            settings.batch_size)
-
-
-# ---- data -----------------------------------------------------------------------------------------------
-
-def _read_csv(path: str, required: tuple[str, ...]) -> list[dict]:
-    with open_text(path, f"CSV ({','.join(required)})") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(required) - set(reader.fieldnames or ())
-        if missing:
-            raise MedjaxInputError(f"{path}: missing column(s) {sorted(missing)}; expected {','.join(required)}")
-        return list(reader)
-
-
-def _split_flags(rows: list[dict], path: str) -> np.ndarray | None:
-    """True for test rows from a `split` column (train / val / test), None without one."""
-    if not rows or "split" not in rows[0]:
-        return None
-    values = [row["split"].strip().lower() for row in rows]
-    bad = sorted(set(values) - {"train", "val", "test"})
-    if bad:
-        raise MedjaxInputError(f"{path}: column 'split' must hold train, val or test, got {bad}")
-    return np.array([v == "test" for v in values])
-
-
-def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """True for held-out rows: per class, a seeded shuffle and the first floor(fraction * count) rows."""
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        test[rows[:int(fraction * len(rows))]] = True
-    return test
-
-
-def _slides_dir(root: str) -> str:
-    return os.path.join(root, "slides") if os.path.isdir(os.path.join(root, "slides")) else root
-
-
-def _slide_path(root: str, row: dict, path: str) -> str:
-    if row.get("file"):
-        candidate = os.path.join(root, row["file"])
-        if os.path.isfile(candidate):
-            return candidate
-        raise MedjaxInputError(f"{path}: slide file {row['file']!r} of {row['slide_id']} not found under {root}")
-    for ext in SLIDE_EXTENSIONS:
-        candidate = os.path.join(_slides_dir(root), row["slide_id"] + ext)
-        if os.path.isfile(candidate):
-            return candidate
-    raise MedjaxInputError(f"{path}: no slide {row['slide_id']!r} in {_slides_dir(root)} (extensions {SLIDE_EXTENSIONS})")
-
-
-def _bag_source(root: str, slide_rows: list[dict], slides_csv: str, settings, work_dir: str) -> WSITileSource:
-    """Every tissue tile of each slide (coords from `<root>/coords`, else tiled into `work_dir`)."""
-    paths, index, coords, levels, sizes = [], [], [], [], []
-    rng = np.random.default_rng(settings.abmil.seed)
-    for s, row in enumerate(slide_rows):
-        path = _slide_path(root, row, slides_csv)
-        h5 = os.path.join(root, "coords", f"{row['slide_id']}.h5")
-        if not os.path.isfile(h5):
-            result = tile_slide(path, work_dir, patch_size=settings.patch_size, magnification=settings.magnification,
-                                params=PRESETS[settings.tiling_preset or ("demo" if settings.is_demo else "default")])
-            if result.status != "ok":
-                raise MedjaxInputError(f"{path}: no tissue tiles for the ABMIL bag ({result.message})")
-            h5 = result.h5_path
-        xy, attrs = read_coords(h5)
-        if settings.abmil.max_tiles and len(xy) > settings.abmil.max_tiles:
-            xy = xy[np.sort(rng.choice(len(xy), settings.abmil.max_tiles, replace=False))]
-        paths.append(path)
-        index.append(np.full(len(xy), s, np.int32))
-        coords.append(xy)
-        levels.append(int(attrs["patch_level"]))
-        sizes.append(int(attrs["patch_size"]))
-    return WSITileSource(paths, np.concatenate(index), np.concatenate(coords), levels, sizes,
-                         tile_size=settings.patch_size, allow_edge_tiles=True)
-
-
-# ---- evaluation -----------------------------------------------------------------------------------------
-
 def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, settings) -> dict[str, float]:
     """kNN and linear-probe metrics (`knn/...`, `linear/...`) on the train / test rows of tile features."""
     train = ~test
@@ -266,23 +123,6 @@ def tile_level_eval(features: np.ndarray, labels: np.ndarray, test: np.ndarray, 
     return results | {"tiles/train": float(train.sum()), "tiles/test": float(test.sum())}
 
 
-def read_feature_bags(features_dir: str, slide_ids: Sequence[str], where: str) -> list[np.ndarray]:
-    """Per slide the (N, D) float32 `features` of `<features_dir>/h5_files/<slide_id>.h5` (CLAM's
-    extract_features_fp layout, `python -m medjax.extract`); a missing file is an error naming `where`."""
-    import h5py
-
-    bags = []
-    for sid in slide_ids:
-        path = os.path.join(features_dir, "h5_files", f"{sid}.h5")
-        if not os.path.isfile(path):
-            raise MedjaxInputError(f"{where}: slide {sid!r} has no features file {path} (run python -m medjax.extract)")
-        with h5py.File(path, "r") as handle:
-            if "features" not in handle:
-                raise MedjaxInputError(f"{path}: no dataset 'features' (expected CLAM's layout: features, coords)")
-            bags.append(np.asarray(handle["features"][()], np.float32))
-    return bags
-
-
 def roi_level_eval(feature_fn: FeatureFn, settings) -> dict[str, float]:
     """kNN / linear probe / few-shot on ROI images in ImageFolder layout (`uni_eval.roi_train`, `roi_test`; labels
     numbered by the train set's sorted class names)."""
@@ -311,17 +151,17 @@ def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> di
     if not os.path.isfile(labels_csv):
         raise MedjaxInputError(f"uni_eval.dir {root!r}: no tile_labels.csv (slide_id,x,y,label[,split]); point "
                          "uni_eval.dir at labelled WSI data or leave it empty for the demo")
-    source = WSITileSource.from_labels_csv(labels_csv, _slides_dir(root), patch_size=settings.patch_size,
+    source = WSITileSource.from_labels_csv(labels_csv, slides_dir(root), patch_size=settings.patch_size,
                                            magnification=settings.magnification)
     labels = source.labels.astype(np.int64)
-    test = _split_flags(_read_csv(labels_csv, ("slide_id", "x", "y", "label")), labels_csv)
+    test = split_flags(read_csv_rows(labels_csv, ("slide_id", "x", "y", "label")), labels_csv)
     if test is None:
         test = stratified_holdout(labels, settings.test_fraction, settings.split_seed)
     results = tile_level_eval(source_features(feature_fn, source, settings), labels, test, settings)
 
     slides_csv = os.path.join(root, "slides.csv")
     if settings.abmil.enabled and os.path.isfile(slides_csv):
-        rows = _read_csv(slides_csv, ("slide_id", "label"))
+        rows = read_csv_rows(slides_csv, ("slide_id", "label"))
         try:
             slide_labels = np.array([int(row["label"]) for row in rows], np.int64)
         except ValueError as error:
@@ -330,92 +170,11 @@ def evaluate_uni(feature_fn: FeatureFn, config: ml_collections.ConfigDict) -> di
             bags = read_feature_bags(settings.features_dir, [row["slide_id"] for row in rows], slides_csv)
         else:
             with tempfile.TemporaryDirectory(prefix="medjax-uni-bags-") as work_dir:
-                bag_source = _bag_source(root, rows, slides_csv, settings, work_dir)
+                bag_source = slide_bag_source(root, rows, slides_csv, settings, work_dir)
                 features = source_features(feature_fn, bag_source, settings)
             bags = [features[bag_source.slide_index == s] for s in range(len(rows))]
-        results |= slide_level_eval(bags, slide_labels, _split_flags(rows, slides_csv), settings, slides_csv)
+        results |= slide_level_eval(bags, slide_labels, split_flags(rows, slides_csv), settings, slides_csv)
         results |= {"abmil/balanced_acc_chance": balanced_accuracy_chance(slide_labels), "abmil/auc_chance": AUC_CHANCE}
     if settings.is_demo:
         results["data/demo"] = 1.0  # synthetic tiles: the table prints no paper targets beside these numbers
     return results
-
-
-# ---- the converted UNI model ------------------------------------------------------------------------------
-
-def uni_feature_fn(params: Any, *, dtype: Any = jnp.float32, **overrides) -> FeatureFn:
-    """feature_fn of UNI's encoder (`medjax.models.uni.UNIEncoder`) for params converted by `medjax.convert.uni`
-    ({"encoder": ...}, optionally under "params", as `medjax.checkpoint.restore_params` returns them): images
-    -> the 1024-d CLS feature. The architecture is read off the params' shapes; `overrides` replace fields."""
-    params = nn.unbox(params.get("params", params))
-    if "encoder" not in params:
-        raise MedjaxInputError(f"uni_feature_fn: expected converted UNI params with an 'encoder' subtree, got keys "
-                         f"{sorted(params)}")
-    model = uni_model(dtype=dtype, **{**uni_fields_from_params(params), **overrides})
-    apply = jax.jit(lambda p, images: model.apply({"params": p}, images).astype(jnp.float32))
-    params = jax.device_put({"encoder": params["encoder"]})  # converted DINOv2 heads are not part of the feature
-    return lambda images: apply(params, jnp.asarray(images))
-
-
-# ---- the paper's table ------------------------------------------------------------------------------------
-
-def _cell(results: dict, key: str) -> str:
-    """The value, its 95% bootstrap CI where the evaluation gave one (`<key>_ci_low` / `_ci_high`) and its chance
-    level (`<key>_chance`)."""
-    if key not in results:
-        return "–"
-    chance = results.get(key + CHANCE_SUFFIX)
-    ci = f" [{results[key + '_ci_low']:.3f}, {results[key + '_ci_high']:.3f}]" if key + "_ci_low" in results else ""
-    return f"{results[key]:.3f}{ci}" + (f" (chance {chance:.3f})" if chance is not None else "")
-
-
-def _fewshot_lines(columns: list[tuple[str, dict[str, float]]]) -> list[str]:
-    """UNI's few-shot layout (`eval_fewshot`, Fig. 2 / Extended Data): SimpleShot balanced accuracy, mean +- std over
-    the repeated draws, per labelled tiles per class."""
-    shots = sorted({int(key.split("/")[1][:-4]) for _, results in columns for key in results
-                    if key.startswith("fewshot/") and key.endswith("shot/balanced_acc")})
-    if not shots:
-        return []
-    lines = ["", "| Few-shot (SimpleShot) | " + " | ".join(f"{k} per class" for k in shots) + " |",
-             "|---|" + "---|" * len(shots)]
-    for label, results in columns:
-        cells = [f"{results[f'fewshot/{k}shot/balanced_acc']:.3f} ± {results[f'fewshot/{k}shot/balanced_acc_std']:.3f}"
-                 if f"fewshot/{k}shot/balanced_acc" in results else "–" for k in shots]
-        lines.append(f"| {label} balanced acc. | " + " | ".join(cells) + " |")
-    return lines
-
-
-def uni_results_table(exp: str, columns: list[tuple[str, dict[str, float]]]) -> str:
-    """Markdown in the layout of UNI's supplementary tables: rows = task x metric, per evaluated checkpoint
-    the columns kNN (k = 20) / linear probe / ABMIL."""
-    rows = [("ROI: tile classes (tile_labels.csv)", "Balanced acc.", "balanced_acc"),
-            ("ROI: tile classes (tile_labels.csv)", "Weighted F1", "weighted_f1"),
-            ("Slide: slide label (slides.csv)", "Balanced acc.", "balanced_acc"),
-            ("Slide: slide label (slides.csv)", "AUC", "auc")]
-    if any("abmil/quadratic_kappa" in results for _, results in columns):  # ordinal slide labels (PANDA)
-        rows.append(("Slide: slide label (slides.csv)", "Quadratic kappa", "quadratic_kappa"))
-    header = "| Task | Metric | " + " | ".join(f"{label} kNN | {label} Linear | {label} ABMIL"
-                                             for label, _ in columns) + " |"
-    lines = [f"UNI evaluation of {exp} (Chen et al., Nat. Med. 2024, supplementary-table layout)", "",
-             header, "|---|---|" + "---|" * (3 * len(columns))]
-    for task, metric, key in rows:
-        slide = task.startswith("Slide")
-        cells = []
-        for _, results in columns:
-            cells += ["–", "–", _cell(results, f"abmil/{key}")] if slide else \
-                [_cell(results, f"knn/{key}"), _cell(results, f"linear/{key}"), "–"]
-        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    lines += _fewshot_lines(columns)
-    counts = columns[0][1] if columns else {}
-    lines += ["", f"kNN: k = {int(counts.get('knn/k', 20))} [95% bootstrap CI]; linear: L-BFGS logistic regression; "
-              f"ABMIL: CLAM's gated attention MIL. Tiles: "
-              f"{int(counts.get('tiles/train', 0))} train / {int(counts.get('tiles/test', 0))} test; slides: "
-              f"{int(counts.get('abmil/slides', 0))}."]
-    if any(results.get("data/demo") for _, results in columns):  # issue #19: no paper targets beside demo numbers
-        lines.append("Demo data (synthetic tiles of three tissue classes): not comparable with the paper's benchmarks, "
-                     "whose numbers need the paper's data.")
-    elif columns and all(results.get("data/crc100k") for _, results in columns):
-        lines.append(f"UNI ViT-L/16 in the paper: {PAPER_TARGETS['crc100k']}.")
-    else:
-        lines.append("No paper targets: this data is not one of the paper's benchmarks (the table prints UNI's for "
-                     f"CRC-100K, {CRC100K_TRAIN} / CRC-VAL-HE-7K).")
-    return "\n".join(lines)

@@ -331,7 +331,8 @@ class UNIPretrainTask(TaskBase):
         """UNI's tile kNN / linear probe and slide ABMIL metrics (medjax.tasks.uni_eval) of the teacher encoder,
         or of converted UNI weights (`python -m medjax.convert uni --torch pytorch_model.bin --out DIR`, whose
         params are {"encoder": ...}) when `--checkpoint DIR` names those."""
-        from medjax.tasks.uni_eval import evaluate_uni, uni_feature_fn
+        from medjax.tasks.uni_eval import evaluate_uni
+        from medjax.tasks.uni_tile_features import uni_feature_fn
 
         params = params.get("params", params) if isinstance(params, dict) else params
         if isinstance(params, dict) and "encoder" in params and "teacher" not in params:
@@ -339,7 +340,7 @@ class UNIPretrainTask(TaskBase):
         return evaluate_uni(self.feature_fn(params), self.config)
 
     def results_table(self, exp: str, columns) -> str:
-        from medjax.tasks.uni_eval import uni_results_table
+        from medjax.tasks.uni_eval_table import uni_results_table
 
         return uni_results_table(exp, columns)
 

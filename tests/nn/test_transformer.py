@@ -1,5 +1,5 @@
-"""medjax/nn/transformer.py: the scanned and the unrolled stack agree (values, gradients, every remat policy),
-the layout helpers move params between them, and the MLP / LayerScale / attention variants match their
+"""medjax/nn/transformer.py, layer_stack.py: the scanned and the unrolled stack agree (values, gradients, every
+remat policy), the layout helpers move params between them, and the MLP / LayerScale / attention variants match their
 formulas."""
 import math
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from medjax.checkpoint import merge_params
+from medjax.nn import layer_stack as S
 from medjax.nn import transformer as T
 from medjax.nn import transformer_layout as layout
 from medjax.nn.vit import ViTEncoder
@@ -69,14 +70,14 @@ def test_layouts_and_helpers(unrolled_params):
 
 
 def test_auto_scan_and_switches():
-    assert not T.resolve_scan(None, 11) and T.resolve_scan(None, 12) and T.resolve_scan("auto", 24)
-    assert T.resolve_scan("true", 2) and not T.resolve_scan("false", 24) and T.resolve_scan(True, 1)
-    assert [T.resolve_remat(x) for x in (False, True, "none", "full", "dots_saveable", "true")] == [
+    assert not S.resolve_scan(None, 11) and S.resolve_scan(None, 12) and S.resolve_scan("auto", 24)
+    assert S.resolve_scan("true", 2) and not S.resolve_scan("false", 24) and S.resolve_scan(True, 1)
+    assert [S.resolve_remat(x) for x in (False, True, "none", "full", "dots_saveable", "true")] == [
         "none", "full", "none", "full", "dots_saveable", "full"]
     with pytest.raises(ValueError, match="remat"):
-        T.resolve_remat("everything")
+        S.resolve_remat("everything")
     with pytest.raises(ValueError, match="scan"):
-        T.resolve_scan("maybe", 3)
+        S.resolve_scan("maybe", 3)
     deep = ViTEncoder(image_size=8, patch_size=8, width=8, depth=12, num_heads=2)
     params = jax.eval_shape(deep.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
     assert "blocks" in params and params["blocks"]["norm1"]["scale"].value.shape == (12, 8)

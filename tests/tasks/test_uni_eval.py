@@ -13,8 +13,10 @@ import pytest
 from medjax.data.demo.wsi import make_wsi_demo
 from medjax.errors import MedjaxInputError
 from medjax.models.uni import uni_fields_from_params, uni_model
-from medjax.tasks.uni_eval import (_split_flags, evaluate_uni, extract_features, stratified_holdout, uni_eval_config,
-                                   uni_feature_fn, uni_results_table)
+from medjax.tasks.uni_eval import evaluate_uni, uni_eval_config
+from medjax.tasks.uni_eval_data import split_flags, stratified_holdout
+from medjax.tasks.uni_eval_table import uni_results_table
+from medjax.tasks.uni_tile_features import extract_features, uni_feature_fn
 from medjax.tasks.uni_slide_classification import stratified_folds
 
 
@@ -112,11 +114,11 @@ def test_splits():
     np.testing.assert_array_equal(test, stratified_holdout(labels, 0.3, seed=0))
     folds = stratified_folds(labels, 2, seed=0)
     assert [int((folds[labels == 0] == f).sum()) for f in range(2)] == [5, 5]
-    flags = _split_flags([{"split": "train"}, {"split": "val"}, {"split": "Test"}], "x.csv")
+    flags = split_flags([{"split": "train"}, {"split": "val"}, {"split": "Test"}], "x.csv")
     assert flags.tolist() == [False, False, True]
-    assert _split_flags([{"label": "1"}], "x.csv") is None
+    assert split_flags([{"label": "1"}], "x.csv") is None
     with pytest.raises(ValueError, match="x.csv: column 'split'"):
-        _split_flags([{"split": "holdout"}], "x.csv")
+        split_flags([{"split": "holdout"}], "x.csv")
 
 
 def test_bad_configs(tmp_path):
