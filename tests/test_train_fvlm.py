@@ -1,6 +1,7 @@
 """fVLM end to end on the ct_reports test demo (NIfTI volumes + anatomy masks + per-organ JSON texts + label
 CSV + local tokenizer): a tiny run starts from a converted MAE ViT (`--set init=`), trains through the Trainer, the
-temperature stays clamped, the loss falls clearly, and the zero-shot evaluation gives the CT-RATE metrics."""
+temperature stays clamped, the loss falls clearly, and the zero-shot evaluation gives the CT-RATE metrics,
+its macro AUC clearly above chance."""
 import flax.linen as nn
 import jax
 import numpy as np
@@ -66,7 +67,11 @@ def test_trains_clamps_learns_and_evaluates(demo, tmp_path):
         assert np.abs(got - want).max() < STEPS * 1e-3  # STEPS Adam steps of lr <= 1e-3 away
     assert np.std(vision["pos_embed"]) > 0.3
     results = task.evaluate(trained)
-    assert results["labels_evaluated"] >= 3 and 0.0 <= results["auc"] <= 1.0
+    assert results["labels_evaluated"] == 4
+    # zero-shot above chance: the demo's reports hold the prompt sentences whole (medjax.data.demo.ct_reports._texts;
+    # with them only inside longer reports the scratch text tower inverted 3 of 4 labels: macro AUC 0.27)
+    aucs = [results[f"auc/{column}"] for column, _, _ in config.eval.labels]
+    assert results["auc"] >= results["auc_chance"] + 0.2 and sum(a > 0.5 for a in aucs) >= 3, results
     assert results["auc_chance"] == 0.5 and 0.5 <= results["accuracy_chance"] <= 1.0
     table = task.results_table("fvlm_ctrate", [("tiny", results)])
     assert "| medjax fvlm_ctrate tiny |" in table and "(chance 50.0) |" in table  # AUC's chance, last column

@@ -12,9 +12,15 @@
   prompt's negation; `_texts`);
 - `<split>_labels.csv`: `VolumeName` + CT-RATE label columns (0/1);
 - `tokenizer/`: an uncased byte-level BPE tokenizer trained on the texts and the prompts; `.complete` (written last).
-Findings are visible in the image: a lung nodule (a 60 HU sphere, radius a fifth of the chest, in the named lung), cardiomegaly (a heart
-1.5x wider), a hiatal hernia (a wide, air-filled lower esophagus), arterial wall calcification (a 1000 HU
-ring in the aortic wall); each organ is abnormal with probability `abnormal_rate`. Deterministic given `seed`.
+Findings are visible in the image: a lung nodule (a 60 HU sphere of radius 0.28-0.34 of the chest's half-width,
+clipped to the named lung), cardiomegaly (a heart 1.5x wider), a hiatal hernia (a wide, air-filled lower
+esophagus), arterial wall calcification (a 1000 HU ring in the aortic wall); each organ is abnormal with
+probability `abnormal_rate`. Deterministic given `seed`.
+The nodule is that large so that it shows in the lung's organ embedding as much as the other findings in theirs:
+the lung holds ~45 of the demo's 64 tokens, and with radius 0.2-0.26 (demo v4) the mean over its tokens separated
+nodule from normal scans by Cohen's d 0.43 (cardiomegaly 0.99, calcification 1.01, hernia -1.48), and the lung was
+the one organ whose loss stayed at the uniform value (fvlm_ctrate demo: 2.77 = ln 16 over 300 steps); at radius
+0.28-0.34 the lung's d is 0.80 (cardiomegaly 0.74, calcification 0.88, hernia -1.40 on the same scans).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ ORGANS = ("lung", "heart", "esophagus", "aorta")
 LABELS = ("Lung nodule", "Cardiomegaly", "Hiatal hernia", "Arterial wall calcification")  # CT-RATE columns
 PROMPT_NAMES = ("nodule", "cardiomegaly", "hiatal hernia", "arterial wall calcification")  # fvlm_ctrate.DEMO_LABELS
 SPACING = (1.25, 1.25, 3.0)
-DEMO_VERSION = 3  # bump when the rendering changes, so cached demos are made again
+DEMO_VERSION = 5  # bump when the rendering changes, so cached demos are made again
 
 
 def _findings(rng: np.random.Generator, rate: float) -> dict:
@@ -43,26 +49,28 @@ def _findings(rng: np.random.Generator, rate: float) -> dict:
 
 
 def _texts(f: dict, rng: np.random.Generator) -> tuple[dict, dict]:
-    """(findings, conclusions) per organ; a normal organ's conclusion is empty, and its findings end with the
-    negated finding in the zero-shot prompts' words ("Not <name>.", PROMPT_NAMES), an abnormal organ's
-    conclusion states it ("<Name>."): a text tower trained from scratch on the demo can only read the prompts
-    "Not <name>." / "<name>." if its reports use their words (CXR-BERT brings its own language)."""
+    """(findings, conclusions) per organ. Every text opens with the zero-shot prompt's own sentence: a normal
+    organ's conclusion is empty and its findings start "Not <name>." (PROMPT_NAMES), an abnormal organ's
+    conclusion is "<Name>."; half of the organs (drawn per organ) add a description of the finding after it.
+    A text tower trained from scratch on the demo reads the prompts "Not <name>." / "<name>." only if some
+    reports are those sentences whole (CXR-BERT brings its own language): with the sentence only inside longer
+    texts (demo v3), the tiny test's text tower placed "Not <name>." nearer the abnormal reports than "<name>."
+    for 3 of its 4 labels (zero-shot AUC 0.27 while the image embeddings ordered the scans as the reports)."""
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    described = lambda sentence: f" {sentence}" if rng.random() < 0.5 else ""  # noqa: E731
+    details = {  # organ -> (abnormal description, normal descriptions)
+        "lung": (f"A solid nodule is seen in the {f['lung']} lung.", ["The lung parenchyma is clear.", "No mass in the lungs."]),
+        "heart": ("The heart is enlarged.", ["Heart size is normal.", "The heart is not enlarged."]),
+        "esophagus": ("The distal esophagus is widened and contains air.", ["The esophagus is unremarkable."]),
+        "aorta": ("Calcified plaques in the aortic wall.", ["The aorta is normal in calibre.", "No aortic plaque."]),
+    }
     desc, conc = {}, {}
-    if f["lung"]:
-        desc["lung"] = f"A solid nodule is seen in the {f['lung']} lung."
-        conc["lung"] = f"Nodule in the {f['lung']} lung."
-    else:
-        desc["lung"], conc["lung"] = pick(["The lung parenchyma is clear.", "No mass in the lungs."]), ""
-    desc["heart"], conc["heart"] = (("The heart is enlarged.", "Cardiomegaly.") if f["heart"] else
-                                    (pick(["Heart size is normal.", "The heart is not enlarged."]), ""))
-    desc["esophagus"], conc["esophagus"] = (("The distal esophagus is widened and contains air.", "Hiatal hernia.")
-                                            if f["esophagus"] else ("The esophagus is unremarkable.", ""))
-    desc["aorta"], conc["aorta"] = (("Calcified plaques in the aortic wall.", "Arterial wall calcification.")
-                                    if f["aorta"] else (pick(["The aorta is normal in calibre.", "No aortic plaque."]), ""))
     for organ, name in zip(ORGANS, PROMPT_NAMES):
-        if not conc[organ]:
-            desc[organ] += f" Not {name}."
+        abnormal, normal = details[organ]
+        if f[organ]:
+            conc[organ], desc[organ] = name[0].upper() + name[1:] + ".", described(abnormal).strip()
+        else:
+            conc[organ], desc[organ] = "", f"Not {name}.{described(pick(normal))}"
     return desc, conc
 
 
@@ -94,7 +102,7 @@ def render(f: dict, shape: tuple[int, int, int], rng: np.random.Generator) -> tu
         hu[aorta & (radial > 0.5) & (rng.random(shape) < 0.8)] = 1000.0
     if f["lung"]:
         cu = (-0.45 if f["lung"] == "right" else 0.45) + jitter()
-        r = rng.uniform(0.2, 0.26)
+        r = rng.uniform(0.28, 0.34)  # module docstring
         hu[((u - cu) ** 2 + (v - jitter(0.1)) ** 2 + (w - rng.uniform(-0.4, 0.5)) ** 2 <= r ** 2) & lungs[f["lung"]]] = 60.0
     hu = ndimage.gaussian_filter(hu, 0.6) + rng.normal(0, 15, shape)
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16), mask
