@@ -185,6 +185,9 @@ class Llama(nn.Module):
     remat: bool | str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # No gradient reaches the layers' params (a frozen LLM, PathChat's stage 1): with scan and a bfloat16
+    # param_dtype the stacked params enter the scan as their raw bits (`frozen_stack_bits`)
+    frozen_layers: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -210,12 +213,17 @@ class Llama(nn.Module):
         policy = layer_stack.resolve_remat(self.remat)
         block = LlamaBlock
         if self.scanned:
+            if self.frozen_layers:  # each layer's slice of bits back to its float dtype, inside the scan
+                block = nn.map_variables(block, "params", trans_in_fn=_from_bits, trans_out_fn=_to_bits, init=True)
             if policy != "none":
                 block = nn.remat(block, policy=layer_stack.REMAT_POLICIES[policy], prevent_cse=False)
-            self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                                  length=self.depth, metadata_params={nn.PARTITION_NAME: transformer.LAYERS}
-                                  )(**fields)
+            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                             length=self.depth, metadata_params={nn.PARTITION_NAME: transformer.LAYERS})
+            if self.frozen_layers:  # the stored float stacks -> bits (no gradient) before the scan slices them
+                layers = nn.map_variables(layers, "params", trans_in_fn=frozen_stack_bits, trans_out_fn=_from_bits,
+                                          init=True)
+            self.layers = layers(**fields)
         else:
             if policy != "none":
                 block = nn.remat(block, policy=layer_stack.REMAT_POLICIES[policy])
@@ -283,6 +291,25 @@ class Llama(nn.Module):
                position_ids: jax.Array) -> tuple[jax.Array, Cache]:
         """`decode_embeds` for token ids."""
         return self.decode_embeds(self.embed(input_ids), cache, cache_index, kv_mask, position_ids)
+
+
+def _to_bits(tree):
+    """bfloat16 leaves as their raw bits (uint16, `lax.bitcast_convert_type`); other leaves unchanged."""
+    return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x, tree)
+
+
+def _from_bits(tree):
+    """uint16 leaves (the bits of `_to_bits`) back to bfloat16; other leaves unchanged."""
+    return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x, tree)
+
+
+def frozen_stack_bits(tree):
+    """The frozen (`Llama.frozen_layers`) stacked layer params as the scan reads them: no gradient
+    (`stop_gradient`), and bf16 stacks as uint16 bits, turned back into bf16 one layer's slice at a time inside the
+    scan. XLA:CPU runs bf16 dots in float32 and converts a bf16 stack the scan slices to float32 whole, hoisted out
+    of the loop: 2x the frozen stack in temporaries, per scan (forward and backward; 29 GB for the 7B stage-1
+    step). A uint16 slice is not converted; the numbers are the same."""
+    return _to_bits(jax.tree.map(jax.lax.stop_gradient, tree))
 
 
 def default_position_ids(attention_mask: jax.Array) -> jax.Array:

@@ -115,7 +115,8 @@ class PathChatTask(TaskBase):
                                freeze_vision=bool(m.freeze_vision), dtype=dtype)
         self.model = self.model.clone(  # frozen towers stored in model.frozen_param_dtype (no fp32 master needed)
             vision_tower=self.model.vision_tower.clone(param_dtype=stored["vision_tower"]),
-            language_model=self.model.language_model.clone(param_dtype=stored["language_model"]))
+            language_model=self.model.language_model.clone(param_dtype=stored["language_model"],
+                                                           frozen_layers=self._frozen("language_model")))
         if len(self.tokenizer) > self.model.language_model.vocab_size:
             raise DataError(f"the tokenizer has {len(self.tokenizer)} tokens, more than the LLM's vocab_size="
                             f"{self.model.language_model.vocab_size}")
@@ -128,13 +129,16 @@ class PathChatTask(TaskBase):
         self.example = ConversationExample(self.tokenizer, d.template, self.image_size, self.max_length,
                                            self.image_token_id, self.model.num_image_tokens, *self.pixel_stats)
 
+    def _frozen(self, part: str) -> bool:
+        """Whether an `optim.frozen` pattern matches the model part's prefix `part/` (no gradient reaches it)."""
+        return bool(frozen_matcher(self.optim_config())(part + "/"))
+
     def _stored_dtype(self, part: str):
         """The dtype `part`'s params are created (and loaded) in: `model.frozen_param_dtype` when an `optim.frozen`
         pattern matches the part's prefix `part/` (stage 1's frozen 7B / 13B Llama in bf16, no fp32 copy: only
         trained params need a float32 master for Adam), else float32."""
         name = str(self.config.model.get("frozen_param_dtype", "") or "")
-        frozen = frozen_matcher(self.optim_config())(part + "/")
-        return jnp.dtype(name) if name and frozen else jnp.dtype(jnp.float32)
+        return jnp.dtype(name) if name and self._frozen(part) else jnp.dtype(jnp.float32)
 
     @staticmethod
     def _vision_tower(m, dtype) -> nn.Module:
