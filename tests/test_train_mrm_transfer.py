@@ -153,6 +153,12 @@ def test_transfer_configs_follow_contig():
         c = config_lib.get_config("mrm_rfmid", variant)
         kept = [name for name in RFMID_LABELS if name not in c.data.drop_labels]
         assert sorted(kept) == sorted(RENDERED) and c.model.num_classes == len(RENDERED)
+    # the PALM demo trains its from-scratch decoder at 4x the pretrained encoder's lr (issue #23, experiments/mrm_palm.py)
+    from medjax.optim import lr_multipliers
+    params = {"model": {"encoder": {"blocks": {"kernel": 0.0}}, "bridge_0": {"conv": {"kernel": 0.0}}}}
+    mults = lr_multipliers(config_lib.get_config("mrm_palm", "demo").optim, params)
+    assert mults == {"model/encoder/blocks/kernel": 1.0, "model/bridge_0/conv/kernel": 4.0}
+    assert set(lr_multipliers(config_lib.get_config("mrm_palm", "full").optim, params).values()) == {1.0}
     for exp in ("mrm_aptos", "mrm_rfmid", "mrm_palm"):
         for fraction in (0.01, 0.1, 1.0):
             assert config_lib.get_config(exp, "tiny", [f"data.label_fraction={fraction}"]).data.label_fraction == fraction

@@ -86,6 +86,9 @@ def test_tiny_unet_wiring(ct_root, tmp_path):
     loss, metrics = jax.eval_shape(lambda p: task.loss_fn(p, batch, jax.random.key(0), True),
                                    flax.linen.unbox(params))
     assert loss.shape == () and set(metrics) == {"bce", "dice_loss", "dice_loss_present", "labelled_pairs", "present_pairs"}
+    # issue #23: the demo clips (unclipped, the init's gradient spike froze Adam's updates: experiments/_universal.py)
+    assert config_lib.get_config("universal_unet", "demo").optim.clip_norm == 1.0
+    assert config_lib.get_config("universal_unet", "full").optim.clip_norm == 0.0  # the original does not clip
 
 
 def test_paper_setup_needs_class_embeddings(ct_root, tmp_path):
