@@ -51,9 +51,10 @@ def _one_per_family() -> list[str]:
 FAMILIES = _one_per_family()
 
 
-def tiny_config(exp: str, root, tmp_dir: str):
+def tiny_config(exp: str, root, tmp_dir: str, extra: tuple[str, ...] = ()):
     base = config_lib.get_config(exp, "tiny")
-    return config_lib.get_config(exp, "tiny", [*tiny_data_overrides(base, root, tmp_dir), "kernels.impl=reference"])
+    return config_lib.get_config(exp, "tiny", [*tiny_data_overrides(base, root, tmp_dir), "kernels.impl=reference",
+                                               *extra])
 
 
 def _path(path) -> str:
@@ -108,12 +109,22 @@ def all_snapshots(root, tmp_dir: str) -> dict:
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
+# The loss cases' smaller models where the tiny one compiles longest: the sharded loss equals the single-device
+# one at any depth (PTUnifier's 2 co-attention blocks -> 1: its 3 loss compiles ~52 -> ~26 CPU s). The golden
+# and sharding tests keep the tiny configs.
+LOSS_OVERRIDES = {"ptunifier": ("model.fusion_layers=1",), "ptunifier_cls": ("model.fusion_layers=1",)}
+
+
 class _Model:
     """One experiment's task, random params and first global batch, shared by its preset cases."""
 
     def __init__(self, exp: str, root, tmp_dir: str):
-        self.task = tiny_task(exp, root, tmp_dir)
-        self.boxed = boxed_shapes(exp, root, tmp_dir)
+        if exp in LOSS_OVERRIDES:
+            self.task = build_task(tiny_config(exp, root, tmp_dir, LOSS_OVERRIDES[exp]), log=lambda *_: None)
+            self.boxed = jax.eval_shape(self.task.init_params, jax.random.PRNGKey(0))
+        else:
+            self.task = tiny_task(exp, root, tmp_dir)
+            self.boxed = boxed_shapes(exp, root, tmp_dir)
         # Any params give a sharding-equivalence test; seeded normals spare compiling the initialisers.
         rng = np.random.default_rng(0)
         self.params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
