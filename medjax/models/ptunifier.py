@@ -118,7 +118,7 @@ class PTUnifier(nn.Module):
         self.text_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
         self.image_proj = dense(self.hidden_size, ("embed", None), self.dtype, self.param_dtype, kernel_init=INIT)
         self.modality_type = nn.Embed(2, self.hidden_size, embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), (None, "embed")), **kinds)
+            INIT, (None, "embed")), **kinds)
         self.fusion = [CoAttentionBlock(self.fusion_heads, self.fusion_mlp_dim, "gelu", self.fusion_layer_norm_eps,
                                         self.dropout, self.dropout, kernel_init=INIT, **kinds)
                        for _ in range(self.fusion_layers)]

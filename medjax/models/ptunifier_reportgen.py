@@ -50,7 +50,7 @@ class ReportDecoder(nn.Module):
     def setup(self):
         embed = lambda count, axes: nn.Embed(  # noqa: E731
             count, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))
+            embedding_init=nn.with_logical_partitioning(INIT, axes))
         self.word_embeddings = embed(self.vocab_size, ("vocab", "embed"))
         self.position_embeddings = embed(self.max_positions, (None, "embed"))
         self.token_type_embeddings = embed(1, (None, "embed"))
