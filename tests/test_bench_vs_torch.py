@@ -67,7 +67,7 @@ def test_unknown_row_is_a_clear_error():
 
 def test_ptunifier_row_dims_follow_the_experiment():
     from medjax import config as config_lib
-    from medjax.bench.torch_rows import _ptunifier_dims
+    from medjax.bench.torch_rows_text import _ptunifier_dims
     from medjax.errors import MedjaxInputError
 
     m = config_lib.get_config("ptunifier", "full").model

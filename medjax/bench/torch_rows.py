@@ -29,8 +29,8 @@ from typing import Callable
 
 from medjax.bench.row_sides import RowSides
 from medjax.bench.step_pair import ADAMW
-from medjax.bench.torch_rows_text import _ptunifier_dims, pathchat_row, ptunifier_row  # noqa: F401 (tests)
-from medjax.bench.torch_rows_vit import mae_masking, mae_row, uni_row
+from medjax.bench.torch_rows_text import pathchat_row, ptunifier_row
+from medjax.bench.torch_rows_vit import mae_row, uni_row
 from medjax.bench.torch_rows_volume import universal_row
 from medjax.errors import MedjaxInputError
 
@@ -61,5 +61,5 @@ def build_row(exp: str, config, batch_size: int, sides: tuple[str, ...], *, seq_
     return ROWS[exp](config, batch_size, sides)
 
 
-__all__ = ["ADAMW", "ROWS", "RowSides", "build_row", "mae_masking", "mae_row", "pathchat_row", "ptunifier_row",
+__all__ = ["ADAMW", "ROWS", "RowSides", "build_row", "mae_row", "pathchat_row", "ptunifier_row",
            "uni_row", "universal_row"]

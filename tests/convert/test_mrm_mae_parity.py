@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from medjax.bench.torch_rows import mae_masking
+from medjax.bench.torch_rows_vit import mae_masking
 from medjax.convert import mrm_mae as convert
 from medjax.convert.torch_mae import mae_torch
 from medjax.losses.reconstruction import masked_image_mse
